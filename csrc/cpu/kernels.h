@@ -1,0 +1,27 @@
+// Internal entry points shared between the CPU op files (the registered ops are in each .cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace remit::cpu {
+
+// One pass over each valid row of `logits` [N, V]: lse, target log-prob and (when `entropy` is
+// defined) entropy, all of logits/temperature. Invalid rows (target == ignore_index) get 0.
+void stats_pass(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index,
+                double temperature, at::Tensor& lse, at::Tensor& logprob, at::Tensor entropy);
+
+// ReMiT weights from policy and scorer log-probs, segment by segment (METHODS.md section 2).
+// diag = [mean w, std w, frac clipped low, frac clipped high, mean |delta_hat|, mean delta].
+void remit_weights_into(const at::Tensor& logprob, const at::Tensor& scorer_logprob,
+                        const at::Tensor& targets, const at::Tensor& cu_seqlens,
+                        int64_t ignore_index, double eps, at::Tensor& weights,
+                        at::Tensor& delta_hat, at::Tensor& diag);
+
+// grad[t, :] = coef[t] * (softmax(logits[t]) - onehot(y_t)); zero for invalid rows.
+// `grad` may be `logits` itself (in-place backward).
+void ce_grad_into(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
+                  const at::Tensor& coef, int64_t ignore_index, at::Tensor& grad);
+
+at::Tensor targets_as_long(const at::Tensor& targets);
+
+}  // namespace remit::cpu

@@ -1,0 +1,169 @@
+// Row primitives shared by every CPU kernel: one row of logits is read from memory once, turned
+// into the accumulation type (float for fp32/bf16/fp16, double for fp64), and every statistic or
+// gradient of that row is formed from that cache-resident copy.
+//
+// The data flow, by file:  token_stats.cpp (lse, log-prob, entropy)  ->  remit_weights.cpp
+// (segmented centering, clipped sigmoid)  ->  weighted_ce.cpp (per-token loss, w(p - onehot))
+// and remit_loss.cpp (all three fused); kd_loss.cpp is the soft-target twin.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace remit::cpu {
+
+template <typename T>
+using acc_type = at::opmath_type<T>;
+
+// Row-parallel loops are cheap per row only when V is small; give each task enough elements.
+inline int64_t row_grain(int64_t V) {
+  return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(V, 1));
+}
+
+template <typename acc_t>
+inline at::vec::Vectorized<acc_t> vexp(const at::vec::Vectorized<acc_t>& x) {
+  // exp_u20 is the softmax-grade Sleef exp (max 20 ulp) ATen uses for float softmax.
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return x.exp_u20();
+  } else {
+    return x.exp();
+  }
+}
+
+// max that keeps a NaN from either side (std::max drops one depending on argument order).
+template <typename acc_t>
+inline acc_t nan_max(acc_t a, acc_t b) {
+  if (a != a) return a;
+  if (b != b) return b;
+  return a > b ? a : b;
+}
+
+// Returns a pointer to the row in acc_t, scaled by `scale` (1/temperature). fp32/fp64 rows with
+// scale 1 are used in place; everything else is converted into `buf` (length >= V).
+template <typename scalar_t, typename acc_t>
+inline const acc_t* load_row(const scalar_t* src, int64_t V, acc_t scale, acc_t* buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (scale == acc_t(1)) return src;
+  }
+  if (scale == acc_t(1)) {
+    for (int64_t i = 0; i < V; ++i) buf[i] = static_cast<acc_t>(src[i]);
+  } else {
+    for (int64_t i = 0; i < V; ++i) buf[i] = static_cast<acc_t>(src[i]) * scale;
+  }
+  return buf;
+}
+
+template <typename acc_t>
+inline acc_t row_max(const acc_t* x, int64_t V) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+  int64_t i = 0;
+  if (V >= Vec::size()) {
+    Vec vm(m);
+    for (; i + Vec::size() <= V; i += Vec::size()) vm = at::vec::maximum(vm, Vec::loadu(x + i));
+    m = at::vec::vec_reduce_all<acc_t>(
+        [](const Vec& p, const Vec& q) { return at::vec::maximum(p, q); }, vm);
+  }
+  for (; i < V; ++i) m = nan_max(m, x[i]);
+  return m;
+}
+
+// Softmax moments around the row max m:  s = sum_v e^{x_v - m},  t = sum_v e^{x_v - m} (x_v - m).
+// Working relative to m keeps t free of the cancellation that sum e^{x} x has for large logits,
+// and a -inf logit contributes exactly 0 to t instead of 0 * -inf = NaN.
+template <typename acc_t, bool kWithT>
+inline void row_moments(const acc_t* x, int64_t V, acc_t m, acc_t& s, acc_t& t) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const Vec vm(m), zero(acc_t(0));
+  Vec vs(acc_t(0)), vt(acc_t(0));
+  int64_t i = 0;
+  for (; i + Vec::size() <= V; i += Vec::size()) {
+    const Vec d = Vec::loadu(x + i) - vm;
+    const Vec e = vexp(d);
+    vs = vs + e;
+    if constexpr (kWithT) vt = vt + Vec::blendv(e * d, zero, e == zero);
+  }
+  auto add = [](const Vec& p, const Vec& q) { return p + q; };
+  s = at::vec::vec_reduce_all<acc_t>(add, vs);
+  t = kWithT ? at::vec::vec_reduce_all<acc_t>(add, vt) : acc_t(0);
+  for (; i < V; ++i) {
+    const acc_t d = x[i] - m;
+    const acc_t e = std::exp(d);
+    s += e;
+    if constexpr (kWithT) t += (e == acc_t(0)) ? acc_t(0) : e * d;
+  }
+}
+
+// Cross-entropy gradient of one row: out_v = coef * (e^{x_v - lse} - [v == y]).
+// The target entry is formed as coef * expm1(x_y - lse) in acc_t (METHODS.md section 5), not as
+// a rounded p_y minus one. `out` may alias the source row (in-place backward): every element is
+// read before it is written, and x_y is read before the loop.
+template <typename scalar_t, typename acc_t>
+inline void write_ce_grad(const acc_t* x, int64_t V, acc_t lse, acc_t coef, int64_t y,
+                          scalar_t* out, acc_t* buf) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const acc_t target_grad = coef * std::expm1(x[y] - lse);
+  acc_t* dst = nullptr;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    dst = out;
+  } else {
+    dst = buf;  // half types: form in acc_t (buf may be the row itself), round once at the end
+  }
+  const Vec vlse(lse), vcoef(coef);
+  int64_t i = 0;
+  for (; i + Vec::size() <= V; i += Vec::size()) {
+    (vexp(Vec::loadu(x + i) - vlse) * vcoef).store(dst + i);
+  }
+  for (; i < V; ++i) dst[i] = coef * std::exp(x[i] - lse);
+  dst[y] = target_grad;
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+    for (int64_t j = 0; j < V; ++j) out[j] = static_cast<scalar_t>(dst[j]);
+  }
+}
+
+template <typename scalar_t>
+inline void zero_row(scalar_t* out, int64_t V) {
+  std::fill(out, out + V, scalar_t(0));
+}
+
+// ---- argument checks for direct torch.ops calls (the Python layer gives friendlier ones) ----
+
+inline void check_logits(const at::Tensor& logits, const char* name) {
+  TORCH_CHECK_VALUE(logits.dim() == 2, name, ": expected a 2-D [N, V] tensor, got shape ",
+                    logits.sizes());
+  TORCH_CHECK_VALUE(at::isFloatingType(logits.scalar_type()), name,
+                    ": expected a floating dtype, got ", logits.scalar_type());
+  TORCH_CHECK_VALUE(logits.size(1) >= 1, name, ": expected V >= 1, got shape ", logits.sizes());
+}
+
+inline void check_targets(const at::Tensor& targets, int64_t N, const char* name = "targets") {
+  TORCH_CHECK_VALUE(targets.dim() == 1 && targets.size(0) == N, name,
+                    ": expected a 1-D tensor of ", N, " elements, got shape ", targets.sizes());
+  TORCH_CHECK_VALUE(targets.scalar_type() == at::kLong || targets.scalar_type() == at::kInt, name,
+                    ": expected int64 or int32, got ", targets.scalar_type());
+}
+
+inline void check_same_rows(const at::Tensor& a, const at::Tensor& b, const char* name) {
+  TORCH_CHECK_VALUE(a.sizes() == b.sizes(), name, ": expected the same shape as logits ",
+                    a.sizes(), ", got ", b.sizes());
+}
+
+// Rows are accessed through a row stride; the last dimension must be dense for vector loads.
+inline at::Tensor row_major(const at::Tensor& t) {
+  return t.stride(-1) == 1 ? t : t.contiguous();
+}
+
+inline void check_target_value(int64_t y, int64_t V, int64_t row, int64_t ignore_index) {
+  TORCH_CHECK_VALUE(y >= 0 && y < V, "targets: expected values in [0, ", V,
+                    ") or ignore_index=", ignore_index, ", got ", y, " at position ", row);
+}
+
+}  // namespace remit::cpu

@@ -1,0 +1,53 @@
+// Every remit_ext op schema, in one place. Backends register kernels in csrc/<backend>/*;
+// fakes and autograd live in remit_ext/_meta.py (loaded through set_python_module).
+//
+// Conventions: logits are 2-D [N, V] (the Python layer flattens batch dims), targets 1-D [N]
+// int64/int32 with `ignore_index` marking invalid positions; statistics come out in the
+// accumulation dtype (float32, or float64 for float64 logits); gradients in the logits' dtype.
+#include <torch/library.h>
+
+TORCH_LIBRARY(remit_ext, m) {
+  m.set_python_module("remit_ext._meta");
+
+  // Section 1 of METHODS.md: one pass per row -> lse, target log-prob, optional entropy, for the
+  // policy and (optionally) the scorer rows in the same call. Empty outputs for what was not asked.
+  m.def(
+      "token_stats(Tensor logits, Tensor targets, Tensor? scorer_logits, int ignore_index, "
+      "float temperature, bool with_entropy) -> "
+      "(Tensor lse, Tensor logprob, Tensor entropy, Tensor scorer_lse, Tensor scorer_logprob)");
+
+  // Section 2, steps 3-5: segmented centering (cu_seqlens offsets), clipped scaled sigmoid,
+  // diagnostics [mean w, std w, frac low, frac high, mean |delta_hat|, mean delta].
+  m.def(
+      "remit_weights(Tensor logprob, Tensor scorer_logprob, Tensor targets, Tensor cu_seqlens, "
+      "int ignore_index, float eps) -> (Tensor weights, Tensor delta_hat, Tensor diagnostics)");
+
+  // Weighted cross-entropy: per-token loss -w_t log p(y_t), lse and log-prob for the backward.
+  // `inplace_backward` makes the registered backward write the gradient into `logits`.
+  m.def(
+      "weighted_ce_fwd(Tensor logits, Tensor targets, Tensor? weights, int ignore_index, "
+      "bool inplace_backward) -> (Tensor loss, Tensor lse, Tensor logprob)");
+  // grad_t = coef_t * (softmax(logits_t) - onehot(y_t)), out of place or into `logits`.
+  m.def(
+      "weighted_ce_bwd(Tensor logits, Tensor targets, Tensor lse, Tensor coef, int ignore_index) "
+      "-> Tensor");
+  m.def(
+      "weighted_ce_bwd_(Tensor(a!) logits, Tensor targets, Tensor lse, Tensor coef, "
+      "int ignore_index) -> ()");
+
+  // The fused logits-level ReMiT forward (exactly one of scorer_logits / scorer_logprob).
+  // Per-token loss -w_t a_t; the backward (registered in Python) gives the policy-logits gradient.
+  m.def(
+      "remit_loss(Tensor logits, Tensor targets, Tensor? scorer_logits, Tensor? scorer_logprob, "
+      "Tensor cu_seqlens, int ignore_index, float eps, bool detach_weights, "
+      "bool inplace_backward) -> (Tensor loss, Tensor weights, Tensor logprob, Tensor lse, "
+      "Tensor delta_hat, Tensor diagnostics)");
+
+  // Section 3, KD: per-token LSE(z/T) - sum softmax(z^T/T) z/T and its gradient.
+  m.def(
+      "kd_loss_fwd(Tensor logits, Tensor teacher_logits, Tensor targets, int ignore_index, "
+      "float temperature) -> (Tensor loss, Tensor lse, Tensor teacher_lse)");
+  m.def(
+      "kd_loss_bwd(Tensor logits, Tensor teacher_logits, Tensor targets, Tensor lse, "
+      "Tensor teacher_lse, Tensor coef, int ignore_index, float temperature) -> Tensor");
+}
