@@ -1,2 +1,43 @@
+"""remit_ext: fused kernels for token-reweighted LLM training (ReMiT, Rho-1, KD).
+
+The semantics every backend follows are in METHODS.md (shared/spec); the readable references
+are in ``remit_ext.reference``.
+"""
+
 import torch  # noqa: F401  (the extension has no RUNPATH: libtorch must be loaded first)
-from . import _C  # noqa: F401
+
+from ._build import build_info
+from . import _meta  # noqa: F401  (fakes + autograd; also loaded by the C++ library)
+from ._backends import BackendUnavailableError, available_backends
+from .functional import (
+    ReMiTOutput,
+    ReMiTWeights,
+    TokenStats,
+    kd_loss,
+    remit_loss,
+    remit_weights,
+    rho1_loss,
+    token_stats,
+    weighted_cross_entropy,
+)
+from .modules import ReMiTLoss
+from .reference import ReMiTDiagnostics
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "ReMiTDiagnostics",
+    "ReMiTLoss",
+    "ReMiTOutput",
+    "ReMiTWeights",
+    "TokenStats",
+    "available_backends",
+    "build_info",
+    "kd_loss",
+    "remit_loss",
+    "remit_weights",
+    "rho1_loss",
+    "token_stats",
+    "weighted_cross_entropy",
+]

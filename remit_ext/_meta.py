@@ -1,0 +1,248 @@
+"""Fake (meta) kernels and autograd for the ops defined in ``csrc/registration.cpp``.
+
+Loaded by the C++ library through ``m.set_python_module("remit_ext._meta")``. The fakes give
+``torch.compile`` and ``opcheck`` the output shapes; the backward formulas are registered on the
+ops themselves so that every backend (CPU today, Triton/CUDA later) shares one autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .reference import acc_dtype, segment_ids
+
+_ops = torch.ops.remit_ext
+
+
+def _vec(like: Tensor, n: int, dtype: torch.dtype | None = None) -> Tensor:
+    return like.new_empty((n,), dtype=dtype or acc_dtype(like.dtype))
+
+
+# ---------------------------------------------------------------------------- fakes
+
+
+@torch.library.register_fake("remit_ext::token_stats")
+def _token_stats_fake(logits, targets, scorer_logits, ignore_index, temperature, with_entropy):
+    n = logits.shape[0]
+    has_scorer = scorer_logits is not None
+    return (
+        _vec(logits, n),
+        _vec(logits, n),
+        _vec(logits, n if with_entropy else 0),
+        _vec(logits, n if has_scorer else 0),
+        _vec(logits, n if has_scorer else 0),
+    )
+
+
+@torch.library.register_fake("remit_ext::remit_weights")
+def _remit_weights_fake(logprob, scorer_logprob, targets, cu_seqlens, ignore_index, eps):
+    return torch.empty_like(logprob), torch.empty_like(logprob), logprob.new_empty((6,))
+
+
+@torch.library.register_fake("remit_ext::weighted_ce_fwd")
+def _weighted_ce_fwd_fake(logits, targets, weights, ignore_index, inplace_backward):
+    n = logits.shape[0]
+    return _vec(logits, n), _vec(logits, n), _vec(logits, n)
+
+
+@torch.library.register_fake("remit_ext::weighted_ce_bwd")
+def _weighted_ce_bwd_fake(logits, targets, lse, coef, ignore_index):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("remit_ext::weighted_ce_bwd_")
+def _weighted_ce_bwd_inplace_fake(logits, targets, lse, coef, ignore_index):
+    return None
+
+
+@torch.library.register_fake("remit_ext::remit_loss")
+def _remit_loss_fake(
+    logits, targets, scorer_logits, scorer_logprob, cu_seqlens, ignore_index, eps,
+    detach_weights, inplace_backward,
+):
+    n = logits.shape[0]
+    return tuple(_vec(logits, n) for _ in range(5)) + (_vec(logits, 6),)
+
+
+@torch.library.register_fake("remit_ext::kd_loss_fwd")
+def _kd_loss_fwd_fake(logits, teacher_logits, targets, ignore_index, temperature):
+    n = logits.shape[0]
+    return _vec(logits, n), _vec(logits, n), _vec(logits, n)
+
+
+@torch.library.register_fake("remit_ext::kd_loss_bwd")
+def _kd_loss_bwd_fake(logits, teacher_logits, targets, lse, teacher_lse, coef, ignore_index,
+                      temperature):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+# ---------------------------------------------------------------------------- autograd
+#
+# Every logits gradient below has the form coef_t * (softmax(z_t) - onehot(y_t)), so the backward
+# of each loss reduces to forming the per-token coefficient (O(N)) and one weighted_ce_bwd pass.
+
+
+def _ce_grad(logits: Tensor, targets: Tensor, lse: Tensor, coef: Tensor, ignore_index: int,
+             inplace: bool) -> Tensor:
+    if inplace:
+        _ops.weighted_ce_bwd_(logits, targets, lse, coef, ignore_index)
+        return logits
+    return _ops.weighted_ce_bwd(logits, targets, lse, coef, ignore_index)
+
+
+def _token_stats_input_grad(z, y, lse, entropy, g_lse, g_logprob, g_entropy, temperature,
+                            ignore_index):
+    """d lse/dx = p;  d a/dx = onehot - p;  d H/dx = -p (log p + H);  x = z / temperature."""
+    valid = (y != ignore_index).unsqueeze(-1)
+    logp = z.to(lse.dtype) / temperature - lse.unsqueeze(-1)
+    p = logp.exp()
+    g_lse = torch.zeros_like(lse) if g_lse is None else g_lse
+    g_logprob = torch.zeros_like(lse) if g_logprob is None else g_logprob
+    grad = p * (g_lse - g_logprob).unsqueeze(-1)
+    grad = grad.scatter_add(-1, torch.where(valid.squeeze(-1), y, 0).long().unsqueeze(-1),
+                            g_logprob.unsqueeze(-1))
+    if g_entropy is not None and entropy.numel() > 0:
+        grad = grad - p * (logp + entropy.unsqueeze(-1)) * g_entropy.unsqueeze(-1)
+    return torch.where(valid, grad / temperature, 0).to(z.dtype)
+
+
+def _token_stats_setup(ctx, inputs, output):
+    logits, targets, scorer_logits, ignore_index, temperature, with_entropy = inputs
+    lse, _, entropy, scorer_lse, _ = output
+    ctx.save_for_backward(logits, targets, scorer_logits, lse, entropy, scorer_lse)
+    ctx.ignore_index, ctx.temperature = ignore_index, temperature
+
+
+def _token_stats_backward(ctx, g_lse, g_logprob, g_entropy, g_scorer_lse, g_scorer_logprob):
+    logits, targets, scorer_logits, lse, entropy, scorer_lse = ctx.saved_tensors
+    grad = scorer_grad = None
+    if ctx.needs_input_grad[0]:
+        grad = _token_stats_input_grad(logits, targets, lse, entropy, g_lse, g_logprob, g_entropy,
+                                       ctx.temperature, ctx.ignore_index)
+    if scorer_logits is not None and ctx.needs_input_grad[2]:
+        scorer_grad = _token_stats_input_grad(scorer_logits, targets, scorer_lse, entropy[:0],
+                                              g_scorer_lse, g_scorer_logprob, None,
+                                              ctx.temperature, ctx.ignore_index)
+    return grad, None, scorer_grad, None, None, None
+
+
+torch.library.register_autograd(
+    "remit_ext::token_stats", _token_stats_backward, setup_context=_token_stats_setup
+)
+
+
+def _segment_centered(values: Tensor, valid: Tensor, cu_seqlens: Tensor) -> Tensor:
+    """values_t - mean of values over the valid positions of t's sequence (0 where invalid)."""
+    seg, num_seg = segment_ids(cu_seqlens, values.shape[0], values.device)
+    vf = valid.to(values.dtype)
+    total = values.new_zeros(num_seg).index_add(0, seg, values * vf)
+    count = values.new_zeros(num_seg).index_add(0, seg, vf)
+    return (values - (total / count.clamp(min=1))[seg]) * vf
+
+
+def _weight_slope(delta_hat: Tensor, eps: float) -> Tensor:
+    """w' = dw/d delta_hat = w (2 - w) / 2 inside the clip band, 0 where the clip binds."""
+    raw = 1 + torch.tanh(delta_hat / 2)
+    inside = (raw > 1 - eps) & (raw < 1 + eps)
+    return torch.where(inside, raw * (2 - raw) / 2, 0)
+
+
+def _remit_weights_setup(ctx, inputs, output):
+    logprob, scorer_logprob, targets, cu_seqlens, ignore_index, eps = inputs
+    _, delta_hat, _ = output
+    ctx.save_for_backward(targets, cu_seqlens, delta_hat)
+    ctx.ignore_index, ctx.eps = ignore_index, eps
+    ctx.mark_non_differentiable(output[2])
+
+
+def _remit_weights_backward(ctx, g_w, g_delta_hat, g_diag):
+    # delta_hat_t = (b_t - a_t) - mu_s(t):  d delta_hat / d(b - a) is the centering projection.
+    targets, cu_seqlens, delta_hat = ctx.saved_tensors
+    valid = targets != ctx.ignore_index
+    g = torch.zeros_like(delta_hat)
+    if g_w is not None:
+        g = g + g_w * _weight_slope(delta_hat, ctx.eps)
+    if g_delta_hat is not None:
+        g = g + g_delta_hat
+    g_delta = _segment_centered(g, valid, cu_seqlens)
+    return -g_delta, g_delta, None, None, None, None
+
+
+torch.library.register_autograd(
+    "remit_ext::remit_weights", _remit_weights_backward, setup_context=_remit_weights_setup
+)
+
+
+def _weighted_ce_setup(ctx, inputs, output):
+    logits, targets, weights, ignore_index, inplace_backward = inputs
+    _, lse, logprob = output
+    ctx.save_for_backward(logits, targets, weights, lse, logprob)
+    ctx.ignore_index, ctx.inplace = ignore_index, inplace_backward
+    ctx.mark_non_differentiable(lse, logprob)
+
+
+def _weighted_ce_backward(ctx, g_loss, g_lse, g_logprob):
+    logits, targets, weights, lse, logprob = ctx.saved_tensors
+    grad = grad_w = None
+    if ctx.needs_input_grad[0]:
+        coef = g_loss if weights is None else g_loss * weights.to(g_loss.dtype)
+        grad = _ce_grad(logits, targets, lse, coef, ctx.ignore_index, ctx.inplace)
+    if weights is not None and ctx.needs_input_grad[2]:
+        grad_w = (-logprob * g_loss).to(weights.dtype)
+    return grad, None, grad_w, None, None
+
+
+torch.library.register_autograd(
+    "remit_ext::weighted_ce_fwd", _weighted_ce_backward, setup_context=_weighted_ce_setup
+)
+
+
+def _remit_loss_setup(ctx, inputs, output):
+    (logits, targets, _scorer_logits, _scorer_logprob, cu_seqlens, ignore_index, eps,
+     detach_weights, inplace_backward) = inputs
+    _, w, logprob, lse, delta_hat, diag = output
+    ctx.save_for_backward(logits, targets, cu_seqlens, w, logprob, lse, delta_hat)
+    ctx.ignore_index, ctx.eps = ignore_index, eps
+    ctx.detach, ctx.inplace = detach_weights, inplace_backward
+    ctx.mark_non_differentiable(w, logprob, lse, delta_hat, diag)
+
+
+def _remit_loss_backward(ctx, g_loss, *_unused):
+    logits, targets, cu_seqlens, w, logprob, lse, delta_hat = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return (None,) * 9
+    coef = g_loss * w
+    if not ctx.detach:
+        # METHODS.md section 2, non-detached: coef_t = g_t w_t + g_t w'_t l_t - mean_s(g w' l)
+        # with l = -a; the mean runs over the valid positions of t's sequence.
+        valid = targets != ctx.ignore_index
+        through_w = g_loss * _weight_slope(delta_hat, ctx.eps) * -logprob
+        coef = coef + _segment_centered(through_w, valid, cu_seqlens)
+    grad = _ce_grad(logits, targets, lse, coef, ctx.ignore_index, ctx.inplace)
+    return (grad,) + (None,) * 8
+
+
+torch.library.register_autograd(
+    "remit_ext::remit_loss", _remit_loss_backward, setup_context=_remit_loss_setup
+)
+
+
+def _kd_setup(ctx, inputs, output):
+    logits, teacher_logits, targets, ignore_index, temperature = inputs
+    _, lse, teacher_lse = output
+    ctx.save_for_backward(logits, teacher_logits, targets, lse, teacher_lse)
+    ctx.ignore_index, ctx.temperature = ignore_index, temperature
+    ctx.mark_non_differentiable(lse, teacher_lse)
+
+
+def _kd_backward(ctx, g_loss, *_unused):
+    logits, teacher_logits, targets, lse, teacher_lse = ctx.saved_tensors
+    grad = None
+    if ctx.needs_input_grad[0]:
+        grad = _ops.kd_loss_bwd(logits, teacher_logits, targets, lse, teacher_lse, g_loss,
+                                ctx.ignore_index, ctx.temperature)
+    return grad, None, None, None, None
+
+
+torch.library.register_autograd("remit_ext::kd_loss_fwd", _kd_backward, setup_context=_kd_setup)

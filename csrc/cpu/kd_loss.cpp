@@ -49,6 +49,12 @@ void kd_fwd_rows(const at::Tensor& z, const at::Tensor& zt, const int64_t* y, in
       const acc_t* xt = load_row(zt.const_data_ptr<scalar_t>() + r * zt.stride(0), V, scale,
                                  buf_t.data());
       const acc_t m = row_max(x, V), mt = row_max(xt, V);
+      if (!std::isfinite(m) || !std::isfinite(mt)) {  // undefined softmax on either side
+        lse[r] = m;
+        lse_t[r] = mt;
+        loss[r] = std::numeric_limits<acc_t>::quiet_NaN();
+        continue;
+      }
       acc_t s, st, unused;
       row_moments<acc_t, false>(x, V, m, s, unused);
       row_moments<acc_t, false>(xt, V, mt, st, unused);
@@ -81,6 +87,10 @@ void kd_bwd_rows(const at::Tensor& z, const at::Tensor& zt, const int64_t* y, in
                                 buf.data());
       const acc_t* xt = load_row(zt.const_data_ptr<scalar_t>() + r * zt.stride(0), V, scale,
                                  buf_t.data());
+      if (!std::isfinite(lse[r]) || !std::isfinite(lse_t[r])) {
+        std::fill(out, out + V, static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN()));
+        continue;
+      }
       const acc_t c = coef[r] * scale;  // d(z/T)/dz = 1/T
       const Vec vl(lse[r]), vlt(lse_t[r]), vc(c);
       int64_t i = 0;

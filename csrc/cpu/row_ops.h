@@ -110,6 +110,10 @@ template <typename scalar_t, typename acc_t>
 inline void write_ce_grad(const acc_t* x, int64_t V, acc_t lse, acc_t coef, int64_t y,
                           scalar_t* out, acc_t* buf) {
   using Vec = at::vec::Vectorized<acc_t>;
+  if (!std::isfinite(lse)) {  // undefined softmax (see token_stats): the whole row is NaN
+    std::fill(out, out + V, static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN()));
+    return;
+  }
   const acc_t target_grad = coef * std::expm1(x[y] - lse);
   acc_t* dst = nullptr;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {

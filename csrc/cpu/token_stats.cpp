@@ -32,6 +32,14 @@ void stats_rows(const at::Tensor& logits, const int64_t* y, int64_t ignore_index
       check_target_value(target, V, r, ignore_index);
       const acc_t* x = load_row(base + r * row_stride, V, scale, buf.data());
       const acc_t m = row_max(x, V);
+      if (!std::isfinite(m)) {
+        // A +inf or NaN logit, or an all -inf row: softmax is undefined. lse follows
+        // torch.logsumexp (+-inf / NaN); everything derived from p is NaN, as log_softmax gives.
+        lse[r] = m;
+        logprob[r] = std::numeric_limits<acc_t>::quiet_NaN();
+        if constexpr (kEntropy) entropy[r] = std::numeric_limits<acc_t>::quiet_NaN();
+        continue;
+      }
       acc_t s, t;
       row_moments<acc_t, kEntropy>(x, V, m, s, t);
       const acc_t log_s = std::log(s);

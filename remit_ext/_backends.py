@@ -1,0 +1,152 @@
+"""Backends and the one dispatcher that picks among them.
+
+Every backend implements the same flattened primitives (logits ``[N, V]``, per-token tensors
+``[N]``, ``cu_seqlens`` offsets) and says *why* it refuses an input; ``select_backend`` returns
+the first that accepts, or raises an error that lists every backend's reason. The public
+functions in ``functional.py`` do validation, flattening and reductions around these.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import reference as ref
+
+# Order in which backend="auto" tries backends (names not registered yet are skipped).
+AUTO_ORDER = ("cuda", "triton", "cpu", "torch")
+
+
+class BackendUnavailableError(ValueError):
+    """No backend can run the requested op on these inputs; the message lists every reason."""
+
+
+class Backend:
+    name = "?"
+
+    def why_not(self, op: str, tensors: Sequence[Tensor], features: dict) -> Optional[str]:
+        """None if this backend can run `op` on `tensors` with `features`, else the reason."""
+        raise NotImplementedError
+
+
+class TorchBackend(Backend):
+    """The eager PyTorch references (``remit_ext.reference``): any device, any float dtype."""
+
+    name = "torch"
+
+    def why_not(self, op, tensors, features):
+        return None
+
+    def token_stats(self, logits, targets, scorer_logits, ignore_index, temperature, with_entropy):
+        lse, logprob, entropy = ref.token_stats_ref(
+            logits, targets, ignore_index=ignore_index, temperature=temperature)
+        scorer_lse = scorer_logprob = None
+        if scorer_logits is not None:
+            scorer_lse, scorer_logprob, _ = ref.token_stats_ref(
+                scorer_logits, targets, ignore_index=ignore_index, temperature=temperature)
+        return lse, logprob, entropy if with_entropy else None, scorer_lse, scorer_logprob
+
+    def remit_weights(self, logprob, scorer_logprob, targets, cu_seqlens, ignore_index, eps):
+        w, delta_hat, diag = ref.remit_weights_ref(
+            logprob, scorer_logprob, targets != ignore_index, cu_seqlens=cu_seqlens, eps=eps,
+            detach=False)
+        return w, delta_hat, torch.stack(tuple(diag))
+
+    def weighted_ce(self, logits, targets, weights, ignore_index, inplace_backward):
+        _, logprob, _ = ref.token_stats_ref(logits, targets, ignore_index=ignore_index)
+        loss = -logprob if weights is None else -logprob * weights.to(logprob.dtype)
+        return loss, logprob.detach()
+
+    def remit_loss(self, logits, targets, scorer_logits, scorer_logprobs, cu_seqlens,
+                   ignore_index, eps, detach_weights, inplace_backward):
+        per_token, w, diag = ref.remit_loss_ref(
+            logits, targets, scorer_logits=scorer_logits, scorer_logprobs=scorer_logprobs,
+            cu_seqlens=cu_seqlens, eps=eps, ignore_index=ignore_index, reduction="none",
+            detach_weights=detach_weights)
+        return per_token, w, torch.stack(tuple(diag))
+
+    def kd(self, logits, teacher_logits, targets, ignore_index, temperature):
+        return ref.kd_loss_ref(logits, teacher_logits, targets, temperature=temperature,
+                               ignore_index=ignore_index, reduction="none")
+
+
+class CpuBackend(Backend):
+    """The C++ CPU kernels (``csrc/cpu``), through the registered ``torch.ops.remit_ext`` ops."""
+
+    name = "cpu"
+
+    def why_not(self, op, tensors, features):
+        devices = {t.device.type for t in tensors}
+        if devices != {"cpu"}:
+            return f"needs CPU tensors, got tensors on {sorted(devices)}"
+        if features.get("topk"):
+            return "top-k entropy is not implemented in the C++ kernel (use backend='torch')"
+        return None
+
+    @staticmethod
+    def _ops():
+        return torch.ops.remit_ext
+
+    def token_stats(self, logits, targets, scorer_logits, ignore_index, temperature, with_entropy):
+        lse, logprob, entropy, s_lse, s_logprob = self._ops().token_stats(
+            logits, targets, scorer_logits, ignore_index, temperature, with_entropy)
+        has_scorer = scorer_logits is not None
+        return (lse, logprob, entropy if with_entropy else None,
+                s_lse if has_scorer else None, s_logprob if has_scorer else None)
+
+    def remit_weights(self, logprob, scorer_logprob, targets, cu_seqlens, ignore_index, eps):
+        dt = ref.acc_dtype(logprob.dtype)
+        return self._ops().remit_weights(logprob.to(dt), scorer_logprob.to(dt), targets,
+                                         cu_seqlens, ignore_index, eps)
+
+    def weighted_ce(self, logits, targets, weights, ignore_index, inplace_backward):
+        loss, _, logprob = self._ops().weighted_ce_fwd(logits, targets, weights, ignore_index,
+                                                       inplace_backward)
+        return loss, logprob
+
+    def remit_loss(self, logits, targets, scorer_logits, scorer_logprobs, cu_seqlens,
+                   ignore_index, eps, detach_weights, inplace_backward):
+        if scorer_logprobs is not None:
+            scorer_logprobs = scorer_logprobs.detach().to(ref.acc_dtype(logits.dtype))
+        if scorer_logits is not None:
+            scorer_logits = scorer_logits.detach()
+        loss, w, _, _, _, diag = self._ops().remit_loss(
+            logits, targets, scorer_logits, scorer_logprobs, cu_seqlens, ignore_index, eps,
+            detach_weights, inplace_backward)
+        return loss, w, diag
+
+    def kd(self, logits, teacher_logits, targets, ignore_index, temperature):
+        loss, _, _ = self._ops().kd_loss_fwd(logits, teacher_logits.detach(), targets,
+                                             ignore_index, temperature)
+        return loss
+
+
+BACKENDS: dict[str, Backend] = {"torch": TorchBackend(), "cpu": CpuBackend()}
+
+
+def available_backends() -> list[str]:
+    return [name for name in AUTO_ORDER if name in BACKENDS]
+
+
+def select_backend(op: str, backend: str, tensors: Sequence[Optional[Tensor]],
+                   **features) -> Backend:
+    """The backend that runs `op`: the named one, or for "auto" the first in AUTO_ORDER that
+    accepts the inputs. Raises BackendUnavailableError naming every candidate's reason."""
+    present = [t for t in tensors if t is not None]
+    if backend == "auto":
+        candidates = [BACKENDS[n] for n in available_backends()]
+    elif backend in BACKENDS:
+        candidates = [BACKENDS[backend]]
+    else:
+        raise ValueError(f"backend: expected 'auto' or one of {available_backends()}, "
+                         f"got {backend!r}")
+    reasons = []
+    for candidate in candidates:
+        reason = candidate.why_not(op, present, features)
+        if reason is None:
+            return candidate
+        reasons.append(f"{candidate.name}: {reason}")
+    raise BackendUnavailableError(f"no backend can run {op} (backend={backend!r}): "
+                                  + "; ".join(reasons))

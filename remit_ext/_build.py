@@ -1,0 +1,39 @@
+"""Loads the compiled extension and refuses, with a message saying what to do, to run against
+a torch or a CPU other than the ones it was built for (its ops use torch's non-stable C++ API)."""
+
+from __future__ import annotations
+
+import torch
+
+_REBUILD = "rebuild it in this environment: pip install --no-build-isolation -e ."
+
+
+def _base(version: str) -> str:
+    return version.split("+")[0]
+
+
+def load_extension():
+    try:
+        from . import _C
+    except ImportError as err:
+        raise ImportError(
+            f"remit_ext: the compiled extension remit_ext._C could not be loaded ({err}). "
+            f"Install torch first, then {_REBUILD}") from err
+    info = _C.build_info()
+    if _base(info["torch_version"]) != _base(torch.__version__):
+        raise ImportError(
+            f"remit_ext was built against torch {info['torch_version']} but torch "
+            f"{torch.__version__} is imported; {_REBUILD}")
+    if info["cpu_capability"] == "AVX2" and not torch.cpu._is_avx2_supported():
+        raise ImportError(
+            "remit_ext's CPU kernels were compiled for AVX2+FMA, which this CPU lacks; "
+            f"build with REMIT_CPU_AVX2=OFF and {_REBUILD}")
+    return _C
+
+
+_C = load_extension()
+
+
+def build_info() -> dict:
+    """What was built: torch version built against, CUDA kernels on/off, CPU vector ISA."""
+    return dict(_C.build_info())

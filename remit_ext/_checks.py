@@ -1,0 +1,134 @@
+"""Argument checks for the public API: each failure names the argument, what was expected and
+what was given. Shape, dtype and device checks are free; checks of tensor *values* (target range,
+cu_seqlens offsets) run eagerly on CPU tensors, as device-side asserts on accelerators (no host
+synchronisation), and not at all while ``torch.compile`` traces."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int64, torch.int32)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _tensor(x, name: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def _checking_values() -> bool:
+    return not torch.compiler.is_compiling()
+
+
+def check_logits(logits, name: str = "logits") -> Tensor:
+    _tensor(logits, name)
+    if logits.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected dtype float16, bfloat16, float32 or float64, "
+                        f"got {logits.dtype}")
+    if logits.dim() < 2:
+        raise ValueError(f"{name}: expected shape [..., N, V] with at least 2 dims, "
+                         f"got {tuple(logits.shape)}")
+    if logits.numel() == 0:
+        raise ValueError(f"{name}: expected a non-empty tensor, got shape {tuple(logits.shape)}")
+    return logits
+
+
+def check_like_logits(x, logits: Tensor, name: str) -> Tensor:
+    check_logits(x, name)
+    if x.shape != logits.shape:
+        raise ValueError(f"{name}: expected the shape of logits {tuple(logits.shape)}, "
+                         f"got {tuple(x.shape)}")
+    check_same_device(logits, x, name)
+    return x
+
+
+def check_same_device(ref: Tensor, x: Tensor, name: str) -> None:
+    if x.device != ref.device:
+        raise ValueError(f"{name}: expected a tensor on {ref.device} like logits, "
+                         f"got one on {x.device}")
+
+
+def check_targets(targets, logits: Tensor, ignore_index: int) -> Tensor:
+    _tensor(targets, "targets")
+    if targets.dtype not in INDEX_DTYPES:
+        raise TypeError(f"targets: expected dtype int64 or int32, got {targets.dtype}")
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"targets: expected shape {tuple(logits.shape[:-1])} (logits without "
+                         f"the vocab dim), got {tuple(targets.shape)}")
+    check_same_device(logits, targets, "targets")
+    if _checking_values():
+        vocab = logits.shape[-1]
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+        msg = f"targets: expected values in [0, {vocab}) or ignore_index={ignore_index}"
+        if targets.device.type == "cpu":
+            if bool(bad.any()):
+                idx = int(bad.flatten().nonzero()[0])
+                raise ValueError(f"{msg}, got {int(targets.flatten()[idx])} at flat position {idx}")
+        else:
+            torch._assert_async(~bad.any(), msg)
+    return targets
+
+
+def check_per_token(x, targets: Tensor, name: str) -> Tensor:
+    _tensor(x, name)
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: expected a floating dtype, got {x.dtype}")
+    if x.shape != targets.shape:
+        raise ValueError(f"{name}: expected shape {tuple(targets.shape)} (one value per "
+                         f"position), got {tuple(x.shape)}")
+    check_same_device(targets, x, name)
+    return x
+
+
+def check_cu_seqlens(cu_seqlens, n_tokens: int, device: torch.device) -> Optional[Tensor]:
+    if cu_seqlens is None:
+        return None
+    _tensor(cu_seqlens, "cu_seqlens")
+    if cu_seqlens.dtype not in INDEX_DTYPES:
+        raise TypeError(f"cu_seqlens: expected dtype int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError("cu_seqlens: expected a 1-D tensor of at least 2 offsets "
+                         f"[0, ..., {n_tokens}], got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens: expected a tensor on {device} like logits, "
+                         f"got one on {cu_seqlens.device}")
+    if _checking_values():
+        ok = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == n_tokens)
+        ok = ok & (cu_seqlens[1:] >= cu_seqlens[:-1]).all()
+        msg = (f"cu_seqlens: expected non-decreasing offsets from 0 to the number of tokens "
+               f"{n_tokens}")
+        if device.type == "cpu":
+            if not bool(ok):
+                raise ValueError(f"{msg}, got {cu_seqlens.tolist()}")
+        else:
+            torch._assert_async(ok, msg)
+    return cu_seqlens
+
+
+def check_eps(eps) -> float:
+    if not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise ValueError(f"eps: expected a number in (0, 1), got {eps!r}")
+    return float(eps)
+
+
+def check_positive(x, name: str) -> float:
+    if not isinstance(x, (int, float)) or not x > 0:
+        raise ValueError(f"{name}: expected a number > 0, got {x!r}")
+    return float(x)
+
+
+def check_reduction(reduction) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
+def check_exactly_one(a, b, name_a: str, name_b: str, op: str) -> None:
+    if (a is None) == (b is None):
+        given = "both" if a is not None else "neither"
+        raise ValueError(f"{op}: expected exactly one of {name_a} and {name_b}, got {given}")

@@ -1,0 +1,293 @@
+"""The public functional API.
+
+Each function validates its arguments, flattens batch dims (logits ``[..., T, V]`` -> ``[N, V]``),
+picks a backend through the one dispatcher, and reduces. Sequences for ReMiT's per-sequence
+centering are, by default, the rows of the batch (the last dim of ``targets``, when it has two
+or more dims) or, for 2-D logits ``[N, V]``, the whole input; packed documents are given by
+``cu_seqlens`` offsets over the flattened positions.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from . import _checks as chk
+from ._backends import select_backend
+from .reference import ReMiTDiagnostics, reduce_tokens, rho1_keep_mask, topk_entropy_ref
+
+__all__ = [
+    "TokenStats",
+    "ReMiTWeights",
+    "ReMiTOutput",
+    "token_stats",
+    "remit_weights",
+    "weighted_cross_entropy",
+    "remit_loss",
+    "rho1_loss",
+    "kd_loss",
+]
+
+
+class TokenStats(NamedTuple):
+    """Per-position statistics, shaped like ``targets``; fields not requested are None."""
+
+    lse: Tensor
+    logprob: Tensor
+    entropy: Optional[Tensor]
+    topk_entropy: Optional[Tensor]
+    scorer_lse: Optional[Tensor]
+    scorer_logprob: Optional[Tensor]
+
+
+class ReMiTWeights(NamedTuple):
+    weights: Tensor
+    delta_hat: Tensor
+    diagnostics: ReMiTDiagnostics
+
+
+class ReMiTOutput(NamedTuple):
+    loss: Tensor
+    weights: Tensor  # detached, shaped like targets, 0 at ignored positions
+    diagnostics: ReMiTDiagnostics
+
+
+def _flat(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    return logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+
+
+def _offsets(targets: Tensor, cu_seqlens: Optional[Tensor]) -> Tensor:
+    """Sequence offsets over the flattened positions: the given cu_seqlens, the rows of a
+    [..., T] target tensor, or one sequence of all positions."""
+    n = targets.numel()
+    if cu_seqlens is not None:
+        return cu_seqlens
+    if targets.dim() >= 2:
+        t = targets.shape[-1]
+        return torch.arange(n // t + 1, device=targets.device, dtype=torch.long) * t
+    return torch.tensor([0, n], device=targets.device, dtype=torch.long)
+
+
+def _shaped(per_token: Tensor, targets: Tensor, reduction: str) -> Tensor:
+    return per_token.reshape(targets.shape) if reduction == "none" else per_token
+
+
+def token_stats(
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    scorer_logits: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    entropy: bool = False,
+    topk: Optional[int] = None,
+    topk_renormalize: bool = False,
+    backend: str = "auto",
+) -> TokenStats:
+    """Per-token statistics of ``logits / temperature`` (METHODS.md section 1).
+
+    Returns lse, target log-prob, and on request the entropy and the top-``topk`` entropy, plus
+    the scorer's lse and log-prob when ``scorer_logits`` is given (both models read in one call).
+    Positions whose target is ``ignore_index`` get 0. Differentiable w.r.t. the logits.
+    """
+    chk.check_logits(logits)
+    chk.check_targets(targets, logits, ignore_index)
+    if scorer_logits is not None:
+        chk.check_like_logits(scorer_logits, logits, "scorer_logits")
+    temperature = chk.check_positive(temperature, "temperature")
+    if topk is not None and (not isinstance(topk, int) or topk < 1):
+        raise ValueError(f"topk: expected a positive int or None, got {topk!r}")
+    impl = select_backend("token_stats", backend, (logits, targets, scorer_logits), topk=topk)
+    z, y = _flat(logits, targets)
+    sz = None if scorer_logits is None else scorer_logits.reshape(z.shape)
+    lse, logprob, ent, s_lse, s_logprob = impl.token_stats(z, y, sz, ignore_index, temperature,
+                                                           entropy)
+    topk_ent = None
+    if topk is not None:
+        topk_ent = topk_entropy_ref(z, topk, renormalize=topk_renormalize,
+                                    temperature=temperature)
+        topk_ent = torch.where(y != ignore_index, topk_ent, 0)
+
+    def shape(x):
+        return None if x is None else x.reshape(targets.shape)
+
+    return TokenStats(shape(lse), shape(logprob), shape(ent), shape(topk_ent), shape(s_lse),
+                      shape(s_logprob))
+
+
+def remit_weights(
+    logprobs: Tensor,
+    scorer_logprobs: Tensor,
+    targets: Tensor,
+    *,
+    cu_seqlens: Optional[Tensor] = None,
+    eps: float = 0.2,
+    ignore_index: int = -100,
+    detach: bool = True,
+    backend: str = "auto",
+) -> ReMiTWeights:
+    """ReMiT token weights from policy and scorer log-probs (METHODS.md section 2, steps 3-5).
+
+    ``w = clip(2 sigmoid(delta - mu_seq), 1 - eps, 1 + eps)`` with ``delta = scorer - policy``
+    centred over each sequence's valid positions. ``detach=False`` keeps the gradient through
+    the weights (a study option; ReMiT detaches).
+    """
+    chk.check_per_token(logprobs, targets, "logprobs")
+    chk.check_per_token(scorer_logprobs, targets, "scorer_logprobs")
+    if targets.dtype not in chk.INDEX_DTYPES:
+        raise TypeError(f"targets: expected dtype int64 or int32, got {targets.dtype}")
+    if targets.numel() == 0:
+        raise ValueError(f"targets: expected a non-empty tensor, got shape {tuple(targets.shape)}")
+    eps = chk.check_eps(eps)
+    chk.check_cu_seqlens(cu_seqlens, targets.numel(), targets.device)
+    impl = select_backend("remit_weights", backend, (logprobs, scorer_logprobs, targets))
+    a = logprobs.reshape(-1)
+    if detach:
+        a = a.detach()
+    w, delta_hat, diag = impl.remit_weights(a, scorer_logprobs.reshape(-1), targets.reshape(-1),
+                                            _offsets(targets, cu_seqlens), ignore_index, eps)
+    return ReMiTWeights(w.reshape(targets.shape), delta_hat.reshape(targets.shape),
+                        ReMiTDiagnostics.from_tensor(diag))
+
+
+def weighted_cross_entropy(
+    logits: Tensor,
+    targets: Tensor,
+    weights: Optional[Tensor] = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    inplace_backward: bool = False,
+    backend: str = "auto",
+) -> Tensor:
+    """``-(1/N_valid) sum_valid w_t log p(y_t)``; 'mean' divides by the valid-token count.
+
+    ``inplace_backward=True`` lets a kernel backend write the logits gradient into the logits
+    buffer (saves one [N, V] allocation; the logits must not be used after the backward).
+    """
+    chk.check_logits(logits)
+    chk.check_targets(targets, logits, ignore_index)
+    if weights is not None:
+        chk.check_per_token(weights, targets, "weights")
+    chk.check_reduction(reduction)
+    impl = select_backend("weighted_cross_entropy", backend, (logits, targets, weights))
+    z, y = _flat(logits, targets)
+    w = None if weights is None else weights.reshape(-1)
+    per_token, _ = impl.weighted_ce(z, y, w, ignore_index, inplace_backward)
+    loss = reduce_tokens(per_token, (y != ignore_index).sum(), reduction)
+    return _shaped(loss, targets, reduction)
+
+
+def remit_loss(
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    scorer_logits: Optional[Tensor] = None,
+    scorer_logprobs: Optional[Tensor] = None,
+    cu_seqlens: Optional[Tensor] = None,
+    eps: float = 0.2,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    detach_weights: bool = True,
+    inplace_backward: bool = False,
+    return_details: bool = False,
+    backend: str = "auto",
+):
+    """The ReMiT loss from policy logits and the frozen scorer (METHODS.md section 2).
+
+    Give exactly one of ``scorer_logits`` (same shape as ``logits``; no gradient) and
+    ``scorer_logprobs`` (precomputed ``log p_RL(y_t)``, shaped like ``targets``). Returns the
+    loss, or with ``return_details=True`` a ``ReMiTOutput(loss, weights, diagnostics)``.
+    """
+    chk.check_logits(logits)
+    chk.check_targets(targets, logits, ignore_index)
+    chk.check_exactly_one(scorer_logits, scorer_logprobs, "scorer_logits", "scorer_logprobs",
+                          "remit_loss")
+    if scorer_logits is not None:
+        chk.check_like_logits(scorer_logits, logits, "scorer_logits")
+    if scorer_logprobs is not None:
+        chk.check_per_token(scorer_logprobs, targets, "scorer_logprobs")
+    eps = chk.check_eps(eps)
+    chk.check_reduction(reduction)
+    z, y = _flat(logits, targets)
+    chk.check_cu_seqlens(cu_seqlens, y.numel(), y.device)
+    impl = select_backend("remit_loss", backend,
+                          (logits, targets, scorer_logits, scorer_logprobs, cu_seqlens))
+    sz = None if scorer_logits is None else scorer_logits.reshape(z.shape)
+    sb = None if scorer_logprobs is None else scorer_logprobs.reshape(-1)
+    per_token, w, diag = impl.remit_loss(z, y, sz, sb, _offsets(targets, cu_seqlens),
+                                         ignore_index, eps, detach_weights, inplace_backward)
+    loss = _shaped(reduce_tokens(per_token, (y != ignore_index).sum(), reduction), targets,
+                   reduction)
+    if not return_details:
+        return loss
+    return ReMiTOutput(loss, w.detach().reshape(targets.shape), ReMiTDiagnostics.from_tensor(diag))
+
+
+def rho1_loss(
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    ref_logits: Optional[Tensor] = None,
+    ref_logprobs: Optional[Tensor] = None,
+    keep_ratio: float = 0.6,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    """Rho-1 selective LM (METHODS.md section 3): NLL over the ceil(keep_ratio * N_valid) valid
+    tokens of the batch with the largest excess loss NLL_theta - NLL_ref (ties by position);
+    'mean' divides by the number kept."""
+    chk.check_logits(logits)
+    chk.check_targets(targets, logits, ignore_index)
+    chk.check_exactly_one(ref_logits, ref_logprobs, "ref_logits", "ref_logprobs", "rho1_loss")
+    if ref_logits is not None:
+        chk.check_like_logits(ref_logits, logits, "ref_logits")
+    if ref_logprobs is not None:
+        chk.check_per_token(ref_logprobs, targets, "ref_logprobs")
+    if not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
+        raise ValueError(f"keep_ratio: expected a number in (0, 1], got {keep_ratio!r}")
+    chk.check_reduction(reduction)
+    impl = select_backend("rho1_loss", backend, (logits, targets, ref_logits, ref_logprobs))
+    z, y = _flat(logits, targets)
+    if ref_logits is not None:
+        with torch.no_grad():
+            b = impl.token_stats(ref_logits.reshape(z.shape), y, None, ignore_index, 1.0,
+                                 False)[1]
+    else:
+        b = ref_logprobs.reshape(-1).detach()
+    per_token, a = impl.weighted_ce(z, y, None, ignore_index, False)
+    valid = y != ignore_index
+    keep = rho1_keep_mask(b.to(a.dtype) - a.detach(), valid, float(keep_ratio))
+    loss = reduce_tokens(per_token * keep, keep.sum(), reduction)
+    return _shaped(loss, targets, reduction)
+
+
+def kd_loss(
+    logits: Tensor,
+    teacher_logits: Tensor,
+    targets: Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    """Distillation against a frozen teacher (METHODS.md section 3):
+    ``(1/N_valid) sum_valid [LSE(z/T) - sum_v softmax(z^T/T)_v z_v/T]``; ``targets`` only marks
+    valid positions. No T^2 factor is applied."""
+    chk.check_logits(logits)
+    chk.check_like_logits(teacher_logits, logits, "teacher_logits")
+    chk.check_targets(targets, logits, ignore_index)
+    temperature = chk.check_positive(temperature, "temperature")
+    chk.check_reduction(reduction)
+    impl = select_backend("kd_loss", backend, (logits, teacher_logits, targets))
+    z, y = _flat(logits, targets)
+    tz = teacher_logits.reshape(z.shape)
+    if tz.dtype != z.dtype:
+        tz = tz.to(z.dtype)
+    per_token = impl.kd(z, tz, y, ignore_index, temperature)
+    loss = reduce_tokens(per_token, (y != ignore_index).sum(), reduction)
+    return _shaped(loss, targets, reduction)

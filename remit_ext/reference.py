@@ -1,0 +1,277 @@
+"""Readable PyTorch references for every remit_ext op (the contract: ``shared/spec/METHODS.md``).
+
+These are what the tests, the benchmarks and the ``backend="torch"`` path call. They compute in
+float32 (float64 for float64 inputs), use plain PyTorch primitives (``logsumexp``,
+``log_softmax``, ``softmax``) rather than the kernels' online formulas, and are differentiable by
+autograd. Every function takes flattened inputs: logits ``[N, V]``, targets ``[N]``; sequences
+are given by ``cu_seqlens`` offsets ``[S + 1]`` (``None`` = one sequence of all N positions).
+
+Equation numbers refer to METHODS.md sections (1: token statistics, 2: ReMiT, 3: baselines).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ReMiTDiagnostics",
+    "acc_dtype",
+    "segment_ids",
+    "token_stats_ref",
+    "topk_entropy_ref",
+    "remit_weights_ref",
+    "weighted_ce_ref",
+    "remit_loss_ref",
+    "rho1_loss_ref",
+    "kd_loss_ref",
+    "reduce_tokens",
+]
+
+
+class ReMiTDiagnostics(NamedTuple):
+    """Weight diagnostics over the valid tokens (0-d tensors; zeros when none is valid)."""
+
+    w_mean: Tensor
+    w_std: Tensor  # population std (divides by N_valid)
+    frac_clip_low: Tensor  # fraction of valid tokens with w at 1 - eps
+    frac_clip_high: Tensor  # fraction at 1 + eps
+    abs_delta_hat_mean: Tensor  # mean |delta_hat|
+    delta_mean: Tensor  # mean delta = b - a (before centering)
+
+    @classmethod
+    def from_tensor(cls, diag: Tensor) -> "ReMiTDiagnostics":
+        return cls(*diag.unbind(0))
+
+    def as_dict(self) -> dict[str, float]:
+        """Plain floats (this synchronises with the device; call it outside the hot loop)."""
+        return {k: float(v) for k, v in self._asdict().items()}
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 stays float64, everything else computes in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def segment_ids(cu_seqlens: Optional[Tensor], n: int, device: torch.device) -> tuple[Tensor, int]:
+    """Sequence index of each of n positions, and the number of sequences S.
+
+    ``searchsorted`` keeps this free of host synchronisation (no ``repeat_interleave`` on a
+    device tensor of lengths).
+    """
+    if cu_seqlens is None:
+        return torch.zeros(n, dtype=torch.long, device=device), 1
+    pos = torch.arange(n, device=device)
+    ids = torch.searchsorted(cu_seqlens[1:].to(torch.long), pos, right=True)
+    return ids, cu_seqlens.numel() - 1
+
+
+def reduce_tokens(per_token: Tensor, n_valid: Tensor, reduction: str) -> Tensor:
+    """'mean' divides by the valid-token count (0 when there is none), never by sum of weights."""
+    if reduction == "none":
+        return per_token
+    total = per_token.sum()
+    if reduction == "sum":
+        return total
+    return total / n_valid.clamp(min=1).to(total.dtype)
+
+
+def token_stats_ref(
+    logits: Tensor, targets: Tensor, *, ignore_index: int = -100, temperature: float = 1.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token statistics (section 1) of ``logits / temperature``: ``(lse, logprob, entropy)``.
+
+    lse = LSE(z);  logprob a = z_y - LSE(z);  entropy H = -sum_v p_v log p_v.
+    Invalid positions (target == ignore_index) get 0 for all three. A row whose softmax is
+    undefined (a +inf or NaN logit, or all -inf) has lse as ``torch.logsumexp`` gives and NaN
+    log-prob and entropy, as ``log_softmax`` gives.
+    """
+    z = logits.to(acc_dtype(logits.dtype)) / temperature
+    valid = targets != ignore_index
+    logp = torch.log_softmax(z, dim=-1)
+    lse = torch.logsumexp(z, dim=-1)
+    logprob = logp.gather(-1, torch.where(valid, targets, 0).long().unsqueeze(-1)).squeeze(-1)
+    entropy = -torch.special.xlogy(logp.exp(), logp.exp()).sum(-1)
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    return (
+        torch.where(valid, lse, zero),
+        torch.where(valid, logprob, zero),
+        torch.where(valid, entropy, zero),
+    )
+
+
+def topk_entropy_ref(
+    logits: Tensor, k: int = 16, *, renormalize: bool = False, temperature: float = 1.0
+) -> Tensor:
+    """Top-k entropy (section 1, RMT/RPT): over the k largest logits with p_j = exp(z_j - LSE(z)),
+    ``-sum_j p_j log p_j``; with ``renormalize`` the p_j are first divided by their sum."""
+    z = logits.to(acc_dtype(logits.dtype)) / temperature
+    k = min(k, z.shape[-1])
+    logp = torch.log_softmax(z, dim=-1).topk(k, dim=-1).values
+    if renormalize:
+        logp = logp - torch.logsumexp(logp, dim=-1, keepdim=True)
+    return -torch.special.xlogy(logp.exp(), logp.exp()).sum(-1)
+
+
+def remit_weights_ref(
+    logprob: Tensor,
+    scorer_logprob: Tensor,
+    valid: Tensor,
+    *,
+    cu_seqlens: Optional[Tensor] = None,
+    eps: float = 0.2,
+    detach: bool = True,
+) -> tuple[Tensor, Tensor, ReMiTDiagnostics]:
+    """ReMiT token weights (section 2, steps 3-5): ``(w, delta_hat, diagnostics)``.
+
+    delta_t = b_t - a_t;  mu_s = mean of delta over the valid positions of sequence s;
+    delta_hat_t = delta_t - mu_s;  w_t = clip(2 sigmoid(delta_hat_t), 1 - eps, 1 + eps).
+    Invalid positions get w = 0 and delta_hat = 0. With ``detach=False`` the weights carry the
+    gradient of that expression with respect to ``logprob`` (the non-detached study option).
+    """
+    dt = acc_dtype(logprob.dtype)
+    a = logprob.to(dt) if not detach else logprob.detach().to(dt)
+    b = scorer_logprob.detach().to(dt)
+    n = a.shape[0]
+    seg, num_seg = segment_ids(cu_seqlens, n, a.device)
+    vf = valid.to(dt)
+    delta = (b - a) * vf
+    seg_sum = torch.zeros(num_seg, dtype=dt, device=a.device).index_add(0, seg, delta)
+    seg_cnt = torch.zeros(num_seg, dtype=dt, device=a.device).index_add(0, seg, vf)
+    mu = seg_sum / seg_cnt.clamp(min=1)
+    delta_hat = (delta - mu[seg]) * vf
+    raw = 2 * torch.sigmoid(delta_hat)
+    w = raw.clamp(1 - eps, 1 + eps) * vf
+
+    with torch.no_grad():
+        n_valid = vf.sum()
+        inv = 1 / n_valid.clamp(min=1)
+        wd = w.detach()
+        w_mean = wd.sum() * inv
+        w_var = ((wd - w_mean) ** 2 * vf).sum() * inv
+        diag = ReMiTDiagnostics(
+            w_mean=w_mean,
+            w_std=w_var.sqrt(),
+            frac_clip_low=((raw <= 1 - eps) & valid).to(dt).sum() * inv,
+            frac_clip_high=((raw >= 1 + eps) & valid).to(dt).sum() * inv,
+            abs_delta_hat_mean=delta_hat.detach().abs().sum() * inv,
+            delta_mean=delta.detach().sum() * inv,
+        )
+    return w, delta_hat, diag
+
+
+def weighted_ce_ref(
+    logits: Tensor,
+    targets: Tensor,
+    weights: Optional[Tensor] = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> Tensor:
+    """Weighted cross-entropy (section 2, step 6): L = -(1/N_valid) sum_valid w_t log p(y_t).
+
+    'mean' divides by the number of valid tokens, not by sum(w); 'none' gives -w_t a_t per token.
+    """
+    valid = targets != ignore_index
+    _, logprob, _ = token_stats_ref(logits, targets, ignore_index=ignore_index)
+    per_token = -logprob if weights is None else -logprob * weights.to(logprob.dtype)
+    return reduce_tokens(per_token * valid, valid.sum(), reduction)
+
+
+def remit_loss_ref(
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    scorer_logits: Optional[Tensor] = None,
+    scorer_logprobs: Optional[Tensor] = None,
+    cu_seqlens: Optional[Tensor] = None,
+    eps: float = 0.2,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    detach_weights: bool = True,
+) -> tuple[Tensor, Tensor, ReMiTDiagnostics]:
+    """ReMiT loss (section 2): ``(loss, w, diagnostics)`` with L = -(1/N_valid) sum w_t a_t.
+
+    a_t = log p_theta(y_t) from ``logits``; b_t = log p_RL(y_t) from ``scorer_logits`` (no
+    gradient) or precomputed ``scorer_logprobs``. Weights are detached unless
+    ``detach_weights=False``.
+    """
+    if (scorer_logits is None) == (scorer_logprobs is None):
+        raise ValueError("remit_loss_ref: give exactly one of scorer_logits and scorer_logprobs")
+    valid = targets != ignore_index
+    _, a, _ = token_stats_ref(logits, targets, ignore_index=ignore_index)
+    if scorer_logits is not None:
+        with torch.no_grad():
+            _, b, _ = token_stats_ref(scorer_logits, targets, ignore_index=ignore_index)
+    else:
+        b = scorer_logprobs
+    w, _, diag = remit_weights_ref(
+        a, b, valid, cu_seqlens=cu_seqlens, eps=eps, detach=detach_weights
+    )
+    loss = reduce_tokens(-w * a, valid.sum(), reduction)
+    return loss, w.detach(), diag
+
+
+def rho1_keep_mask(excess: Tensor, valid: Tensor, keep_ratio: float) -> Tensor:
+    """Rho-1 selection (section 3): keep the ceil(keep_ratio * N_valid) valid tokens with the
+    largest excess loss, ties broken by position (earlier first). No host synchronisation."""
+    n = excess.shape[0]
+    score = torch.where(valid, excess, torch.full_like(excess, -math.inf))
+    # A stable descending sort puts equal scores in position order.
+    order = torch.sort(score, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=excess.device))
+    n_keep = torch.ceil(keep_ratio * valid.sum().to(torch.float64)).to(torch.long)
+    return (rank < n_keep) & valid
+
+
+def rho1_loss_ref(
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    ref_logits: Optional[Tensor] = None,
+    ref_logprobs: Optional[Tensor] = None,
+    keep_ratio: float = 0.6,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> Tensor:
+    """Rho-1 selective LM (section 3): mean NLL over the kept tokens.
+
+    excess_t = NLL_theta - NLL_ref = b_t - a_t (detached); 'mean' divides by the number kept.
+    """
+    if (ref_logits is None) == (ref_logprobs is None):
+        raise ValueError("rho1_loss_ref: give exactly one of ref_logits and ref_logprobs")
+    valid = targets != ignore_index
+    _, a, _ = token_stats_ref(logits, targets, ignore_index=ignore_index)
+    if ref_logits is not None:
+        with torch.no_grad():
+            _, b, _ = token_stats_ref(ref_logits, targets, ignore_index=ignore_index)
+    else:
+        b = ref_logprobs.to(a.dtype)
+    keep = rho1_keep_mask((b - a).detach(), valid, keep_ratio)
+    return reduce_tokens(-a * keep, keep.sum(), reduction)
+
+
+def kd_loss_ref(
+    logits: Tensor,
+    teacher_logits: Tensor,
+    targets: Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> Tensor:
+    """KD (section 3): L = (1/N_valid) sum_valid [LSE(z) - sum_v softmax(z^T)_v z_v] of z/T.
+
+    Gradient (p - p^T) / (T N_valid); the teacher gets none. No T^2 factor is applied.
+    """
+    dt = acc_dtype(logits.dtype)
+    z = logits.to(dt) / temperature
+    q = torch.softmax(teacher_logits.detach().to(dt) / temperature, dim=-1)
+    valid = targets != ignore_index
+    # q_v z_v with q_v = 0 counts 0 even for z_v = -inf.
+    cross = torch.where(q == 0, torch.zeros_like(z), q * z).sum(-1)
+    per_token = torch.where(valid, torch.logsumexp(z, dim=-1) - cross, torch.zeros_like(cross))
+    return reduce_tokens(per_token, valid.sum(), reduction)
