@@ -27,13 +27,14 @@ TORCH_LIBRARY(remit_ext, m) {
   m.def(
       "weighted_ce_fwd(Tensor logits, Tensor targets, Tensor? weights, int ignore_index, "
       "bool inplace_backward) -> (Tensor loss, Tensor lse, Tensor logprob)");
-  // grad_t = coef_t * (softmax(logits_t) - onehot(y_t)), out of place or into `logits`.
+  // grad_t = coef_t * (softmax(logits_t) - onehot(y_t)), out of place or into `logits`; the
+  // target entry coef_t * expm1(logprob_t) comes from the forward's log-prob, not from lse.
   m.def(
-      "weighted_ce_bwd(Tensor logits, Tensor targets, Tensor lse, Tensor coef, int ignore_index) "
-      "-> Tensor");
+      "weighted_ce_bwd(Tensor logits, Tensor targets, Tensor lse, Tensor logprob, Tensor coef, "
+      "int ignore_index) -> Tensor");
   m.def(
-      "weighted_ce_bwd_(Tensor(a!) logits, Tensor targets, Tensor lse, Tensor coef, "
-      "int ignore_index) -> ()");
+      "weighted_ce_bwd_(Tensor(a!) logits, Tensor targets, Tensor lse, Tensor logprob, "
+      "Tensor coef, int ignore_index) -> ()");
 
   // The fused logits-level ReMiT forward (exactly one of scorer_logits / scorer_logprob).
   // Per-token loss -w_t a_t; the backward (registered in Python) gives the policy-logits gradient.

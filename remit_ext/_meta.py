@@ -47,12 +47,12 @@ def _weighted_ce_fwd_fake(logits, targets, weights, ignore_index, inplace_backwa
 
 
 @torch.library.register_fake("remit_ext::weighted_ce_bwd")
-def _weighted_ce_bwd_fake(logits, targets, lse, coef, ignore_index):
+def _weighted_ce_bwd_fake(logits, targets, lse, logprob, coef, ignore_index):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("remit_ext::weighted_ce_bwd_")
-def _weighted_ce_bwd_inplace_fake(logits, targets, lse, coef, ignore_index):
+def _weighted_ce_bwd_inplace_fake(logits, targets, lse, logprob, coef, ignore_index):
     return None
 
 
@@ -83,12 +83,12 @@ def _kd_loss_bwd_fake(logits, teacher_logits, targets, lse, teacher_lse, coef, i
 # of each loss reduces to forming the per-token coefficient (O(N)) and one weighted_ce_bwd pass.
 
 
-def _ce_grad(logits: Tensor, targets: Tensor, lse: Tensor, coef: Tensor, ignore_index: int,
-             inplace: bool) -> Tensor:
+def _ce_grad(logits: Tensor, targets: Tensor, lse: Tensor, logprob: Tensor, coef: Tensor,
+             ignore_index: int, inplace: bool) -> Tensor:
     if inplace:
-        _ops.weighted_ce_bwd_(logits, targets, lse, coef, ignore_index)
+        _ops.weighted_ce_bwd_(logits, targets, lse, logprob, coef, ignore_index)
         return logits
-    return _ops.weighted_ce_bwd(logits, targets, lse, coef, ignore_index)
+    return _ops.weighted_ce_bwd(logits, targets, lse, logprob, coef, ignore_index)
 
 
 def _token_stats_input_grad(z, y, lse, entropy, g_lse, g_logprob, g_entropy, temperature,
@@ -187,7 +187,7 @@ def _weighted_ce_backward(ctx, g_loss, g_lse, g_logprob):
     grad = grad_w = None
     if ctx.needs_input_grad[0]:
         coef = g_loss if weights is None else g_loss * weights.to(g_loss.dtype)
-        grad = _ce_grad(logits, targets, lse, coef, ctx.ignore_index, ctx.inplace)
+        grad = _ce_grad(logits, targets, lse, logprob, coef, ctx.ignore_index, ctx.inplace)
     if weights is not None and ctx.needs_input_grad[2]:
         grad_w = (-logprob * g_loss).to(weights.dtype)
     return grad, None, grad_w, None, None
@@ -219,7 +219,7 @@ def _remit_loss_backward(ctx, g_loss, *_unused):
         valid = targets != ctx.ignore_index
         through_w = g_loss * _weight_slope(delta_hat, ctx.eps) * -logprob
         coef = coef + _segment_centered(through_w, valid, cu_seqlens)
-    grad = _ce_grad(logits, targets, lse, coef, ctx.ignore_index, ctx.inplace)
+    grad = _ce_grad(logits, targets, lse, logprob, coef, ctx.ignore_index, ctx.inplace)
     return (grad,) + (None,) * 8
 
 

@@ -55,13 +55,12 @@ void kd_fwd_rows(const at::Tensor& z, const at::Tensor& zt, const int64_t* y, in
         loss[r] = std::numeric_limits<acc_t>::quiet_NaN();
         continue;
       }
-      acc_t s, st, unused;
-      row_moments<acc_t, false>(x, V, m, s, unused);
-      row_moments<acc_t, false>(xt, V, mt, st, unused);
-      lse[r] = m + std::log(s);
-      lse_t[r] = mt + std::log(st);
+      const RowMoments<acc_t> mo = row_moments<acc_t, false>(x, V, m);
+      const RowMoments<acc_t> mo_t = row_moments<acc_t, false>(xt, V, mt);
+      lse[r] = m + mo.log_s;
+      lse_t[r] = mt + mo_t.log_s;
       // LSE(x) - sum q x = log s - sum q (x - m)
-      loss[r] = std::log(s) - teacher_dot(x, xt, V, m, mt) / st;
+      loss[r] = mo.log_s - teacher_dot(x, xt, V, m, mt) / mo_t.s;
     }
   });
 }

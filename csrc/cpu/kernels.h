@@ -17,10 +17,12 @@ void remit_weights_into(const at::Tensor& logprob, const at::Tensor& scorer_logp
                         int64_t ignore_index, double eps, at::Tensor& weights,
                         at::Tensor& delta_hat, at::Tensor& diag);
 
-// grad[t, :] = coef[t] * (softmax(logits[t]) - onehot(y_t)); zero for invalid rows.
+// grad[t, :] = coef[t] * (softmax(logits[t]) - onehot(y_t)), the target entry coef * expm1(logprob);
+// zero for invalid rows.
 // `grad` may be `logits` itself (in-place backward).
 void ce_grad_into(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
-                  const at::Tensor& coef, int64_t ignore_index, at::Tensor& grad);
+                  const at::Tensor& logprob, const at::Tensor& coef, int64_t ignore_index,
+                  at::Tensor& grad);
 
 at::Tensor targets_as_long(const at::Tensor& targets);
 

@@ -76,45 +76,63 @@ inline acc_t row_max(const acc_t* x, int64_t V) {
   return m;
 }
 
-// Softmax moments around the row max m:  s = sum_v e^{x_v - m},  t = sum_v e^{x_v - m} (x_v - m).
-// Working relative to m keeps t free of the cancellation that sum e^{x} x has for large logits,
-// and a -inf logit contributes exactly 0 to t instead of 0 * -inf = NaN.
+// Softmax moments of a row around its (finite) max m:
+//   s = sum_v e^{x_v - m},  log_s = log(s),  t = sum_v e^{x_v - m} (x_v - m)  (t only if kWithT).
+// log_s is formed as log1p(s - 1) with s - 1 = (#maxima - 1) + (mass below the max) summed apart
+// from the maxima: on a confident row s is 1 + 1e-8, and log(s) of a rounded s would lose every
+// digit of the log-prob (hence of p_y - 1 in the gradient). Working relative to m keeps t free of
+// cancellation, and a -inf logit contributes exactly 0 to t instead of 0 * -inf = NaN.
+template <typename acc_t>
+struct RowMoments {
+  acc_t s, log_s, t;
+};
+
 template <typename acc_t, bool kWithT>
-inline void row_moments(const acc_t* x, int64_t V, acc_t m, acc_t& s, acc_t& t) {
+inline RowMoments<acc_t> row_moments(const acc_t* x, int64_t V, acc_t m) {
   using Vec = at::vec::Vectorized<acc_t>;
-  const Vec vm(m), zero(acc_t(0));
-  Vec vs(acc_t(0)), vt(acc_t(0));
+  const Vec vm(m), zero(acc_t(0)), one(acc_t(1));
+  Vec vbelow(acc_t(0)), vtop(acc_t(0)), vt(acc_t(0));
   int64_t i = 0;
   for (; i + Vec::size() <= V; i += Vec::size()) {
     const Vec d = Vec::loadu(x + i) - vm;
     const Vec e = vexp(d);
-    vs = vs + e;
+    const Vec is_top = d == zero;
+    vbelow = vbelow + Vec::blendv(e, zero, is_top);
+    vtop = vtop + Vec::blendv(zero, one, is_top);
     if constexpr (kWithT) vt = vt + Vec::blendv(e * d, zero, e == zero);
   }
   auto add = [](const Vec& p, const Vec& q) { return p + q; };
-  s = at::vec::vec_reduce_all<acc_t>(add, vs);
-  t = kWithT ? at::vec::vec_reduce_all<acc_t>(add, vt) : acc_t(0);
+  acc_t below = at::vec::vec_reduce_all<acc_t>(add, vbelow);
+  acc_t top = at::vec::vec_reduce_all<acc_t>(add, vtop);
+  acc_t t = kWithT ? at::vec::vec_reduce_all<acc_t>(add, vt) : acc_t(0);
   for (; i < V; ++i) {
     const acc_t d = x[i] - m;
+    if (d == acc_t(0)) {
+      top += acc_t(1);
+      continue;
+    }
     const acc_t e = std::exp(d);
-    s += e;
+    below += e;
     if constexpr (kWithT) t += (e == acc_t(0)) ? acc_t(0) : e * d;
   }
+  const acc_t s_minus_1 = (top - acc_t(1)) + below;
+  return {acc_t(1) + s_minus_1, std::log1p(s_minus_1), t};
 }
 
 // Cross-entropy gradient of one row: out_v = coef * (e^{x_v - lse} - [v == y]).
-// The target entry is formed as coef * expm1(x_y - lse) in acc_t (METHODS.md section 5), not as
-// a rounded p_y minus one. `out` may alias the source row (in-place backward): every element is
-// read before it is written, and x_y is read before the loop.
+// The target entry is formed as coef * expm1(a) from the saved log-prob a = (x_y - m) - log s
+// (METHODS.md section 5): neither a rounded p_y nor x_y - lse, whose rounding of lse alone loses
+// all digits of p_y - 1 on confident rows. `out` may alias the source row (in-place backward):
+// every element is read before it is written.
 template <typename scalar_t, typename acc_t>
-inline void write_ce_grad(const acc_t* x, int64_t V, acc_t lse, acc_t coef, int64_t y,
-                          scalar_t* out, acc_t* buf) {
+inline void write_ce_grad(const acc_t* x, int64_t V, acc_t lse, acc_t logprob, acc_t coef,
+                          int64_t y, scalar_t* out, acc_t* buf) {
   using Vec = at::vec::Vectorized<acc_t>;
   if (!std::isfinite(lse)) {  // undefined softmax (see token_stats): the whole row is NaN
     std::fill(out, out + V, static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN()));
     return;
   }
-  const acc_t target_grad = coef * std::expm1(x[y] - lse);
+  const acc_t target_grad = coef * std::expm1(logprob);
   acc_t* dst = nullptr;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     dst = out;

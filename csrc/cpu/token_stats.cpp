@@ -40,12 +40,10 @@ void stats_rows(const at::Tensor& logits, const int64_t* y, int64_t ignore_index
         if constexpr (kEntropy) entropy[r] = std::numeric_limits<acc_t>::quiet_NaN();
         continue;
       }
-      acc_t s, t;
-      row_moments<acc_t, kEntropy>(x, V, m, s, t);
-      const acc_t log_s = std::log(s);
-      lse[r] = m + log_s;
-      logprob[r] = (x[target] - m) - log_s;
-      if constexpr (kEntropy) entropy[r] = log_s - t / s;  // H = LSE - sum p x, relative to m
+      const RowMoments<acc_t> mo = row_moments<acc_t, kEntropy>(x, V, m);
+      lse[r] = m + mo.log_s;
+      logprob[r] = (x[target] - m) - mo.log_s;
+      if constexpr (kEntropy) entropy[r] = mo.log_s - mo.t / mo.s;  // H = LSE - sum p x
     }
   });
 }

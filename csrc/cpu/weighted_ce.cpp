@@ -1,5 +1,5 @@
 // Weighted cross-entropy: forward loss_t = -w_t * log p(y_t) with lse saved for the backward,
-// backward grad_t = coef_t * (p_t - onehot(y_t)) with coef_t = upstream_t * w_t (formed in Python).
+// backward grad_t = coef_t * (p_t - onehot(y_t)) (target entry from the saved log-prob), coef_t = upstream_t * w_t (formed in Python).
 #include <torch/library.h>
 
 #include "cpu/kernels.h"
@@ -11,7 +11,8 @@ namespace {
 
 template <typename scalar_t>
 void ce_grad_rows(const at::Tensor& logits, const int64_t* y, const acc_type<scalar_t>* lse,
-                  const acc_type<scalar_t>* coef, int64_t ignore_index, at::Tensor& grad) {
+                  const acc_type<scalar_t>* logprob, const acc_type<scalar_t>* coef,
+                  int64_t ignore_index, at::Tensor& grad) {
   using acc_t = acc_type<scalar_t>;
   const int64_t N = logits.size(0), V = logits.size(1);
   const int64_t in_stride = logits.stride(0), out_stride = grad.stride(0);
@@ -27,7 +28,7 @@ void ce_grad_rows(const at::Tensor& logits, const int64_t* y, const acc_type<sca
       }
       check_target_value(y[r], V, r, ignore_index);
       const acc_t* x = load_row(in + r * in_stride, V, acc_t(1), buf.data());
-      write_ce_grad(x, V, lse[r], coef[r], y[r], out_row, buf.data());
+      write_ce_grad(x, V, lse[r], logprob[r], coef[r], y[r], out_row, buf.data());
     }
   });
 }
@@ -35,26 +36,31 @@ void ce_grad_rows(const at::Tensor& logits, const int64_t* y, const acc_type<sca
 }  // namespace
 
 void ce_grad_into(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
-                  const at::Tensor& coef, int64_t ignore_index, at::Tensor& grad) {
+                  const at::Tensor& logprob, const at::Tensor& coef, int64_t ignore_index,
+                  at::Tensor& grad) {
   const at::Tensor y = targets_as_long(targets);
   const auto acc = at::toOpMathType(logits.scalar_type());
   const at::Tensor lse_c = lse.to(acc).contiguous(), coef_c = coef.to(acc).contiguous();
+  const at::Tensor lp_c = logprob.to(acc).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ce_grad", [&] {
     using acc_t = acc_type<scalar_t>;
     ce_grad_rows<scalar_t>(logits, y.const_data_ptr<int64_t>(), lse_c.const_data_ptr<acc_t>(),
-                           coef_c.const_data_ptr<acc_t>(), ignore_index, grad);
+                           lp_c.const_data_ptr<acc_t>(), coef_c.const_data_ptr<acc_t>(),
+                           ignore_index, grad);
   });
 }
 
 namespace {
 
 void check_bwd_args(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
-                    const at::Tensor& coef) {
+                    const at::Tensor& logprob, const at::Tensor& coef) {
   check_logits(logits, "logits");
   const int64_t N = logits.size(0);
   check_targets(targets, N);
   TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == N, "lse: expected shape [", N, "], got ",
                     lse.sizes());
+  TORCH_CHECK_VALUE(logprob.dim() == 1 && logprob.size(0) == N, "logprob: expected shape [", N,
+                    "], got ", logprob.sizes());
   TORCH_CHECK_VALUE(coef.dim() == 1 && coef.size(0) == N, "coef: expected shape [", N, "], got ",
                     coef.sizes());
 }
@@ -78,23 +84,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weighted_ce_fwd_cpu(
 }
 
 at::Tensor weighted_ce_bwd_cpu(const at::Tensor& logits, const at::Tensor& targets,
-                               const at::Tensor& lse, const at::Tensor& coef,
-                               int64_t ignore_index) {
-  check_bwd_args(logits, targets, lse, coef);
+                               const at::Tensor& lse, const at::Tensor& logprob,
+                               const at::Tensor& coef, int64_t ignore_index) {
+  check_bwd_args(logits, targets, lse, logprob, coef);
   const at::Tensor x = row_major(logits);
   at::Tensor grad = at::empty_like(x, at::MemoryFormat::Contiguous);
-  ce_grad_into(x, targets, lse, coef, ignore_index, grad);
+  ce_grad_into(x, targets, lse, logprob, coef, ignore_index, grad);
   return grad;
 }
 
 void weighted_ce_bwd_inplace_cpu(at::Tensor& logits, const at::Tensor& targets,
-                                 const at::Tensor& lse, const at::Tensor& coef,
-                                 int64_t ignore_index) {
-  check_bwd_args(logits, targets, lse, coef);
+                                 const at::Tensor& lse, const at::Tensor& logprob,
+                                 const at::Tensor& coef, int64_t ignore_index) {
+  check_bwd_args(logits, targets, lse, logprob, coef);
   TORCH_CHECK_VALUE(logits.stride(1) == 1,
                     "logits: the in-place backward needs rows with unit stride, got strides ",
                     logits.strides());
-  ce_grad_into(logits, targets, lse, coef, ignore_index, logits);
+  ce_grad_into(logits, targets, lse, logprob, coef, ignore_index, logits);
 }
 
 }  // namespace

@@ -1,0 +1,51 @@
+"""Input builders shared by the tests: ragged shapes, ignored positions, packed sequences,
+confident rows and extreme logits (STYLE.md habit 8)."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import DEVICE
+
+IGNORE = -100
+
+# (batch dims..., T, V): N = 1 and 199; V = 2, 1025, 32001; a 3-D batch.
+SHAPES = [
+    (1, 2),
+    (1, 1025),
+    (199, 2),
+    (199, 1025),
+    (3, 5, 32001),
+    (2, 2, 7, 33),
+]
+
+
+def make_logits(shape, dtype, *, scale=3.0, generator=None, device=DEVICE):
+    x = torch.randn(shape, dtype=torch.float64, generator=generator) * scale
+    return x.to(device=device, dtype=dtype)
+
+
+def make_targets(shape, vocab, *, ignore_frac=0.2, generator=None, device=DEVICE):
+    y = torch.randint(0, vocab, shape, generator=generator)
+    drop = torch.rand(shape, generator=generator) < ignore_frac
+    return torch.where(drop, torch.full_like(y, IGNORE), y).to(device)
+
+
+def make_pair(shape, dtype, *, seed=0, ignore_frac=0.2, scale=3.0):
+    """Policy logits, scorer logits (a noisy, sharper variant) and targets."""
+    g = torch.Generator().manual_seed(seed)
+    logits = make_logits(shape, torch.float64, scale=scale, generator=g, device="cpu")
+    noise = torch.randn(shape, dtype=torch.float64, generator=g)
+    scorer = 1.3 * logits + 2.0 * noise
+    targets = make_targets(shape[:-1], shape[-1], ignore_frac=ignore_frac, generator=g)
+    return logits.to(DEVICE, dtype), scorer.to(DEVICE, dtype), targets
+
+
+def confident_rows(logits, targets, margin=20.0):
+    """Make p(target) -> 1 on every valid row: the target logit sits `margin` above the rest."""
+    z = logits.detach().double().clone()
+    valid = targets != IGNORE
+    idx = torch.where(valid, targets, 0).unsqueeze(-1)
+    top = z.amax(-1, keepdim=True) + margin
+    z = torch.where(valid.unsqueeze(-1), z.scatter(-1, idx, top), z)
+    return z.to(logits.dtype)

@@ -1,0 +1,29 @@
+"""Shared fixtures: the Triton interpreter on CPU, seeded inputs, the backend grid."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before anything imports triton (the Triton backend's tests run on CPU this way).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import remit_ext  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+# Every backend that can run on this machine; the torch backend (the eager reference run through
+# the public API) is included so that flattening, segmentation and reductions are checked too.
+BACKENDS = [
+    b for b in remit_ext.available_backends()
+    if not (b == "cpu" and DEVICE.type != "cpu")
+]
+KERNEL_BACKENDS = [b for b in BACKENDS if b != "torch"]
+LOW_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
