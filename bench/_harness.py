@@ -1,0 +1,209 @@
+"""Shared benchmark helpers: timing quantiles, peak memory, environment, result files.
+
+One harness, one script per op (``bench/bench_<op>_<device>.py``); every script writes rows with
+the same environment columns so results from different runs and machines can be told apart.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, NamedTuple, Optional, Sequence
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+MB = 1024 * 1024
+
+
+# ------------------------------------------------------------------------------------ timing
+
+
+class Timing(NamedTuple):
+    p50: float
+    p20: float
+    p80: float
+    n: int
+
+
+def quantile(sorted_xs: Sequence[float], q: float) -> float:
+    """Linear interpolation between order statistics (torch.quantile's default)."""
+    pos = q * (len(sorted_xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_xs) - 1)
+    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
+
+
+def time_ms(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 10,
+            setup: Optional[Callable[[], None]] = None,
+            sync: Optional[Callable[[], None]] = None) -> Timing:
+    """Wall-clock ms of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones.
+
+    ``setup()`` runs before every call outside the timed region (reset grads, restore inputs a
+    call overwrites); ``sync()`` ends each timed region (``torch.cuda.synchronize`` on GPU).
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats: expected >= 1, got {repeats}")
+    samples = []
+    for i in range(warmup + repeats):
+        if setup is not None:
+            setup()
+        if sync is not None:
+            sync()
+        t0 = time.perf_counter()
+        fn()
+        if sync is not None:
+            sync()
+        if i >= warmup:
+            samples.append(1e3 * (time.perf_counter() - t0))
+    samples.sort()
+    return Timing(quantile(samples, 0.5), quantile(samples, 0.2), quantile(samples, 0.8),
+                  len(samples))
+
+
+# --------------------------------------------------------------------------- peak memory
+#
+# CPU tensors come from malloc; tensors this large are mmap'ed and handed back to the kernel on
+# free, so the resident set size (RSS) follows the live tensors page by page. Linux keeps the
+# process's RSS high-water mark (VmHWM, also what getrusage's ru_maxrss reports), and writing
+# "5" to /proc/self/clear_refs resets it to the current RSS. So: allocate and touch the inputs,
+# reset the mark, run once, and the mark's growth is the peak of everything the run allocated
+# beyond its inputs (outputs and the gradient included). Without clear_refs the mark cannot be
+# reset and the growth of ru_maxrss is used as is: then the measured call must be the first big
+# one in a fresh process, and the figure is a lower bound if anything earlier peaked higher.
+
+
+def _rss_hwm_kib() -> tuple[int, int]:
+    """(VmRSS, VmHWM) of this process in KiB, from /proc/self/status."""
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = int(value.split()[0])
+    return fields["VmRSS"], fields["VmHWM"]
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_extra_bytes(fn: Callable[[], object]) -> tuple[int, str]:
+    """Peak bytes ``fn()`` holds beyond what was resident before it, and the method used."""
+    gc.collect()
+    if sys.platform.startswith("linux") and _reset_hwm():
+        base, _ = _rss_hwm_kib()
+        fn()
+        _, peak = _rss_hwm_kib()
+        return max(peak - base, 0) * 1024, "VmHWM after clear_refs reset"
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return max(peak - base, 0) * scale, "ru_maxrss growth (no reset: lower bound)"
+
+
+def run_isolated(script: Path, args: Sequence[str], timeout: float = 1800) -> dict:
+    """Run ``python script *args`` in a fresh process; its last stdout line is a JSON dict."""
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{script.name} {' '.join(args)} failed ({proc.returncode}):\n"
+                           f"{proc.stdout}\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_sha() -> str:
+    """Short sha of HEAD, with -dirty when tracked files differ from it."""
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"],
+                              capture_output=True, text=True, cwd=REPO,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _version(dist: str) -> Optional[str]:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def env_info(device: str = "cpu") -> dict:
+    """Where and with what a result was measured."""
+    import remit_ext
+
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(torch.device(device))
+    else:
+        name = "cpu"
+    return {
+        "device": name,
+        "cpu_model": cpu_model(),
+        "threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "triton_version": _version("triton"),
+        "python": platform.python_version(),
+        "git_sha": git_sha(),
+        "build_info": remit_ext.build_info(),
+        "loadavg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+# ------------------------------------------------------------------------------ results
+
+
+def append_csv(path: Path, rows: Sequence[dict], columns: Sequence[str]) -> None:
+    """Append rows to a CSV ledger, writing the header when the file is new."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def text_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    """Plain aligned text for the terminal."""
+    cells = [list(columns)] + [[str(r[c]) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells)
