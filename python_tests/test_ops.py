@@ -1,0 +1,119 @@
+"""Registration checks: torch.library.opcheck on every op (schema, fakes, autograd registration,
+AOT dispatch) and torch.compile(fullgraph=True) through the public API."""
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import remit_ext
+from cases import IGNORE, make_pair
+from conftest import DEVICE, KERNEL_BACKENDS
+
+ops = torch.ops.remit_ext
+
+pytestmark = pytest.mark.skipif(not KERNEL_BACKENDS, reason="no kernel backend on this machine")
+
+
+def _inputs(dtype=torch.float32, shape=(2, 7, 33)):
+    logits, scorer, targets = make_pair(shape, dtype, seed=21)
+    z = logits.reshape(-1, shape[-1]).requires_grad_(True)
+    return z, scorer.reshape(z.shape), targets.reshape(-1)
+
+
+def _cu(n, t):
+    return torch.arange(n // t + 1, device=DEVICE) * t
+
+
+def _stats(z, y):
+    lse, logprob, _, _, _ = ops.token_stats(z.detach(), y, None, IGNORE, 1.0, False)
+    return lse, logprob
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_opcheck_token_stats(dtype):
+    z, s, y = _inputs(dtype)
+    opcheck(ops.token_stats, (z, y, s, IGNORE, 1.5, True))
+    opcheck(ops.token_stats, (z, y, None, IGNORE, 1.0, False))
+
+
+def test_opcheck_remit_weights():
+    z, s, y = _inputs()
+    _, a = _stats(z, y)
+    _, b = _stats(s, y)
+    a = a.clone().requires_grad_(True)
+    opcheck(ops.remit_weights, (a, b, y, _cu(y.numel(), 7), IGNORE, 0.2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_weights", [False, True])
+def test_opcheck_weighted_ce(dtype, with_weights):
+    z, _, y = _inputs(dtype)
+    w = torch.rand(y.shape, device=DEVICE).requires_grad_(True) if with_weights else None
+    opcheck(ops.weighted_ce_fwd, (z, y, w, IGNORE, False))
+    lse, logprob = _stats(z, y)
+    coef = torch.rand(y.shape, device=DEVICE)
+    opcheck(ops.weighted_ce_bwd, (z.detach(), y, lse, logprob, coef, IGNORE))
+    opcheck(ops.weighted_ce_bwd_, (z.detach().clone(), y, lse, logprob, coef, IGNORE))
+
+
+@pytest.mark.parametrize("scorer_kind", ["logits", "logprob"])
+@pytest.mark.parametrize("detach", [True, False])
+def test_opcheck_remit_loss(scorer_kind, detach):
+    z, s, y = _inputs()
+    b = _stats(s, y)[1]
+    args = (z, y, s if scorer_kind == "logits" else None, b if scorer_kind == "logprob" else None,
+            _cu(y.numel(), 7), IGNORE, 0.2, detach, False)
+    opcheck(ops.remit_loss, args)
+
+
+def test_opcheck_kd_loss():
+    z, s, y = _inputs()
+    opcheck(ops.kd_loss_fwd, (z, s, y, IGNORE, 2.0))
+    loss, lse, lse_t = ops.kd_loss_fwd(z.detach(), s, y, IGNORE, 2.0)
+    opcheck(ops.kd_loss_bwd, (z.detach(), s, y, lse, lse_t, torch.rand_like(loss), IGNORE, 2.0))
+
+
+def _grads(fn, z, *args):
+    z = z.detach().clone().requires_grad_(True)
+    loss = fn(z, *args)
+    (g,) = torch.autograd.grad(loss, z)
+    return loss.detach(), g
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("name", ["remit_loss", "remit_loss_logprobs", "weighted_ce", "rho1", "kd"])
+def test_compile_fullgraph(backend, name):
+    logits, scorer, targets = make_pair((2, 9, 65), torch.float32, seed=22)
+    scorer_lp = remit_ext.token_stats(scorer, targets).logprob
+
+    def f(z, s, s_lp, y):
+        if name == "remit_loss":
+            return remit_ext.remit_loss(z, y, scorer_logits=s, backend=backend)
+        if name == "remit_loss_logprobs":
+            return remit_ext.remit_loss(z, y, scorer_logprobs=s_lp, backend=backend)
+        if name == "weighted_ce":
+            return remit_ext.weighted_cross_entropy(z, y, s_lp.exp(), backend=backend)
+        if name == "rho1":
+            return remit_ext.rho1_loss(z, y, ref_logits=s, backend=backend)
+        return remit_ext.kd_loss(z, s, y, temperature=2.0, backend=backend)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    eager_loss, eager_grad = _grads(f, logits, scorer, scorer_lp, targets)
+    comp_loss, comp_grad = _grads(compiled, logits, scorer, scorer_lp, targets)
+    torch.testing.assert_close(comp_loss, eager_loss)
+    torch.testing.assert_close(comp_grad, eager_grad)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_compile_inductor_remit_loss_with_details(backend):
+    logits, scorer, targets = make_pair((2, 9, 65), torch.float32, seed=23)
+
+    def f(z, s, y):
+        out = remit_ext.remit_loss(z, y, scorer_logits=s, return_details=True, backend=backend)
+        return out.loss, out.weights, out.diagnostics.w_mean
+
+    compiled = torch.compile(f, fullgraph=True)
+    expected = f(logits, scorer, targets)
+    got = compiled(logits, scorer, targets)
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e)
