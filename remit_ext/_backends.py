@@ -55,7 +55,7 @@ class TorchBackend(Backend):
         return w, delta_hat, torch.stack(tuple(diag))
 
     def weighted_ce(self, logits, targets, weights, ignore_index, inplace_backward):
-        _, logprob, _ = ref.token_stats_ref(logits, targets, ignore_index=ignore_index)
+        logprob = ref.target_logprob_ref(logits, targets, ignore_index=ignore_index)
         loss = -logprob if weights is None else -logprob * weights.to(logprob.dtype)
         return loss, logprob.detach()
 

@@ -21,6 +21,7 @@ __all__ = [
     "ReMiTDiagnostics",
     "acc_dtype",
     "segment_ids",
+    "target_logprob_ref",
     "token_stats_ref",
     "topk_entropy_ref",
     "remit_weights_ref",
@@ -77,6 +78,15 @@ def reduce_tokens(per_token: Tensor, n_valid: Tensor, reduction: str) -> Tensor:
     if reduction == "sum":
         return total
     return total / n_valid.clamp(min=1).to(total.dtype)
+
+
+def target_logprob_ref(logits: Tensor, targets: Tensor, *, ignore_index: int = -100) -> Tensor:
+    """a_t = log softmax(z_t)[y_t] (section 1), 0 at invalid positions: the one statistic the
+    losses need, computed as eager PyTorch code would (log_softmax, then gather)."""
+    valid = targets != ignore_index
+    logp = torch.log_softmax(logits.to(acc_dtype(logits.dtype)), dim=-1)
+    a = logp.gather(-1, torch.where(valid, targets, 0).long().unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid, a, torch.zeros((), dtype=a.dtype, device=a.device))
 
 
 def token_stats_ref(
@@ -176,7 +186,7 @@ def weighted_ce_ref(
     'mean' divides by the number of valid tokens, not by sum(w); 'none' gives -w_t a_t per token.
     """
     valid = targets != ignore_index
-    _, logprob, _ = token_stats_ref(logits, targets, ignore_index=ignore_index)
+    logprob = target_logprob_ref(logits, targets, ignore_index=ignore_index)
     per_token = -logprob if weights is None else -logprob * weights.to(logprob.dtype)
     return reduce_tokens(per_token * valid, valid.sum(), reduction)
 
@@ -202,10 +212,10 @@ def remit_loss_ref(
     if (scorer_logits is None) == (scorer_logprobs is None):
         raise ValueError("remit_loss_ref: give exactly one of scorer_logits and scorer_logprobs")
     valid = targets != ignore_index
-    _, a, _ = token_stats_ref(logits, targets, ignore_index=ignore_index)
+    a = target_logprob_ref(logits, targets, ignore_index=ignore_index)
     if scorer_logits is not None:
         with torch.no_grad():
-            _, b, _ = token_stats_ref(scorer_logits, targets, ignore_index=ignore_index)
+            b = target_logprob_ref(scorer_logits, targets, ignore_index=ignore_index)
     else:
         b = scorer_logprobs
     w, _, diag = remit_weights_ref(
@@ -244,10 +254,10 @@ def rho1_loss_ref(
     if (ref_logits is None) == (ref_logprobs is None):
         raise ValueError("rho1_loss_ref: give exactly one of ref_logits and ref_logprobs")
     valid = targets != ignore_index
-    _, a, _ = token_stats_ref(logits, targets, ignore_index=ignore_index)
+    a = target_logprob_ref(logits, targets, ignore_index=ignore_index)
     if ref_logits is not None:
         with torch.no_grad():
-            _, b, _ = token_stats_ref(ref_logits, targets, ignore_index=ignore_index)
+            b = target_logprob_ref(ref_logits, targets, ignore_index=ignore_index)
     else:
         b = ref_logprobs.to(a.dtype)
     keep = rho1_keep_mask((b - a).detach(), valid, keep_ratio)
