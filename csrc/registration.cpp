@@ -7,7 +7,9 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(remit_ext, m) {
-  m.set_python_module("remit_ext._meta");
+  // Where the fakes live. impl_abstract_pystub is set_python_module's older name; both exist in
+  // every torch we support (2.11-2.13), and only the old one is certain in the oldest.
+  m.impl_abstract_pystub("remit_ext._meta");
 
   // Section 1 of METHODS.md: one pass per row -> lse, target log-prob, optional entropy, for the
   // policy and (optionally) the scorer rows in the same call. Empty outputs for what was not asked.
