@@ -164,8 +164,10 @@ def weighted_cross_entropy(
 ) -> Tensor:
     """``-(1/N_valid) sum_valid w_t log p(y_t)``; 'mean' divides by the valid-token count.
 
-    ``inplace_backward=True`` lets a kernel backend write the logits gradient into the logits
-    buffer (saves one [N, V] allocation; the logits must not be used after the backward).
+    ``inplace_backward=True`` makes the kernel backends write the logits gradient into the
+    logits buffer (saves one [N, V] allocation; the logits must not be used after the backward;
+    the torch backend ignores it). Gradients flow to ``logits`` and, if it requires grad, to
+    ``weights``.
     """
     chk.check_logits(logits)
     chk.check_targets(targets, logits, ignore_index)
@@ -200,6 +202,9 @@ def remit_loss(
     Give exactly one of ``scorer_logits`` (same shape as ``logits``; no gradient) and
     ``scorer_logprobs`` (precomputed ``log p_RL(y_t)``, shaped like ``targets``). Returns the
     loss, or with ``return_details=True`` a ``ReMiTOutput(loss, weights, diagnostics)``.
+    Only ``logits`` gets a gradient; weights are detached unless ``detach_weights=False``.
+    ``inplace_backward=True`` makes the kernel backends write the gradient into the logits
+    buffer (the torch backend ignores it).
     """
     chk.check_logits(logits)
     chk.check_targets(targets, logits, ignore_index)
