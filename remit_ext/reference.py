@@ -191,6 +191,17 @@ def weighted_ce_ref(
     return reduce_tokens(per_token * valid, valid.sum(), reduction)
 
 
+def _frozen_logprob(other_logits: Optional[Tensor], other_logprobs: Optional[Tensor],
+                    targets: Tensor, ignore_index: int, op: str) -> Tensor:
+    """b_t of the frozen model (scorer / reference): from its logits, or as given. No gradient."""
+    if (other_logits is None) == (other_logprobs is None):
+        raise ValueError(f"{op}: give exactly one of the frozen model's logits and log-probs")
+    if other_logprobs is not None:
+        return other_logprobs.detach()
+    with torch.no_grad():
+        return target_logprob_ref(other_logits, targets, ignore_index=ignore_index)
+
+
 def remit_loss_ref(
     logits: Tensor,
     targets: Tensor,
@@ -209,15 +220,9 @@ def remit_loss_ref(
     gradient) or precomputed ``scorer_logprobs``. Weights are detached unless
     ``detach_weights=False``.
     """
-    if (scorer_logits is None) == (scorer_logprobs is None):
-        raise ValueError("remit_loss_ref: give exactly one of scorer_logits and scorer_logprobs")
     valid = targets != ignore_index
     a = target_logprob_ref(logits, targets, ignore_index=ignore_index)
-    if scorer_logits is not None:
-        with torch.no_grad():
-            b = target_logprob_ref(scorer_logits, targets, ignore_index=ignore_index)
-    else:
-        b = scorer_logprobs
+    b = _frozen_logprob(scorer_logits, scorer_logprobs, targets, ignore_index, "remit_loss_ref")
     w, _, diag = remit_weights_ref(
         a, b, valid, cu_seqlens=cu_seqlens, eps=eps, detach=detach_weights
     )
@@ -233,7 +238,8 @@ def rho1_keep_mask(excess: Tensor, valid: Tensor, keep_ratio: float) -> Tensor:
     # A stable descending sort puts equal scores in position order.
     order = torch.sort(score, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=excess.device))
-    n_keep = torch.ceil(keep_ratio * valid.sum().to(torch.float64)).to(torch.long)
+    # The 1e-6 slack keeps a product like 0.7 * 10 = 7.000000000000001 from keeping 8.
+    n_keep = torch.ceil(keep_ratio * valid.sum().to(torch.float64) - 1e-6).to(torch.long)
     return (rank < n_keep) & valid
 
 
@@ -251,16 +257,10 @@ def rho1_loss_ref(
 
     excess_t = NLL_theta - NLL_ref = b_t - a_t (detached); 'mean' divides by the number kept.
     """
-    if (ref_logits is None) == (ref_logprobs is None):
-        raise ValueError("rho1_loss_ref: give exactly one of ref_logits and ref_logprobs")
     valid = targets != ignore_index
     a = target_logprob_ref(logits, targets, ignore_index=ignore_index)
-    if ref_logits is not None:
-        with torch.no_grad():
-            b = target_logprob_ref(ref_logits, targets, ignore_index=ignore_index)
-    else:
-        b = ref_logprobs.to(a.dtype)
-    keep = rho1_keep_mask((b - a).detach(), valid, keep_ratio)
+    b = _frozen_logprob(ref_logits, ref_logprobs, targets, ignore_index, "rho1_loss_ref")
+    keep = rho1_keep_mask((b.to(a.dtype) - a).detach(), valid, keep_ratio)
     return reduce_tokens(-a * keep, keep.sum(), reduction)
 
 
