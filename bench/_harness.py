@@ -72,6 +72,36 @@ def time_ms(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 10,
                   len(samples))
 
 
+class OtherCpuLoad:
+    """Context manager: how busy *other* processes kept the CPUs while the block ran, in cores
+    (CPU seconds of the whole machine, from /proc/stat, minus this process's, per wall second).
+    Timings taken while it is well above 0 shared the cores and are not clean."""
+
+    def __enter__(self):
+        self._t0, self._busy0, self._own0 = time.perf_counter(), _busy_s(), time.process_time()
+        self.cores = float("nan")
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.perf_counter() - self._t0
+        busy, own = _busy_s(), time.process_time()
+        if wall > 0 and busy == busy and self._busy0 == self._busy0:
+            self.cores = max((busy - self._busy0) - (own - self._own0), 0.0) / wall
+        return False
+
+
+def _busy_s() -> float:
+    """Non-idle CPU seconds of the machine since boot (nan where /proc/stat is missing)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return float("nan")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    # guest time is already counted in user/nice
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 # --------------------------------------------------------------------------- peak memory
 #
 # CPU tensors come from malloc; tensors this large are mmap'ed and handed back to the kernel on

@@ -89,9 +89,10 @@ def measure(provider: str, dtype: str, shape: tuple[int, int, int], warmup: int,
     restore()
     peak, method = h.peak_extra_bytes(step)
     restore()
-    timing = h.time_ms(step, warmup=warmup, repeats=repeats, setup=restore)
+    with h.OtherCpuLoad() as other:
+        timing = h.time_ms(step, warmup=warmup, repeats=repeats, setup=restore)
     return {"loss": loss, "peak_extra_bytes": peak, "memory_method": method,
-            "timing": timing._asdict()}
+            "timing": timing._asdict(), "other_cpu_cores": other.cores}
 
 
 def _shape_str(shape) -> str:
@@ -111,7 +112,8 @@ def run_all(args) -> tuple[list[dict], str]:
             res = h.run_isolated(Path(__file__), ["--child", spec])
             t = res["timing"]
             methods.add(res["memory_method"])
-            print(f" {t['p50']:.1f} ms, +{res['peak_extra_bytes'] / h.MB:.0f} MB", flush=True)
+            print(f" {t['p50']:.1f} ms, +{res['peak_extra_bytes'] / h.MB:.0f} MB; other "
+                  f"processes used {res['other_cpu_cores']:.2f} cores meanwhile", flush=True)
             if base is None:
                 base = res  # the first provider is the baseline ("torch" unless overridden)
             if abs(res["loss"] - base["loss"]) > LOSS_RTOL * max(1.0, abs(base["loss"])):
@@ -123,11 +125,13 @@ def run_all(args) -> tuple[list[dict], str]:
                 "ms_p80": f"{t['p80']:.1f}",
                 "peak_extra_MB": f"{res['peak_extra_bytes'] / h.MB:.1f}",
                 "speedup_vs_torch": f"{base['timing']['p50'] / t['p50']:.2f}",
-                "mem_ratio_vs_torch": f"{res['peak_extra_bytes'] / max(base['peak_extra_bytes'], 1):.3f}",
+                "mem_ratio_vs_torch":
+                    f"{res['peak_extra_bytes'] / max(base['peak_extra_bytes'], 1):.3f}",
                 "device": env["device"],
                 "cpu_model": f"{env['cpu_model']} ({env['threads']} threads)",
                 "torch_version": env["torch_version"], "git_sha": env["git_sha"],
                 "date": env["date"],
+                "other_cpu_cores": f"{res['other_cpu_cores']:.2f}",
             })
     if failures:
         raise SystemExit("loss mismatch between providers (nothing written):\n  "
@@ -149,7 +153,7 @@ def summary_markdown(rows: list[dict], env: dict, methods: list[str], args) -> s
             f"{r['mem_ratio_vs_torch']} of torch's "
             f"({'meets' if mem_ok else 'misses'} <= {GOAL_MEM_RATIO:g}).")
     table_cols = ("provider", "dtype", "shape", "ms_p50", "ms_p20", "ms_p80", "peak_extra_MB",
-                  "speedup_vs_torch", "mem_ratio_vs_torch")
+                  "speedup_vs_torch", "mem_ratio_vs_torch", "other_cpu_cores")
     return "\n".join([
         "# remit_loss forward + backward on CPU",
         "",
@@ -168,6 +172,8 @@ def summary_markdown(rows: list[dict], env: dict, methods: list[str], args) -> s
         f"after {args.warmup + 1} untimed ones, each provider in a fresh process",
         f"- memory ({'; '.join(methods)}): peak bytes one fwd+bwd holds beyond its inputs, "
         f"the logits gradient included",
+        "- other_cpu_cores: CPU used by other processes during the timed calls, in cores "
+        "(/proc/stat); near 0 means the timings had the machine to themselves",
         "",
         h.markdown_table(rows, table_cols),
         "",
@@ -211,7 +217,8 @@ def main(argv=None) -> int:
     rows, md = run_all(args)
     print()
     print(h.text_table(rows, ("provider", "dtype", "shape", "ms_p50", "ms_p20", "ms_p80",
-                              "peak_extra_MB", "speedup_vs_torch", "mem_ratio_vs_torch")))
+                              "peak_extra_MB", "speedup_vs_torch", "mem_ratio_vs_torch",
+                              "other_cpu_cores")))
     if args.quick or args.no_write:
         return 0
     h.append_csv(CSV_PATH, rows, COLUMNS)
