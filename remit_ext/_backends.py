@@ -46,6 +46,8 @@ class TorchBackend(Backend):
         if scorer_logits is not None:
             scorer_lse, scorer_logprob, _ = ref.token_stats_ref(
                 scorer_logits, targets, ignore_index=ignore_index, temperature=temperature)
+            # Like the kernels: scorer statistics in the policy's accumulation dtype.
+            scorer_lse, scorer_logprob = scorer_lse.to(lse.dtype), scorer_logprob.to(lse.dtype)
         return lse, logprob, entropy if with_entropy else None, scorer_lse, scorer_logprob
 
     def remit_weights(self, logprob, scorer_logprob, targets, cu_seqlens, ignore_index, eps):

@@ -103,7 +103,9 @@ def _token_stats_input_grad(z, y, lse, entropy, g_lse, g_logprob, g_entropy, tem
     grad = grad.scatter_add(-1, torch.where(valid.squeeze(-1), y, 0).long().unsqueeze(-1),
                             g_logprob.unsqueeze(-1))
     if g_entropy is not None and entropy.numel() > 0:
-        grad = grad - p * (logp + entropy.unsqueeze(-1)) * g_entropy.unsqueeze(-1)
+        # p = 0 (a -inf logit, or an underflow) contributes 0, not 0 * -inf.
+        dH = torch.where(p > 0, p * (logp + entropy.unsqueeze(-1)), 0)
+        grad = grad - dH * g_entropy.unsqueeze(-1)
     return torch.where(valid, grad / temperature, 0).to(z.dtype)
 
 

@@ -146,7 +146,9 @@ def remit_weights(
     a = logprobs.reshape(-1)
     if detach:
         a = a.detach()
-    w, delta_hat, diag = impl.remit_weights(a, scorer_logprobs.reshape(-1), targets.reshape(-1),
+    # The scorer is frozen: it never receives a gradient (METHODS.md section 2).
+    b = scorer_logprobs.reshape(-1).detach()
+    w, delta_hat, diag = impl.remit_weights(a, b, targets.reshape(-1),
                                             _offsets(targets, cu_seqlens), ignore_index, eps)
     return ReMiTWeights(w.reshape(targets.shape), delta_hat.reshape(targets.shape),
                         ReMiTDiagnostics.from_tensor(diag))

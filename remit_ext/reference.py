@@ -104,7 +104,10 @@ def token_stats_ref(
     logp = torch.log_softmax(z, dim=-1)
     lse = torch.logsumexp(z, dim=-1)
     logprob = logp.gather(-1, torch.where(valid, targets, 0).long().unsqueeze(-1)).squeeze(-1)
-    entropy = -torch.special.xlogy(logp.exp(), logp.exp()).sum(-1)
+    # -sum p log p with p log p := 0 where p = 0; masking log p (not the product) keeps the
+    # backward free of 0 * -inf as well.
+    p = logp.exp()
+    entropy = -(p * torch.where(p > 0, logp, 0)).sum(-1)
     zero = torch.zeros((), dtype=z.dtype, device=z.device)
     return (
         torch.where(valid, lse, zero),
