@@ -142,7 +142,7 @@ at::Tensor kd_loss_bwd_cpu(const at::Tensor& logits, const at::Tensor& teacher_l
   const auto acc = at::toOpMathType(z.scalar_type());
   const at::Tensor l = lse.to(acc).contiguous(), lt = teacher_lse.to(acc).contiguous();
   const at::Tensor c = coef.to(acc).contiguous();
-  at::Tensor grad = at::empty_like(z, at::MemoryFormat::Contiguous);
+  at::Tensor grad = empty_grad_like(z);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "kd_bwd", [&] {
     using acc_t = acc_type<scalar_t>;
     kd_bwd_rows<scalar_t>(z, zt, y.const_data_ptr<int64_t>(), ignore_index, temperature,

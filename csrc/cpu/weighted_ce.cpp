@@ -88,7 +88,7 @@ at::Tensor weighted_ce_bwd_cpu(const at::Tensor& logits, const at::Tensor& targe
                                const at::Tensor& coef, int64_t ignore_index) {
   check_bwd_args(logits, targets, lse, logprob, coef);
   const at::Tensor x = row_major(logits);
-  at::Tensor grad = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor grad = empty_grad_like(x);
   ce_grad_into(x, targets, lse, logprob, coef, ignore_index, grad);
   return grad;
 }
