@@ -211,3 +211,16 @@ def test_build_without_torch_says_so(tmp_path):
     assert proc.returncode != 0
     assert "remit_ext needs PyTorch at build time" in proc.stderr
     assert "--no-build-isolation" in proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None or torch.version.cuda is not None,
+                    reason="needs cmake and a torch without CUDA")
+def test_cuda_on_without_cuda_torch_says_so(tmp_path):
+    import pybind11
+
+    proc = subprocess.run(
+        ["cmake", "-S", str(ROOT), "-B", str(tmp_path / "build"), "-DREMIT_CUDA=ON",
+         f"-DPython_EXECUTABLE={sys.executable}", f"-Dpybind11_DIR={pybind11.get_cmake_dir()}"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "REMIT_CUDA=ON, but torch" in proc.stderr and "has no CUDA" in proc.stderr
