@@ -49,3 +49,14 @@ def confident_rows(logits, targets, margin=20.0):
     top = z.amax(-1, keepdim=True) + margin
     z = torch.where(valid.unsqueeze(-1), z.scatter(-1, idx, top), z)
     return z.to(logits.dtype)
+
+
+def assert_target_gradient_accurate(grad, truth, targets, rtol=1e-4):
+    """On confident rows the target-class gradient coef * (p_y - 1) is tiny and negative; it must
+    match the fp64 truth in relative terms (a rounded p_y gives 0 or a few % error)."""
+    valid = targets != IGNORE
+    idx = torch.where(valid, targets, 0).unsqueeze(-1)
+    g, t = grad.gather(-1, idx)[valid].double(), truth.gather(-1, idx)[valid]
+    assert bool((t < 0).all()) and float(t.abs().max()) < 1e-5, "rows are not confident"
+    rel = float(((g - t) / t).abs().max())
+    assert rel < rtol, f"target-class gradient relative error {rel:.2e}"
