@@ -12,9 +12,6 @@ from torch import Tensor
 
 from .reference import acc_dtype, segment_ids
 
-_ops = torch.ops.remit_ext
-
-
 def _vec(like: Tensor, n: int, dtype: torch.dtype | None = None) -> Tensor:
     return like.new_empty((n,), dtype=dtype or acc_dtype(like.dtype))
 
@@ -22,7 +19,6 @@ def _vec(like: Tensor, n: int, dtype: torch.dtype | None = None) -> Tensor:
 # ---------------------------------------------------------------------------- fakes
 
 
-@torch.library.register_fake("remit_ext::token_stats")
 def _token_stats_fake(logits, targets, scorer_logits, ignore_index, temperature, with_entropy):
     n = logits.shape[0]
     has_scorer = scorer_logits is not None
@@ -35,28 +31,23 @@ def _token_stats_fake(logits, targets, scorer_logits, ignore_index, temperature,
     )
 
 
-@torch.library.register_fake("remit_ext::remit_weights")
 def _remit_weights_fake(logprob, scorer_logprob, targets, cu_seqlens, ignore_index, eps):
     return torch.empty_like(logprob), torch.empty_like(logprob), logprob.new_empty((6,))
 
 
-@torch.library.register_fake("remit_ext::weighted_ce_fwd")
 def _weighted_ce_fwd_fake(logits, targets, weights, ignore_index, inplace_backward):
     n = logits.shape[0]
     return _vec(logits, n), _vec(logits, n), _vec(logits, n)
 
 
-@torch.library.register_fake("remit_ext::weighted_ce_bwd")
 def _weighted_ce_bwd_fake(logits, targets, lse, logprob, coef, ignore_index):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-@torch.library.register_fake("remit_ext::weighted_ce_bwd_")
 def _weighted_ce_bwd_inplace_fake(logits, targets, lse, logprob, coef, ignore_index):
     return None
 
 
-@torch.library.register_fake("remit_ext::remit_loss")
 def _remit_loss_fake(
     logits, targets, scorer_logits, scorer_logprob, cu_seqlens, ignore_index, eps,
     detach_weights, inplace_backward,
@@ -65,13 +56,11 @@ def _remit_loss_fake(
     return tuple(_vec(logits, n) for _ in range(5)) + (_vec(logits, 6),)
 
 
-@torch.library.register_fake("remit_ext::kd_loss_fwd")
 def _kd_loss_fwd_fake(logits, teacher_logits, targets, ignore_index, temperature):
     n = logits.shape[0]
     return _vec(logits, n), _vec(logits, n), _vec(logits, n)
 
 
-@torch.library.register_fake("remit_ext::kd_loss_bwd")
 def _kd_loss_bwd_fake(logits, teacher_logits, targets, lse, teacher_lse, coef, ignore_index,
                       temperature):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
@@ -83,12 +72,13 @@ def _kd_loss_bwd_fake(logits, teacher_logits, targets, lse, teacher_lse, coef, i
 # of each loss reduces to forming the per-token coefficient (O(N)) and one weighted_ce_bwd pass.
 
 
-def _ce_grad(logits: Tensor, targets: Tensor, lse: Tensor, logprob: Tensor, coef: Tensor,
+def _ce_grad(ops, logits: Tensor, targets: Tensor, lse: Tensor, logprob: Tensor, coef: Tensor,
              ignore_index: int, inplace: bool) -> Tensor:
+    """One gradient pass with the backend's own weighted_ce_bwd (`ops` is its op namespace)."""
     if inplace:
-        _ops.weighted_ce_bwd_(logits, targets, lse, logprob, coef, ignore_index)
+        ops.weighted_ce_bwd_(logits, targets, lse, logprob, coef, ignore_index)
         return logits
-    return _ops.weighted_ce_bwd(logits, targets, lse, logprob, coef, ignore_index)
+    return ops.weighted_ce_bwd(logits, targets, lse, logprob, coef, ignore_index)
 
 
 def _token_stats_input_grad(z, y, lse, entropy, g_lse, g_logprob, g_entropy, temperature,
@@ -129,10 +119,6 @@ def _token_stats_backward(ctx, g_lse, g_logprob, g_entropy, g_scorer_lse, g_scor
     return grad, None, scorer_grad, None, None, None
 
 
-torch.library.register_autograd(
-    "remit_ext::token_stats", _token_stats_backward, setup_context=_token_stats_setup
-)
-
 
 def _segment_centered(values: Tensor, valid: Tensor, cu_seqlens: Tensor) -> Tensor:
     """values_t - mean of values over the valid positions of t's sequence (0 where invalid)."""
@@ -171,10 +157,6 @@ def _remit_weights_backward(ctx, g_w, g_delta_hat, g_diag):
     return -g_delta, g_delta, None, None, None, None
 
 
-torch.library.register_autograd(
-    "remit_ext::remit_weights", _remit_weights_backward, setup_context=_remit_weights_setup
-)
-
 
 def _weighted_ce_setup(ctx, inputs, output):
     logits, targets, weights, ignore_index, inplace_backward = inputs
@@ -189,15 +171,12 @@ def _weighted_ce_backward(ctx, g_loss, g_lse, g_logprob):
     grad = grad_w = None
     if ctx.needs_input_grad[0]:
         coef = g_loss if weights is None else g_loss * weights.to(g_loss.dtype)
-        grad = _ce_grad(logits, targets, lse, logprob, coef, ctx.ignore_index, ctx.inplace)
+        grad = _ce_grad(ctx.ops, logits, targets, lse, logprob, coef, ctx.ignore_index,
+                        ctx.inplace)
     if weights is not None and ctx.needs_input_grad[2]:
         grad_w = (-logprob * g_loss).to(weights.dtype)
     return grad, None, grad_w, None, None
 
-
-torch.library.register_autograd(
-    "remit_ext::weighted_ce_fwd", _weighted_ce_backward, setup_context=_weighted_ce_setup
-)
 
 
 def _remit_loss_setup(ctx, inputs, output):
@@ -221,13 +200,10 @@ def _remit_loss_backward(ctx, g_loss, *_unused):
         valid = targets != ctx.ignore_index
         through_w = g_loss * _weight_slope(delta_hat, ctx.eps) * -logprob
         coef = coef + _segment_centered(through_w, valid, cu_seqlens)
-    grad = _ce_grad(logits, targets, lse, logprob, coef, ctx.ignore_index, ctx.inplace)
+    grad = _ce_grad(ctx.ops, logits, targets, lse, logprob, coef, ctx.ignore_index,
+                        ctx.inplace)
     return (grad,) + (None,) * 8
 
-
-torch.library.register_autograd(
-    "remit_ext::remit_loss", _remit_loss_backward, setup_context=_remit_loss_setup
-)
 
 
 def _kd_setup(ctx, inputs, output):
@@ -242,9 +218,51 @@ def _kd_backward(ctx, g_loss, *_unused):
     logits, teacher_logits, targets, lse, teacher_lse = ctx.saved_tensors
     grad = None
     if ctx.needs_input_grad[0]:
-        grad = _ops.kd_loss_bwd(logits, teacher_logits, targets, lse, teacher_lse, g_loss,
+        grad = ctx.ops.kd_loss_bwd(logits, teacher_logits, targets, lse, teacher_lse, g_loss,
                                 ctx.ignore_index, ctx.temperature)
     return grad, None, None, None, None
 
 
-torch.library.register_autograd("remit_ext::kd_loss_fwd", _kd_backward, setup_context=_kd_setup)
+
+_FAKES = {
+    "token_stats": _token_stats_fake,
+    "remit_weights": _remit_weights_fake,
+    "weighted_ce_fwd": _weighted_ce_fwd_fake,
+    "weighted_ce_bwd": _weighted_ce_bwd_fake,
+    "weighted_ce_bwd_": _weighted_ce_bwd_inplace_fake,
+    "remit_loss": _remit_loss_fake,
+    "kd_loss_fwd": _kd_loss_fwd_fake,
+    "kd_loss_bwd": _kd_loss_bwd_fake,
+}
+
+_AUTOGRAD = {
+    "token_stats": (_token_stats_setup, _token_stats_backward),
+    "remit_weights": (_remit_weights_setup, _remit_weights_backward),
+    "weighted_ce_fwd": (_weighted_ce_setup, _weighted_ce_backward),
+    "remit_loss": (_remit_loss_setup, _remit_loss_backward),
+    "kd_loss_fwd": (_kd_setup, _kd_backward),
+}
+
+
+def _setup_with_ops(setup, ops):
+    def setup_context(ctx, inputs, output):
+        ctx.ops = ops
+        setup(ctx, inputs, output)
+
+    return setup_context
+
+
+def register_meta(namespace: str, names) -> None:
+    """Register the fakes and the autograd above on ops `namespace::name` that share the schemas
+    of csrc/registration.cpp (the C++ library, or a Python backend such as Triton that mirrors
+    it); each backward runs that namespace's own gradient kernels."""
+    ops = getattr(torch.ops, namespace)
+    for name in names:
+        torch.library.register_fake(f"{namespace}::{name}")(_FAKES[name])
+        if name in _AUTOGRAD:
+            setup, backward = _AUTOGRAD[name]
+            torch.library.register_autograd(f"{namespace}::{name}", backward,
+                                            setup_context=_setup_with_ops(setup, ops))
+
+
+register_meta("remit_ext", _FAKES)
