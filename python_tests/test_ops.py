@@ -7,9 +7,13 @@ from torch.library import opcheck
 
 import remit_ext
 from cases import IGNORE, make_pair
-from conftest import DEVICE, KERNEL_BACKENDS
+from conftest import DEVICE, KD_BACKENDS, KERNEL_BACKENDS
 
-ops = torch.ops.remit_ext
+# The op namespaces under test: the C++ library and the Triton mirror of its schemas.
+NAMESPACES = [ns for ns, b in (("remit_ext", "cpu"), ("remit_ext_triton", "triton"))
+              if b in KERNEL_BACKENDS]
+if "triton" in KERNEL_BACKENDS:
+    import remit_ext.triton  # noqa: F401  (registers torch.ops.remit_ext_triton)
 
 pytestmark = pytest.mark.skipif(not KERNEL_BACKENDS, reason="no kernel backend on this machine")
 
@@ -25,18 +29,23 @@ def _cu(n, t):
 
 
 def _stats(z, y):
-    lse, logprob, _, _, _ = ops.token_stats(z.detach(), y, None, IGNORE, 1.0, False)
-    return lse, logprob
+    st = remit_ext.token_stats(z.detach(), y, backend="torch")
+    return st.lse, st.logprob
+
+
+@pytest.fixture(params=NAMESPACES)
+def ops(request):
+    return getattr(torch.ops, request.param)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_opcheck_token_stats(dtype):
+def test_opcheck_token_stats(ops, dtype):
     z, s, y = _inputs(dtype)
     opcheck(ops.token_stats, (z, y, s, IGNORE, 1.5, True))
     opcheck(ops.token_stats, (z, y, None, IGNORE, 1.0, False))
 
 
-def test_opcheck_remit_weights():
+def test_opcheck_remit_weights(ops):
     z, s, y = _inputs()
     _, a = _stats(z, y)
     _, b = _stats(s, y)
@@ -46,7 +55,7 @@ def test_opcheck_remit_weights():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_weights", [False, True])
-def test_opcheck_weighted_ce(dtype, with_weights):
+def test_opcheck_weighted_ce(ops, dtype, with_weights):
     z, _, y = _inputs(dtype)
     w = torch.rand(y.shape, device=DEVICE).requires_grad_(True) if with_weights else None
     opcheck(ops.weighted_ce_fwd, (z, y, w, IGNORE, False))
@@ -58,7 +67,7 @@ def test_opcheck_weighted_ce(dtype, with_weights):
 
 @pytest.mark.parametrize("scorer_kind", ["logits", "logprob"])
 @pytest.mark.parametrize("detach", [True, False])
-def test_opcheck_remit_loss(scorer_kind, detach):
+def test_opcheck_remit_loss(ops, scorer_kind, detach):
     z, s, y = _inputs()
     b = _stats(s, y)[1]
     args = (z, y, s if scorer_kind == "logits" else None, b if scorer_kind == "logprob" else None,
@@ -66,7 +75,9 @@ def test_opcheck_remit_loss(scorer_kind, detach):
     opcheck(ops.remit_loss, args)
 
 
+@pytest.mark.skipif("cpu" not in KERNEL_BACKENDS, reason="KD kernels exist only on the CPU")
 def test_opcheck_kd_loss():
+    ops = torch.ops.remit_ext
     z, s, y = _inputs()
     opcheck(ops.kd_loss_fwd, (z, s, y, IGNORE, 2.0))
     loss, lse, lse_t = ops.kd_loss_fwd(z.detach(), s, y, IGNORE, 2.0)
@@ -80,9 +91,17 @@ def _grads(fn, z, *args):
     return loss.detach(), g
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@pytest.mark.parametrize("name", ["remit_loss", "remit_loss_logprobs", "weighted_ce", "rho1", "kd"])
+COMPILE_CASES = [
+    (backend, name)
+    for backend in KERNEL_BACKENDS
+    for name in ("remit_loss", "remit_loss_logprobs", "weighted_ce", "rho1", "kd")
+    if name != "kd" or backend in KD_BACKENDS
+]
+
+
+@pytest.mark.parametrize("backend, name", COMPILE_CASES)
 def test_compile_fullgraph(backend, name):
+    torch._dynamo.reset()  # each case is a fresh function: do not count them as recompiles
     logits, scorer, targets = make_pair((2, 9, 65), torch.float32, seed=22)
     scorer_lp = remit_ext.token_stats(scorer, targets).logprob
 

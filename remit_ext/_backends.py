@@ -8,6 +8,8 @@ functions in ``functional.py`` do validation, flattening and reductions around t
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -15,8 +17,10 @@ from torch import Tensor
 
 from . import reference as ref
 
-# Order in which backend="auto" tries backends (names not registered yet are skipped).
-AUTO_ORDER = ("cuda", "triton", "cpu", "torch")
+# Order in which backend="auto" tries backends, by the inputs' device type (names not
+# registered are skipped). Triton is never auto-picked for CPU tensors: its CPU interpreter is a
+# test vehicle, not a fast path.
+AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 
 
 class BackendUnavailableError(ValueError):
@@ -74,10 +78,55 @@ class TorchBackend(Backend):
                                ignore_index=ignore_index, reduction="none")
 
 
-class CpuBackend(Backend):
-    """The C++ CPU kernels (``csrc/cpu``), through the registered ``torch.ops.remit_ext`` ops."""
+class OpsBackend(Backend):
+    """A backend made of registered ops with the schemas of csrc/registration.cpp (the C++
+    library, or a Python backend mirroring it); autograd comes with the ops."""
+
+    namespace = "?"
+
+    @property
+    def ops(self):
+        return getattr(torch.ops, self.namespace)
+
+    def token_stats(self, logits, targets, scorer_logits, ignore_index, temperature, with_entropy):
+        lse, logprob, entropy, s_lse, s_logprob = self.ops.token_stats(
+            logits, targets, scorer_logits, ignore_index, temperature, with_entropy)
+        has_scorer = scorer_logits is not None
+        return (lse, logprob, entropy if with_entropy else None,
+                s_lse if has_scorer else None, s_logprob if has_scorer else None)
+
+    def remit_weights(self, logprob, scorer_logprob, targets, cu_seqlens, ignore_index, eps):
+        dt = ref.acc_dtype(logprob.dtype)
+        return self.ops.remit_weights(logprob.to(dt), scorer_logprob.to(dt), targets,
+                                      cu_seqlens, ignore_index, eps)
+
+    def weighted_ce(self, logits, targets, weights, ignore_index, inplace_backward):
+        loss, _, logprob = self.ops.weighted_ce_fwd(logits, targets, weights, ignore_index,
+                                                    inplace_backward)
+        return loss, logprob
+
+    def remit_loss(self, logits, targets, scorer_logits, scorer_logprobs, cu_seqlens,
+                   ignore_index, eps, detach_weights, inplace_backward):
+        if scorer_logprobs is not None:
+            scorer_logprobs = scorer_logprobs.detach().to(ref.acc_dtype(logits.dtype))
+        if scorer_logits is not None:
+            scorer_logits = scorer_logits.detach()
+        loss, w, _, _, _, diag = self.ops.remit_loss(
+            logits, targets, scorer_logits, scorer_logprobs, cu_seqlens, ignore_index, eps,
+            detach_weights, inplace_backward)
+        return loss, w, diag
+
+    def kd(self, logits, teacher_logits, targets, ignore_index, temperature):
+        loss, _, _ = self.ops.kd_loss_fwd(logits, teacher_logits.detach(), targets,
+                                          ignore_index, temperature)
+        return loss
+
+
+class CpuBackend(OpsBackend):
+    """The C++ CPU kernels (``csrc/cpu``), through ``torch.ops.remit_ext``."""
 
     name = "cpu"
+    namespace = "remit_ext"
 
     def why_not(self, op, tensors, features):
         devices = {t.device.type for t in tensors}
@@ -87,49 +136,49 @@ class CpuBackend(Backend):
             return "top-k entropy is not implemented in the C++ kernel (use backend='torch')"
         return None
 
-    @staticmethod
-    def _ops():
-        return torch.ops.remit_ext
 
-    def token_stats(self, logits, targets, scorer_logits, ignore_index, temperature, with_entropy):
-        lse, logprob, entropy, s_lse, s_logprob = self._ops().token_stats(
-            logits, targets, scorer_logits, ignore_index, temperature, with_entropy)
-        has_scorer = scorer_logits is not None
-        return (lse, logprob, entropy if with_entropy else None,
-                s_lse if has_scorer else None, s_logprob if has_scorer else None)
+class TritonBackend(OpsBackend):
+    """The Triton kernels (``remit_ext/triton``), through ``torch.ops.remit_ext_triton``: CUDA
+    tensors, or CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``, for tests)."""
 
-    def remit_weights(self, logprob, scorer_logprob, targets, cu_seqlens, ignore_index, eps):
-        dt = ref.acc_dtype(logprob.dtype)
-        return self._ops().remit_weights(logprob.to(dt), scorer_logprob.to(dt), targets,
-                                         cu_seqlens, ignore_index, eps)
+    name = "triton"
+    namespace = "remit_ext_triton"
+    _import_error: Optional[str] = None
+    _loaded = False
 
-    def weighted_ce(self, logits, targets, weights, ignore_index, inplace_backward):
-        loss, _, logprob = self._ops().weighted_ce_fwd(logits, targets, weights, ignore_index,
-                                                       inplace_backward)
-        return loss, logprob
+    def _load(self) -> Optional[str]:
+        if not self._loaded:
+            try:
+                from . import triton as _triton  # noqa: F401  (registers the ops)
+            except ImportError as err:
+                TritonBackend._import_error = f"triton could not be imported ({err})"
+            TritonBackend._loaded = True
+        return self._import_error
 
-    def remit_loss(self, logits, targets, scorer_logits, scorer_logprobs, cu_seqlens,
-                   ignore_index, eps, detach_weights, inplace_backward):
-        if scorer_logprobs is not None:
-            scorer_logprobs = scorer_logprobs.detach().to(ref.acc_dtype(logits.dtype))
-        if scorer_logits is not None:
-            scorer_logits = scorer_logits.detach()
-        loss, w, _, _, _, diag = self._ops().remit_loss(
-            logits, targets, scorer_logits, scorer_logprobs, cu_seqlens, ignore_index, eps,
-            detach_weights, inplace_backward)
-        return loss, w, diag
-
-    def kd(self, logits, teacher_logits, targets, ignore_index, temperature):
-        loss, _, _ = self._ops().kd_loss_fwd(logits, teacher_logits.detach(), targets,
-                                             ignore_index, temperature)
-        return loss
+    def why_not(self, op, tensors, features):
+        if op == "kd_loss":
+            return "no Triton kernel for KD yet (use backend='cpu' or 'torch')"
+        if features.get("topk"):
+            return "top-k entropy is not implemented in the Triton kernel (use backend='torch')"
+        devices = {t.device.type for t in tensors}
+        interpreted = devices == {"cpu"} and os.environ.get("TRITON_INTERPRET", "0") == "1"
+        if devices != {"cuda"} and not interpreted:
+            return (f"needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got tensors "
+                    f"on {sorted(devices)}")
+        return self._load()
 
 
-BACKENDS: dict[str, Backend] = {"torch": TorchBackend(), "cpu": CpuBackend()}
+BACKENDS: dict[str, Backend] = {
+    "torch": TorchBackend(), "cpu": CpuBackend(), "triton": TritonBackend(),
+}
 
 
 def available_backends() -> list[str]:
-    return [name for name in AUTO_ORDER if name in BACKENDS]
+    """The backends this install has (each may still refuse particular inputs)."""
+    names = [name for name in ("cuda", "triton", "cpu", "torch") if name in BACKENDS]
+    if importlib.util.find_spec("triton") is None:
+        names.remove("triton")
+    return names
 
 
 def select_backend(op: str, backend: str, tensors: Sequence[Optional[Tensor]],
@@ -138,7 +187,8 @@ def select_backend(op: str, backend: str, tensors: Sequence[Optional[Tensor]],
     accepts the inputs. Raises BackendUnavailableError naming every candidate's reason."""
     present = [t for t in tensors if t is not None]
     if backend == "auto":
-        candidates = [BACKENDS[n] for n in available_backends()]
+        order = AUTO_ORDER.get(present[0].device.type, ("torch",)) if present else ("torch",)
+        candidates = [BACKENDS[n] for n in order if n in BACKENDS]
     elif backend in BACKENDS:
         candidates = [BACKENDS[backend]]
     else:

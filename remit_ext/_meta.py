@@ -1,6 +1,6 @@
 """Fake (meta) kernels and autograd for the ops defined in ``csrc/registration.cpp``.
 
-Loaded by the C++ library through ``m.set_python_module("remit_ext._meta")``. The fakes give
+Loaded by the C++ library through ``m.impl_abstract_pystub("remit_ext._meta")``. The fakes give
 ``torch.compile`` and ``opcheck`` the output shapes; the backward formulas are registered on the
 ops themselves so that every backend (CPU today, Triton/CUDA later) shares one autograd.
 """
@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .reference import acc_dtype, segment_ids
+
 
 def _vec(like: Tensor, n: int, dtype: torch.dtype | None = None) -> Tensor:
     return like.new_empty((n,), dtype=dtype or acc_dtype(like.dtype))

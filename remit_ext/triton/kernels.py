@@ -1,0 +1,230 @@
+"""Triton kernels: one program per row of logits (or per sequence for the weights).
+
+Every load is upcast at once to the accumulation type ACC (fp32; fp64 for fp64 inputs, so
+gradcheck can run; bf16 arithmetic is also wrong in Triton's CPU interpreter), rows are addressed with 64-bit offsets, and each row is read once per pass:
+``_token_stats_fwd_kernel`` (policy and, optionally, scorer row in the same program) ->
+``_remit_weights_kernel`` (per sequence) -> ``_ce_bwd_kernel`` (gradient, optionally in place).
+"""
+
+import triton
+import triton.language as tl
+
+NEG_INF = float("-inf")
+
+
+@triton.jit
+def _expm1(a):
+    # Kahan's expm1 from exp and log where exp(a) - 1 would cancel (|a| < 1/2), plain
+    # exp(a) - 1 elsewhere (no cancellation there, and no log of a denormal u); u = 1 is the
+    # formula's 0/0, where expm1(a) = a.
+    u = tl.exp(a)
+    near = tl.abs(a) < 0.5
+    safe_u = tl.where(near & (u != 1.0), u, 2.0)
+    kahan = (safe_u - 1.0) * a / tl.log(safe_u)
+    return tl.where(near, tl.where(u == 1.0, a, kahan), u - 1.0)
+
+
+@triton.jit
+def _row_moments(row_ptr, V, inv_temp, WITH_T: tl.constexpr, BLOCK_V: tl.constexpr,
+                 ACC: tl.constexpr):
+    """Online softmax moments of one row of x = logits * inv_temp, in fp32.
+
+    Returns (m, below, top, t, n_nan): running max m; the mass strictly below the max,
+    sum e^{x - m}, kept apart from the count of maxima `top` so that log s = log1p(top - 1 + below)
+    keeps its digits on confident rows; t = sum e^{x - m} (x - m) for the entropy.
+    """
+    cols0 = tl.arange(0, BLOCK_V)
+    m = tl.full((), NEG_INF, ACC)
+    below = tl.zeros((), ACC)
+    top = tl.zeros((), ACC)
+    t = tl.zeros((), ACC)
+    n_nan = tl.zeros((), tl.int32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + cols0
+        x = tl.load(row_ptr + cols, mask=cols < V, other=NEG_INF).to(ACC) * inv_temp
+        n_nan += tl.sum((x != x).to(tl.int32), 0)
+        m_new = tl.maximum(m, tl.max(x, 0))
+        # Rescale what was summed around the old max; while everything so far is -inf, scale = 0.
+        # scale = e^{m - m_new}, 0 while everything so far is -inf; never forms inf - inf.
+        empty = (m_new == NEG_INF) | (m == NEG_INF)
+        keep = empty | (m == m_new)
+        shift = tl.where(keep, 0.0, m) - tl.where(keep, 0.0, m_new)
+        scale = tl.where(empty, 0.0, tl.exp(shift))
+        if WITH_T:
+            t = scale * (t + shift * (below + top))
+        raised = m_new > m
+        below = below * scale + tl.where(raised, top * scale, 0.0)
+        top = tl.where(raised, 0.0, top)
+        same = (x == NEG_INF) | (x == m_new)
+        d = tl.where(same, 0.0, x) - tl.where(same, 0.0, m_new)
+        e = tl.where(x == NEG_INF, 0.0, tl.exp(d))
+        at_top = (x == m_new) & (x != NEG_INF)
+        below += tl.sum(tl.where(at_top, 0.0, e), 0)
+        top += tl.sum(at_top.to(ACC), 0)
+        if WITH_T:
+            t += tl.sum(e * tl.where(e == 0.0, 0.0, d), 0)  # 0, not 0 * -inf
+        m = m_new
+    return m, below, top, t, n_nan
+
+
+@triton.jit
+def _row_stats(row_ptr, y, V, inv_temp, WITH_T: tl.constexpr, BLOCK_V: tl.constexpr,
+               ACC: tl.constexpr):
+    """(lse, log-prob of column y, entropy) of one row; NaN log-prob/entropy when the softmax is
+    undefined (a NaN or +inf logit, or an all -inf row), lse as torch.logsumexp gives."""
+    m, below, top, t, n_nan = _row_moments(row_ptr, V, inv_temp, WITH_T, BLOCK_V, ACC)
+    # log s = log1p(s - 1) without cancellation (see _row_moments), by Goldberg's identity
+    # log1p(u) = log(1 + u) * u / ((1 + u) - 1).
+    finite = (m == m) & (tl.abs(m) != float("inf")) & (n_nan == 0)
+    s_m1 = tl.where(finite, (top - 1.0) + below, 0.0)
+    s = 1.0 + s_m1
+    denom = tl.where(s == 1.0, 1.0, s - 1.0)
+    log_s = tl.where(s == 1.0, s_m1, tl.log(s) * s_m1 / denom)
+    xy = tl.load(row_ptr + y).to(ACC) * inv_temp
+    nan = float("nan")
+    lse = tl.where(finite, m + log_s, tl.where(n_nan > 0, nan, m))
+    logprob = tl.where(finite, (tl.where(finite, xy, 0.0) - tl.where(finite, m, 0.0)) - log_s, nan)
+    entropy = tl.where(finite, log_s - t / s, nan)
+    return lse, logprob, entropy
+
+
+@triton.jit
+def _token_stats_fwd_kernel(
+    logits_ptr, scorer_ptr, targets_ptr,
+    lse_ptr, logprob_ptr, entropy_ptr, s_lse_ptr, s_logprob_ptr,
+    V, stride_logits, stride_scorer, ignore_index, inv_temp_ptr,
+    HAS_SCORER: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    # 1/temperature comes through memory in ACC: a float argument would be rounded to fp32.
+    inv_temp = tl.load(inv_temp_ptr)
+    y = tl.load(targets_ptr + row).to(tl.int64)
+    valid = y != ignore_index
+    # Invalid rows are never read; an out-of-range target (refused earlier by the Python checks)
+    # is clamped so no address outside the row is formed.
+    y_safe = tl.minimum(tl.maximum(y, 0), V - 1)
+    zero = tl.zeros((), ACC)
+    if valid:
+        lse, logprob, ent = _row_stats(logits_ptr + row * stride_logits, y_safe, V, inv_temp,
+                                       WITH_ENTROPY, BLOCK_V, ACC)
+        tl.store(lse_ptr + row, lse)
+        tl.store(logprob_ptr + row, logprob)
+        if WITH_ENTROPY:
+            tl.store(entropy_ptr + row, ent)
+        if HAS_SCORER:
+            s_lse, s_logprob, _ = _row_stats(scorer_ptr + row * stride_scorer, y_safe, V,
+                                             inv_temp, False, BLOCK_V, ACC)
+            tl.store(s_lse_ptr + row, s_lse)
+            tl.store(s_logprob_ptr + row, s_logprob)
+    else:
+        tl.store(lse_ptr + row, zero)
+        tl.store(logprob_ptr + row, zero)
+        if WITH_ENTROPY:
+            tl.store(entropy_ptr + row, zero)
+        if HAS_SCORER:
+            tl.store(s_lse_ptr + row, zero)
+            tl.store(s_logprob_ptr + row, zero)
+
+
+@triton.jit
+def _remit_weights_kernel(
+    a_ptr, b_ptr, targets_ptr, cu_ptr, w_ptr, dhat_ptr, loss_ptr, partial_ptr,
+    ignore_index, band_ptr,
+    WRITE_LOSS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+):
+    """One program per sequence: mu_s, then w = clip(2 sigmoid(delta - mu_s), 1 - eps, 1 + eps),
+    and this sequence's partial sums for the diagnostics (reduced over sequences outside)."""
+    seg = tl.program_id(0).to(tl.int64)
+    begin = tl.load(cu_ptr + seg).to(tl.int64)
+    end = tl.load(cu_ptr + seg + 1).to(tl.int64)
+    offs0 = tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK,), ACC)
+    cnt = tl.zeros((BLOCK,), ACC)
+    for start in range(begin, end, BLOCK):
+        idx = start + offs0
+        inside = idx < end
+        y = tl.load(targets_ptr + idx, mask=inside, other=ignore_index)
+        valid = inside & (y != ignore_index)
+        a = tl.load(a_ptr + idx, mask=valid, other=0.0).to(ACC)
+        b = tl.load(b_ptr + idx, mask=valid, other=0.0).to(ACC)
+        acc += tl.where(valid, b - a, 0.0)
+        cnt += valid.to(ACC)
+    n = tl.sum(cnt, 0)
+    mu = tl.sum(acc, 0) / tl.maximum(n, 1.0)
+
+    lo = tl.load(band_ptr)  # [1 - eps, 1 + eps] in ACC (see inv_temp above)
+    hi = tl.load(band_ptr + 1)
+    s_w = tl.zeros((BLOCK,), ACC)
+    s_ww = tl.zeros((BLOCK,), ACC)
+    n_lo = tl.zeros((BLOCK,), ACC)
+    n_hi = tl.zeros((BLOCK,), ACC)
+    s_abs = tl.zeros((BLOCK,), ACC)
+    for start in range(begin, end, BLOCK):
+        idx = start + offs0
+        inside = idx < end
+        y = tl.load(targets_ptr + idx, mask=inside, other=ignore_index)
+        valid = inside & (y != ignore_index)
+        a = tl.load(a_ptr + idx, mask=valid, other=0.0).to(ACC)
+        b = tl.load(b_ptr + idx, mask=valid, other=0.0).to(ACC)
+        d = tl.where(valid, (b - a) - mu, 0.0)
+        e = tl.exp(-tl.abs(d))  # 2 sigmoid(d) without overflow for large |d|
+        raw = 2.0 * tl.where(d >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+        # NaN must survive the clip (a NaN log-prob poisons its sequence, as in the reference).
+        w = tl.where(valid, tl.clamp(raw, lo, hi, propagate_nan=tl.PropagateNan.ALL), 0.0)
+        tl.store(w_ptr + idx, w, mask=inside)
+        tl.store(dhat_ptr + idx, d, mask=inside)
+        if WRITE_LOSS:
+            tl.store(loss_ptr + idx, -(w * a), mask=inside)
+        s_w += w
+        # (w - 1)^2, not w^2: w sits in [1 - eps, 1 + eps], so the variance taken from shifted
+        # moments does not cancel away in fp32.
+        s_ww += tl.where(valid, (w - 1.0) * (w - 1.0), 0.0)
+        n_lo += (valid & (w <= lo)).to(ACC)
+        n_hi += (valid & (w >= hi)).to(ACC)
+        s_abs += tl.abs(d)
+    # [sum w, sum (w-1)^2, #low, #high, sum |delta_hat|, sum delta, n_valid] of this sequence.
+    out = partial_ptr + seg * 7
+    tl.store(out + 0, tl.sum(s_w, 0))
+    tl.store(out + 1, tl.sum(s_ww, 0))
+    tl.store(out + 2, tl.sum(n_lo, 0))
+    tl.store(out + 3, tl.sum(n_hi, 0))
+    tl.store(out + 4, tl.sum(s_abs, 0))
+    tl.store(out + 5, tl.sum(acc, 0))
+    tl.store(out + 6, n)
+
+
+@triton.jit
+def _ce_bwd_kernel(
+    logits_ptr, grad_ptr, targets_ptr, lse_ptr, logprob_ptr, coef_ptr,
+    V, stride_logits, stride_grad, ignore_index,
+    BLOCK_V: tl.constexpr, ACC: tl.constexpr,
+):
+    """grad = coef (softmax - onehot) for one row; the target entry is coef * expm1(log-prob)
+    from the forward, never a rounded p_y - 1. grad_ptr may equal logits_ptr (in place): each
+    block is read before it is written."""
+    row = tl.program_id(0).to(tl.int64)
+    y = tl.load(targets_ptr + row).to(tl.int64)
+    in_row = logits_ptr + row * stride_logits
+    out_row = grad_ptr + row * stride_grad
+    cols0 = tl.arange(0, BLOCK_V)
+    if y == ignore_index:
+        for start in range(0, V, BLOCK_V):
+            cols = start + cols0
+            tl.store(out_row + cols, tl.zeros((BLOCK_V,), ACC).to(
+                grad_ptr.dtype.element_ty), mask=cols < V)
+    else:
+        lse = tl.load(lse_ptr + row)
+        coef = tl.load(coef_ptr + row)
+        target_grad = coef * _expm1(tl.load(logprob_ptr + row))
+        # An undefined softmax (non-finite lse) gives a NaN row, as the reference does.
+        finite = (lse == lse) & (tl.abs(lse) != float("inf"))
+        lse = tl.where(finite, lse, 0.0)
+        for start in range(0, V, BLOCK_V):
+            cols = start + cols0
+            mask = cols < V
+            x = tl.load(in_row + cols, mask=mask, other=0.0).to(ACC)
+            g = coef * tl.exp(tl.where(finite, x, 0.0) - lse)
+            g = tl.where(cols == y, target_grad, g)
+            g = tl.where(finite, g, float("nan"))
+            tl.store(out_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,164 @@
+"""The Triton backend's ops: ``torch.ops.remit_ext_triton.*``, with the very schemas of the C++
+ops (read from them, so the two cannot drift), the same fakes and the same autograd
+(``remit_ext._meta.register_meta``). Each op is opaque to torch.compile and runs on CUDA tensors,
+or on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
+
+Launch sizes: one program per row with a loop over the vocabulary in BLOCK_V chunks; on the CPU
+interpreter a smaller BLOCK_V keeps each program cheap.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _meta
+from ..reference import acc_dtype
+from . import kernels as K
+
+NAMESPACE = "remit_ext_triton"
+OPS = ("token_stats", "remit_weights", "weighted_ce_fwd", "weighted_ce_bwd", "weighted_ce_bwd_",
+       "remit_loss")
+
+_lib = torch.library.Library(NAMESPACE, "DEF")
+for _name in OPS:
+    _schema = str(getattr(torch.ops.remit_ext, _name).default._schema)
+    _lib.define(_schema.split("::", 1)[1])
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _block_v(vocab: int) -> int:
+    cap = 1024 if interpreting() else 4096
+    return min(cap, triton.next_power_of_2(vocab))
+
+
+def _num_warps(block: int) -> int:
+    return 4 if block <= 1024 else (8 if block <= 4096 else 16)
+
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """Rows are addressed through their stride; only the vocab dim must be dense."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _stats_into(logits, targets, scorer, ignore_index, temperature, with_entropy):
+    z = _rows(logits)
+    s = None if scorer is None else _rows(scorer)
+    n, vocab = z.shape
+    dt = acc_dtype(z.dtype)
+    lse, logprob = z.new_empty(n, dtype=dt), z.new_empty(n, dtype=dt)
+    entropy = z.new_empty(n if with_entropy else 0, dtype=dt)
+    s_lse = z.new_empty(n if s is not None else 0, dtype=dt)
+    s_logprob = z.new_empty(n if s is not None else 0, dtype=dt)
+    block = _block_v(vocab)
+    K._token_stats_fwd_kernel[(n,)](
+        z, z if s is None else s, targets, lse, logprob, entropy if with_entropy else lse,
+        s_lse if s is not None else lse, s_logprob if s is not None else lse,
+        vocab, z.stride(0), z.stride(0) if s is None else s.stride(0), ignore_index,
+        torch.full((1,), 1.0 / temperature, dtype=dt, device=z.device),
+        HAS_SCORER=s is not None, WITH_ENTROPY=with_entropy, BLOCK_V=block, ACC=_acc(z.dtype),
+        num_warps=_num_warps(block))
+    return lse, logprob, entropy, s_lse, s_logprob
+
+
+def _weights_into(logprob, scorer_logprob, targets, cu_seqlens, ignore_index, eps, loss=None):
+    a = logprob.contiguous()
+    b = scorer_logprob.to(a.dtype).contiguous()
+    w, dhat = torch.empty_like(a), torch.empty_like(a)
+    num_seg = cu_seqlens.numel() - 1
+    partial = a.new_empty((num_seg, 7))
+    band = a.new_full((2,), 1.0 + eps)  # [1 - eps, 1 + eps], filled on the device (no copy)
+    band[0] = 1.0 - eps
+    K._remit_weights_kernel[(num_seg,)](
+        a, b, targets.contiguous(), cu_seqlens.contiguous(), w, dhat,
+        w if loss is None else loss, partial, ignore_index, band,
+        WRITE_LOSS=loss is not None, BLOCK=1024 if not interpreting() else 256, ACC=_acc(a.dtype))
+    # Diagnostics from the per-sequence partial sums: a tiny reduction, no host sync.
+    sums = partial.double().sum(0)
+    inv = 1.0 / sums[6].clamp(min=1)
+    mean = sums[0] * inv
+    shifted_mean = (sums[0] - sums[6]) * inv  # mean of w - 1
+    var = (sums[1] * inv - shifted_mean * shifted_mean).clamp(min=0)
+    diag = torch.stack((mean, var.sqrt(), sums[2] * inv,
+                        sums[3] * inv, sums[4] * inv, sums[5] * inv)).to(a.dtype)
+    return w, dhat, diag
+
+
+def _ce_grad_into(logits, targets, lse, logprob, coef, ignore_index, grad):
+    n, vocab = logits.shape
+    block = _block_v(vocab)
+    dt = acc_dtype(logits.dtype)
+    K._ce_bwd_kernel[(n,)](
+        logits, grad, targets, lse.to(dt).contiguous(), logprob.to(dt).contiguous(),
+        coef.to(dt).contiguous(), vocab, logits.stride(0), grad.stride(0), ignore_index,
+        BLOCK_V=block, ACC=_acc(logits.dtype), num_warps=_num_warps(block))
+    return grad
+
+
+def _token_stats(logits, targets, scorer_logits, ignore_index, temperature, with_entropy):
+    return _stats_into(logits, targets, scorer_logits, ignore_index, temperature, with_entropy)
+
+
+def _remit_weights(logprob, scorer_logprob, targets, cu_seqlens, ignore_index, eps):
+    return _weights_into(logprob, scorer_logprob, targets, cu_seqlens, ignore_index, eps)
+
+
+def _weighted_ce_fwd(logits, targets, weights, ignore_index, inplace_backward):
+    lse, logprob, _, _, _ = _stats_into(logits, targets, None, ignore_index, 1.0, False)
+    loss = -logprob if weights is None else -logprob * weights.to(logprob.dtype)
+    return loss, lse, logprob
+
+
+def _weighted_ce_bwd(logits, targets, lse, logprob, coef, ignore_index):
+    z = _rows(logits)
+    return _ce_grad_into(z, targets, lse, logprob, coef, ignore_index,
+                         torch.empty_like(z, memory_format=torch.contiguous_format))
+
+
+def _weighted_ce_bwd_inplace(logits, targets, lse, logprob, coef, ignore_index):
+    if logits.stride(-1) != 1:
+        raise ValueError("logits: the in-place backward needs rows with unit stride, got "
+                         f"strides {tuple(logits.stride())}")
+    _ce_grad_into(logits, targets, lse, logprob, coef, ignore_index, logits)
+
+
+def _remit_loss(logits, targets, scorer_logits, scorer_logprob, cu_seqlens, ignore_index, eps,
+                detach_weights, inplace_backward):
+    if (scorer_logits is None) == (scorer_logprob is None):
+        raise ValueError("remit_loss: expected exactly one of scorer_logits and scorer_logprob")
+    # Statistics pass: policy and scorer rows in one launch (or the precomputed scorer log-probs).
+    lse, logprob, _, _, b = _stats_into(logits, targets, scorer_logits, ignore_index, 1.0, False)
+    if scorer_logits is None:
+        b = scorer_logprob
+    loss = torch.empty_like(logprob)
+    w, dhat, diag = _weights_into(logprob, b, targets, cu_seqlens, ignore_index, eps, loss=loss)
+    return loss, w, logprob, lse, dhat, diag
+
+
+_IMPLS = {
+    "token_stats": _token_stats,
+    "remit_weights": _remit_weights,
+    "weighted_ce_fwd": _weighted_ce_fwd,
+    "weighted_ce_bwd": _weighted_ce_bwd,
+    "weighted_ce_bwd_": _weighted_ce_bwd_inplace,
+    "remit_loss": _remit_loss,
+}
+for _name, _fn in _IMPLS.items():
+    # CPU runs the same kernels in Triton's interpreter (tests only; the dispatcher never picks
+    # Triton for CPU tensors by itself).
+    _lib.impl(_name, _fn, "CUDA")
+    _lib.impl(_name, _fn, "CPU")
+
+_meta.register_meta(NAMESPACE, OPS)
+
+ops = getattr(torch.ops, NAMESPACE)
