@@ -170,8 +170,10 @@ def _remit_weights_kernel(
         d = tl.where(valid, (b - a) - mu, 0.0)
         e = tl.exp(-tl.abs(d))  # 2 sigmoid(d) without overflow for large |d|
         raw = 2.0 * tl.where(d >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-        # NaN must survive the clip (a NaN log-prob poisons its sequence, as in the reference).
-        w = tl.where(valid, tl.clamp(raw, lo, hi, propagate_nan=tl.PropagateNan.ALL), 0.0)
+        # NaN must survive the clip (a NaN log-prob poisons its sequence, as in the reference);
+        # min/max would drop it, so it is passed around them.
+        w = tl.where(raw != raw, raw, tl.minimum(tl.maximum(raw, lo), hi))
+        w = tl.where(valid, w, 0.0)
         tl.store(w_ptr + idx, w, mask=inside)
         tl.store(dhat_ptr + idx, d, mask=inside)
         if WRITE_LOSS:
