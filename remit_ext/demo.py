@@ -162,8 +162,11 @@ def report(b: Batch, truth: Reference, results: list[BackendResult], repeats: in
     tol = TOLERANCES[b.logits.dtype]
     diag_rows = [["reference (fp64)", f"{truth.loss:.6f}",
                   *(f"{truth.diagnostics[k]:.4f}" for k in DIAG_COLUMNS)]]
-    check_rows = []
+    check_rows, skipped = [], []
     for r in results:
+        if r.status.startswith("skipped"):
+            skipped.append(f"{r.backend}: {r.status}")
+            continue
         if r.diagnostics is None:
             diag_rows.append([r.backend, "-", *("-" for _ in DIAG_COLUMNS)])
         else:
@@ -177,6 +180,7 @@ def report(b: Batch, truth: Reference, results: list[BackendResult], repeats: in
                 f"fwd+bwd ms (p50 of {repeats})", "status"], check_rows),
         f"tolerance ({str(b.logits.dtype).removeprefix('torch.')}): |loss err| <= "
         f"{tol.loss:.0e}, max|grad err| / max|grad| <= {tol.grad:.1e}",
+        *(["\n".join(skipped)] if skipped else []),
     ])
 
 
