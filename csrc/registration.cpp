@@ -11,12 +11,14 @@ TORCH_LIBRARY(remit_ext, m) {
   // every torch we support (2.11-2.13), and only the old one is certain in the oldest.
   m.impl_abstract_pystub("remit_ext._meta");
 
-  // Section 1 of METHODS.md: one pass per row -> lse, target log-prob, optional entropy, for the
-  // policy and (optionally) the scorer rows in the same call. Empty outputs for what was not asked.
+  // Section 1 of METHODS.md: one pass per row -> lse, target log-prob, optional entropy and
+  // top-k entropy (topk > 0; renormalised on request), for the policy and (optionally) the
+  // scorer rows in the same call. Empty outputs for what was not asked.
   m.def(
       "token_stats(Tensor logits, Tensor targets, Tensor? scorer_logits, int ignore_index, "
-      "float temperature, bool with_entropy) -> "
-      "(Tensor lse, Tensor logprob, Tensor entropy, Tensor scorer_lse, Tensor scorer_logprob)");
+      "float temperature, bool with_entropy, int topk, bool topk_renormalize) -> "
+      "(Tensor lse, Tensor logprob, Tensor entropy, Tensor topk_entropy, Tensor scorer_lse, "
+      "Tensor scorer_logprob)");
 
   // Section 2, steps 3-5: segmented centering (cu_seqlens offsets), clipped scaled sigmoid,
   // diagnostics [mean w, std w, frac low, frac high, mean |delta_hat|, mean delta].

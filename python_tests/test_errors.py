@@ -146,9 +146,9 @@ def test_other_bad_input(call, exc, pattern):
 def test_dispatcher_names_the_reason():
     logits, scorer, targets = _batch()
     with pytest.raises(remit_ext.BackendUnavailableError,
-                       match=r"no backend can run token_stats \(backend='cpu'\): cpu: top-k "
-                             r"entropy is not implemented"):
-        remit_ext.token_stats(logits, targets, topk=4, backend="cpu")
+                       match=r"no backend can run kd_loss \(backend='triton'\): triton: no "
+                             r"Triton kernel for KD yet"):
+        remit_ext.kd_loss(logits, scorer, targets, backend="triton")
     meta = logits.to("meta")
     with pytest.raises(remit_ext.BackendUnavailableError,
                        match=r"cpu: needs CPU tensors, got tensors on \['meta'\]"):
@@ -160,9 +160,9 @@ def test_dispatcher_names_the_reason():
 @pytest.mark.parametrize(
     "call, pattern",
     [
-        (lambda z, y: torch.ops.remit_ext.token_stats(z, y, None, IGNORE, 1.0, False),
+        (lambda z, y: torch.ops.remit_ext.token_stats(z, y, None, IGNORE, 1.0, False, 0, False),
          r"targets: expected values in \[0, 11\) or ignore_index=-100, got 99 at position 0"),
-        (lambda z, y: torch.ops.remit_ext.token_stats(z[0], y, None, IGNORE, 1.0, False),
+        (lambda z, y: torch.ops.remit_ext.token_stats(z[0], y, None, IGNORE, 1.0, False, 0, False),
          r"logits: expected a 2-D \[N, V\] tensor"),
         (lambda z, y: torch.ops.remit_ext.remit_weights(
             torch.zeros(10), torch.zeros(10), y.clamp(0), torch.tensor([0, 3]), IGNORE, 0.2),
@@ -224,3 +224,17 @@ def test_cuda_on_without_cuda_torch_says_so(tmp_path):
         capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "REMIT_CUDA=ON, but torch" in proc.stderr and "has no CUDA" in proc.stderr
+
+
+@pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="triton backend not testable here")
+def test_triton_topk_limit_names_the_reason():
+    logits = torch.randn(3, 200, device=DEVICE)
+    targets = torch.zeros(3, dtype=torch.long, device=DEVICE)
+    with pytest.raises(remit_ext.BackendUnavailableError,
+                       match=r"triton: the Triton kernel's top-k entropy takes topk <= 64 "
+                             r"\(or >= V\), got 100"):
+        remit_ext.token_stats(logits, targets, topk=100, backend="triton")
+    # The default picks a backend that can: the result equals the reference.
+    auto = remit_ext.token_stats(logits, targets, topk=100).topk_entropy
+    torch.testing.assert_close(auto, remit_ext.token_stats(logits, targets, topk=100,
+                                                           backend="torch").topk_entropy)

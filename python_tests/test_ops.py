@@ -41,8 +41,9 @@ def ops(request):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_opcheck_token_stats(ops, dtype):
     z, s, y = _inputs(dtype)
-    opcheck(ops.token_stats, (z, y, s, IGNORE, 1.5, True))
-    opcheck(ops.token_stats, (z, y, None, IGNORE, 1.0, False))
+    opcheck(ops.token_stats, (z, y, s, IGNORE, 1.5, True, 4, False))
+    opcheck(ops.token_stats, (z, y, None, IGNORE, 1.0, False, 0, False))
+    opcheck(ops.token_stats, (z, y, None, IGNORE, 1.0, True, 3, True))
 
 
 def test_opcheck_remit_weights(ops):

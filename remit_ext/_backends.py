@@ -43,16 +43,23 @@ class TorchBackend(Backend):
     def why_not(self, op, tensors, features):
         return None
 
-    def token_stats(self, logits, targets, scorer_logits, ignore_index, temperature, with_entropy):
+    def token_stats(self, logits, targets, scorer_logits, ignore_index, temperature, with_entropy,
+                    topk=0, topk_renormalize=False):
         lse, logprob, entropy = ref.token_stats_ref(
             logits, targets, ignore_index=ignore_index, temperature=temperature)
+        topk_ent = None
+        if topk:
+            topk_ent = ref.topk_entropy_ref(logits, topk, renormalize=topk_renormalize,
+                                            temperature=temperature).detach()
+            topk_ent = torch.where(targets != ignore_index, topk_ent, 0)
         scorer_lse = scorer_logprob = None
         if scorer_logits is not None:
             scorer_lse, scorer_logprob, _ = ref.token_stats_ref(
                 scorer_logits, targets, ignore_index=ignore_index, temperature=temperature)
             # Like the kernels: scorer statistics in the policy's accumulation dtype.
             scorer_lse, scorer_logprob = scorer_lse.to(lse.dtype), scorer_logprob.to(lse.dtype)
-        return lse, logprob, entropy if with_entropy else None, scorer_lse, scorer_logprob
+        return (lse, logprob, entropy if with_entropy else None, topk_ent, scorer_lse,
+                scorer_logprob)
 
     def remit_weights(self, logprob, scorer_logprob, targets, cu_seqlens, ignore_index, eps):
         w, delta_hat, diag = ref.remit_weights_ref(
@@ -88,11 +95,13 @@ class OpsBackend(Backend):
     def ops(self):
         return getattr(torch.ops, self.namespace)
 
-    def token_stats(self, logits, targets, scorer_logits, ignore_index, temperature, with_entropy):
-        lse, logprob, entropy, s_lse, s_logprob = self.ops.token_stats(
-            logits, targets, scorer_logits, ignore_index, temperature, with_entropy)
+    def token_stats(self, logits, targets, scorer_logits, ignore_index, temperature, with_entropy,
+                    topk=0, topk_renormalize=False):
+        lse, logprob, entropy, topk_ent, s_lse, s_logprob = self.ops.token_stats(
+            logits, targets, scorer_logits, ignore_index, temperature, with_entropy, topk,
+            topk_renormalize)
         has_scorer = scorer_logits is not None
-        return (lse, logprob, entropy if with_entropy else None,
+        return (lse, logprob, entropy if with_entropy else None, topk_ent if topk else None,
                 s_lse if has_scorer else None, s_logprob if has_scorer else None)
 
     def remit_weights(self, logprob, scorer_logprob, targets, cu_seqlens, ignore_index, eps):
@@ -132,8 +141,6 @@ class CpuBackend(OpsBackend):
         devices = {t.device.type for t in tensors}
         if devices != {"cpu"}:
             return f"needs CPU tensors, got tensors on {sorted(devices)}"
-        if features.get("topk"):
-            return "top-k entropy is not implemented in the C++ kernel (use backend='torch')"
         return None
 
 
@@ -158,8 +165,9 @@ class TritonBackend(OpsBackend):
     def why_not(self, op, tensors, features):
         if op == "kd_loss":
             return "no Triton kernel for KD yet (use backend='cpu' or 'torch')"
-        if features.get("topk"):
-            return "top-k entropy is not implemented in the Triton kernel (use backend='torch')"
+        topk, vocab = features.get("topk") or 0, tensors[0].shape[-1] if tensors else 0
+        if 64 < topk < vocab:
+            return f"the Triton kernel's top-k entropy takes topk <= 64 (or >= V), got {topk}"
         devices = {t.device.type for t in tensors}
         interpreted = devices == {"cpu"} and os.environ.get("TRITON_INTERPRET", "0") == "1"
         if devices != {"cuda"} and not interpreted:

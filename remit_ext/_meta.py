@@ -20,13 +20,15 @@ def _vec(like: Tensor, n: int, dtype: torch.dtype | None = None) -> Tensor:
 # ---------------------------------------------------------------------------- fakes
 
 
-def _token_stats_fake(logits, targets, scorer_logits, ignore_index, temperature, with_entropy):
+def _token_stats_fake(logits, targets, scorer_logits, ignore_index, temperature, with_entropy,
+                      topk, topk_renormalize):
     n = logits.shape[0]
     has_scorer = scorer_logits is not None
     return (
         _vec(logits, n),
         _vec(logits, n),
         _vec(logits, n if with_entropy else 0),
+        _vec(logits, n if topk > 0 else 0),
         _vec(logits, n if has_scorer else 0),
         _vec(logits, n if has_scorer else 0),
     )
@@ -101,13 +103,15 @@ def _token_stats_input_grad(z, y, lse, entropy, g_lse, g_logprob, g_entropy, tem
 
 
 def _token_stats_setup(ctx, inputs, output):
-    logits, targets, scorer_logits, ignore_index, temperature, with_entropy = inputs
-    lse, _, entropy, scorer_lse, _ = output
+    logits, targets, scorer_logits, ignore_index, temperature = inputs[:5]
+    lse, _, entropy, topk_entropy, scorer_lse, _ = output
     ctx.save_for_backward(logits, targets, scorer_logits, lse, entropy, scorer_lse)
     ctx.ignore_index, ctx.temperature = ignore_index, temperature
+    ctx.mark_non_differentiable(topk_entropy)  # a token-difficulty score, not a training signal
 
 
-def _token_stats_backward(ctx, g_lse, g_logprob, g_entropy, g_scorer_lse, g_scorer_logprob):
+def _token_stats_backward(ctx, g_lse, g_logprob, g_entropy, g_topk_entropy, g_scorer_lse,
+                          g_scorer_logprob):
     logits, targets, scorer_logits, lse, entropy, scorer_lse = ctx.saved_tensors
     grad = scorer_grad = None
     if ctx.needs_input_grad[0]:
@@ -117,7 +121,7 @@ def _token_stats_backward(ctx, g_lse, g_logprob, g_entropy, g_scorer_lse, g_scor
         scorer_grad = _token_stats_input_grad(scorer_logits, targets, scorer_lse, entropy[:0],
                                               g_scorer_lse, g_scorer_logprob, None,
                                               ctx.temperature, ctx.ignore_index)
-    return grad, None, scorer_grad, None, None, None
+    return grad, None, scorer_grad, None, None, None, None, None
 
 
 

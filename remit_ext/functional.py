@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import _checks as chk
 from ._backends import select_backend
-from .reference import ReMiTDiagnostics, reduce_tokens, rho1_keep_mask, topk_entropy_ref
+from .reference import ReMiTDiagnostics, reduce_tokens, rho1_keep_mask
 
 __all__ = [
     "TokenStats",
@@ -88,9 +88,11 @@ def token_stats(
 ) -> TokenStats:
     """Per-token statistics of ``logits / temperature`` (METHODS.md section 1).
 
-    Returns lse, target log-prob, and on request the entropy and the top-``topk`` entropy, plus
-    the scorer's lse and log-prob when ``scorer_logits`` is given (both models read in one call).
-    Positions whose target is ``ignore_index`` get 0. Differentiable w.r.t. the logits.
+    Returns lse, target log-prob, and on request the entropy and the top-``topk`` entropy (of the
+    k largest probabilities, renormalised with ``topk_renormalize``), plus the scorer's lse and
+    log-prob when ``scorer_logits`` is given (both models read in one call). Positions whose
+    target is ``ignore_index`` get 0. lse, log-prob and entropy are differentiable w.r.t. the
+    logits; the top-k entropy is returned detached (a token-difficulty score).
     """
     chk.check_logits(logits)
     chk.check_targets(targets, logits, ignore_index)
@@ -102,13 +104,8 @@ def token_stats(
     impl = select_backend("token_stats", backend, (logits, targets, scorer_logits), topk=topk)
     z, y = _flat(logits, targets)
     sz = None if scorer_logits is None else scorer_logits.reshape(z.shape)
-    lse, logprob, ent, s_lse, s_logprob = impl.token_stats(z, y, sz, ignore_index, temperature,
-                                                           entropy)
-    topk_ent = None
-    if topk is not None:
-        topk_ent = topk_entropy_ref(z, topk, renormalize=topk_renormalize,
-                                    temperature=temperature)
-        topk_ent = torch.where(y != ignore_index, topk_ent, 0)
+    lse, logprob, ent, topk_ent, s_lse, s_logprob = impl.token_stats(
+        z, y, sz, ignore_index, temperature, entropy, topk or 0, topk_renormalize)
 
     def shape(x):
         return None if x is None else x.reshape(targets.shape)

@@ -5,10 +5,14 @@
 
 namespace remit::cpu {
 
-// One pass over each valid row of `logits` [N, V]: lse, target log-prob and (when `entropy` is
-// defined) entropy, all of logits/temperature. Invalid rows (target == ignore_index) get 0.
+// One pass over each valid row of `logits` [N, V]: lse, target log-prob and, when those tensors
+// are defined, the entropy and the entropy of the `topk` largest probabilities (renormalised on
+// request), all of logits/temperature. Invalid rows (target == ignore_index) get 0.
+struct StatsOut {
+  at::Tensor lse, logprob, entropy, topk_entropy;
+};
 void stats_pass(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index,
-                double temperature, at::Tensor& lse, at::Tensor& logprob, at::Tensor entropy);
+                double temperature, int64_t topk, bool topk_renormalize, StatsOut& out);
 
 // ReMiT weights from policy and scorer log-probs, segment by segment (METHODS.md section 2).
 // diag = [mean w, std w, frac clipped low, frac clipped high, mean |delta_hat|, mean delta].

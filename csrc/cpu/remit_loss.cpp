@@ -21,16 +21,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TORCH_CHECK_VALUE(scorer_logits.has_value() != scorer_logprob.has_value(),
                     "remit_loss: expected exactly one of scorer_logits and scorer_logprob");
   const auto opts = logits.options().dtype(at::toOpMathType(logits.scalar_type()));
-  at::Tensor lse = at::empty({N}, opts), logprob = at::empty({N}, opts);
-  stats_pass(logits, targets, ignore_index, 1.0, lse, logprob, at::Tensor());
+  StatsOut policy{at::empty({N}, opts), at::empty({N}, opts), {}, {}};
+  stats_pass(logits, targets, ignore_index, 1.0, 0, false, policy);
+  const at::Tensor &lse = policy.lse, &logprob = policy.logprob;
   at::Tensor b;
   if (scorer_logits.has_value()) {
     check_logits(*scorer_logits, "scorer_logits");
     check_same_rows(logits, *scorer_logits, "scorer_logits");
     const auto s_opts = opts.dtype(at::toOpMathType(scorer_logits->scalar_type()));
-    at::Tensor s_lse = at::empty({N}, s_opts);
-    b = at::empty({N}, s_opts);
-    stats_pass(*scorer_logits, targets, ignore_index, 1.0, s_lse, b, at::Tensor());
+    StatsOut scorer{at::empty({N}, s_opts), at::empty({N}, s_opts), {}, {}};
+    stats_pass(*scorer_logits, targets, ignore_index, 1.0, 0, false, scorer);
+    b = scorer.logprob;
   } else {
     TORCH_CHECK_VALUE(scorer_logprob->dim() == 1 && scorer_logprob->size(0) == N,
                       "scorer_logprob: expected shape [", N, "], got ", scorer_logprob->sizes());

@@ -72,8 +72,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weighted_ce_fwd_cpu(
   const int64_t N = logits.size(0);
   check_targets(targets, N);
   const auto opts = logits.options().dtype(at::toOpMathType(logits.scalar_type()));
-  at::Tensor lse = at::empty({N}, opts), logprob = at::empty({N}, opts);
-  stats_pass(logits, targets, ignore_index, 1.0, lse, logprob, at::Tensor());
+  StatsOut st{at::empty({N}, opts), at::empty({N}, opts), {}, {}};
+  stats_pass(logits, targets, ignore_index, 1.0, 0, false, st);
+  const at::Tensor &lse = st.lse, &logprob = st.logprob;
   at::Tensor loss = -logprob;  // invalid rows have logprob 0, hence loss 0
   if (weights.has_value()) {
     TORCH_CHECK_VALUE(weights->dim() == 1 && weights->size(0) == N,

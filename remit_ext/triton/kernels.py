@@ -25,15 +25,36 @@ def _expm1(a):
 
 
 @triton.jit
-def _row_moments(row_ptr, V, inv_temp, WITH_T: tl.constexpr, BLOCK_V: tl.constexpr,
-                 ACC: tl.constexpr):
-    """Online softmax moments of one row of x = logits * inv_temp, in fp32.
+def _merge_topk(topv, x, kidx, cols0, TOPK: tl.constexpr):
+    """The TOPK largest of (topv, x): while the chunk still holds a value above the current k-th
+    largest, that value replaces it. After the first chunks few values qualify, so the extra work
+    per chunk is mostly one max and one compare."""
+    POS_INF = float("inf")
+    cand = x
+    kth = tl.min(tl.where(kidx < TOPK, topv, POS_INF), 0)
+    for _ in tl.static_range(TOPK):
+        cmax = tl.max(cand, 0)
+        if cmax > kth:
+            slot = tl.argmin(tl.where(kidx < TOPK, topv, POS_INF), 0)
+            topv = tl.where(kidx == slot, cmax, topv)
+            cand = tl.where(cols0 == tl.argmax(cand, 0), NEG_INF, cand)
+            kth = tl.min(tl.where(kidx < TOPK, topv, POS_INF), 0)
+    return topv
 
-    Returns (m, below, top, t, n_nan): running max m; the mass strictly below the max,
+
+@triton.jit
+def _row_moments(row_ptr, V, inv_temp, WITH_T: tl.constexpr, BLOCK_V: tl.constexpr,
+                 ACC: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr):
+    """Online softmax moments of one row of x = logits * inv_temp, in ACC.
+
+    Returns (m, below, top, t, n_nan, topv): running max m; the mass strictly below the max,
     sum e^{x - m}, kept apart from the count of maxima `top` so that log s = log1p(top - 1 + below)
-    keeps its digits on confident rows; t = sum e^{x - m} (x - m) for the entropy.
+    keeps its digits on confident rows; t = sum e^{x - m} (x - m) for the entropy; the TOPK
+    largest x (padded with -inf to TOPK_PAD lanes) when TOPK > 0.
     """
     cols0 = tl.arange(0, BLOCK_V)
+    kidx = tl.arange(0, TOPK_PAD)
+    topv = tl.full((TOPK_PAD,), NEG_INF, ACC)
     m = tl.full((), NEG_INF, ACC)
     below = tl.zeros((), ACC)
     top = tl.zeros((), ACC)
@@ -63,16 +84,21 @@ def _row_moments(row_ptr, V, inv_temp, WITH_T: tl.constexpr, BLOCK_V: tl.constex
         top += tl.sum(at_top.to(ACC), 0)
         if WITH_T:
             t += tl.sum(e * tl.where(e == 0.0, 0.0, d), 0)  # 0, not 0 * -inf
+        if TOPK > 0:
+            topv = _merge_topk(topv, x, kidx, cols0, TOPK)
         m = m_new
-    return m, below, top, t, n_nan
+    return m, below, top, t, n_nan, topv
 
 
 @triton.jit
 def _row_stats(row_ptr, y, V, inv_temp, WITH_T: tl.constexpr, BLOCK_V: tl.constexpr,
-               ACC: tl.constexpr):
-    """(lse, log-prob of column y, entropy) of one row; NaN log-prob/entropy when the softmax is
-    undefined (a NaN or +inf logit, or an all -inf row), lse as torch.logsumexp gives."""
-    m, below, top, t, n_nan = _row_moments(row_ptr, V, inv_temp, WITH_T, BLOCK_V, ACC)
+               ACC: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
+               TOPK_RENORM: tl.constexpr):
+    """(lse, log-prob of column y, entropy, top-k entropy) of one row; NaN log-prob/entropy when
+    the softmax is undefined (a NaN or +inf logit, or an all -inf row), lse as torch.logsumexp
+    gives."""
+    m, below, top, t, n_nan, topv = _row_moments(row_ptr, V, inv_temp, WITH_T, BLOCK_V, ACC,
+                                                 TOPK, TOPK_PAD)
     # log s = log1p(s - 1) without cancellation (see _row_moments), by Goldberg's identity
     # log1p(u) = log(1 + u) * u / ((1 + u) - 1).
     finite = (m == m) & (tl.abs(m) != float("inf")) & (n_nan == 0)
@@ -85,16 +111,27 @@ def _row_stats(row_ptr, y, V, inv_temp, WITH_T: tl.constexpr, BLOCK_V: tl.conste
     lse = tl.where(finite, m + log_s, tl.where(n_nan > 0, nan, m))
     logprob = tl.where(finite, (tl.where(finite, xy, 0.0) - tl.where(finite, m, 0.0)) - log_s, nan)
     entropy = tl.where(finite, log_s - t / s, nan)
-    return lse, logprob, entropy
+    topk_entropy = entropy
+    if TOPK > 0:
+        # -sum_j p_j log p_j over the k largest, p_j = e^{x_j - lse}; padding lanes hold -inf.
+        live = topv != NEG_INF
+        logp = tl.where(live, topv, 0.0) - tl.where(finite, lse, 0.0)
+        p = tl.where(live, tl.exp(logp), 0.0)
+        h = -tl.sum(p * logp, 0)
+        if TOPK_RENORM:
+            mass = tl.sum(p, 0)  # -sum q log q with q = p / mass
+            h = h / mass + tl.log(mass)
+        topk_entropy = tl.where(finite, h, nan)
+    return lse, logprob, entropy, topk_entropy
 
 
 @triton.jit
 def _token_stats_fwd_kernel(
     logits_ptr, scorer_ptr, targets_ptr,
-    lse_ptr, logprob_ptr, entropy_ptr, s_lse_ptr, s_logprob_ptr,
+    lse_ptr, logprob_ptr, entropy_ptr, topk_ptr, s_lse_ptr, s_logprob_ptr,
     V, stride_logits, stride_scorer, ignore_index, inv_temp_ptr,
     HAS_SCORER: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
-    ACC: tl.constexpr,
+    ACC: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, TOPK_RENORM: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     # 1/temperature comes through memory in ACC: a float argument would be rounded to fp32.
@@ -106,15 +143,18 @@ def _token_stats_fwd_kernel(
     y_safe = tl.minimum(tl.maximum(y, 0), V - 1)
     zero = tl.zeros((), ACC)
     if valid:
-        lse, logprob, ent = _row_stats(logits_ptr + row * stride_logits, y_safe, V, inv_temp,
-                                       WITH_ENTROPY, BLOCK_V, ACC)
+        lse, logprob, ent, topk_ent = _row_stats(
+            logits_ptr + row * stride_logits, y_safe, V, inv_temp, WITH_ENTROPY, BLOCK_V, ACC,
+            TOPK, TOPK_PAD, TOPK_RENORM)
         tl.store(lse_ptr + row, lse)
         tl.store(logprob_ptr + row, logprob)
         if WITH_ENTROPY:
             tl.store(entropy_ptr + row, ent)
+        if TOPK > 0:
+            tl.store(topk_ptr + row, topk_ent)
         if HAS_SCORER:
-            s_lse, s_logprob, _ = _row_stats(scorer_ptr + row * stride_scorer, y_safe, V,
-                                             inv_temp, False, BLOCK_V, ACC)
+            s_lse, s_logprob, _, _ = _row_stats(scorer_ptr + row * stride_scorer, y_safe, V,
+                                                inv_temp, False, BLOCK_V, ACC, 0, 1, False)
             tl.store(s_lse_ptr + row, s_lse)
             tl.store(s_logprob_ptr + row, s_logprob)
     else:
@@ -122,6 +162,8 @@ def _token_stats_fwd_kernel(
         tl.store(logprob_ptr + row, zero)
         if WITH_ENTROPY:
             tl.store(entropy_ptr + row, zero)
+        if TOPK > 0:
+            tl.store(topk_ptr + row, zero)
         if HAS_SCORER:
             tl.store(s_lse_ptr + row, zero)
             tl.store(s_logprob_ptr + row, zero)

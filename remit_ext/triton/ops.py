@@ -20,6 +20,8 @@ from ..reference import acc_dtype
 from . import kernels as K
 
 NAMESPACE = "remit_ext_triton"
+# The running top-k is unrolled k times per block: fine for RMT's k = 16, not for thousands.
+MAX_TOPK = 64
 OPS = ("token_stats", "remit_weights", "weighted_ce_fwd", "weighted_ce_bwd", "weighted_ce_bwd_",
        "remit_loss")
 
@@ -51,24 +53,28 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _stats_into(logits, targets, scorer, ignore_index, temperature, with_entropy):
+def _stats_into(logits, targets, scorer, ignore_index, temperature, with_entropy, topk=0,
+                topk_renormalize=False):
     z = _rows(logits)
     s = None if scorer is None else _rows(scorer)
     n, vocab = z.shape
     dt = acc_dtype(z.dtype)
     lse, logprob = z.new_empty(n, dtype=dt), z.new_empty(n, dtype=dt)
     entropy = z.new_empty(n if with_entropy else 0, dtype=dt)
+    topk_entropy = z.new_empty(n if topk > 0 else 0, dtype=dt)
     s_lse = z.new_empty(n if s is not None else 0, dtype=dt)
     s_logprob = z.new_empty(n if s is not None else 0, dtype=dt)
     block = _block_v(vocab)
     K._token_stats_fwd_kernel[(n,)](
         z, z if s is None else s, targets, lse, logprob, entropy if with_entropy else lse,
+        topk_entropy if topk > 0 else lse,
         s_lse if s is not None else lse, s_logprob if s is not None else lse,
         vocab, z.stride(0), z.stride(0) if s is None else s.stride(0), ignore_index,
         torch.full((1,), 1.0 / temperature, dtype=dt, device=z.device),
         HAS_SCORER=s is not None, WITH_ENTROPY=with_entropy, BLOCK_V=block, ACC=_acc(z.dtype),
-        num_warps=_num_warps(block))
-    return lse, logprob, entropy, s_lse, s_logprob
+        TOPK=min(topk, vocab), TOPK_PAD=triton.next_power_of_2(max(min(topk, vocab), 1)),
+        TOPK_RENORM=topk_renormalize, num_warps=_num_warps(block))
+    return lse, logprob, entropy, topk_entropy, s_lse, s_logprob
 
 
 def _weights_into(logprob, scorer_logprob, targets, cu_seqlens, ignore_index, eps, loss=None):
@@ -105,8 +111,19 @@ def _ce_grad_into(logits, targets, lse, logprob, coef, ignore_index, grad):
     return grad
 
 
-def _token_stats(logits, targets, scorer_logits, ignore_index, temperature, with_entropy):
-    return _stats_into(logits, targets, scorer_logits, ignore_index, temperature, with_entropy)
+def _token_stats(logits, targets, scorer_logits, ignore_index, temperature, with_entropy, topk,
+                 topk_renormalize):
+    if topk < 0 or topk > MAX_TOPK and topk < logits.shape[-1]:
+        raise ValueError(f"topk: the Triton kernel takes 0 <= topk <= {MAX_TOPK} or topk >= V, "
+                         f"got {topk}")
+    if topk >= logits.shape[-1]:
+        # Every class is among the top k: both forms equal the full entropy (the mass is 1).
+        lse, logprob, entropy, _, s_lse, s_logprob = _stats_into(
+            logits, targets, scorer_logits, ignore_index, temperature, True)
+        return (lse, logprob, entropy if with_entropy else entropy[:0], entropy.clone(), s_lse,
+                s_logprob)
+    return _stats_into(logits, targets, scorer_logits, ignore_index, temperature, with_entropy,
+                       topk, topk_renormalize)
 
 
 def _remit_weights(logprob, scorer_logprob, targets, cu_seqlens, ignore_index, eps):
@@ -114,7 +131,7 @@ def _remit_weights(logprob, scorer_logprob, targets, cu_seqlens, ignore_index, e
 
 
 def _weighted_ce_fwd(logits, targets, weights, ignore_index, inplace_backward):
-    lse, logprob, _, _, _ = _stats_into(logits, targets, None, ignore_index, 1.0, False)
+    lse, logprob, _, _, _, _ = _stats_into(logits, targets, None, ignore_index, 1.0, False)
     loss = -logprob if weights is None else -logprob * weights.to(logprob.dtype)
     return loss, lse, logprob
 
@@ -137,7 +154,8 @@ def _remit_loss(logits, targets, scorer_logits, scorer_logprob, cu_seqlens, igno
     if (scorer_logits is None) == (scorer_logprob is None):
         raise ValueError("remit_loss: expected exactly one of scorer_logits and scorer_logprob")
     # Statistics pass: policy and scorer rows in one launch (or the precomputed scorer log-probs).
-    lse, logprob, _, _, b = _stats_into(logits, targets, scorer_logits, ignore_index, 1.0, False)
+    lse, logprob, _, _, _, b = _stats_into(logits, targets, scorer_logits, ignore_index, 1.0,
+                                           False)
     if scorer_logits is None:
         b = scorer_logprob
     loss = torch.empty_like(logprob)
