@@ -170,6 +170,17 @@ def _token_stats_fwd_kernel(
 
 
 @triton.jit
+def _load_delta(a_ptr, b_ptr, targets_ptr, idx, end, ignore_index, ACC: tl.constexpr):
+    """(inside, valid, a, delta = b - a) for positions idx < end; a = delta = 0 where invalid."""
+    inside = idx < end
+    y = tl.load(targets_ptr + idx, mask=inside, other=ignore_index)
+    valid = inside & (y != ignore_index)
+    a = tl.load(a_ptr + idx, mask=valid, other=0.0).to(ACC)
+    b = tl.load(b_ptr + idx, mask=valid, other=0.0).to(ACC)
+    return inside, valid, a, tl.where(valid, b - a, 0.0)
+
+
+@triton.jit
 def _remit_weights_kernel(
     a_ptr, b_ptr, targets_ptr, cu_ptr, w_ptr, dhat_ptr, loss_ptr, partial_ptr,
     ignore_index, band_ptr,
@@ -185,12 +196,9 @@ def _remit_weights_kernel(
     cnt = tl.zeros((BLOCK,), ACC)
     for start in range(begin, end, BLOCK):
         idx = start + offs0
-        inside = idx < end
-        y = tl.load(targets_ptr + idx, mask=inside, other=ignore_index)
-        valid = inside & (y != ignore_index)
-        a = tl.load(a_ptr + idx, mask=valid, other=0.0).to(ACC)
-        b = tl.load(b_ptr + idx, mask=valid, other=0.0).to(ACC)
-        acc += tl.where(valid, b - a, 0.0)
+        inside, valid, a, delta = _load_delta(a_ptr, b_ptr, targets_ptr, idx, end, ignore_index,
+                                              ACC)
+        acc += delta
         cnt += valid.to(ACC)
     n = tl.sum(cnt, 0)
     mu = tl.sum(acc, 0) / tl.maximum(n, 1.0)
@@ -204,12 +212,9 @@ def _remit_weights_kernel(
     s_abs = tl.zeros((BLOCK,), ACC)
     for start in range(begin, end, BLOCK):
         idx = start + offs0
-        inside = idx < end
-        y = tl.load(targets_ptr + idx, mask=inside, other=ignore_index)
-        valid = inside & (y != ignore_index)
-        a = tl.load(a_ptr + idx, mask=valid, other=0.0).to(ACC)
-        b = tl.load(b_ptr + idx, mask=valid, other=0.0).to(ACC)
-        d = tl.where(valid, (b - a) - mu, 0.0)
+        inside, valid, a, delta = _load_delta(a_ptr, b_ptr, targets_ptr, idx, end, ignore_index,
+                                              ACC)
+        d = tl.where(valid, delta - mu, 0.0)
         e = tl.exp(-tl.abs(d))  # 2 sigmoid(d) without overflow for large |d|
         raw = 2.0 * tl.where(d >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
         # NaN must survive the clip (a NaN log-prob poisons its sequence, as in the reference);
