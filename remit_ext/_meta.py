@@ -13,8 +13,9 @@ from torch import Tensor
 from .reference import acc_dtype, segment_ids
 
 
-def _vec(like: Tensor, n: int, dtype: torch.dtype | None = None) -> Tensor:
-    return like.new_empty((n,), dtype=dtype or acc_dtype(like.dtype))
+def _vec(like: Tensor, n: int) -> Tensor:
+    """A per-token output of n elements in the accumulation dtype of `like`."""
+    return like.new_empty((n,), dtype=acc_dtype(like.dtype))
 
 
 # ---------------------------------------------------------------------------- fakes

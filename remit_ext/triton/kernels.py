@@ -65,8 +65,8 @@ def _row_moments(row_ptr, V, inv_temp, WITH_T: tl.constexpr, BLOCK_V: tl.constex
         x = tl.load(row_ptr + cols, mask=cols < V, other=NEG_INF).to(ACC) * inv_temp
         n_nan += tl.sum((x != x).to(tl.int32), 0)
         m_new = tl.maximum(m, tl.max(x, 0))
-        # Rescale what was summed around the old max; while everything so far is -inf, scale = 0.
-        # scale = e^{m - m_new}, 0 while everything so far is -inf; never forms inf - inf.
+        # Rescale what was summed around the old max: scale = e^{m - m_new}, 0 while everything
+        # so far is -inf; never forms inf - inf.
         empty = (m_new == NEG_INF) | (m == NEG_INF)
         keep = empty | (m == m_new)
         shift = tl.where(keep, 0.0, m) - tl.where(keep, 0.0, m_new)
