@@ -20,13 +20,16 @@ from .functional import (
     token_stats,
     weighted_cross_entropy,
 )
-from .modules import ReMiTLoss
+from .linear import LinearLossOutput, remit_linear_loss
+from .modules import LinearReMiTLoss, ReMiTLoss
 from .reference import ReMiTDiagnostics
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "LinearLossOutput",
+    "LinearReMiTLoss",
     "ReMiTDiagnostics",
     "ReMiTLoss",
     "ReMiTOutput",
@@ -35,6 +38,7 @@ __all__ = [
     "available_backends",
     "build_info",
     "kd_loss",
+    "remit_linear_loss",
     "remit_loss",
     "remit_weights",
     "rho1_loss",

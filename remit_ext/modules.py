@@ -7,6 +7,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from .functional import remit_loss
+from .linear import remit_linear_loss
 
 
 class ReMiTLoss(nn.Module):
@@ -36,3 +37,42 @@ class ReMiTLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"eps={self.eps}, ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
                 f"detach_weights={self.detach_weights}, backend={self.backend!r}")
+
+
+class LinearReMiTLoss(nn.Module):
+    """The fused-linear loss (``remit_linear_loss``) with its configuration held on the module:
+    ``forward(hidden, lm_head_weight, targets, bias=None, scorer_hidden=None,
+    scorer_weight=None, scorer_bias=None, scorer_logprobs=None, cu_seqlens=None)``.
+
+    ``method`` is ``"remit"``, ``"ntp"``, ``"rho1"`` or ``"kd"``; the LM heads are passed to
+    ``forward`` rather than owned, so the module never duplicates a model's parameters.
+    """
+
+    def __init__(self, method: str = "remit", eps: float = 0.2, keep_ratio: float = 0.6,
+                 temperature: float = 1.0, ignore_index: int = -100, reduction: str = "mean",
+                 chunk_size: Optional[int] = None, memory_budget: Optional[int] = None,
+                 grad_weight_fp32: bool = True, return_details: bool = False,
+                 backend: str = "auto"):
+        super().__init__()
+        self.method, self.eps, self.keep_ratio = method, eps, keep_ratio
+        self.temperature, self.ignore_index, self.reduction = temperature, ignore_index, reduction
+        self.chunk_size, self.memory_budget = chunk_size, memory_budget
+        self.grad_weight_fp32, self.return_details = grad_weight_fp32, return_details
+        self.backend = backend
+
+    def forward(self, hidden: Tensor, lm_head_weight: Tensor, targets: Tensor,
+                bias: Optional[Tensor] = None, scorer_hidden: Optional[Tensor] = None,
+                scorer_weight: Optional[Tensor] = None, scorer_bias: Optional[Tensor] = None,
+                scorer_logprobs: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None):
+        return remit_linear_loss(
+            hidden, lm_head_weight, targets, bias=bias, scorer_hidden=scorer_hidden,
+            scorer_weight=scorer_weight, scorer_bias=scorer_bias,
+            scorer_logprobs=scorer_logprobs, method=self.method, cu_seqlens=cu_seqlens,
+            ignore_index=self.ignore_index, eps=self.eps, keep_ratio=self.keep_ratio,
+            temperature=self.temperature, reduction=self.reduction, chunk_size=self.chunk_size,
+            memory_budget=self.memory_budget, grad_weight_fp32=self.grad_weight_fp32,
+            return_details=self.return_details, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"method={self.method!r}, eps={self.eps}, reduction={self.reduction!r}, "
+                f"chunk_size={self.chunk_size}, backend={self.backend!r}")
