@@ -1,8 +1,8 @@
 """Command line: ``remit-ext [COMMAND] [OPTIONS]`` or ``python -m remit_ext ...``.
 
-Each command is a module exposing ``add_arguments(parser)`` and ``run(args) -> exit status``;
-``demo`` is the default. Training commands (pretrain, midtrain, flywheel) and ``bench`` are to
-be added to ``COMMANDS`` the same way.
+Each command is an object (a module or an instance) with ``add_arguments(parser)`` and
+``run(args) -> exit status``; ``demo`` is the default. The training commands live in
+``remit_ext.train.cli``.
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ import sys
 from typing import Optional, Sequence
 
 from . import __version__, demo
+from .train.cli import COMMANDS as TRAIN_COMMANDS
 
 COMMANDS = {
     "demo": (demo, "ReMiT loss fwd+bwd on every backend, checked against the fp64 reference"),
+    **{name: (cmd, cmd.help) for name, cmd in TRAIN_COMMANDS.items()},
 }
 DEFAULT_COMMAND = "demo"
 

@@ -1,0 +1,379 @@
+"""The training loop: corpus, model, checkpoints, each stage on the tiny preset, resume after a
+kill, the 2-process DistributedDataParallel run, and the flywheel report."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import remit_ext
+from remit_ext import reference as ref
+from remit_ext.train import data as D
+from remit_ext.train.model import ModelConfig, TinyGPT
+from remit_ext.train.presets import get_preset
+from remit_ext.train.runtime import atomic_save, load, step_generator
+from remit_ext.train.stages import Common, _whiten, evaluate, load_model, midtrain, pretrain, rl, score
+
+TINY = get_preset("tiny")
+ENV = {**os.environ, "PYTHONHASHSEED": "random"}
+
+
+# ----------------------------------------------------------------------------- corpus
+
+
+def test_problems_are_correct_and_deterministic():
+    import random
+
+    rng = random.Random(3)
+    for _ in range(200):
+        q = D.make_problem(rng, rng.randint(1, 6))
+        x = int(q.question[0])
+        for i, s in enumerate(q.steps):
+            op, y, r = q.question[1 + 2 * i], int(q.question[2 + 2 * i]), int(s[-1])
+            assert s == f"{x}{op}{y}={r}"
+            assert r == {"+": (x + y) % 10, "-": (x - y) % 10, "*": (x * y) % 10}[op]
+            x = r
+        assert q.answer == x
+        assert D.parse_answer(q.text()[len(q.prompt()):]) == q.answer
+    assert D.generate_texts("midtrain", 50, 1, 4) == D.generate_texts("midtrain", 50, 1, 4)
+    assert D.generate_texts("midtrain", 50, 1, 4) != D.generate_texts("midtrain", 50, 2, 4)
+    assert D.generate_texts("pretrain", 50, 1, 4) != D.generate_texts("midtrain", 50, 1, 4)
+
+
+def test_noisy_pretraining_steps_are_sometimes_wrong():
+    import random
+
+    rng = random.Random(0)
+    wrong = sum(s[-1] != str(eval_step(s)) for _ in range(300)
+                for s in D.make_problem(rng, 3, noise=0.3).steps)
+    assert 0.2 < wrong / 900 < 0.4
+
+
+def eval_step(step: str) -> int:
+    x, op, y = int(step[0]), step[1], int(step[2])
+    return {"+": (x + y) % 10, "-": (x - y) % 10, "*": (x * y) % 10}[op]
+
+
+def test_pack_rows_shifts_and_pads():
+    texts = ["Q:1+2\nA:3\n", "Q:4\nA:4\n"]
+    inputs, targets = D.pack_rows(texts, 12)
+    assert D.decode(inputs[0, :10]) == "\n" + texts[0][:-1]
+    assert D.decode(targets[0, :10]) == texts[0]
+    assert (targets[0, 10:] == D.IGNORE_INDEX).all() and (targets[1, 8:] == D.IGNORE_INDEX).all()
+    roles = D.token_roles(inputs)
+    # Targets "3" (after "A:") and the result digit after "=" in a worked text.
+    assert roles[0, 8] == 2 and roles[0].tolist().count(2) == 1
+    w_in, _ = D.pack_rows(["Q:1+2\nS:1+2=3\nA:3\n"], 20)
+    assert D.token_roles(w_in)[0, 12] == 1
+    with pytest.raises(ValueError, match=r"texts\[0\]: 10 characters do not fit seq_len=5"):
+        D.pack_rows(texts, 5)
+
+
+def test_parse_answer():
+    assert D.parse_answer("S:1+2=3\nA:3\n") == 3
+    assert D.parse_answer("S:1+2=3\nA:\n") is None
+    assert D.parse_answer("S:1+2=3") is None
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def test_kv_cache_matches_full_forward():
+    model = TinyGPT(ModelConfig(D.VOCAB_SIZE, 32, 2, 2, 24)).eval()
+    x = torch.randint(0, D.VOCAB_SIZE, (3, 20))
+    with torch.no_grad():
+        full = model(x)
+        cache = []
+        parts = [model(x[:, :9], cache), model(x[:, 9:14], cache, start=9),
+                 model(x[:, 14:15], cache, start=14), model(x[:, 15:], cache, start=15)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
+    gen = model.generate(x[:, :5], 6)
+    # Greedy decoding with the cache equals argmax of a full forward at every step.
+    seq = x[:, :5]
+    for _ in range(6):
+        seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(gen, seq[:, 5:])
+    with pytest.raises(ValueError, match="idx: positions up to 25 exceed max_len=24"):
+        model(torch.zeros(1, 25, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------- runtime
+
+
+class _Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("boom")
+
+
+def test_atomic_save_keeps_the_old_file_on_failure(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    atomic_save({"step": 1}, path)
+    with pytest.raises(RuntimeError, match="boom"):
+        atomic_save({"step": 2, "bad": _Unpicklable()}, path)
+    assert load(path) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_step_generator_is_the_same_in_every_process():
+    here = torch.randint(0, 1 << 30, (4,), generator=step_generator(7, "rl", 3, 1)).tolist()
+    code = ("import torch; from remit_ext.train.runtime import step_generator; "
+            "print(torch.randint(0, 1 << 30, (4,), generator=step_generator(7, 'rl', 3, 1)).tolist())")
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env=ENV, check=True).stdout.strip()
+    assert other == str(here)
+    assert here != torch.randint(0, 1 << 30, (4,), generator=step_generator(7, "rl", 4, 1)).tolist()
+
+
+def test_group_whitened_advantages():
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    a = _whiten(r)
+    torch.testing.assert_close(a[0], torch.tensor([1.0, -1.0, -1.0, 1.0]), rtol=0, atol=1e-5)
+    assert (a[1] == 0).all()
+
+
+def test_policy_gradient_is_a_weighted_cross_entropy():
+    """The RL loss, -(1/(B G)) sum_i A_i mean_t log pi, through weighted_cross_entropy with
+    weight A_i / (B G L_i), against autograd of log_softmax in fp64."""
+    g, t, v = 4, 6, 11
+    logits = torch.randn(g, t, v, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, v, (g, t))
+    lengths = torch.tensor([6, 3, 1, 5])
+    y[torch.arange(t)[None] >= lengths[:, None]] = D.IGNORE_INDEX
+    adv = _whiten(torch.tensor([[1.0, 0.0, 0.0, 1.0]], dtype=torch.float64))[0]
+    w = (adv / (g * lengths))[:, None].expand(g, t).contiguous()
+    loss = remit_ext.weighted_cross_entropy(logits, y, w, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, logits)
+    logp = torch.log_softmax(logits, -1).gather(-1, y.clamp(min=0)[..., None])[..., 0]
+    logp = torch.where(y != D.IGNORE_INDEX, logp, 0)
+    truth = -(adv * logp.sum(1) / lengths).sum() / g
+    (truth_grad,) = torch.autograd.grad(truth, logits)
+    torch.testing.assert_close(loss, truth)
+    torch.testing.assert_close(grad, truth_grad)
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """pretrain -> rl -> score on the tiny preset, once for the module."""
+    root = tmp_path_factory.mktemp("flywheel")
+    c = Common(TINY, root / "pretrain", progress=False)
+    base = pretrain(c)
+    scorer = rl(dataclasses.replace(c, out=root / "rl"), base)
+    cache = score(dataclasses.replace(c, out=root / "cache.pt"), scorer / "final.pt")
+    return root, base, scorer, cache
+
+
+def _read_log(stage_dir):
+    return [json.loads(ln) for ln in (Path(stage_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_pretrain_and_rl_stages(trained):
+    root, base, scorer, _ = trained
+    for sdir, stage, steps in ((base, "pretrain", TINY.pretrain_steps), (scorer, "rl", TINY.rl_steps)):
+        final = load(sdir / "final.pt")
+        assert final["stage"] == stage
+        assert set(final["eval"]) >= {"acc", "nll", "nll_critical", "acc_k1"}
+        log = _read_log(sdir)
+        assert log[-1]["step"] == steps and all(r["stage"] == stage for r in log)
+    assert "reward" in _read_log(scorer)[-1]
+    pre_loss = [r["loss"] for r in _read_log(base)]
+    assert pre_loss[-1] < pre_loss[0]
+    # Resuming a finished stage is a no-op; another configuration in the same dir is refused.
+    assert pretrain(Common(TINY, base, progress=False)) == base
+    with pytest.raises(ValueError, match="holds a pretrain run with another configuration"):
+        (base / "final.pt").rename(base / "final.bak")
+        try:
+            pretrain(Common(TINY.override(["lr=0.5"]), base, progress=False))
+        finally:
+            (base / "final.bak").rename(base / "final.pt")
+
+
+def test_score_matches_the_reference(trained):
+    root, _, scorer, cache = trained
+    model = load_model(scorer, torch.device("cpu")).eval()
+    inputs, targets = D.pack_rows(D.generate_texts("midtrain", TINY.n_midtrain, TINY.seed,
+                                                   TINY.max_k), TINY.seq_len)
+    with torch.no_grad():
+        _, truth, _ = ref.token_stats_ref(model(inputs).double(), targets)
+    torch.testing.assert_close(load(cache)["logprob"].double(), truth, rtol=0, atol=1e-5)
+
+
+def test_evaluate_counts_correct_answers():
+    """An oracle 'model' that always emits the worked solution scores 100%."""
+
+    class Oracle(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def generate(self, prompts, max_new, **kw):
+            out = []
+            for row in prompts:
+                q = D.decode(row[1:])[2:-1]
+                x = int(q[0])
+                steps = []
+                for i in range(0, len(q) - 1, 2):
+                    r = eval_step(f"{x}{q[i + 1]}{q[i + 2]}")
+                    steps.append(f"{x}{q[i + 1]}{q[i + 2]}={r}")
+                    x = r
+                out.append(D.encode(f"S:{','.join(steps)}\nA:{x}\n")[:max_new])
+            return torch.tensor(out)
+
+        def forward(self, x):
+            return torch.zeros(*x.shape, D.VOCAB_SIZE)
+
+    result = evaluate(Oracle(), TINY, torch.device("cpu"))
+    assert result["acc"] == 1.0 and all(result[f"acc_k{k}"] == 1.0 for k in (1, 2, 3))
+    assert result["nll"] == pytest.approx(float(torch.log(torch.tensor(float(D.VOCAB_SIZE)))))
+
+
+@pytest.mark.parametrize("method", ["ntp", "remit", "rho1", "kd"])
+def test_midtrain_methods(trained, tmp_path, method):
+    root, base, scorer, cache = trained
+    c = Common(TINY, tmp_path / method, progress=False)
+    uses_cache = method in ("remit", "rho1")
+    out = midtrain(c, base / "final.pt", method,
+                   scorer=None if uses_cache else scorer / "final.pt",
+                   scorer_cache=cache if uses_cache else None)
+    final = load(out / "final.pt")
+    assert final["method"] == method and "acc" in final["eval"]
+    log = _read_log(out)
+    assert log[-1]["step"] == TINY.midtrain_steps
+    if method == "remit":
+        w = final["weights"]
+        assert sum(w["hist"]) > 0
+        assert 1 - TINY.eps <= w["role_mean"]["other"] <= 1 + TINY.eps
+        assert {"w_mean", "frac_clip_low", "abs_delta_hat_mean"} <= set(log[-1])
+    if method == "remit":
+        # The scorer run live gives the same training as its cached log-probs.
+        live = midtrain(dataclasses.replace(c, out=tmp_path / "live"), base / "final.pt",
+                        "remit", scorer=scorer / "final.pt")
+        a, b = load(out / "final.pt")["model"], load(live / "final.pt")["model"]
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_midtrain_refuses_bad_arguments(trained, tmp_path):
+    root, base, scorer, cache = trained
+    c = Common(TINY, tmp_path / "x", progress=False)
+    with pytest.raises(ValueError, match="--method: expected one of"):
+        midtrain(c, base, "dpo", scorer=scorer)
+    with pytest.raises(ValueError, match="--method remit: expected --scorer"):
+        midtrain(c, base, "remit")
+    with pytest.raises(ValueError, match="--method kd: expected --scorer"):
+        midtrain(c, base, "kd", scorer_cache=cache)
+    other = Common(TINY.override(["n_midtrain=64"]), tmp_path / "y", progress=False)
+    with pytest.raises(ValueError, match="--scorer-cache: .* another mid-training dataset"):
+        midtrain(other, base, "remit", scorer_cache=cache)
+
+
+def test_preset_overrides():
+    assert get_preset("tiny", ["midtrain_steps=9", "eps=0.1"]).midtrain_steps == 9
+    with pytest.raises(ValueError, match="--set: expected FIELD=VALUE"):
+        get_preset("tiny", ["bogus=1"])
+    with pytest.raises(ValueError, match="--set lr: expected a float, got 'x'"):
+        get_preset("tiny", ["lr=x"])
+    with pytest.raises(ValueError, match="--preset: expected one of"):
+        get_preset("huge")
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def _cli(*args, **kw):
+    return [sys.executable, "-m", "remit_ext", *args]
+
+
+def _final_model(path):
+    return load(Path(path) / "final.pt")["model"]
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    t0 = time.time()
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (rc {proc.returncode}) before writing {path}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path, sig):
+    """Kill a pre-training run after its first checkpoint, re-run the same command: it resumes
+    from the checkpoint and ends with exactly the uninterrupted run's weights and log."""
+    args = ["pretrain", "--preset", "tiny", "--set", "pretrain_steps=40", "--set",
+            "ckpt_every=4", "--set", "eval_every=0", "--no-progress"]
+    subprocess.run(_cli(*args, "--out", str(tmp_path / "full")), check=True, env=ENV,
+                   capture_output=True)
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(_cli(*args, "--out", str(cut)), env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(cut / "checkpoint.pt", proc)
+    proc.send_signal(sig)
+    rc = proc.wait(60)
+    assert not (cut / "final.pt").exists(), "the run finished before it could be interrupted"
+    assert rc == (130 if sig == signal.SIGTERM else -signal.SIGKILL)
+    killed_at = load(cut / "checkpoint.pt")["step"]
+    assert 0 < killed_at < 40
+    done = subprocess.run(_cli(*args, "--out", str(cut)), env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    a, b = _final_model(tmp_path / "full"), _final_model(cut)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "time"} for r in rows]  # noqa: E731
+    assert strip(_read_log(cut)) == strip(_read_log(tmp_path / "full"))
+
+
+def test_two_process_ddp_run(trained, tmp_path):
+    """The same command under torchrun with 2 processes (gloo): both ranks train their shard of
+    each global batch; rank 0 writes one log and one final model."""
+    root, base, scorer, cache = trained
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc_per_node", "2", "-m", "remit_ext", "midtrain", "--method", "remit",
+           "--preset", "tiny", "--init", str(base), "--scorer-cache", str(cache),
+           "--out", str(tmp_path / "ddp"), "--no-progress"]
+    done = subprocess.run(cmd, env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    final = load(tmp_path / "ddp" / "final.pt")
+    assert final["world_size"] == 2
+    log = _read_log(tmp_path / "ddp")
+    assert [r["step"] for r in log if "loss" in r][-1] == TINY.midtrain_steps
+    assert len({r["step"] for r in log}) == len(log)  # one writer
+    # Against one process on the same global batches: the same first-step update direction.
+    single = midtrain(Common(TINY, tmp_path / "one", progress=False), base, "remit",
+                      scorer_cache=cache)
+    a, b, init = final["model"], _final_model(single), load(base / "final.pt")["model"]
+    da = torch.cat([(a[k] - init[k]).flatten() for k in a])
+    db = torch.cat([(b[k] - init[k]).flatten() for k in a])
+    assert torch.nn.functional.cosine_similarity(da, db, dim=0) > 0.9
+
+
+def test_flywheel_writes_the_table_and_figures(tmp_path):
+    out = tmp_path / "fw"
+    done = subprocess.run(_cli("flywheel", "--preset", "tiny", "--out", str(out),
+                               "--no-progress"), env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    names = [r["name"] for r in results["rows"]]
+    assert names == ["Pre-trained", "RL scorer (reference)", "Vanilla NTP", "Rho-1", "ReMiT", "KD"]
+    assert results["scorer_cache"]["speedup"] > 0
+    md = (out / "results.md").read_text()
+    assert "| ReMiT |" in md and md in done.stdout
+    for png in ("curves.png", "weights.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A second run finds every stage done and only rebuilds the report.
+    again = subprocess.run(_cli("flywheel", "--preset", "tiny", "--out", str(out),
+                                "--no-progress"), env=ENV, capture_output=True, text=True)
+    assert again.returncode == 0 and "| ReMiT |" in again.stdout
+    assert json.loads((out / "results.json").read_text())["rows"] == results["rows"]

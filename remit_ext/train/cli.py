@@ -1,0 +1,165 @@
+"""``remit-ext`` training commands: pretrain, rl, score, midtrain, eval, flywheel.
+
+Each is an object with ``add_arguments(parser)`` and ``run(args) -> exit status``, listed in
+``remit_ext.__main__.COMMANDS``. A stage whose directory holds ``final.pt`` is done and is
+skipped; one holding ``checkpoint.pt`` resumes from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+from .presets import PRESETS, get_preset
+
+
+def _common_args(parser: argparse.ArgumentParser, out_help: str) -> None:
+    parser.add_argument("--out", type=Path, required=True, help=out_help)
+    parser.add_argument("--preset", default="default", choices=sorted(PRESETS),
+                        help="model, data and schedule sizes (default: %(default)s)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="FIELD=VALUE", help="override one preset field (repeatable)")
+    parser.add_argument("--seed", type=int, default=None, help="overrides the preset's seed")
+    parser.add_argument("--backend", default="auto",
+                        help="remit_ext loss backend: auto, cpu, triton, cuda or torch")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete --out first instead of resuming from it")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _common(args):
+    from .stages import Common
+
+    overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
+    if args.overwrite and args.out.exists():
+        shutil.rmtree(args.out) if args.out.is_dir() else args.out.unlink()
+    return Common(get_preset(args.preset, overrides), args.out, args.backend, args.device,
+                  progress=not args.no_progress)
+
+
+def _print_eval(stage_dir: Path) -> None:
+    from .runtime import get_dist, load
+
+    if get_dist().is_main:
+        ev = load(Path(stage_dir) / "final.pt").get("eval")
+        print(json.dumps({"out": str(stage_dir), "eval": ev}, indent=1))
+
+
+class _Command:
+    help = ""
+
+    def __init__(self, name: str, help_text: str):
+        self.name, self.help = name, help_text
+
+
+class Pretrain(_Command):
+    def add_arguments(self, parser):
+        _common_args(parser, "directory for checkpoints, metrics and final.pt")
+
+    def run(self, args) -> int:
+        from .stages import pretrain
+
+        _print_eval(pretrain(_common(args)))
+        return 0
+
+
+class RL(_Command):
+    def add_arguments(self, parser):
+        _common_args(parser, "directory for checkpoints, metrics and final.pt")
+        parser.add_argument("--init", type=Path, required=True,
+                            help="the model to start from (a stage directory or its final.pt)")
+
+    def run(self, args) -> int:
+        from .stages import rl
+
+        _print_eval(rl(_common(args), args.init))
+        return 0
+
+
+class Score(_Command):
+    def add_arguments(self, parser):
+        _common_args(parser, "file to write the cached log-probs to")
+        parser.add_argument("--scorer", type=Path, required=True, help="the RL model")
+
+    def run(self, args) -> int:
+        from .stages import score
+
+        print(f"wrote {score(_common(args), args.scorer)}")
+        return 0
+
+
+class Midtrain(_Command):
+    def add_arguments(self, parser):
+        from .stages import METHODS
+
+        _common_args(parser, "directory for checkpoints, metrics and final.pt")
+        parser.add_argument("--method", required=True, choices=METHODS)
+        parser.add_argument("--init", type=Path, required=True, help="the pre-trained model")
+        parser.add_argument("--scorer", type=Path, default=None,
+                            help="the RL model, run live (remit, rho1, kd)")
+        parser.add_argument("--scorer-cache", type=Path, default=None,
+                            help="log-probs from `remit-ext score` (remit, rho1)")
+
+    def run(self, args) -> int:
+        from .stages import midtrain
+
+        _print_eval(midtrain(_common(args), args.init, args.method, args.scorer,
+                             args.scorer_cache))
+        return 0
+
+
+class Eval(_Command):
+    def add_arguments(self, parser):
+        parser.add_argument("--ckpt", type=Path, required=True,
+                            help="a stage directory or its final.pt")
+        parser.add_argument("--preset", default="default", choices=sorted(PRESETS))
+        parser.add_argument("--set", dest="overrides", action="append", default=[],
+                            metavar="FIELD=VALUE")
+        parser.add_argument("--device", default=None)
+        parser.add_argument("--backend", default="auto")
+        parser.add_argument("--json", type=Path, default=None, help="also write the result here")
+
+    def run(self, args) -> int:
+        import torch
+
+        from .runtime import atomic_write_text
+        from .stages import evaluate, load_model
+
+        p = get_preset(args.preset, args.overrides)
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        result = evaluate(load_model(args.ckpt, device), p, device, args.backend)
+        text = json.dumps(result, indent=1)
+        print(text)
+        if args.json:
+            atomic_write_text(text + "\n", args.json)
+        return 0
+
+
+class Flywheel(_Command):
+    def add_arguments(self, parser):
+        _common_args(parser, "directory for every stage and the results")
+        parser.add_argument("--methods", nargs="+", default=["ntp", "rho1", "remit", "kd"],
+                            choices=["ntp", "rho1", "remit", "kd"])
+        parser.add_argument("--post-rl", action="store_true",
+                            help="after mid-training, run the RL stage on each model too")
+
+    def run(self, args) -> int:
+        from .flywheel import flywheel
+
+        return flywheel(_common(args), args.methods, args.post_rl)
+
+
+COMMANDS = {
+    c.name: c for c in (
+        Pretrain("pretrain", "pre-train the base model on the noisy corpus (next-token loss)"),
+        RL("rl", "RL-tune a model (group-relative policy gradient on exact answers)"),
+        Score("score", "cache a scorer's per-token log-probs on the mid-training data"),
+        Midtrain("midtrain", "mid-train (anneal) a base model with ntp, remit, rho1 or kd"),
+        Eval("eval", "answer accuracy and NLL of a model on held-out problems"),
+        Flywheel("flywheel", "pretrain -> RL -> mid-train with every method -> results table"),
+    )
+}

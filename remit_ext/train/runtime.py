@@ -1,0 +1,265 @@
+"""What every training stage shares: the process group, atomic checkpoints, the JSONL metrics
+log, progress bars and interruption handling.
+
+A stage writes into its own directory::
+
+    config.json      the stage's resolved configuration (a resumed run must match it)
+    checkpoint.pt    the latest training state (model, optimizer, step), replaced atomically
+    metrics.jsonl    one JSON object per logged step
+    final.pt         the finished model; its presence marks the stage as done
+
+Launched by ``torchrun`` (``WORLD_SIZE`` > 1), a stage runs under DistributedDataParallel
+(gloo on CPU, nccl on GPU): every rank computes its shard of each global batch, rank 0 alone
+writes files.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+CHECKPOINT, FINAL, METRICS, CONFIG = "checkpoint.pt", "final.pt", "metrics.jsonl", "config.json"
+
+
+class Dist:
+    """This process's place in the job; a single process when not launched by torchrun."""
+
+    def __init__(self, device: Optional[str] = None):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", local)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.owns_group = self.world > 1 and not dist.is_initialized()
+        if self.owns_group:
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        if self.world == 1:
+            return model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def shard(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a global batch (the batch size must divide by the world size)."""
+        if x.shape[0] % self.world:
+            raise ValueError(f"batch: expected a size divisible by the world size {self.world}, "
+                             f"got {x.shape[0]}")
+        return x[self.rank::self.world]
+
+    def mean(self, value: float) -> float:
+        """The mean over ranks of a per-rank scalar (for logging)."""
+        if self.world == 1:
+            return float(value)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t) / self.world
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename over ``path``: a
+    reader (or a resumed run) sees the old file or the new one, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+_DIST: Optional[Dist] = None
+
+
+def get_dist(device: Optional[str] = None) -> Dist:
+    """The process's one Dist (a process group is set up once and torn down at exit, so that
+    the flywheel can run several stages in one torchrun job)."""
+    global _DIST
+    if _DIST is None:
+        _DIST = Dist(device)
+        atexit.register(_DIST.close)
+    return _DIST
+
+
+def step_generator(seed: int, stage: str, step: int, rank: int = 0,
+                   device: torch.device | str = "cpu") -> torch.Generator:
+    """Randomness for one step derived from (seed, stage, step, rank) alone, so a resumed run
+    draws exactly what the uninterrupted run would have drawn, without saving RNG state."""
+    # hashlib, not hash(): str hashes are salted per process.
+    digest = hashlib.sha256(f"{seed}/{stage}/{step}/{rank}".encode()).digest()
+    g = torch.Generator(device=device)
+    g.manual_seed(int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF)
+    return g
+
+
+class StageRun:
+    """Bookkeeping for one stage in ``out_dir``: resume, log, checkpoint, finish."""
+
+    def __init__(self, out_dir: Path, stage: str, config: dict, d: Dist, total_steps: int,
+                 ckpt_every: int, progress: bool = True):
+        self.dir, self.stage, self.config, self.d = Path(out_dir), stage, config, d
+        self.total, self.ckpt_every = total_steps, max(1, ckpt_every)
+        self.progress = progress
+        # Tensors a stage accumulates over its run (saved in checkpoints, restored in place).
+        self.extra_state: dict[str, torch.Tensor] = {}
+        if d.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def done(self) -> bool:
+        return (self.dir / FINAL).exists()
+
+    def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+        """Load the latest checkpoint if there is one; returns the first step to run."""
+        cfg_path = self.dir / CONFIG
+        if cfg_path.exists():
+            saved = json.loads(cfg_path.read_text())
+            if saved != json.loads(json.dumps(self.config)):
+                changed = sorted(k for k in set(saved) | set(self.config)
+                                 if saved.get(k) != json.loads(json.dumps(self.config)).get(k))
+                raise ValueError(
+                    f"out: {self.dir} holds a {saved.get('stage', '?')} run with another "
+                    f"configuration (differs in {changed}); use a new --out directory or "
+                    f"--overwrite")
+        elif self.d.is_main:
+            atomic_write_text(json.dumps(self.config, indent=2, sort_keys=True), cfg_path)
+        start = 0
+        ckpt = self.dir / CHECKPOINT
+        if ckpt.exists():
+            state = load(ckpt)
+            unwrap(model).load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            for k, v in state.get("extra_state", {}).items():
+                self.extra_state[k].copy_(v)
+            start = state["step"]
+        if self.d.is_main:
+            self._truncate_log(start)
+        self.d.barrier()
+        return start
+
+    def _truncate_log(self, start: int) -> None:
+        """Drop log lines past the checkpoint: the resumed run will log those steps again."""
+        path = self.dir / METRICS
+        if not path.exists():
+            return
+        keep = [ln for ln in path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= start]
+        atomic_write_text("".join(k + "\n" for k in keep), path)
+
+    def log(self, record: dict) -> None:
+        if not self.d.is_main:
+            return
+        record = {"stage": self.stage, **record, "time": round(time.time(), 3)}
+        with open(self.dir / METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        if self.d.is_main:
+            atomic_save({"stage": self.stage, "step": step, "model": unwrap(model).state_dict(),
+                         "optimizer": optimizer.state_dict(), "config": self.config,
+                         "extra_state": self.extra_state},
+                        self.dir / CHECKPOINT)
+        self.d.barrier()
+
+    def finish(self, model: nn.Module, extra: Optional[dict] = None) -> None:
+        if self.d.is_main:
+            atomic_save({"stage": self.stage, "model": unwrap(model).state_dict(),
+                         "model_config": unwrap(model).cfg.to_dict(), "config": self.config,
+                         **(extra or {})}, self.dir / FINAL)
+        self.d.barrier()
+
+    @contextlib.contextmanager
+    def steps(self, start: int, model: nn.Module,
+              optimizer: torch.optim.Optimizer) -> Iterator[Iterator[int]]:
+        """Yields the step numbers to run. Saves a checkpoint every ``ckpt_every`` steps, and
+        on SIGTERM or Ctrl-C after the step in flight completes, then exits with status 130."""
+        state = {"last": start, "stop": False}
+
+        def request_stop(signum, frame):
+            state["stop"] = True
+
+        old = signal.signal(signal.SIGTERM, request_stop)
+        old_int = signal.signal(signal.SIGINT, request_stop)
+        bar = None
+        if self.progress and self.d.is_main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total, initial=start, desc=self.stage, dynamic_ncols=True,
+                       mininterval=1.0, leave=False)
+
+        def gen():
+            for step in range(start, self.total):
+                yield step
+                state["last"] = step + 1
+                if bar is not None:
+                    bar.update(1)
+                if state["stop"]:
+                    break
+                if state["last"] % self.ckpt_every == 0 and state["last"] < self.total:
+                    self.save(state["last"], model, optimizer)
+
+        try:
+            yield gen()
+        finally:
+            signal.signal(signal.SIGTERM, old)
+            signal.signal(signal.SIGINT, old_int)
+            if bar is not None:
+                bar.close()
+        if state["stop"]:
+            self.save(state["last"], model, optimizer)
+            raise SystemExit(130)

@@ -1,0 +1,387 @@
+"""The flywheel's stages: pretrain, rl, score, midtrain, eval.
+
+Every loss below is one of remit_ext's own (``weighted_cross_entropy``, ``remit_loss``,
+``rho1_loss``, ``kd_loss``): the training loop is a user of the library, not a second
+implementation of it. The RL policy gradient is a weighted cross-entropy over the sampled
+tokens with weight ``A_i / (G * L_i)`` (group-whitened advantage over the rollout's length).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+import remit_ext
+
+from . import data as D
+from .model import TinyGPT
+from .presets import Preset
+from .runtime import StageRun, get_dist, atomic_save, load, step_generator, unwrap
+
+METHODS = ("ntp", "remit", "rho1", "kd")
+
+
+@dataclass
+class Common:
+    """Options every stage takes from the command line."""
+
+    preset: Preset
+    out: Path
+    backend: str = "auto"  # remit_ext loss backend
+    device: Optional[str] = None
+    progress: bool = True
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def new_model(p: Preset, device: torch.device) -> TinyGPT:
+    torch.manual_seed(p.seed)
+    return TinyGPT(p.model_config()).to(device)
+
+
+def load_model(path: Path, device: torch.device) -> TinyGPT:
+    """A model from a stage's ``final.pt`` (or the directory holding it)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "final.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint: expected a stage's final.pt, got missing {path}")
+    state = load(path)
+    from .model import ModelConfig
+
+    model = TinyGPT(ModelConfig(**state["model_config"]))
+    model.load_state_dict(state["model"])
+    return model.to(device)
+
+
+def make_optimizer(model, lr: float) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    other = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                              {"params": other, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.95))
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+def dataset(p: Preset, split: str) -> tuple[Tensor, Tensor]:
+    n = p.n_pretrain if split == "pretrain" else p.n_midtrain
+    return D.pack_rows(D.generate_texts(split, n, p.seed, p.max_k, p.noise), p.seq_len)
+
+
+def batch_rows(p: Preset, stage: str, step: int, n_rows: int, size: int) -> Tensor:
+    """The global batch's row indices at ``step`` (a function of seed and step only)."""
+    return torch.randint(0, n_rows, (size,), generator=step_generator(p.seed, stage, step))
+
+
+def clip_and_step(model, opt) -> float:
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model: TinyGPT, p: Preset, device: torch.device, backend: str = "auto") -> dict:
+    """Answer accuracy (greedy decoding) per difficulty and overall, NLL per token on held-out
+    worked solutions, and NLL on the reasoning-critical tokens (step results and answers)."""
+    model = unwrap(model)
+    was_training = model.training
+    model.eval()
+    problems = D.generate_problems("eval", p.n_eval, p.seed, p.max_k)
+    out: dict = {}
+    correct = 0
+    for k in range(1, p.max_k + 1):
+        group = [q for q in problems if q.difficulty == k]
+        prompts = torch.tensor([[D.NEWLINE_ID] + D.encode(q.prompt()) for q in group],
+                               device=device)
+        max_new = len(group[0].text()) - len(group[0].prompt())
+        gen = model.generate(prompts, max_new).cpu()
+        hits = sum(D.parse_answer(D.decode(g)) == q.answer for g, q in zip(gen, group))
+        out[f"acc_k{k}"] = hits / len(group)
+        correct += hits
+    out["acc"] = correct / len(problems)
+    inputs, targets = D.pack_rows([q.text() for q in problems], p.seq_len)
+    roles = D.token_roles(inputs)
+    nll_sum = torch.zeros(3, dtype=torch.float64)
+    counts = torch.zeros(3, dtype=torch.float64)
+    for i in range(0, len(problems), 256):
+        x, y = inputs[i:i + 256].to(device), targets[i:i + 256].to(device)
+        per_tok = remit_ext.weighted_cross_entropy(model(x).float(), y, reduction="none",
+                                                   backend=backend).double().cpu()
+        valid = targets[i:i + 256] != D.IGNORE_INDEX
+        critical = valid & (roles[i:i + 256] > 0)
+        nll_sum += torch.stack([per_tok.sum(), (per_tok * critical).sum(), 0 * per_tok.sum()])
+        counts += torch.tensor([valid.sum(), critical.sum(), 0], dtype=torch.float64)
+    out["nll"] = float(nll_sum[0] / counts[0])
+    out["nll_critical"] = float(nll_sum[1] / counts[1])
+    model.train(was_training)
+    return out
+
+
+# ----------------------------------------------------------------------------- pretrain
+
+
+def pretrain(c: Common) -> Path:
+    """Next-token prediction on the noisy pre-training split; warmup then a constant rate."""
+    p, d = c.preset, get_dist(c.device)
+    run = StageRun(c.out, "pretrain", {"stage": "pretrain", **p.to_dict()}, d,
+                   p.pretrain_steps, p.ckpt_every, c.progress)
+    if run.done:
+        return c.out
+    inputs, targets = dataset(p, "pretrain")
+    model = new_model(p, d.device)
+    opt = make_optimizer(model, p.lr)
+    start = run.resume(model, opt)
+    ddp = d.wrap(model)
+    with run.steps(start, model, opt) as steps:
+        for step in steps:
+            set_lr(opt, p.lr * min(1.0, (step + 1) / max(1, p.warmup)))
+            rows = d.shard(batch_rows(p, "pretrain", step, len(inputs), p.batch))
+            x, y = inputs[rows].to(d.device), targets[rows].to(d.device)
+            loss = remit_ext.weighted_cross_entropy(ddp(x), y, backend=c.backend)
+            loss.backward()
+            norm = clip_and_step(ddp, opt)
+            _log_step(run, d, step, p.eval_every, {"loss": float(loss.detach()), "grad_norm": norm},
+                      model, p, c)
+    _finish(run, d, model, p, c)
+    return c.out
+
+
+def _log_step(run, d, step, every, metrics, model, p, c) -> None:
+    """Log every 10th step (and the last); evaluate every ``every`` steps on rank 0."""
+    last = step + 1 == run.total
+    if (step + 1) % 10 and not last and not (every and (step + 1) % every == 0):
+        return
+    rec = {"step": step + 1, **{k: d.mean(v) for k, v in metrics.items()}}
+    if every and ((step + 1) % every == 0 or last) and d.is_main:
+        rec.update({f"eval_{k}": v for k, v in evaluate(model, p, d.device, c.backend).items()})
+    run.log(rec)
+    d.barrier()
+
+
+def _finish(run, d, model, p, c, extra: Optional[dict] = None) -> None:
+    result = None
+    if d.is_main:
+        result = evaluate(model, p, d.device, c.backend)
+    run.finish(model, {"eval": result, "world_size": d.world, **(extra or {})})
+
+
+# ----------------------------------------------------------------------------- RL
+
+
+def rl(c: Common, init: Path) -> Path:
+    """Group-relative policy gradient on exact-answer reward (the scorer for mid-training).
+
+    Each step draws one difficulty, ``rl_prompts`` questions of it (split over ranks) and
+    ``rl_group`` sampled completions per question; advantages are whitened per group and the
+    loss is ``-(1/B) sum_groups (1/G) sum_i A_i mean_t log pi(token_t)``.
+    """
+    p, d = c.preset, get_dist(c.device)
+    run = StageRun(c.out, "rl", {"stage": "rl", "init": str(init), **p.to_dict()}, d,
+                   p.rl_steps, p.ckpt_every, c.progress)
+    if run.done:
+        return c.out
+    problems = D.generate_problems("rl", p.n_rl, p.seed, p.max_k)
+    by_k = {k: [q for q in problems if q.difficulty == k] for k in range(1, p.max_k + 1)}
+    model = load_model(init, d.device)
+    opt = make_optimizer(model, p.rl_lr)
+    start = run.resume(model, opt)
+    ddp = d.wrap(model)
+    g_size = p.rl_group
+    with run.steps(start, model, opt) as steps:
+        for step in steps:
+            gen = step_generator(p.seed, "rl", step)
+            k = int(torch.randint(1, p.max_k + 1, (1,), generator=gen))
+            pool = by_k[k]
+            picks = torch.randint(0, len(pool), (p.rl_prompts,), generator=gen)
+            picks = d.shard(picks)
+            group = [pool[int(i)] for i in picks]
+            prompt = torch.tensor([[D.NEWLINE_ID] + D.encode(q.prompt()) for q in group])
+            prompt = prompt.repeat_interleave(g_size, dim=0).to(d.device)
+            max_new = len(group[0].text()) - len(group[0].prompt())
+            sample_gen = step_generator(p.seed, "rl-sample", step, d.rank, d.device)
+            completion = unwrap(ddp).generate(prompt, max_new, temperature=p.rl_temperature,
+                                              generator=sample_gen)
+            reward, lengths = _rewards(completion.cpu(), group, g_size)
+            adv = _whiten(reward.view(-1, g_size)).view(-1)
+            seq = torch.cat([prompt, completion.to(d.device)], dim=1)
+            x, y = seq[:, :-1], seq[:, 1:].clone()
+            pos = torch.arange(y.shape[1])
+            p_len = prompt.shape[1]
+            keep = (pos >= p_len - 1) & (pos < p_len - 1 + lengths[:, None])
+            y[~keep.to(d.device)] = D.IGNORE_INDEX
+            w = (adv / (len(group) * g_size * lengths.clamp(min=1)))[:, None].expand_as(y)
+            loss = remit_ext.weighted_cross_entropy(ddp(x), y, w.to(d.device).contiguous(),
+                                                    reduction="sum", backend=c.backend)
+            loss.backward()
+            norm = clip_and_step(ddp, opt)
+            _log_step(run, d, step, p.eval_every,
+                      {"reward": float(reward.mean()), "difficulty": k,
+                       "length": float(lengths.float().mean()), "grad_norm": norm},
+                      model, p, c)
+    _finish(run, d, model, p, c)
+    return c.out
+
+
+def _rewards(completion: Tensor, group: list, g_size: int) -> tuple[Tensor, Tensor]:
+    """Exact-answer reward per rollout and its length up to the newline after the answer."""
+    rewards, lengths = [], []
+    for i, row in enumerate(completion):
+        text = D.decode(row)
+        q = group[i // g_size]
+        rewards.append(float(D.parse_answer(text) == q.answer))
+        at = text.find("A:")
+        end = text.find("\n", at) if at >= 0 else -1
+        lengths.append(end + 1 if end >= 0 else len(text))
+    return torch.tensor(rewards), torch.tensor(lengths)
+
+
+def _whiten(r: Tensor) -> Tensor:
+    """Group-whitened advantages (METHODS.md section 4): (r - mean) / (std + 1e-6)."""
+    return (r - r.mean(dim=1, keepdim=True)) / (r.std(dim=1, keepdim=True, unbiased=False) + 1e-6)
+
+
+# ----------------------------------------------------------------------------- score
+
+
+@torch.no_grad()
+def score(c: Common, scorer: Path) -> Path:
+    """Precompute the scorer's log-prob of every mid-training target into ``c.out`` (a file),
+    which ``midtrain --scorer-cache`` reads instead of running the scorer."""
+    p, d = c.preset, get_dist(c.device)
+    if not d.is_main:  # one process scores; the others wait for its file
+        d.barrier()
+        return c.out
+    device = d.device
+    model = load_model(scorer, device).eval()
+    inputs, targets = dataset(p, "midtrain")
+    logprob = torch.empty(targets.shape, dtype=torch.float32)
+    t0 = time.perf_counter()
+    for i in range(0, len(inputs), 256):
+        x, y = inputs[i:i + 256].to(device), targets[i:i + 256].to(device)
+        st = remit_ext.token_stats(model(x).float(), y, backend=c.backend)
+        logprob[i:i + 256] = st.logprob.cpu()
+    seconds = time.perf_counter() - t0
+    atomic_save({"logprob": logprob, "targets": targets, "scorer": str(scorer),
+                 "seconds": seconds, "preset": p.to_dict()}, c.out)
+    d.barrier()
+    return c.out
+
+
+def load_scorer_cache(path: Path, targets: Tensor) -> Tensor:
+    cache = load(path)
+    if not torch.equal(cache["targets"], targets):
+        raise ValueError(f"--scorer-cache: {path} was computed for another mid-training dataset "
+                         f"(targets differ: other preset, seed or sizes); re-run `remit-ext score`")
+    return cache["logprob"]
+
+
+# ----------------------------------------------------------------------------- midtrain
+
+
+def midtrain(c: Common, init: Path, method: str, scorer: Optional[Path] = None,
+             scorer_cache: Optional[Path] = None) -> Path:
+    """Mid-training of the base model on the high-quality split with a rapid (linear to zero)
+    learning-rate decay, under one of METHODS: vanilla NTP, ReMiT, Rho-1 or KD, the last three
+    steered by the RL model (live, or through its cached log-probs for ReMiT and Rho-1)."""
+    if method not in METHODS:
+        raise ValueError(f"--method: expected one of {METHODS}, got {method!r}")
+    if method != "ntp" and scorer is None and scorer_cache is None:
+        raise ValueError(f"--method {method}: expected --scorer (the RL model) or --scorer-cache")
+    if method == "kd" and scorer is None:
+        raise ValueError("--method kd: expected --scorer (distillation needs the teacher's full "
+                         "distribution, which a log-prob cache does not hold)")
+    p, d = c.preset, get_dist(c.device)
+    cfg = {"stage": "midtrain", "method": method, "init": str(init),
+           "scorer": None if scorer is None else str(scorer),
+           "scorer_cache": None if scorer_cache is None else str(scorer_cache), **p.to_dict()}
+    run = StageRun(c.out, f"midtrain-{method}", cfg, d, p.midtrain_steps, p.ckpt_every,
+                   c.progress)
+    if run.done:
+        return c.out
+    inputs, targets = dataset(p, "midtrain")
+    roles = D.token_roles(inputs)
+    cached = None
+    teacher = None
+    if method != "ntp":
+        if scorer_cache is not None and method != "kd":
+            cached = load_scorer_cache(scorer_cache, targets)
+        else:
+            teacher = load_model(scorer, d.device).eval()
+    model = load_model(init, d.device)
+    opt = make_optimizer(model, p.lr)
+    # Weight statistics over the whole run (ReMiT): a histogram and the mean per token role,
+    # kept in the checkpoints so that a resumed run reports the same totals.
+    bins = torch.linspace(1 - p.eps, 1 + p.eps, 41)
+    hist = torch.zeros(40, dtype=torch.float64)
+    role_sum = torch.zeros(len(D.ROLES), dtype=torch.float64)
+    role_n = torch.zeros(len(D.ROLES), dtype=torch.float64)
+    run.extra_state.update(hist=hist, role_sum=role_sum, role_n=role_n)
+    start = run.resume(model, opt)
+    ddp = d.wrap(model)
+    step_seconds = []
+    with run.steps(start, model, opt) as steps:
+        for step in steps:
+            t0 = time.perf_counter()
+            set_lr(opt, p.lr * (1 - step / p.midtrain_steps))
+            rows = d.shard(batch_rows(p, "midtrain", step, len(inputs), p.batch))
+            x, y = inputs[rows].to(d.device), targets[rows].to(d.device)
+            logits = ddp(x).float()
+            b = None if cached is None else cached[rows].to(d.device)
+            t_logits = None
+            if teacher is not None:
+                with torch.no_grad():
+                    t_logits = teacher(x).float()
+            metrics = {}
+            if method == "ntp":
+                loss = remit_ext.weighted_cross_entropy(logits, y, backend=c.backend)
+            elif method == "remit":
+                out = remit_ext.remit_loss(logits, y, scorer_logits=t_logits, scorer_logprobs=b,
+                                           eps=p.eps, return_details=True, backend=c.backend)
+                loss = out.loss
+                metrics.update(out.diagnostics.as_dict())
+                valid = (y != D.IGNORE_INDEX).cpu()
+                w = out.weights.cpu()[valid].double()
+                hist += torch.histc(w, 40, 1 - p.eps, 1 + p.eps)
+                r = roles[rows][valid]
+                role_sum.index_add_(0, r, w)
+                role_n.index_add_(0, r, torch.ones_like(w))
+            elif method == "rho1":
+                loss = remit_ext.rho1_loss(logits, y, ref_logits=t_logits, ref_logprobs=b,
+                                           keep_ratio=p.keep_ratio, backend=c.backend)
+            else:
+                loss = remit_ext.kd_loss(logits, t_logits, y, temperature=p.kd_temperature,
+                                         backend=c.backend)
+            loss.backward()
+            norm = clip_and_step(ddp, opt)
+            step_seconds.append(time.perf_counter() - t0)
+            _log_step(run, d, step, p.eval_every,
+                      {"loss": float(loss.detach()), "grad_norm": norm, **metrics}, model, p, c)
+    extra = {"method": method, "step_seconds": _median(step_seconds)}
+    if method == "remit":
+        extra["weights"] = {"bins": bins.tolist(), "hist": hist.tolist(),
+                            "role_mean": {name: float(role_sum[i] / role_n[i]) if role_n[i] else
+                                          math.nan for i, name in enumerate(D.ROLES)}}
+    _finish(run, d, model, p, c, extra)
+    return c.out
+
+
+def _median(xs: list) -> Optional[float]:
+    if not xs:
+        return None
+    s = sorted(xs)
+    return s[len(s) // 2]
