@@ -16,8 +16,13 @@ from pathlib import Path
 from .presets import PRESETS, get_preset
 
 
-def _common_args(parser: argparse.ArgumentParser, out_help: str) -> None:
-    parser.add_argument("--out", type=Path, required=True, help=out_help)
+def _common_args(parser: argparse.ArgumentParser, out_help: str,
+                 default_out: Path | None = None) -> None:
+    if default_out is None:
+        parser.add_argument("--out", type=Path, required=True, help=out_help)
+    else:
+        parser.add_argument("--out", type=Path, default=default_out,
+                            help=f"{out_help} (default: %(default)s)")
     parser.add_argument("--preset", default="default", choices=sorted(PRESETS),
                         help="model, data and schedule sizes (default: %(default)s)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
@@ -141,7 +146,8 @@ class Eval(_Command):
 
 class Flywheel(_Command):
     def add_arguments(self, parser):
-        _common_args(parser, "directory for every stage and the results")
+        _common_args(parser, "directory for every stage and the results",
+                     default_out=Path("runs/flywheel"))
         parser.add_argument("--methods", nargs="+", default=["ntp", "rho1", "remit", "kd"],
                             choices=["ntp", "rho1", "remit", "kd"])
         parser.add_argument("--post-rl", action="store_true",
