@@ -54,8 +54,9 @@ __all__ = ["LinearLossOutput", "METHODS", "remit_linear_loss", "linear_chunk_siz
 METHODS = ("remit", "ntp", "rho1", "kd")
 NAMESPACE = "remit_ext_linear"
 # Default bytes for the chunk buffers (policy logits, scorer logits, backend temporaries). On a
-# GPU a chunk of ~2k rows at V = 128k keeps the matmuls large enough to run at full rate.
-DEFAULT_MEMORY_BUDGET = {"cuda": 1 << 30, "cpu": 256 << 20}
+# GPU 2 GiB holds 4096 rows of bf16 policy + scorer logits at V = 128k: whole 4k-token
+# sequences per chunk (the one-pass schedule) and matmuls large enough to run at full rate.
+DEFAULT_MEMORY_BUDGET = {"cuda": 2 << 30, "cpu": 256 << 20}
 
 
 class LinearLossOutput(NamedTuple):
@@ -462,13 +463,18 @@ def _backward(ctx, g_loss, *_unused):
         gh, gw, gb = ctx.saved_tensors
         g = g_loss
     out = [None] * len(_LOSS_ARGS)
-    if ctx.needs_input_grad[0] and gh.numel():
-        out[0] = (gh if g is None else gh * g).to(h_dt)
-    if ctx.needs_input_grad[1] and gw.numel():
-        out[1] = (gw if g is None else gw * g).to(w_dt)
-    if b_dt is not None and ctx.needs_input_grad[3] and gb.numel():
-        out[3] = (gb if g is None else gb * g).to(b_dt)
+    for i, grad, dt in ((0, gh, h_dt), (1, gw, w_dt), (3, gb, b_dt)):
+        if dt is not None and ctx.needs_input_grad[i] and grad.numel():
+            out[i] = _scaled(grad, g, dt)
     return tuple(out)
+
+
+def _scaled(grad: Tensor, g: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    """g * grad rounded once to dtype; the out= form skips an fp32 temporary of grad's size
+    (2 GiB for a 128k x 4096 head)."""
+    if g is None:
+        return grad.to(dtype)
+    return torch.mul(grad, g.to(grad.dtype), out=torch.empty_like(grad, dtype=dtype))
 
 
 _linear_loss_op.register_autograd(_backward, setup_context=_setup)
@@ -572,7 +578,7 @@ def remit_linear_loss(
 
     Gradients flow to ``hidden``, ``lm_head_weight`` (accumulated over chunks in fp32 unless
     ``grad_weight_fp32=False``, then rounded once to its dtype) and ``bias``. ``chunk_size``
-    rows per chunk, or derived from ``memory_budget`` bytes for the chunk buffers (default 1 GiB
+    rows per chunk, or derived from ``memory_budget`` bytes for the chunk buffers (default 2 GiB
     on CUDA, 256 MiB on CPU). Returns the loss, or with ``return_details=True`` a
     ``LinearLossOutput(loss, weights, diagnostics)``.
     """

@@ -1,0 +1,399 @@
+"""Benchmark: the fused-linear ReMiT loss (``remit_linear_loss``) against the eager path that
+holds the logits, forward + backward, peak memory and time at several token counts N.
+
+Workload: hidden states ``[N, D]`` of the policy and of the frozen scorer, LM heads ``[V, D]``,
+sequences of ``--seq-len`` tokens (rows of ``targets``), every 32nd target ignored, eps = 0.2,
+reduction mean; gradients for hidden and the policy's LM head.
+
+Providers:
+
+- ``eager_torch``: ``z = hidden @ W.T``, scorer logits the same way under no_grad, then
+  ``remit_loss(backend="torch")`` (the eager reference) and ``.backward()``;
+- ``eager_kernels``: the same logits, then the fused logits-level kernels (``backend="auto"``,
+  ``inplace_backward=True``): the best one can do while holding ``[N, V]`` logits;
+- ``linear``: ``remit_linear_loss`` with the scorer's hidden states and LM head;
+- ``linear_logprobs``: ``remit_linear_loss`` with scorer log-probs precomputed (outside the
+  timed region, as offline scoring would);
+- ``linear_ntp``: ``remit_linear_loss(method="ntp")``, plain cross-entropy through the same
+  path (ReMiT's overhead is ``linear_logprobs`` over this);
+- ``liger_ce_plus_scorer`` (CUDA, if ``liger_kernel`` imports): Liger-Kernel's fused linear
+  cross-entropy plus a separate chunked scorer log-prob pass (what ReMiT costs without us);
+- ``matmul_floor``: the matrix products a step needs, each timed alone on full-size operands in
+  the same process: policy logits, scorer logits, grad_hidden, grad_W (``matmul_floor_3`` leaves
+  out the scorer's). Time only.
+
+Method. Each (provider, N) runs in a fresh process. Inputs are allocated first; one untimed
+step warms up; then peak memory of one step beyond the inputs: on CPU the growth of the
+resident-set high-water mark after a reset (``_harness.peak_extra_bytes``), on CUDA
+``max_memory_allocated`` after ``reset_peak_memory_stats`` minus what was allocated before.
+``grads_MB`` is the size of the gradients every provider must return (hidden and W);
+``over_grads_MB`` is the rest, the working memory: for the fused-linear providers it is the
+chunk buffers and must not grow with N. Time: ``--repeats`` timed steps after ``--warmup``
+untimed ones (CUDA: synchronised). The ReMiT providers' losses must agree with ``eager_torch``
+(relative 1e-4 fp32, 1e-2 bf16) or the script exits 1 and writes nothing.
+
+A full run appends to ``bench/results/<device>_linear_loss.csv`` and rewrites the ``.md``
+(device ``cpu`` or ``gpu``); ``--quick`` (tiny shapes, one repeat, all in one process) only prints: a
+CI smoke test whose timings are not results.
+
+    python bench/bench_linear_loss.py                 # CPU: a few minutes on 2 cores
+    python bench/bench_linear_loss.py --device cuda   # the issue's H100 workload
+    python bench/bench_linear_loss.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness as h  # noqa: E402
+
+OP = "remit_linear_loss_fwd_bwd"
+PROVIDERS = ("eager_torch", "eager_kernels", "linear", "linear_logprobs", "linear_ntp",
+             "liger_ce_plus_scorer", "matmul_floor")
+REMIT_GROUP = ("eager_torch", "eager_kernels", "linear", "linear_logprobs")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# (V, D, seq_len, Ns, dtype) per device; the CUDA one is the issue's goal workload.
+WORKLOADS = {
+    "cpu": {"vocab": 32000, "dim": 128, "seq_len": 1024, "ns": [1024, 4096, 16384],
+            "dtype": "float32"},
+    "cuda": {"vocab": 128256, "dim": 4096, "seq_len": 4096, "ns": [4096, 8192, 16384],
+             "dtype": "bfloat16"},
+    "quick": {"vocab": 512, "dim": 32, "seq_len": 64, "ns": [128, 512], "dtype": "float32"},
+}
+COLUMNS = ("op", "provider", "n_tokens", "vocab", "dim", "dtype", "ms_p50", "ms_p20", "ms_p80",
+           "vs_matmul_floor", "peak_extra_MB", "grads_MB", "over_grads_MB", "device",
+           "cpu_model", "torch_version", "git_sha", "date", "other_cpu_cores")
+LOSS_RTOL = {"float32": 1e-4, "bfloat16": 1e-2}
+
+
+def _sync(device):
+    return torch.cuda.synchronize if device == "cuda" else None
+
+
+def _inputs(n, vocab, dim, seq_len, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(shape, generator=g) * scale).to(device, DTYPES[dtype])
+
+    hid = rnd(n, dim).requires_grad_()
+    w = rnd(vocab, dim, scale=dim ** -0.5 * 3).requires_grad_()
+    sh, sw = rnd(n, dim), rnd(vocab, dim, scale=dim ** -0.5 * 3.5)
+    y = torch.randint(0, vocab, (n // seq_len, seq_len), generator=g)
+    y.view(-1)[::32] = -100
+    return hid, w, sh, sw, y.to(device)
+
+
+def _step(provider, hid, w, sh, sw, y, chunk_size):
+    """The fwd+bwd closure of one provider (None for matmul_floor)."""
+    import remit_ext
+
+    kw = {} if chunk_size is None else {"chunk_size": chunk_size}
+    if provider in ("eager_torch", "eager_kernels"):
+        extra = ({"backend": "torch"} if provider == "eager_torch"
+                 else {"inplace_backward": True})
+
+        def step():
+            z = (hid @ w.T).view(*y.shape, -1)
+            with torch.no_grad():
+                sz = (sh @ sw.T).view(*y.shape, -1)
+            loss = remit_ext.remit_loss(z, y, scorer_logits=sz, **extra)
+            loss.backward()
+            return loss.detach()
+    elif provider == "linear":
+        def step():
+            loss = remit_ext.remit_linear_loss(hid.view(*y.shape, -1), w, y,
+                                               scorer_hidden=sh.view(*y.shape, -1),
+                                               scorer_weight=sw, **kw)
+            loss.backward()
+            return loss.detach()
+    elif provider in ("linear_logprobs", "linear_ntp"):
+        with torch.no_grad():
+            b = _scorer_logprobs(sh, sw, y, chunk_size or 1024)
+        method = {"method": "ntp"} if provider == "linear_ntp" else {"scorer_logprobs": b}
+
+        def step():
+            loss = remit_ext.remit_linear_loss(hid.view(*y.shape, -1), w, y, **method, **kw)
+            loss.backward()
+            return loss.detach()
+    elif provider == "liger_ce_plus_scorer":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        flce = LigerFusedLinearCrossEntropyLoss()
+
+        def step():
+            with torch.no_grad():
+                _scorer_logprobs(sh, sw, y, chunk_size or 4096)
+            loss = flce(w, hid, y.view(-1))
+            loss.backward()
+            return loss.detach()
+    else:
+        return None
+    return step
+
+
+def _scorer_logprobs(sh, sw, y, chunk):
+    """b_t of the scorer in chunks (never [N, V] at once): the separate scorer pass."""
+    import remit_ext
+
+    yf, out = y.reshape(-1), []
+    for s in range(0, yf.numel(), chunk):
+        z = sh[s:s + chunk] @ sw.T
+        out.append(remit_ext.token_stats(z, yf[s:s + chunk]).logprob)
+    return torch.cat(out).view(y.shape)
+
+
+def _matmul_floor(hid, w, sh, sw, device, warmup, repeats):
+    """p50 ms of each product a step needs, alone, on full-size operands."""
+    n, vocab = hid.shape[0], w.shape[0]
+    x, wt, sx, swt = hid.detach(), w.detach(), sh, sw
+    g = torch.empty(n, vocab, dtype=x.dtype, device=x.device).normal_()
+    parts = {
+        "logits": lambda: x @ wt.T,
+        "scorer_logits": lambda: sx @ swt.T,
+        "grad_hidden": lambda: g @ wt,
+        "grad_weight": lambda: g.T @ x,
+    }
+    out = {k: h.time_ms(f, warmup=warmup, repeats=repeats, sync=_sync(device)).p50
+           for k, f in parts.items()}
+    del g
+    return out
+
+
+def measure(spec: dict) -> dict:
+    """One (provider, N) measurement; meant to run in a fresh process (``--child``)."""
+    device, provider = spec["device"], spec["provider"]
+    hid, w, sh, sw, y = _inputs(spec["n"], spec["vocab"], spec["dim"], spec["seq_len"],
+                                spec["dtype"], device)
+    if provider == "matmul_floor":
+        parts = _matmul_floor(hid, w, sh, sw, device, spec["warmup"], spec["repeats"])
+        return {"parts": parts}
+    step = _step(provider, hid, w, sh, sw, y, spec.get("chunk_size"))
+
+    def restore():
+        hid.grad = None
+        w.grad = None
+
+    loss = float(step())
+    restore()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        peak, method = torch.cuda.max_memory_allocated() - base, "cuda max_memory_allocated"
+    else:
+        peak, method = h.peak_extra_bytes(step)
+    restore()
+    with h.OtherCpuLoad() as other:
+        timing = h.time_ms(step, warmup=spec["warmup"], repeats=spec["repeats"], setup=restore,
+                           sync=_sync(device))
+    grads = hid.numel() * hid.element_size() + w.numel() * w.element_size()
+    return {"loss": loss, "peak_extra_bytes": peak, "grads_bytes": grads,
+            "memory_method": method, "timing": timing._asdict(), "other_cpu_cores": other.cores}
+
+
+def _skip_reason(provider: str, device: str):
+    if provider == "liger_ce_plus_scorer":
+        if device != "cuda":
+            return "Liger-Kernel's Triton kernels need a CUDA device"
+        try:
+            import liger_kernel  # noqa: F401
+        except ImportError as err:
+            return f"liger_kernel is not importable ({err})"
+    return None
+
+
+def run_all(args) -> tuple[list[dict], str]:
+    wl = dict(WORKLOADS["quick" if args.quick else args.device])
+    if args.ns:
+        wl["ns"] = args.ns
+    if args.seq_len:
+        wl["seq_len"] = args.seq_len
+    if args.dtype:
+        wl["dtype"] = args.dtype
+    env = h.env_info(args.device)
+    rows, failures, skipped, methods = [], [], [], set()
+    for n in wl["ns"]:
+        if n % wl["seq_len"]:
+            raise SystemExit(f"--ns: N = {n} is not a multiple of the sequence length "
+                             f"{wl['seq_len']}")
+        results, floor = {}, None
+        for provider in args.providers:
+            reason = _skip_reason(provider, args.device)
+            if reason:
+                skipped.append(f"{provider}: {reason}")
+                print(f"  {provider:>22} N={n}: skipped ({reason})", flush=True)
+                continue
+            spec = {"provider": provider, "n": n, "device": args.device, "warmup": args.warmup,
+                    "repeats": args.repeats, "chunk_size": args.chunk_size,
+                    **{k: wl[k] for k in ("vocab", "dim", "seq_len", "dtype")}}
+            print(f"  {provider:>22} N={n} ...", end="", flush=True)
+            # Quick runs stay in this process (seconds, not a process start per row).
+            res = (measure(spec) if args.quick
+                   else h.run_isolated(Path(__file__), ["--child", json.dumps(spec)]))
+            if provider == "matmul_floor":
+                floor = res["parts"]
+                print(" " + ", ".join(f"{k} {v:.1f} ms" for k, v in floor.items()), flush=True)
+                continue
+            results[provider] = res
+            methods.add(res["memory_method"])
+            print(f" {res['timing']['p50']:.1f} ms, +{res['peak_extra_bytes'] / h.MB:.0f} MB",
+                  flush=True)
+        base = results.get("eager_torch")
+        for provider, res in results.items():
+            if base is not None and provider in REMIT_GROUP:
+                tol = LOSS_RTOL[wl["dtype"]] * max(1.0, abs(base["loss"]))
+                if abs(res["loss"] - base["loss"]) > tol:
+                    failures.append(f"{provider} N={n}: loss {res['loss']!r} vs eager_torch "
+                                    f"{base['loss']!r}")
+            t = res["timing"]
+            ratio = ""
+            if floor is not None:
+                need = sum(floor.values()) if provider in ("linear", "eager_torch",
+                                                           "eager_kernels") \
+                    else sum(v for k, v in floor.items() if k != "scorer_logits")
+                ratio = f"{t['p50'] / need:.2f}"
+            rows.append({
+                "op": OP, "provider": provider, "n_tokens": n, "vocab": wl["vocab"],
+                "dim": wl["dim"], "dtype": wl["dtype"], "ms_p50": f"{t['p50']:.1f}",
+                "ms_p20": f"{t['p20']:.1f}", "ms_p80": f"{t['p80']:.1f}",
+                "vs_matmul_floor": ratio,
+                "peak_extra_MB": f"{res['peak_extra_bytes'] / h.MB:.1f}",
+                "grads_MB": f"{res['grads_bytes'] / h.MB:.1f}",
+                "over_grads_MB": f"{(res['peak_extra_bytes'] - res['grads_bytes']) / h.MB:.1f}",
+                "device": env["device"],
+                "cpu_model": f"{env['cpu_model']} ({env['threads']} threads)",
+                "torch_version": env["torch_version"], "git_sha": env["git_sha"],
+                "date": env["date"], "other_cpu_cores": f"{res['other_cpu_cores']:.2f}",
+            })
+        if floor is not None:
+            rows.append({
+                "op": OP, "provider": "matmul_floor", "n_tokens": n, "vocab": wl["vocab"],
+                "dim": wl["dim"], "dtype": wl["dtype"],
+                "ms_p50": f"{sum(floor.values()):.1f}", "ms_p20": "", "ms_p80": "",
+                "vs_matmul_floor": "1.00", "peak_extra_MB": "", "grads_MB": "",
+                "over_grads_MB": "", "device": env["device"],
+                "cpu_model": f"{env['cpu_model']} ({env['threads']} threads)",
+                "torch_version": env["torch_version"], "git_sha": env["git_sha"],
+                "date": env["date"], "other_cpu_cores": "",
+                "parts": ", ".join(f"{k} {v:.1f}" for k, v in floor.items()),
+            })
+    if failures:
+        raise SystemExit("loss mismatch between providers (nothing written):\n  "
+                         + "\n  ".join(failures))
+    env["loadavg_1m_end"] = h.env_info(args.device)["loadavg_1m"]
+    return rows, summary_markdown(rows, env, wl, sorted(methods), sorted(set(skipped)), args)
+
+
+def _flatness(rows, provider):
+    mem = [(int(r["n_tokens"]), float(r["over_grads_MB"])) for r in rows
+           if r["provider"] == provider]
+    if len(mem) < 2:
+        return None
+    return mem
+
+
+def summary_markdown(rows, env, wl, methods, skipped, args) -> str:
+    table_cols = ("provider", "n_tokens", "ms_p50", "ms_p20", "ms_p80", "vs_matmul_floor",
+                  "peak_extra_MB", "grads_MB", "over_grads_MB", "other_cpu_cores")
+    lines = [
+        f"# remit_linear_loss forward + backward on {env['device']}",
+        "",
+        "Generated by `python bench/bench_linear_loss.py` (method in its docstring); rows are "
+        "also appended to the `.csv` beside this file.",
+        "",
+        f"- device: {env['device']}, {env['cpu_model']}, {env['threads']} torch threads; load "
+        f"average (1 min) {env['loadavg_1m']} at start, {env['loadavg_1m_end']} at end",
+        f"- torch {env['torch_version']}, triton {env['triton_version']}, Python "
+        f"{env['python']}; remit_ext build {env['build_info']}",
+        f"- git {env['git_sha']}, {env['date']}",
+        f"- workload: V = {wl['vocab']}, D = {wl['dim']} (policy and scorer), {wl['dtype']}, "
+        f"sequences of {wl['seq_len']} tokens, every 32nd target ignored, eps = 0.2, reduction "
+        f"mean; chunk size "
+        f"{args.chunk_size if args.chunk_size else 'automatic (default memory budget)'}",
+        f"- time: {args.repeats} timed fwd+bwd after {args.warmup + 1} untimed, each provider "
+        f"in a fresh process; vs_matmul_floor = p50 / the sum of the products the step needs "
+        f"(4 with the scorer's logits, 3 without), each timed alone",
+        f"- memory ({'; '.join(methods)}): peak_extra_MB beyond the inputs; grads_MB = the "
+        f"gradients of hidden and W every provider returns; over_grads_MB = the rest",
+        "",
+        h.markdown_table(rows, table_cols),
+        "",
+    ]
+    floors = [r for r in rows if r["provider"] == "matmul_floor"]
+    if floors:
+        lines += ["Matmul floor parts (ms p50): "
+                  + "; ".join(f"N = {r['n_tokens']}: {r['parts']}" for r in floors), ""]
+    for provider in ("linear", "linear_logprobs", "linear_ntp", "eager_torch",
+                     "eager_kernels"):
+        mem = _flatness(rows, provider)
+        if mem:
+            lines.append(f"- `{provider}` working memory (over_grads_MB) by N: "
+                         + ", ".join(f"{n}: {m:.0f}" for n, m in mem))
+    for n in sorted({int(r["n_tokens"]) for r in rows}):
+        by = {r["provider"]: float(r["ms_p50"]) for r in rows if int(r["n_tokens"]) == n}
+        if "linear_logprobs" in by and "linear_ntp" in by:
+            lines.append(f"- N = {n}: ReMiT with precomputed scorer log-probs costs "
+                         f"{100 * (by['linear_logprobs'] / by['linear_ntp'] - 1):+.1f}% over "
+                         f"plain cross-entropy through the same path (goal <= +5%, on GPU)")
+    if skipped:
+        lines += ["", "Skipped: " + "; ".join(skipped)]
+    return "\n".join(lines + [""])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"),
+                   default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: tiny shapes, 1 repeat, no warm-up, writes nothing")
+    p.add_argument("--ns", type=int, nargs="+", help="token counts (default per device)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default per device)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default per device")
+    p.add_argument("--chunk-size", type=int, help="default: from the memory budget")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls (default 5; quick 1)")
+    p.add_argument("--warmup", type=int, default=None, help="default 1; quick 0")
+    p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    p.add_argument("--no-write", action="store_true", help="print only, even for a full run")
+    p.add_argument("--child", metavar="JSON", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.child:
+        print(json.dumps(measure(json.loads(args.child))))
+        return 0
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 5
+    if args.warmup is None:
+        args.warmup = 0 if args.quick else 1
+    if args.repeats < 1 or args.warmup < 0:
+        p.error("--repeats must be >= 1 and --warmup >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    print(f"{OP} on {args.device}: providers {args.providers}{' (quick)' if args.quick else ''}",
+          flush=True)
+    rows, md = run_all(args)
+    print()
+    print(h.text_table(rows, ("provider", "n_tokens", "ms_p50", "vs_matmul_floor",
+                              "peak_extra_MB", "grads_MB", "over_grads_MB", "other_cpu_cores")))
+    if args.quick or args.no_write:
+        return 0
+    stem = "cpu" if args.device == "cpu" else "gpu"
+    csv_path, md_path = (h.RESULTS / f"{stem}_linear_loss.csv",
+                         h.RESULTS / f"{stem}_linear_loss.md")
+    h.append_csv(csv_path, rows, COLUMNS)
+    md_path.write_text(md)
+    print(f"\nappended {len(rows)} rows to {csv_path.relative_to(h.REPO)}; "
+          f"wrote {md_path.relative_to(h.REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
