@@ -123,16 +123,20 @@ def _kernels(backend_name: str):
 
 
 def linear_chunk_size(n_tokens: int, vocab: int, dtype: torch.dtype, *,
-                      scorer_dtype: Optional[torch.dtype] = None, backend: str = "cpu",
-                      device_type: str = "cpu", memory_budget: Optional[int] = None) -> int:
+                      scorer_dtype: Optional[torch.dtype] = None, method: str = "remit",
+                      backend: str = "cpu", device_type: str = "cpu",
+                      memory_budget: Optional[int] = None) -> int:
     """Rows per chunk so that the chunk buffers fit in ``memory_budget`` bytes.
 
-    Per row: the policy logits (the gradient is written into them), the scorer's logits when
-    given, and for the torch backend ~3 fp32 temporaries of the eager formulas.
+    Per row: the policy logits (the CE gradient is written into them), the scorer's logits when
+    given, KD's gradient (its op writes a new buffer), and for the torch backend ~3 fp32
+    temporaries of the eager formulas.
     """
     if memory_budget is None:
         memory_budget = DEFAULT_MEMORY_BUDGET.get(device_type, DEFAULT_MEMORY_BUDGET["cpu"])
     per_elem = dtype.itemsize + (scorer_dtype.itemsize if scorer_dtype is not None else 0)
+    if method == "kd":
+        per_elem += dtype.itemsize
     if backend == "torch":
         per_elem += 3 * acc_dtype(dtype).itemsize
     rows = memory_budget // max(vocab * per_elem, 1)
@@ -193,18 +197,19 @@ class _Engine:
         z = self.logits(s, e) if z is None else z
         return z, *self.k.logprob(z, self.y[s:e], self.ii)
 
-    def grad_(self, z, s, e, lse, a, coef):
-        """d loss / d logits for rows [s, e), in z's buffer where the backend allows."""
-        if self.method == "kd":
-            tz = self.scorer_logits(s, e).to(z.dtype)
-            return self.k.kd_grad(z, tz, self.y[s:e], lse, a, coef, self.ii, self.temperature)
+    def ce_grad_(self, z, s, e, lse, a, coef):
+        """coef_t * (softmax(z_t) - onehot(y_t)) for rows [s, e), written into z's buffer."""
         return self.k.ce_grad_(z, self.y[s:e], lse, a, coef, self.ii)
 
     def kd_forward(self, s, e):
+        """Policy and teacher logits of rows [s, e) and the per-token KD loss, lse, teacher lse."""
         z = self.logits(s, e)
         tz = self.scorer_logits(s, e).to(z.dtype)
         loss, lse, tlse = self.k.kd(z, tz, self.y[s:e], self.ii, self.temperature)
-        return z, loss, lse, tlse
+        return z, tz, loss, lse, tlse
+
+    def kd_grad(self, z, tz, s, e, lse, tlse, coef):
+        return self.k.kd_grad(z, tz, self.y[s:e], lse, tlse, coef, self.ii, self.temperature)
 
 
 class _Grads:
@@ -269,34 +274,33 @@ def _linear_loss_impl(hidden, weight, targets, bias, scorer_hidden, scorer_weigh
     if method == "remit":
         offsets = _offsets(row_len, n, cu_seqlens, hidden.device)
 
-    # The normaliser of the gradient coefficients (and of the loss, for 'mean').
-    def norm(count):
-        return count.clamp(min=1).to(acc) if reduction == "mean" else torch.ones((), dtype=acc,
-                                                                                   device=y.device)
+    def inv_norm(count):
+        """1 / the normaliser of the loss and of the gradient coefficients."""
+        if reduction != "mean":
+            return torch.ones((), dtype=acc, device=y.device)
+        return 1 / count.clamp(min=1).to(acc)
 
     aligned = None
     if method == "remit" and reduction != "none":
         aligned = _aligned_chunks(_host_bounds(n, row_len, cu_seqlens), chunk_size)
     fused = reduction != "none" and (method in ("ntp", "kd") or aligned is not None)
 
+    count = n_valid
+    scale = inv_norm(count)
     if fused and method == "kd":
-        scale = 1 / norm(n_valid)
         for s, e in _free_chunks(n, chunk_size):
-            z, loss, lse, tlse = eng.kd_forward(s, e)
+            z, tz, loss, lse, tlse = eng.kd_forward(s, e)
             per_token[s:e] = loss
             if with_grad:
-                grads.add(eng.k.kd_grad(z, eng.scorer_logits(s, e).to(z.dtype), y[s:e], lse,
-                                        tlse, scale.expand(e - s).contiguous(), ii,
-                                        temperature), s, e)
+                coef = scale.expand(e - s).contiguous()
+                grads.add(eng.kd_grad(z, tz, s, e, lse, tlse, coef), s, e)
     elif fused and method == "ntp":
-        scale = 1 / norm(n_valid)
         for s, e in _free_chunks(n, chunk_size):
             z, lse, a = eng.stats(s, e)
             per_token[s:e] = -a
             if with_grad:
-                grads.add(eng.grad_(z, s, e, lse, a, scale.expand(e - s).contiguous()), s, e)
+                grads.add(eng.ce_grad_(z, s, e, lse, a, scale.expand(e - s).contiguous()), s, e)
     elif fused:  # remit, whole sequences per chunk
-        scale = 1 / norm(n_valid)
         a_all = torch.zeros(n, dtype=acc, device=y.device)
         b_all = torch.zeros(n, dtype=acc, device=y.device)
         for s, e, q0, q1 in aligned:
@@ -310,7 +314,7 @@ def _linear_loss_impl(hidden, weight, targets, bias, scorer_hidden, scorer_weigh
             a_all[s:e], b_all[s:e], weights[s:e] = a, b, w
             per_token[s:e] = -w * a
             if with_grad:
-                grads.add(eng.grad_(z, s, e, lse, a, w * scale), s, e)
+                grads.add(eng.ce_grad_(z, s, e, lse, a, w * scale), s, e)
         # The weights are already final; this O(N) call only gives batch-wide diagnostics.
         diag = impl.remit_weights(a_all, b_all, y, offsets, ii, eps)[2]
     else:
@@ -322,35 +326,22 @@ def _linear_loss_impl(hidden, weight, targets, bias, scorer_hidden, scorer_weigh
                      else torch.zeros(n, dtype=acc, device=y.device))
         for s, e in _free_chunks(n, chunk_size):
             if method == "kd":
-                per_token[s:e] = eng.kd_forward(s, e)[1]
+                per_token[s:e] = eng.kd_forward(s, e)[2]
                 continue
             a_all[s:e] = eng.stats(s, e)[2]
             if b_all is not None and scorer_logprobs is None:
                 b_all[s:e] = eng.frozen_logprob(s, e)
         if method == "remit":
             weights, _, diag = impl.remit_weights(a_all, b_all, y, offsets, ii, eps)
-            per_token = -weights * a_all
-            count = n_valid
         elif method == "rho1":
             weights = rho1_keep_mask(b_all - a_all, valid, float(keep_ratio)).to(acc)
+            count = weights.sum()  # Rho-1 averages over the kept tokens
+        if method != "kd":
             per_token = -weights * a_all
-            count = weights.sum()
-        elif method == "ntp":
-            per_token = -a_all
-            count = n_valid
-        else:
-            count = n_valid
         if with_grad:  # recompute pass
-            coef = weights / norm(count)
-            _grad_pass(eng, grads, coef)
-        n_valid = count
+            _grad_pass(eng, grads, weights * inv_norm(count))
 
-    if reduction == "none":
-        loss = per_token
-    elif reduction == "sum":
-        loss = per_token.sum()
-    else:
-        loss = per_token.sum() / n_valid.clamp(min=1).to(acc)
+    loss = per_token if reduction == "none" else per_token.sum() * inv_norm(count)
     return (loss, weights, diag) + grads.empty()
 
 
@@ -358,13 +349,11 @@ def _grad_pass(eng: _Engine, grads: _Grads, coef: Tensor) -> None:
     """Recompute each chunk's logits and fold coef_t * d(loss_t)/d(logits_t) into the grads."""
     for s, e in _free_chunks(eng.n, eng.chunk):
         if eng.method == "kd":
-            z = eng.logits(s, e)
-            tz = eng.scorer_logits(s, e).to(z.dtype)
-            _, lse, tlse = eng.k.kd(z, tz, eng.y[s:e], eng.ii, eng.temperature)
-            g = eng.k.kd_grad(z, tz, eng.y[s:e], lse, tlse, coef[s:e], eng.ii, eng.temperature)
+            z, tz, _, lse, tlse = eng.kd_forward(s, e)
+            g = eng.kd_grad(z, tz, s, e, lse, tlse, coef[s:e])
         else:
             z, lse, a = eng.stats(s, e)
-            g = eng.grad_(z, s, e, lse, a, coef[s:e])
+            g = eng.ce_grad_(z, s, e, lse, a, coef[s:e])
         grads.add(g, s, e)
 
 
@@ -607,8 +596,8 @@ def remit_linear_loss(
     sb = None if scorer_logprobs is None else scorer_logprobs.reshape(-1).detach()
     if chunk_size is None:
         chunk_size = linear_chunk_size(
-            n, vocab, h.dtype, scorer_dtype=None if sh is None else sh.dtype, backend=impl.name,
-            device_type=h.device.type, memory_budget=memory_budget)
+            n, vocab, h.dtype, scorer_dtype=None if sh is None else sh.dtype, method=method,
+            backend=impl.name, device_type=h.device.type, memory_budget=memory_budget)
     row_len = targets.shape[-1] if targets.dim() >= 2 else n
     grad_on = torch.is_grad_enabled()
     loss, weights, diag, *_ = _linear_loss_op(
