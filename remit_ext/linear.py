@@ -294,12 +294,16 @@ def _linear_loss_impl(hidden, weight, targets, bias, scorer_hidden, scorer_weigh
             if with_grad:
                 coef = scale.expand(e - s).contiguous()
                 grads.add(eng.kd_grad(z, tz, s, e, lse, tlse, coef), s, e)
+            # Drop this chunk's buffers before the next chunk's matmul allocates its own
+            # (otherwise the peak holds two chunks).
+            del z, tz
     elif fused and method == "ntp":
         for s, e in _free_chunks(n, chunk_size):
             z, lse, a = eng.stats(s, e)
             per_token[s:e] = -a
             if with_grad:
                 grads.add(eng.ce_grad_(z, s, e, lse, a, scale.expand(e - s).contiguous()), s, e)
+            del z
     elif fused:  # remit, whole sequences per chunk
         a_all = torch.zeros(n, dtype=acc, device=y.device)
         b_all = torch.zeros(n, dtype=acc, device=y.device)
@@ -315,6 +319,7 @@ def _linear_loss_impl(hidden, weight, targets, bias, scorer_hidden, scorer_weigh
             per_token[s:e] = -w * a
             if with_grad:
                 grads.add(eng.ce_grad_(z, s, e, lse, a, w * scale), s, e)
+            del z
         # The weights are already final; this O(N) call only gives batch-wide diagnostics.
         diag = impl.remit_weights(a_all, b_all, y, offsets, ii, eps)[2]
     else:
@@ -355,6 +360,7 @@ def _grad_pass(eng: _Engine, grads: _Grads, coef: Tensor) -> None:
             z, lse, a = eng.stats(s, e)
             g = eng.ce_grad_(z, s, e, lse, a, coef[s:e])
         grads.add(g, s, e)
+        del z, g
 
 
 # ----------------------------------------------------------------------- registered ops
