@@ -5,6 +5,9 @@
 #ifndef REMIT_TORCH_VERSION
 #define REMIT_TORCH_VERSION "unknown"
 #endif
+#ifndef REMIT_CUDA_ARCHS
+#define REMIT_CUDA_ARCHS ""
+#endif
 #ifndef REMIT_CPU_CAPABILITY_NAME
 #define REMIT_CPU_CAPABILITY_NAME "DEFAULT"
 #endif
@@ -15,6 +18,7 @@ PYBIND11_MODULE(_C, m) {
     pybind11::dict info;
     info["torch_version"] = REMIT_TORCH_VERSION;
     info["cuda"] = static_cast<bool>(REMIT_WITH_CUDA);
+    info["cuda_archs"] = REMIT_CUDA_ARCHS;  // TORCH_CUDA_ARCH_LIST the kernels were built for
     info["cpu_capability"] = REMIT_CPU_CAPABILITY_NAME;
     return info;
   });

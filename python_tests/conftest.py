@@ -17,14 +17,16 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 # Every backend that can run on this machine; the torch backend (the eager reference run through
 # the public API) is included so that flattening, segmentation and reductions are checked too.
-# Triton runs on CPU tensors in its interpreter (TRITON_INTERPRET=1, set above).
+# Triton runs on CPU tensors in its interpreter (TRITON_INTERPRET=1, set above). The CUDA
+# kernels run where a GPU is and the extension was built with them (available_backends).
 BACKENDS = [
     b for b in remit_ext.available_backends()
     if not (b == "cpu" and DEVICE.type != "cpu")
+    and not (b == "cuda" and DEVICE.type != "cuda")
     and not (b == "triton" and DEVICE.type == "cpu" and os.environ["TRITON_INTERPRET"] != "1")
 ]
 KERNEL_BACKENDS = [b for b in BACKENDS if b != "torch"]
-KD_BACKENDS = [b for b in BACKENDS if b != "triton"]  # no Triton KD kernel yet
+KD_BACKENDS = [b for b in BACKENDS if b not in ("triton", "cuda")]  # no Triton/CUDA KD kernel yet
 LOW_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 

@@ -8,8 +8,11 @@ functions in ``functional.py`` do validation, flattening and reductions around t
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import json
 import os
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -19,8 +22,56 @@ from . import reference as ref
 
 # Order in which backend="auto" tries backends, by the inputs' device type (names not
 # registered are skipped). Triton is never auto-picked for CPU tensors: its CPU interpreter is a
-# test vehicle, not a fast path.
-AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+# test vehicle, not a fast path. On GPUs Triton comes before the hand-written CUDA kernels until
+# a measured row of AUTO_TABLE for the device says otherwise: the CUDA kernels have no GPU
+# measurement yet, and an unmeasured kernel should not win by default.
+AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+
+# Per-device, per-op backend order measured by bench/bench_triton_gpu.py (fastest first):
+# {"devices": {"<torch.cuda.get_device_name()>": {"<op>": ["cuda", "triton"], ...}}, ...}.
+# REMIT_AUTO_TABLE overrides the path; a missing or unreadable file means "no measurements".
+AUTO_TABLE = Path(__file__).resolve().parent / "data" / "auto_table.json"
+
+
+@functools.lru_cache(maxsize=None)
+def load_auto_table(path: Optional[str] = None) -> dict:
+    """{device name: {op: [backend, ...]}} from the benchmark's table ({} if there is none)."""
+    path = path or os.environ.get("REMIT_AUTO_TABLE") or str(AUTO_TABLE)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    devices = data.get("devices", {}) if isinstance(data, dict) else {}
+    return {name: {op: tuple(order) for op, order in ops.items() if isinstance(order, list)}
+            for name, ops in devices.items() if isinstance(ops, dict)}
+
+
+def auto_order(op: str, device_type: str, device_name: Optional[str] = None,
+               table: Optional[dict] = None) -> tuple:
+    """The backends backend="auto" tries for `op` on a device: the measured order for this
+    device name when the table has one (the rest of the default order after it, so a backend
+    that refuses the inputs still has a fallback), else AUTO_ORDER's default for the type."""
+    default = AUTO_ORDER.get(device_type, ("torch",))
+    table = load_auto_table() if table is None else table
+    measured = table.get(device_name, {}).get(op, ()) if device_name else ()
+    if not measured:
+        return default
+    head = tuple(b for b in measured if b in default)
+    return head + tuple(b for b in default if b not in head)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def device_name(device: torch.device) -> Optional[str]:
+    """The name the auto table is keyed by (torch.cuda.get_device_name), None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return _cuda_device_name(device.index if device.index is not None
+                             else torch.cuda.current_device())
 
 
 class BackendUnavailableError(ValueError):
@@ -176,8 +227,39 @@ class TritonBackend(OpsBackend):
         return self._load()
 
 
+def _built_with_cuda() -> bool:
+    from ._build import build_info
+
+    return bool(build_info().get("cuda"))
+
+
+class CudaBackend(OpsBackend):
+    """The hand-written CUDA kernels (``csrc/cuda``), through ``torch.ops.remit_ext`` on CUDA
+    tensors: built when the extension is compiled against a CUDA torch with nvcc present."""
+
+    name = "cuda"
+    namespace = "remit_ext"
+
+    def why_not(self, op, tensors, features):
+        if op == "kd_loss":
+            return "no CUDA kernel for KD yet (use backend='cpu' or 'torch')"
+        topk, vocab = features.get("topk") or 0, tensors[0].shape[-1] if tensors else 0
+        if 0 < topk < vocab:
+            return (f"the CUDA kernels take top-k entropy only for topk >= V (the full "
+                    f"entropy), got topk={topk} < V={vocab}")
+        devices = {t.device.type for t in tensors}
+        if devices != {"cuda"}:
+            return f"needs CUDA tensors, got tensors on {sorted(devices)}"
+        if not _built_with_cuda():
+            return ("remit_ext was built without its CUDA kernels (torch without CUDA, no nvcc, "
+                    "or REMIT_CUDA=OFF); rebuild with a CUDA torch: "
+                    "pip install --no-build-isolation -e .")
+        return None
+
+
 BACKENDS: dict[str, Backend] = {
     "torch": TorchBackend(), "cpu": CpuBackend(), "triton": TritonBackend(),
+    "cuda": CudaBackend(),
 }
 
 
@@ -186,16 +268,23 @@ def available_backends() -> list[str]:
     names = [name for name in ("cuda", "triton", "cpu", "torch") if name in BACKENDS]
     if importlib.util.find_spec("triton") is None:
         names.remove("triton")
+    if not _built_with_cuda():
+        names.remove("cuda")
     return names
 
 
 def select_backend(op: str, backend: str, tensors: Sequence[Optional[Tensor]],
                    **features) -> Backend:
-    """The backend that runs `op`: the named one, or for "auto" the first in AUTO_ORDER that
-    accepts the inputs. Raises BackendUnavailableError naming every candidate's reason."""
+    """The backend that runs `op`: the named one, or for "auto" the first of `auto_order` (the
+    measured order for this device, else AUTO_ORDER) that accepts the inputs. Raises
+    BackendUnavailableError naming every candidate's reason."""
     present = [t for t in tensors if t is not None]
     if backend == "auto":
-        order = AUTO_ORDER.get(present[0].device.type, ("torch",)) if present else ("torch",)
+        if present:
+            device = present[0].device
+            order = auto_order(op, device.type, device_name(device))
+        else:
+            order = ("torch",)
         candidates = [BACKENDS[n] for n in order if n in BACKENDS]
     elif backend in BACKENDS:
         candidates = [BACKENDS[backend]]

@@ -35,5 +35,8 @@ _C = load_extension()
 
 
 def build_info() -> dict:
-    """What was built: torch version built against, CUDA kernels on/off, CPU vector ISA."""
-    return dict(_C.build_info())
+    """What was built: torch version built against, CUDA kernels on/off and the
+    TORCH_CUDA_ARCH_LIST they were compiled for ("" without them), CPU vector ISA."""
+    info = dict(_C.build_info())
+    info.setdefault("cuda_archs", "")  # extensions built before the CUDA backend existed
+    return info
