@@ -253,13 +253,23 @@ def test_midtrain_methods(trained, tmp_path, method):
         assert sum(w["hist"]) > 0
         assert 1 - TINY.eps <= w["role_mean"]["other"] <= 1 + TINY.eps
         assert {"w_mean", "frac_clip_low", "abs_delta_hat_mean"} <= set(log[-1])
+    # The same run through remit_linear_loss (no logits held) trains the same model.
+    fused = midtrain(dataclasses.replace(c, out=tmp_path / "fused", fused_linear=True),
+                     base / "final.pt", method,
+                     scorer=None if uses_cache else scorer / "final.pt",
+                     scorer_cache=cache if uses_cache else None)
+    _assert_same_models(out, fused)
     if method == "remit":
         # The scorer run live gives the same training as its cached log-probs.
         live = midtrain(dataclasses.replace(c, out=tmp_path / "live"), base / "final.pt",
                         "remit", scorer=scorer / "final.pt")
-        a, b = load(out / "final.pt")["model"], load(live / "final.pt")["model"]
-        for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+        _assert_same_models(out, live)
+
+
+def _assert_same_models(dir_a, dir_b):
+    a, b = load(dir_a / "final.pt")["model"], load(dir_b / "final.pt")["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
 def test_midtrain_refuses_bad_arguments(trained, tmp_path):

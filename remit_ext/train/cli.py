@@ -34,6 +34,9 @@ def _common_args(parser: argparse.ArgumentParser, out_help: str,
     parser.add_argument("--overwrite", action="store_true",
                         help="delete --out first instead of resuming from it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--fused-linear", action="store_true",
+                        help="mid-training losses through remit_linear_loss (hidden states and "
+                             "LM heads in; no [tokens x vocab] logits held)")
 
 
 def _common(args):
@@ -43,7 +46,7 @@ def _common(args):
     if args.overwrite and args.out.exists():
         shutil.rmtree(args.out) if args.out.is_dir() else args.out.unlink()
     return Common(get_preset(args.preset, overrides), args.out, args.backend, args.device,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, fused_linear=args.fused_linear)
 
 
 def _print_eval(stage_dir: Path) -> None:

@@ -89,8 +89,12 @@ class TinyGPT(nn.Module):
             x = block(x, cache, i)
         return self.ln_f(x)
 
-    def forward(self, idx: Tensor, cache: Optional[KVCache] = None, start: int = 0) -> Tensor:
-        return self.head(self.hidden(idx, cache, start))
+    def forward(self, idx: Tensor, cache: Optional[KVCache] = None, start: int = 0,
+                hidden_only: bool = False) -> Tensor:
+        """Logits ``[B, T, V]``, or with ``hidden_only`` the final hidden states, for a loss
+        that applies ``self.head`` itself (``remit_ext.remit_linear_loss``)."""
+        h = self.hidden(idx, cache, start)
+        return h if hidden_only else self.head(h)
 
     @torch.no_grad()
     def generate(self, prompt: Tensor, max_new: int, *, temperature: float = 0.0,

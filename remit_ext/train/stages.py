@@ -36,6 +36,7 @@ class Common:
     backend: str = "auto"  # remit_ext loss backend
     device: Optional[str] = None
     progress: bool = True
+    fused_linear: bool = False  # midtrain: hidden states + LM head into remit_linear_loss
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -307,6 +308,7 @@ def midtrain(c: Common, init: Path, method: str, scorer: Optional[Path] = None,
                          "distribution, which a log-prob cache does not hold)")
     p, d = c.preset, get_dist(c.device)
     cfg = {"stage": "midtrain", "method": method, "init": str(init),
+           "fused_linear": c.fused_linear,
            "scorer": None if scorer is None else str(scorer),
            "scorer_cache": None if scorer_cache is None else str(scorer_cache), **p.to_dict()}
     run = StageRun(c.out, f"midtrain-{method}", cfg, d, p.midtrain_steps, p.ckpt_every,
@@ -340,19 +342,11 @@ def midtrain(c: Common, init: Path, method: str, scorer: Optional[Path] = None,
             set_lr(opt, p.lr * (1 - step / p.midtrain_steps))
             rows = d.shard(batch_rows(p, "midtrain", step, len(inputs), p.batch))
             x, y = inputs[rows].to(d.device), targets[rows].to(d.device)
-            logits = ddp(x).float()
             b = None if cached is None else cached[rows].to(d.device)
-            t_logits = None
-            if teacher is not None:
-                with torch.no_grad():
-                    t_logits = teacher(x).float()
             metrics = {}
-            if method == "ntp":
-                loss = remit_ext.weighted_cross_entropy(logits, y, backend=c.backend)
-            elif method == "remit":
-                out = remit_ext.remit_loss(logits, y, scorer_logits=t_logits, scorer_logprobs=b,
-                                           eps=p.eps, return_details=True, backend=c.backend)
-                loss = out.loss
+            loss_fn = _fused_linear_loss if c.fused_linear else _logits_loss
+            loss, out = loss_fn(ddp, model, teacher, x, y, b, method, p, c.backend)
+            if method == "remit":
                 metrics.update(out.diagnostics.as_dict())
                 valid = (y != D.IGNORE_INDEX).cpu()
                 w = out.weights.cpu()[valid].double()
@@ -360,12 +354,6 @@ def midtrain(c: Common, init: Path, method: str, scorer: Optional[Path] = None,
                 r = roles[rows][valid]
                 role_sum.index_add_(0, r, w)
                 role_n.index_add_(0, r, torch.ones_like(w))
-            elif method == "rho1":
-                loss = remit_ext.rho1_loss(logits, y, ref_logits=t_logits, ref_logprobs=b,
-                                           keep_ratio=p.keep_ratio, backend=c.backend)
-            else:
-                loss = remit_ext.kd_loss(logits, t_logits, y, temperature=p.kd_temperature,
-                                         backend=c.backend)
             loss.backward()
             norm = clip_and_step(ddp, opt)
             step_seconds.append(time.perf_counter() - t0)
@@ -378,6 +366,45 @@ def midtrain(c: Common, init: Path, method: str, scorer: Optional[Path] = None,
                                           math.nan for i, name in enumerate(D.ROLES)}}
     _finish(run, d, model, p, c, extra)
     return c.out
+
+
+def _logits_loss(ddp, model, teacher, x, y, b, method, p, backend):
+    """A mid-training method's loss from the [B, T, V] logits (and the scorer's, when it runs
+    live); returns (loss, ReMiT details or None)."""
+    logits = ddp(x).float()
+    t_logits = None
+    if teacher is not None:
+        with torch.no_grad():
+            t_logits = teacher(x).float()
+    if method == "ntp":
+        return remit_ext.weighted_cross_entropy(logits, y, backend=backend), None
+    if method == "remit":
+        out = remit_ext.remit_loss(logits, y, scorer_logits=t_logits, scorer_logprobs=b,
+                                   eps=p.eps, return_details=True, backend=backend)
+        return out.loss, out
+    if method == "rho1":
+        return remit_ext.rho1_loss(logits, y, ref_logits=t_logits, ref_logprobs=b,
+                                   keep_ratio=p.keep_ratio, backend=backend), None
+    return remit_ext.kd_loss(logits, t_logits, y, temperature=p.kd_temperature,
+                             backend=backend), None
+
+
+def _fused_linear_loss(ddp, model, teacher, x, y, b, method, p, backend):
+    """The same objective through ``remit_linear_loss``: the model's hidden states and LM head
+    (and the scorer's) go in, the [B, T, V] logits are never held."""
+    h = ddp(x, hidden_only=True)
+    s_h = s_w = None
+    if teacher is not None:
+        with torch.no_grad():
+            s_h, s_w = teacher(x, hidden_only=True), teacher.head.weight
+    kw = {"eps": p.eps} if method == "remit" else (
+        {"keep_ratio": p.keep_ratio} if method == "rho1" else
+        {"temperature": p.kd_temperature} if method == "kd" else {})
+    res = remit_ext.remit_linear_loss(
+        h, model.head.weight, y, scorer_hidden=s_h, scorer_weight=s_w,
+        scorer_logprobs=b if method in ("remit", "rho1") else None, method=method,
+        return_details=method == "remit", backend=backend, **kw)
+    return (res.loss, res) if method == "remit" else (res, None)
 
 
 def _median(xs: list) -> Optional[float]:
