@@ -378,6 +378,7 @@ def test_flywheel_writes_the_table_and_figures(tmp_path):
     names = [r["name"] for r in results["rows"]]
     assert names == ["Pre-trained", "RL scorer (reference)", "Vanilla NTP", "Rho-1", "ReMiT", "KD"]
     assert results["scorer_cache"]["speedup"] > 0
+    assert all(0 <= r["post_rl_acc"] <= 1 for r in results["rows"][2:])
     md = (out / "results.md").read_text()
     assert "| ReMiT |" in md and md in done.stdout
     for png in ("curves.png", "weights.png"):

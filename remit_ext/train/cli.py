@@ -153,8 +153,9 @@ class Flywheel(_Command):
                      default_out=Path("runs/flywheel"))
         parser.add_argument("--methods", nargs="+", default=["ntp", "rho1", "remit", "kd"],
                             choices=["ntp", "rho1", "remit", "kd"])
-        parser.add_argument("--post-rl", action="store_true",
-                            help="after mid-training, run the RL stage on each model too")
+        parser.add_argument("--post-rl", action=argparse.BooleanOptionalAction, default=True,
+                            help="after mid-training, RL-tune each mid-trained model too and "
+                                 "report its accuracy (default: on)")
 
     def run(self, args) -> int:
         from .flywheel import flywheel

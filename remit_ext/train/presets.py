@@ -22,14 +22,14 @@ class Preset:
     n_layer: int = 3
     n_head: int = 4
     # data: difficulty 1..max_k operations; rows in each split
-    max_k: int = 5
+    max_k: int = 6
     noise: float = 0.2  # probability that a pre-training worked step is wrong
     n_pretrain: int = 60_000
     n_midtrain: int = 6_000
     n_rl: int = 4_000
     n_eval: int = 500
     # pre-training: warmup, then a constant rate (the "stable" phase of a WSD schedule)
-    pretrain_steps: int = 1_200
+    pretrain_steps: int = 600
     batch: int = 64
     lr: float = 2e-3
     warmup: int = 100
