@@ -33,7 +33,7 @@ void launch_stats(const at::Tensor& x, const at::Tensor& y, const at::Tensor* s,
     p.N = x.size(0);
     p.V = static_cast<int>(x.size(1));
     p.ignore_index = ignore_index;
-    p.scale = static_cast<A>(1.0 / temperature);
+    p.scale = A(1) / static_cast<A>(temperature);  // rounded as the CPU kernels round it
     // The launcher returns cudaGetLastError() of its launch: C10_CUDA_KERNEL_LAUNCH_CHECK's
     // check, on the returned code.
     C10_CUDA_CHECK(launch_token_stats(p, current_stream()));
