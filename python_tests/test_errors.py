@@ -185,7 +185,7 @@ def test_direct_op_calls_check_too(call, pattern):
 
 def test_build_info():
     info = remit_ext.build_info()
-    assert set(info) == {"torch_version", "cuda", "cpu_capability"}
+    assert set(info) == {"torch_version", "cuda", "cuda_archs", "cpu_capability"}
     assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
     assert info["cpu_capability"] in ("AVX2", "DEFAULT")
 
