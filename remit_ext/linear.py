@@ -478,6 +478,14 @@ _linear_loss_op.register_autograd(_backward, setup_context=_setup)
 # ----------------------------------------------------------------------------- public API
 
 
+@torch.compiler.assume_constant_result
+def _traced_backend(op: str, backend: str, device: str) -> str:
+    """The dispatcher's choice while torch.compile traces: run eagerly once and baked into the
+    graph as a constant (the dispatcher reads files and environment variables dynamo cannot
+    trace). It looks only at the device, which is all the choice depends on here."""
+    return select_backend(op, backend, (torch.empty(0, device=device),)).name
+
+
 def _check_inputs(hidden, weight, targets, bias, scorer_hidden, scorer_weight, scorer_bias,
                   scorer_logprobs, method):
     chk.check_logits(hidden, "hidden")
@@ -597,7 +605,10 @@ def remit_linear_loss(
     chk.check_targets(y, h.new_empty(()).expand(n, vocab), ignore_index)
     chk.check_cu_seqlens(cu_seqlens, n, h.device)
     op = "kd_loss" if method == "kd" else "remit_loss"
-    impl = select_backend(op, backend, (hidden, targets, scorer_hidden, scorer_logprobs))
+    if torch.compiler.is_compiling():
+        impl = BACKENDS[_traced_backend(op, backend, str(h.device))]
+    else:
+        impl = select_backend(op, backend, (hidden, targets, scorer_hidden, scorer_logprobs))
     sh = None if scorer_hidden is None else scorer_hidden.reshape(n, -1)
     sb = None if scorer_logprobs is None else scorer_logprobs.reshape(-1).detach()
     if chunk_size is None:
