@@ -41,8 +41,9 @@ def flywheel(c: Common, methods: list[str], post_rl: bool = False) -> int:
                         scorer=scorer / "final.pt")
     post = {}
     if post_rl:
+        post_c = dataclasses.replace(c, preset=dataclasses.replace(p, rl_steps=p.post_rl_steps))
         for m, sdir in dirs.items():
-            post[m] = rl(stage(f"post-rl-{m}"), sdir / "final.pt")
+            post[m] = rl(dataclasses.replace(post_c, out=out / f"post-rl-{m}"), sdir / "final.pt")
     if not d.is_main:
         return 0
 
@@ -70,7 +71,8 @@ def flywheel(c: Common, methods: list[str], post_rl: bool = False) -> int:
     md = _markdown(results, p.max_k)
     atomic_write_text(json.dumps(results, indent=1) + "\n", out / "results.json")
     atomic_write_text(md, out / "results.md")
-    report.plot(out, {NAMES[m]: dirs[m] for m in methods}, results["remit_weights"])
+    report.plot(out, {NAMES[m]: dirs[m] for m in methods}, results["remit_weights"],
+                base_eval=rows[0]["eval"])
     print(md)
     print(f"results: {out / 'results.md'}, {out / 'results.json'}, {out / 'curves.png'}")
     return 0

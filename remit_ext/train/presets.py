@@ -27,25 +27,26 @@ class Preset:
     n_pretrain: int = 60_000
     n_midtrain: int = 6_000
     n_rl: int = 4_000
-    n_eval: int = 500
+    n_eval: int = 1_200
     # pre-training: warmup, then a constant rate (the "stable" phase of a WSD schedule)
     pretrain_steps: int = 600
     batch: int = 64
     lr: float = 2e-3
     warmup: int = 100
     # RL: group-relative policy gradient on exact-answer reward
-    rl_steps: int = 120
-    rl_prompts: int = 8
+    rl_steps: int = 300
+    rl_prompts: int = 16
     rl_group: int = 8
     rl_lr: float = 2e-4
     rl_temperature: float = 1.0
+    post_rl_steps: int = 100  # flywheel: RL of each mid-trained model
     # mid-training: the decay phase, from lr to 0
-    midtrain_steps: int = 300
+    midtrain_steps: int = 120
     eps: float = 0.2  # ReMiT clip band
     keep_ratio: float = 0.6  # Rho-1
     kd_temperature: float = 1.0
-    # bookkeeping
-    eval_every: int = 100
+    # bookkeeping (eval_every: mid-training learning curves; other stages evaluate at the end)
+    eval_every: int = 40
     ckpt_every: int = 100
 
     @property
@@ -79,12 +80,12 @@ class Preset:
 PRESETS = {
     "tiny": Preset("tiny", d_model=32, n_layer=1, n_head=2, max_k=3, n_pretrain=512,
                    n_midtrain=128, n_rl=64, n_eval=30, pretrain_steps=12, batch=16, warmup=2,
-                   rl_steps=3, rl_prompts=4, rl_group=4, midtrain_steps=6, eval_every=3,
+                   rl_steps=3, rl_prompts=4, rl_group=4, post_rl_steps=2, midtrain_steps=6, eval_every=3,
                    ckpt_every=2),
     "default": Preset("default"),
     "gpu": Preset("gpu", d_model=384, n_layer=6, n_head=6, max_k=8, n_pretrain=400_000,
                   n_midtrain=40_000, n_rl=20_000, n_eval=2_000, pretrain_steps=8_000, batch=256,
-                  lr=1e-3, warmup=300, rl_steps=400, rl_prompts=32, rl_group=8,
+                  lr=1e-3, warmup=300, rl_steps=600, rl_prompts=32, rl_group=8, post_rl_steps=200,
                   midtrain_steps=2_000, eval_every=250, ckpt_every=500),
 }
 

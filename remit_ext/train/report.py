@@ -33,9 +33,11 @@ def table_markdown(rows: list[dict], max_k: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(out: Path, stage_dirs: dict[str, Path], weights: dict | None) -> list[Path]:
-    """curves.png: mid-training loss and held-out accuracy/NLL per method; weights.png: the
-    distribution of ReMiT weights and their mean per token role."""
+def plot(out: Path, stage_dirs: dict[str, Path], weights: dict | None,
+         base_eval: dict | None = None) -> list[Path]:
+    """curves.png: mid-training loss and held-out accuracy/NLL per method (from the base
+    model's evaluation at step 0); weights.png: the distribution of ReMiT weights and their
+    mean per token role."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -47,6 +49,8 @@ def plot(out: Path, stage_dirs: dict[str, Path], weights: dict | None) -> list[P
         recs = read_metrics(sdir)
         tr = [r for r in recs if "loss" in r]
         ev = [r for r in recs if "eval_acc" in r]
+        if base_eval:
+            ev = [{"step": 0, **{f"eval_{k}": v for k, v in base_eval.items()}}] + ev
         axes[0].plot([r["step"] for r in tr], [r["loss"] for r in tr], label=name)
         axes[1].plot([r["step"] for r in ev], [100 * r["eval_acc"] for r in ev], "o-", label=name)
         axes[2].plot([r["step"] for r in ev], [r["eval_nll"] for r in ev], "o-", label=name)

@@ -43,6 +43,10 @@ class Dist:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
+            if local >= torch.cuda.device_count():
+                raise ValueError(f"--device cuda: local rank {local} needs GPU {local}, but "
+                                 f"{torch.cuda.device_count()} GPU(s) are visible; start at most "
+                                 f"one process per GPU (or pass --device cpu for gloo)")
             self.device = torch.device("cuda", local)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -127,12 +131,18 @@ _DIST: Optional[Dist] = None
 
 
 def get_dist(device: Optional[str] = None) -> Dist:
-    """The process's one Dist (a process group is set up once and torn down at exit, so that
-    the flywheel can run several stages in one torchrun job)."""
+    """The process's Dist. The process group is set up once and torn down at exit, so that the
+    flywheel can run several stages in one torchrun job; a single process may ask for another
+    device from stage to stage."""
     global _DIST
     if _DIST is None:
         _DIST = Dist(device)
         atexit.register(_DIST.close)
+    elif device is not None and torch.device(device).type != _DIST.device.type:
+        if _DIST.world > 1:
+            raise ValueError(f"--device {device}: this distributed job runs on "
+                             f"{_DIST.device.type}")
+        return Dist(device)
     return _DIST
 
 

@@ -156,7 +156,7 @@ def pretrain(c: Common) -> Path:
             loss = remit_ext.weighted_cross_entropy(ddp(x), y, backend=c.backend)
             loss.backward()
             norm = clip_and_step(ddp, opt)
-            _log_step(run, d, step, p.eval_every, {"loss": float(loss.detach()), "grad_norm": norm},
+            _log_step(run, d, step, 0, {"loss": float(loss.detach()), "grad_norm": norm},
                       model, p, c)
     _finish(run, d, model, p, c)
     return c.out
@@ -230,7 +230,7 @@ def rl(c: Common, init: Path) -> Path:
                                                     reduction="sum", backend=c.backend)
             loss.backward()
             norm = clip_and_step(ddp, opt)
-            _log_step(run, d, step, p.eval_every,
+            _log_step(run, d, step, 0,
                       {"reward": float(reward.mean()), "difficulty": k,
                        "length": float(lengths.float().mean()), "grad_norm": norm},
                       model, p, c)
