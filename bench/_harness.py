@@ -226,6 +226,15 @@ def append_csv(path: Path, rows: Sequence[dict], columns: Sequence[str]) -> None
         writer.writerows(rows)
 
 
+def save_results(csv_path: Path, md_path: Path, rows: Sequence[dict],
+                 columns: Sequence[str], md: str) -> None:
+    """Append the rows to the CSV ledger, rewrite the markdown summary, say where they went."""
+    append_csv(csv_path, rows, columns)
+    md_path.write_text(md)
+    print(f"\nappended {len(rows)} rows to {csv_path.relative_to(REPO)}; "
+          f"wrote {md_path.relative_to(REPO)}")
+
+
 def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows]

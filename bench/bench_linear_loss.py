@@ -386,12 +386,8 @@ def main(argv=None) -> int:
     if args.quick or args.no_write:
         return 0
     stem = "cpu" if args.device == "cpu" else "gpu"
-    csv_path, md_path = (h.RESULTS / f"{stem}_linear_loss.csv",
-                         h.RESULTS / f"{stem}_linear_loss.md")
-    h.append_csv(csv_path, rows, COLUMNS)
-    md_path.write_text(md)
-    print(f"\nappended {len(rows)} rows to {csv_path.relative_to(h.REPO)}; "
-          f"wrote {md_path.relative_to(h.REPO)}")
+    h.save_results(h.RESULTS / f"{stem}_linear_loss.csv", h.RESULTS / f"{stem}_linear_loss.md",
+                   rows, COLUMNS, md)
     return 0
 
 

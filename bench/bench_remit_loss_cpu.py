@@ -221,10 +221,7 @@ def main(argv=None) -> int:
                               "other_cpu_cores")))
     if args.quick or args.no_write:
         return 0
-    h.append_csv(CSV_PATH, rows, COLUMNS)
-    MD_PATH.write_text(md)
-    print(f"\nappended {len(rows)} rows to {CSV_PATH.relative_to(h.REPO)}; "
-          f"wrote {MD_PATH.relative_to(h.REPO)}")
+    h.save_results(CSV_PATH, MD_PATH, rows, COLUMNS, md)
     return 0
 
 
