@@ -53,9 +53,13 @@ inline void check_logits(const at::Tensor& logits, const char* name) {
                     ": expected a floating dtype, got ", logits.scalar_type());
   TORCH_CHECK_VALUE(logits.size(1) >= 1, name, ": expected V >= 1, got shape ", logits.sizes());
   // Column indices are 32-bit inside a row (row offsets are 64-bit); grids are 32-bit in rows.
-  TORCH_CHECK_VALUE(logits.size(1) <= std::numeric_limits<int32_t>::max() &&
+  // The column loops step `i += kGroup` (up to 512) past the last column before they stop, so
+  // V leaves that much headroom below 2^31 (else the int index overflows: undefined behaviour).
+  constexpr int64_t kMaxV = std::numeric_limits<int32_t>::max() - 1024;
+  TORCH_CHECK_VALUE(logits.size(1) <= kMaxV &&
                         logits.size(0) <= std::numeric_limits<int32_t>::max(),
-                    name, ": the CUDA kernels take N, V < 2^31, got shape ", logits.sizes());
+                    name, ": the CUDA kernels take N < 2^31 and V <= 2^31 - 1025, got shape ",
+                    logits.sizes());
 }
 
 inline void check_targets(const at::Tensor& targets, const at::Tensor& logits,

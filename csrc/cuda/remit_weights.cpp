@@ -66,6 +66,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> remit_weights_cuda(
                     targets.sizes());
   TORCH_CHECK_VALUE(targets.scalar_type() == at::kLong || targets.scalar_type() == at::kInt,
                     "targets: expected int64 or int32, got ", targets.scalar_type());
+  // The dispatcher picks this kernel when any argument is a CUDA tensor: the kernel dereferences
+  // logprob, scorer_logprob and targets on the device, so a CPU (or other-GPU) one among them
+  // would be an illegal address, not an error. cu_seqlens alone is moved over (see above).
+  TORCH_CHECK_VALUE(logprob.is_cuda(), "logprob: expected a CUDA tensor, got ", logprob.device());
+  TORCH_CHECK_VALUE(scorer_logprob.device() == logprob.device(),
+                    "scorer_logprob: expected a tensor on ", logprob.device(), ", got ",
+                    scorer_logprob.device());
+  TORCH_CHECK_VALUE(targets.device() == logprob.device(), "targets: expected a tensor on ",
+                    logprob.device(), ", got ", targets.device());
   const c10::cuda::CUDAGuard guard(logprob.device());
   at::Tensor w = at::empty_like(logprob), dhat = at::empty_like(logprob);
   at::Tensor diag = at::empty({6}, logprob.options());

@@ -59,6 +59,20 @@ __device__ __forceinline__ double expm1_acc(double x) { return expm1(x); }
 __device__ __forceinline__ float max_acc(float a, float b) { return fmaxf(a, b); }
 __device__ __forceinline__ double max_acc(double a, double b) { return fmax(a, b); }
 
+// v / temperature as the kernels use it: the product rounded to A before any other use. Under
+// nvcc's default -fmad=true (NVPTX fuses aggressively, even a product with other uses) a plain
+// `x * scale - m` becomes fma(x, scale, -m): for the row's maximum that is the rounding error of
+// x * scale instead of 0, so the maximum is missed as `top`, s - 1 is formed as below - 1 with
+// cancellation (it can come out negative: a positive log-prob) and the log1p trick is lost on
+// confident rows. __fmul_rn / __dmul_rn are never contracted; the CPU kernels likewise round the
+// scaled row first (load_row in csrc/cpu/row_ops.h).
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+template <typename T>
+__device__ __forceinline__ acc_t<T> scaled(T v, acc_t<T> scale) {
+  return mul_rn(to_acc(v), scale);
+}
+
 // e^d for the d <= 0 the kernels form (d = x - max or x - lse; -inf gives 0, NaN stays NaN).
 // bf16/fp16 rows use the hardware ex2 (2 ulp): their inputs carry 2^-8 / 2^-11 relative error,
 // and the exp is what bounds these kernels on H100 once memory is saturated. fp32 rows keep the

@@ -30,11 +30,11 @@ __device__ __forceinline__ RowStats<acc_t<T>> row_stats(const T* row, int V, int
   // Scalar head and tail (fewer than 8 elements each), then the 16-byte body, kUnroll<T> vectors
   // in flight per thread before any arithmetic.
   for (int i = rank; i < sp.head; i += kGroup) {
-    const A x[1] = {to_acc(row[i]) * scale};
+    const A x[1] = {scaled(row[i], scale)};
     absorb<T, kT>(st, x);
   }
   for (int i = sp.tail + rank; i < V; i += kGroup) {
-    const A x[1] = {to_acc(row[i]) * scale};
+    const A x[1] = {scaled(row[i], scale)};
     absorb<T, kT>(st, x);
   }
   const T* body = row + sp.head;
@@ -47,7 +47,7 @@ __device__ __forceinline__ RowStats<acc_t<T>> row_stats(const T* row, int V, int
 #pragma unroll
     for (int u = 0; u < kUnroll<T>; ++u) {
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) x[u * kVec + k] = to_acc(v[u].v[k]) * scale;
+      for (int k = 0; k < kVec; ++k) x[u * kVec + k] = scaled(v[u].v[k], scale);
     }
     absorb<T, kT>(st, x);
   }
@@ -55,7 +55,7 @@ __device__ __forceinline__ RowStats<acc_t<T>> row_stats(const T* row, int V, int
     const Vec<T> v = load_vec(body + static_cast<int64_t>(j) * kVec);
     A x[kVec];
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) x[k] = to_acc(v.v[k]) * scale;
+    for (int k = 0; k < kVec; ++k) x[k] = scaled(v.v[k], scale);
     absorb<T, kT>(st, x);
   }
   st = group_merge<T, kT, kGroup>(st, scratch);
@@ -65,10 +65,14 @@ __device__ __forceinline__ RowStats<acc_t<T>> row_stats(const T* row, int V, int
     // A +inf logit or an all -inf row: softmax is undefined. lse follows torch.logsumexp
     // (NaN if any logit is NaN, else the infinite max); log-prob and entropy are NaN. Only with
     // m = +inf can a NaN hide (inf - inf poisons `below` anyway), so the row is scanned again
-    // for one; this path never runs on ordinary rows.
+    // for one (in x * scale, as absorbed: 0 * an infinite 1/temperature is NaN too); this path
+    // never runs on ordinary rows.
     bool has_nan = st.poison;
     if (st.m > A(0)) {
-      for (int i = rank; i < V && !has_nan; i += kGroup) has_nan = to_acc(row[i]) != to_acc(row[i]);
+      for (int i = rank; i < V && !has_nan; i += kGroup) {
+        const A x = scaled(row[i], scale);
+        has_nan = x != x;
+      }
       has_nan = group_any<kGroup>(has_nan);
     }
     return {has_nan ? nan : st.m, nan, nan};
@@ -79,7 +83,7 @@ __device__ __forceinline__ RowStats<acc_t<T>> row_stats(const T* row, int V, int
   // Only the writer reads x_y; an out-of-range target (refused by the Python layer) reads
   // nothing and gives NaN.
   A logprob = nan;
-  if (rank == 0 && y >= 0 && y < V) logprob = (to_acc(row[y]) * scale - st.m) - log_s;
+  if (rank == 0 && y >= 0 && y < V) logprob = (scaled(row[y], scale) - st.m) - log_s;
   const A entropy = kT ? log_s - st.t / (A(1) + s_m1) : A(0);  // H = LSE - sum p x
   return {st.m + log_s, logprob, entropy};
 }
