@@ -234,16 +234,25 @@ def test_gradcheck_fp64(backend):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_confident_rows_logprob_is_relatively_accurate(backend):
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_confident_rows_logprob_is_relatively_accurate(backend, temperature):
     # p(target) -> 1: a = -log1p(off-max mass) ~ -1e-7. fp32 PyTorch (lse rounded to ~1e-7
-    # absolute) loses every digit; the kernels must keep a to 1e-3 relative.
+    # absolute) loses every digit; the kernels must keep a to 1e-3 relative. With a temperature
+    # the scaled row must be rounded before the max is subtracted (a fused multiply-add there
+    # would leave the max's own term != 1 and could make a > 0).
     logits, _, targets = make_pair((2, 32, 1025), torch.float32, seed=28)
     logits = confident_rows(logits, targets)
-    got = remit_ext.token_stats(logits, targets, backend=backend).logprob
-    truth = _ref(logits.double(), targets, grad=False)[1]
+    got = remit_ext.token_stats(logits, targets, temperature=temperature, backend=backend).logprob
     valid = targets != IGNORE
+    # The truth as -log1p(sum_{j != y} exp((z_j - z_y) / T)) in fp64 (y is each row's argmax):
+    # z_y - LSE(z) would cancel ~40 against ~40 and keep no digit of a ~ -1e-12 even in fp64.
+    z = logits.double() / temperature
+    zy = z.gather(-1, targets.clamp(min=0)[..., None])
+    off = torch.exp(z - zy).scatter(-1, targets.clamp(min=0)[..., None], 0.0).sum(-1)
+    truth = torch.where(valid, -torch.log1p(off), 0.0)
     g, t = got[valid].double(), truth[valid]
     assert bool((t < 0).all()) and float(t.abs().max()) < 1e-5
+    assert bool((g <= 0).all()), "a log-probability above 0"
     rel = float(((g - t) / t).abs().max())
     assert rel < 1e-3, f"log-prob relative error {rel:.2e} on confident rows"
 
