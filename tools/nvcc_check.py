@@ -9,11 +9,13 @@ Compiles, with warnings as errors (compile only, no link):
   streaming kernels is a performance bug. Every ``.cu`` under csrc/cuda is compiled this way.
 - the torch glue ``csrc/cuda/*.cpp`` (argument checks, launches, TORCH_LIBRARY_IMPL(CUDA)) with
   the host C++ compiler, as CMake builds it, against the installed torch's headers and the CUDA
-  toolkit's. The glue holds no device code, which is why it is C++ and not .cu: nvcc would parse
-  torch's headers once per architecture for nothing (4x the time of this check). A CPU wheel
-  ships ATen and c10/cuda headers but not c10's generated ``cuda_cmake_macros.h``, hence
-  ``-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE`` (that file only sets export macros for Windows DLLs);
-  the glue avoids ATen/cuda/CUDAContext.h, which needs cuBLAS headers.
+  toolkit's; through cuda/glue.h this also compiles the device-agnostic checks it shares with the
+  CPU ops (``csrc/op_checks.h``). The glue holds no device code, which is why it is C++ and not
+  .cu: nvcc would parse torch's headers once per architecture for nothing (4x the time of this
+  check). A CPU wheel ships ATen and c10/cuda headers but not c10's generated
+  ``cuda_cmake_macros.h``, hence ``-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE`` (that file only sets
+  export macros for Windows DLLs); the glue avoids ATen/cuda/CUDAContext.h, which needs cuBLAS
+  headers.
 
 Exit status 0 when everything compiles; 1 on a compile failure; 2 when nvcc, a C++ compiler or
 torch is missing.

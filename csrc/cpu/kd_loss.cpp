@@ -4,6 +4,7 @@
 
 #include "cpu/kernels.h"
 #include "cpu/row_ops.h"
+#include "op_checks.h"
 
 namespace remit::cpu {
 
@@ -112,7 +113,7 @@ void check_kd_args(const at::Tensor& logits, const at::Tensor& teacher_logits,
                     "teacher_logits: expected the logits' dtype ", logits.scalar_type(), ", got ",
                     teacher_logits.scalar_type());
   check_targets(targets, logits.size(0));
-  TORCH_CHECK_VALUE(temperature > 0, "temperature: expected > 0, got ", temperature);
+  check_temperature(temperature);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_cpu(

@@ -5,6 +5,7 @@
 
 #include "cpu/kernels.h"
 #include "cpu/row_ops.h"
+#include "op_checks.h"
 
 namespace remit::cpu {
 
@@ -18,8 +19,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_logits(logits, "logits");
   const int64_t N = logits.size(0);
   check_targets(targets, N);
-  TORCH_CHECK_VALUE(scorer_logits.has_value() != scorer_logprob.has_value(),
-                    "remit_loss: expected exactly one of scorer_logits and scorer_logprob");
+  check_one_scorer(scorer_logits, scorer_logprob);
   const auto opts = logits.options().dtype(at::toOpMathType(logits.scalar_type()));
   StatsOut policy{at::empty({N}, opts), at::empty({N}, opts), {}, {}};
   stats_pass(logits, targets, ignore_index, 1.0, 0, false, policy);
@@ -33,8 +33,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     stats_pass(*scorer_logits, targets, ignore_index, 1.0, 0, false, scorer);
     b = scorer.logprob;
   } else {
-    TORCH_CHECK_VALUE(scorer_logprob->dim() == 1 && scorer_logprob->size(0) == N,
-                      "scorer_logprob: expected shape [", N, "], got ", scorer_logprob->sizes());
+    check_per_token(*scorer_logprob, N, "scorer_logprob");
     b = *scorer_logprob;
   }
   at::Tensor w = at::empty({N}, opts), dhat = at::empty({N}, opts);

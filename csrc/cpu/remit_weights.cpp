@@ -4,17 +4,14 @@
 
 #include "cpu/kernels.h"
 #include "cpu/row_ops.h"
+#include "op_checks.h"
 
 namespace remit::cpu {
 
 namespace {
 
 at::Tensor checked_cu_seqlens(const at::Tensor& cu_seqlens, int64_t N) {
-  TORCH_CHECK_VALUE(cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 2,
-                    "cu_seqlens: expected a 1-D tensor of at least 2 offsets, got shape ",
-                    cu_seqlens.sizes());
-  TORCH_CHECK_VALUE(cu_seqlens.scalar_type() == at::kLong || cu_seqlens.scalar_type() == at::kInt,
-                    "cu_seqlens: expected int32 or int64, got ", cu_seqlens.scalar_type());
+  check_cu_seqlens(cu_seqlens);
   at::Tensor cu = cu_seqlens.to(at::kLong).contiguous();
   const int64_t* c = cu.const_data_ptr<int64_t>();
   const int64_t S = cu.size(0) - 1;
@@ -87,7 +84,7 @@ void remit_weights_into(const at::Tensor& logprob, const at::Tensor& scorer_logp
                         int64_t ignore_index, double eps, at::Tensor& weights,
                         at::Tensor& delta_hat, at::Tensor& diag) {
   const int64_t N = logprob.size(0);
-  TORCH_CHECK_VALUE(eps > 0 && eps < 1, "eps: expected a value in (0, 1), got ", eps);
+  check_eps(eps);
   const at::Tensor cu = checked_cu_seqlens(cu_seqlens, N);
   const at::Tensor y = targets_as_long(targets);
   const at::Tensor a = logprob.contiguous();
@@ -106,12 +103,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> remit_weights_cpu(
     const at::Tensor& logprob, const at::Tensor& scorer_logprob, const at::Tensor& targets,
     const at::Tensor& cu_seqlens, int64_t ignore_index, double eps) {
-  TORCH_CHECK_VALUE(logprob.dim() == 1, "logprob: expected a 1-D tensor, got shape ",
-                    logprob.sizes());
-  TORCH_CHECK_VALUE(logprob.scalar_type() == at::kFloat || logprob.scalar_type() == at::kDouble,
-                    "logprob: expected float32 or float64, got ", logprob.scalar_type());
-  check_same_rows(logprob, scorer_logprob, "scorer_logprob");
-  check_targets(targets, logprob.size(0));
+  check_remit_weights_args(logprob, scorer_logprob, targets);
   const auto opts = logprob.options();
   at::Tensor w = at::empty_like(logprob), dhat = at::empty_like(logprob);
   at::Tensor diag = at::empty({6}, opts);

@@ -177,33 +177,7 @@ inline void zero_row(scalar_t* out, int64_t V) {
   std::fill(out, out + V, scalar_t(0));
 }
 
-// ---- argument checks for direct torch.ops calls (the Python layer gives friendlier ones) ----
-
-inline void check_logits(const at::Tensor& logits, const char* name) {
-  TORCH_CHECK_VALUE(logits.dim() == 2, name, ": expected a 2-D [N, V] tensor, got shape ",
-                    logits.sizes());
-  TORCH_CHECK_VALUE(at::isFloatingType(logits.scalar_type()), name,
-                    ": expected a floating dtype, got ", logits.scalar_type());
-  TORCH_CHECK_VALUE(logits.size(1) >= 1, name, ": expected V >= 1, got shape ", logits.sizes());
-}
-
-inline void check_targets(const at::Tensor& targets, int64_t N, const char* name = "targets") {
-  TORCH_CHECK_VALUE(targets.dim() == 1 && targets.size(0) == N, name,
-                    ": expected a 1-D tensor of ", N, " elements, got shape ", targets.sizes());
-  TORCH_CHECK_VALUE(targets.scalar_type() == at::kLong || targets.scalar_type() == at::kInt, name,
-                    ": expected int64 or int32, got ", targets.scalar_type());
-}
-
-inline void check_same_rows(const at::Tensor& a, const at::Tensor& b, const char* name) {
-  TORCH_CHECK_VALUE(a.sizes() == b.sizes(), name, ": expected the same shape as logits ",
-                    a.sizes(), ", got ", b.sizes());
-}
-
-// Rows are accessed through a row stride; the last dimension must be dense for vector loads.
-inline at::Tensor row_major(const at::Tensor& t) {
-  return t.stride(-1) == 1 ? t : t.contiguous();
-}
-
+// A target is checked where a kernel reads it (the shape and dtype checks: op_checks.h).
 inline void check_target_value(int64_t y, int64_t V, int64_t row, int64_t ignore_index) {
   TORCH_CHECK_VALUE(y >= 0 && y < V, "targets: expected values in [0, ", V,
                     ") or ignore_index=", ignore_index, ", got ", y, " at position ", row);

@@ -7,6 +7,7 @@
 
 #include "cpu/kernels.h"
 #include "cpu/row_ops.h"
+#include "op_checks.h"
 
 namespace remit::cpu {
 
@@ -107,8 +108,8 @@ token_stats_cpu(const at::Tensor& logits, const at::Tensor& targets,
                 double temperature, bool with_entropy, int64_t topk, bool topk_renormalize) {
   check_logits(logits, "logits");
   check_targets(targets, logits.size(0));
-  TORCH_CHECK_VALUE(temperature > 0, "temperature: expected > 0, got ", temperature);
-  TORCH_CHECK_VALUE(topk >= 0, "topk: expected >= 0 (0: not computed), got ", topk);
+  check_temperature(temperature);
+  check_topk(topk);
   const int64_t N = logits.size(0);
   const auto opts = logits.options().dtype(at::toOpMathType(logits.scalar_type()));
   StatsOut out{at::empty({N}, opts), at::empty({N}, opts), at::empty({with_entropy ? N : 0}, opts),

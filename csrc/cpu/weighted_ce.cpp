@@ -4,6 +4,7 @@
 
 #include "cpu/kernels.h"
 #include "cpu/row_ops.h"
+#include "op_checks.h"
 
 namespace remit::cpu {
 
@@ -57,12 +58,9 @@ void check_bwd_args(const at::Tensor& logits, const at::Tensor& targets, const a
   check_logits(logits, "logits");
   const int64_t N = logits.size(0);
   check_targets(targets, N);
-  TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == N, "lse: expected shape [", N, "], got ",
-                    lse.sizes());
-  TORCH_CHECK_VALUE(logprob.dim() == 1 && logprob.size(0) == N, "logprob: expected shape [", N,
-                    "], got ", logprob.sizes());
-  TORCH_CHECK_VALUE(coef.dim() == 1 && coef.size(0) == N, "coef: expected shape [", N, "], got ",
-                    coef.sizes());
+  check_per_token(lse, N, "lse");
+  check_per_token(logprob, N, "logprob");
+  check_per_token(coef, N, "coef");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> weighted_ce_fwd_cpu(
@@ -71,16 +69,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weighted_ce_fwd_cpu(
   check_logits(logits, "logits");
   const int64_t N = logits.size(0);
   check_targets(targets, N);
+  if (weights.has_value()) check_per_token(*weights, N, "weights");
   const auto opts = logits.options().dtype(at::toOpMathType(logits.scalar_type()));
   StatsOut st{at::empty({N}, opts), at::empty({N}, opts), {}, {}};
   stats_pass(logits, targets, ignore_index, 1.0, 0, false, st);
   const at::Tensor &lse = st.lse, &logprob = st.logprob;
   at::Tensor loss = -logprob;  // invalid rows have logprob 0, hence loss 0
-  if (weights.has_value()) {
-    TORCH_CHECK_VALUE(weights->dim() == 1 && weights->size(0) == N,
-                      "weights: expected shape [", N, "], got ", weights->sizes());
-    loss.mul_(weights->to(opts.dtype()));
-  }
+  if (weights.has_value()) loss.mul_(weights->to(opts.dtype()));
   return {loss, lse, logprob};
 }
 
@@ -98,9 +93,7 @@ void weighted_ce_bwd_inplace_cpu(at::Tensor& logits, const at::Tensor& targets,
                                  const at::Tensor& lse, const at::Tensor& logprob,
                                  const at::Tensor& coef, int64_t ignore_index) {
   check_bwd_args(logits, targets, lse, logprob, coef);
-  TORCH_CHECK_VALUE(logits.stride(1) == 1,
-                    "logits: the in-place backward needs rows with unit stride, got strides ",
-                    logits.strides());
+  check_inplace_rows(logits);
   ce_grad_into(logits, targets, lse, logprob, coef, ignore_index, logits);
 }
 

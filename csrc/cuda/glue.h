@@ -1,6 +1,7 @@
 // Torch-side helpers shared by the CUDA op files: dtype mapping onto the CUDA types the kernel
-// bodies use, argument checks for direct torch.ops calls (the Python layer gives friendlier
-// ones first), and the internal entry points the fused remit_loss reuses.
+// bodies use, the CUDA layer of the argument checks for direct torch.ops calls (the shared,
+// device-agnostic layer is op_checks.h), and the internal entry points the fused remit_loss
+// reuses.
 //
 // Only c10/cuda headers are used (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS/cuSPARSE
 // headers): the glue then compiles against a CPU wheel's headers plus the bare CUDA toolkit,
@@ -17,6 +18,8 @@
 #include <cuda_fp16.h>
 
 #include <limits>
+
+#include "op_checks.h"
 
 namespace remit::cuda {
 
@@ -45,13 +48,13 @@ inline auto* cuda_mut_ptr(at::Tensor& t) {
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
+// The argument checks of op_checks.h plus what the CUDA kernels need on top: every tensor they
+// dereference on the logits' device, and 32-bit sizes. These hide remit::check_logits etc.
+// inside remit::cuda, where the device-agnostic ones are called by their full name.
+
 inline void check_logits(const at::Tensor& logits, const char* name) {
   TORCH_CHECK_VALUE(logits.is_cuda(), name, ": expected a CUDA tensor, got ", logits.device());
-  TORCH_CHECK_VALUE(logits.dim() == 2, name, ": expected a 2-D [N, V] tensor, got shape ",
-                    logits.sizes());
-  TORCH_CHECK_VALUE(at::isFloatingType(logits.scalar_type()), name,
-                    ": expected a floating dtype, got ", logits.scalar_type());
-  TORCH_CHECK_VALUE(logits.size(1) >= 1, name, ": expected V >= 1, got shape ", logits.sizes());
+  remit::check_logits(logits, name);
   // Column indices are 32-bit inside a row (row offsets are 64-bit); grids are 32-bit in rows.
   // The column loops step `i += kGroup` (up to 512) past the last column before they stop, so
   // V leaves that much headroom below 2^31 (else the int index overflows: undefined behaviour).
@@ -62,28 +65,28 @@ inline void check_logits(const at::Tensor& logits, const char* name) {
                     logits.sizes());
 }
 
+inline void check_on_device(const at::Tensor& t, const at::Tensor& like, const char* name) {
+  TORCH_CHECK_VALUE(t.device() == like.device(), name, ": expected a tensor on ", like.device(),
+                    ", got ", t.device());
+}
+
 inline void check_targets(const at::Tensor& targets, const at::Tensor& logits,
                           const char* name = "targets") {
-  const int64_t N = logits.size(0);
-  TORCH_CHECK_VALUE(targets.dim() == 1 && targets.size(0) == N, name,
-                    ": expected a 1-D tensor of ", N, " elements, got shape ", targets.sizes());
-  TORCH_CHECK_VALUE(targets.scalar_type() == at::kLong || targets.scalar_type() == at::kInt, name,
-                    ": expected int64 or int32, got ", targets.scalar_type());
-  TORCH_CHECK_VALUE(targets.device() == logits.device(), name, ": expected a tensor on ",
-                    logits.device(), ", got ", targets.device());
+  remit::check_targets(targets, logits.size(0), name);
+  check_on_device(targets, logits, name);
 }
 
 inline void check_per_token(const at::Tensor& t, int64_t N, const at::Tensor& logits,
                             const char* name) {
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == N, name, ": expected shape [", N, "], got ",
-                    t.sizes());
-  TORCH_CHECK_VALUE(t.device() == logits.device(), name, ": expected a tensor on ",
-                    logits.device(), ", got ", t.device());
+  remit::check_per_token(t, N, name);
+  check_on_device(t, logits, name);
 }
 
-// Rows are addressed through a row stride; only the vocabulary dimension must be dense.
-inline at::Tensor row_major(const at::Tensor& t) {
-  return t.stride(-1) == 1 ? t : t.contiguous();
+inline void check_scorer_logits(const at::Tensor& scorer_logits, const at::Tensor& logits) {
+  check_logits(scorer_logits, "scorer_logits");
+  check_same_rows(logits, scorer_logits, "scorer_logits");
+  TORCH_CHECK_VALUE(scorer_logits.device() == logits.device(),
+                    "scorer_logits: expected a tensor on ", logits.device());
 }
 
 // ---- internal entry points (defined in token_stats.cu, remit_weights.cu, weighted_ce.cu) ----

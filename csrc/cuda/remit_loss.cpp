@@ -19,15 +19,9 @@ remit_loss_cuda(const at::Tensor& logits, const at::Tensor& targets,
   check_logits(logits, "logits");
   check_targets(targets, logits);
   const int64_t N = logits.size(0);
-  TORCH_CHECK_VALUE(scorer_logits.has_value() != scorer_logprob.has_value(),
-                    "remit_loss: expected exactly one of scorer_logits and scorer_logprob");
+  check_one_scorer(scorer_logits, scorer_logprob);
   if (scorer_logits.has_value()) {
-    check_logits(*scorer_logits, "scorer_logits");
-    TORCH_CHECK_VALUE(scorer_logits->sizes() == logits.sizes(),
-                      "scorer_logits: expected the same shape as logits ", logits.sizes(),
-                      ", got ", scorer_logits->sizes());
-    TORCH_CHECK_VALUE(scorer_logits->device() == logits.device(),
-                      "scorer_logits: expected a tensor on ", logits.device());
+    check_scorer_logits(*scorer_logits, logits);
   } else {
     check_per_token(*scorer_logprob, N, logits, "scorer_logprob");
   }

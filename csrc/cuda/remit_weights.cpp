@@ -12,12 +12,8 @@ void remit_weights_into(const at::Tensor& logprob, const at::Tensor& scorer_logp
                         const at::Tensor& targets, const at::Tensor& cu_seqlens,
                         int64_t ignore_index, double eps, at::Tensor& weights,
                         at::Tensor& delta_hat, at::Tensor& diag, at::Tensor& loss) {
-  TORCH_CHECK_VALUE(eps > 0 && eps < 1, "eps: expected a value in (0, 1), got ", eps);
-  TORCH_CHECK_VALUE(cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 2,
-                    "cu_seqlens: expected a 1-D tensor of at least 2 offsets, got shape ",
-                    cu_seqlens.sizes());
-  TORCH_CHECK_VALUE(cu_seqlens.scalar_type() == at::kLong || cu_seqlens.scalar_type() == at::kInt,
-                    "cu_seqlens: expected int32 or int64, got ", cu_seqlens.scalar_type());
+  check_eps(eps);
+  check_cu_seqlens(cu_seqlens);
   const int64_t S = cu_seqlens.size(0) - 1;
   TORCH_CHECK_VALUE(S <= std::numeric_limits<int32_t>::max(),
                     "cu_seqlens: the CUDA kernel takes fewer than 2^31 segments, got ", S);
@@ -54,27 +50,13 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> remit_weights_cuda(
     const at::Tensor& logprob, const at::Tensor& scorer_logprob, const at::Tensor& targets,
     const at::Tensor& cu_seqlens, int64_t ignore_index, double eps) {
-  TORCH_CHECK_VALUE(logprob.dim() == 1, "logprob: expected a 1-D tensor, got shape ",
-                    logprob.sizes());
-  TORCH_CHECK_VALUE(logprob.scalar_type() == at::kFloat || logprob.scalar_type() == at::kDouble,
-                    "logprob: expected float32 or float64, got ", logprob.scalar_type());
-  TORCH_CHECK_VALUE(scorer_logprob.sizes() == logprob.sizes(),
-                    "scorer_logprob: expected the same shape as logprob ", logprob.sizes(),
-                    ", got ", scorer_logprob.sizes());
-  TORCH_CHECK_VALUE(targets.dim() == 1 && targets.size(0) == logprob.size(0),
-                    "targets: expected a 1-D tensor of ", logprob.size(0), " elements, got shape ",
-                    targets.sizes());
-  TORCH_CHECK_VALUE(targets.scalar_type() == at::kLong || targets.scalar_type() == at::kInt,
-                    "targets: expected int64 or int32, got ", targets.scalar_type());
+  check_remit_weights_args(logprob, scorer_logprob, targets);
   // The dispatcher picks this kernel when any argument is a CUDA tensor: the kernel dereferences
   // logprob, scorer_logprob and targets on the device, so a CPU (or other-GPU) one among them
   // would be an illegal address, not an error. cu_seqlens alone is moved over (see above).
   TORCH_CHECK_VALUE(logprob.is_cuda(), "logprob: expected a CUDA tensor, got ", logprob.device());
-  TORCH_CHECK_VALUE(scorer_logprob.device() == logprob.device(),
-                    "scorer_logprob: expected a tensor on ", logprob.device(), ", got ",
-                    scorer_logprob.device());
-  TORCH_CHECK_VALUE(targets.device() == logprob.device(), "targets: expected a tensor on ",
-                    logprob.device(), ", got ", targets.device());
+  check_on_device(scorer_logprob, logprob, "scorer_logprob");
+  check_on_device(targets, logprob, "targets");
   const c10::cuda::CUDAGuard guard(logprob.device());
   at::Tensor w = at::empty_like(logprob), dhat = at::empty_like(logprob);
   at::Tensor diag = at::empty({6}, logprob.options());

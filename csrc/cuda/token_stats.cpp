@@ -78,8 +78,8 @@ token_stats_cuda(const at::Tensor& logits, const at::Tensor& targets,
                  double temperature, bool with_entropy, int64_t topk, bool topk_renormalize) {
   check_logits(logits, "logits");
   check_targets(targets, logits);
-  TORCH_CHECK_VALUE(temperature > 0, "temperature: expected > 0, got ", temperature);
-  TORCH_CHECK_VALUE(topk >= 0, "topk: expected >= 0 (0: not computed), got ", topk);
+  check_temperature(temperature);
+  check_topk(topk);
   const int64_t N = logits.size(0), V = logits.size(1);
   // Among the top k the whole vocabulary: both forms are the full entropy (the mass is 1), so
   // topk_renormalize changes nothing.
@@ -88,14 +88,7 @@ token_stats_cuda(const at::Tensor& logits, const at::Tensor& targets,
   TORCH_CHECK_NOT_IMPLEMENTED(topk == 0 || topk_is_full,
                               "token_stats: the CUDA kernels take topk = 0 or topk >= V (", V,
                               "), got ", topk, "; use backend='triton' or 'torch'");
-  if (scorer_logits.has_value()) {
-    check_logits(*scorer_logits, "scorer_logits");
-    TORCH_CHECK_VALUE(scorer_logits->sizes() == logits.sizes(),
-                      "scorer_logits: expected the same shape as logits ", logits.sizes(),
-                      ", got ", scorer_logits->sizes());
-    TORCH_CHECK_VALUE(scorer_logits->device() == logits.device(),
-                      "scorer_logits: expected a tensor on ", logits.device());
-  }
+  if (scorer_logits.has_value()) check_scorer_logits(*scorer_logits, logits);
   const c10::cuda::CUDAGuard guard(logits.device());
   const auto opts = logits.options().dtype(at::toOpMathType(logits.scalar_type()));
   const bool has_scorer = scorer_logits.has_value();

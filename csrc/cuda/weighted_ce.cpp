@@ -80,9 +80,7 @@ void weighted_ce_bwd_inplace_cuda(at::Tensor& logits, const at::Tensor& targets,
                                   const at::Tensor& lse, const at::Tensor& logprob,
                                   const at::Tensor& coef, int64_t ignore_index) {
   check_bwd_args(logits, targets, lse, logprob, coef);
-  TORCH_CHECK_VALUE(logits.stride(1) == 1,
-                    "logits: the in-place backward needs rows with unit stride, got strides ",
-                    logits.strides());
+  check_inplace_rows(logits);
   const c10::cuda::CUDAGuard guard(logits.device());
   ce_grad_into(logits, targets, lse, logprob, coef, ignore_index, logits);
 }
