@@ -29,8 +29,9 @@ inline void check_targets(const at::Tensor& targets, int64_t N, const char* name
 }
 
 // `b` (scorer or teacher rows) must match `a` element for element.
-inline void check_same_rows(const at::Tensor& a, const at::Tensor& b, const char* name) {
-  TORCH_CHECK_VALUE(a.sizes() == b.sizes(), name, ": expected the same shape as logits ",
+inline void check_same_rows(const at::Tensor& a, const at::Tensor& b, const char* name,
+                            const char* a_name = "logits") {
+  TORCH_CHECK_VALUE(a.sizes() == b.sizes(), name, ": expected the same shape as ", a_name, " ",
                     a.sizes(), ", got ", b.sizes());
 }
 
@@ -62,7 +63,7 @@ inline void check_remit_weights_args(const at::Tensor& logprob, const at::Tensor
                     logprob.sizes());
   TORCH_CHECK_VALUE(logprob.scalar_type() == at::kFloat || logprob.scalar_type() == at::kDouble,
                     "logprob: expected float32 or float64, got ", logprob.scalar_type());
-  check_same_rows(logprob, scorer_logprob, "scorer_logprob");
+  check_same_rows(logprob, scorer_logprob, "scorer_logprob", "logprob");
   check_targets(targets, logprob.size(0));
 }
 

@@ -167,6 +167,9 @@ def test_dispatcher_names_the_reason():
         (lambda z, y: torch.ops.remit_ext.remit_weights(
             torch.zeros(10), torch.zeros(10), y.clamp(0), torch.tensor([0, 3]), IGNORE, 0.2),
          r"cu_seqlens: expected to start at 0 and end at the number of tokens 10, got 0 \.\.\. 3"),
+        (lambda z, y: torch.ops.remit_ext.remit_weights(
+            torch.zeros(10), torch.zeros(9), y.clamp(0), torch.tensor([0, 10]), IGNORE, 0.2),
+         r"scorer_logprob: expected the same shape as logprob \[10\], got \[9\]"),
         (lambda z, y: torch.ops.remit_ext.weighted_ce_bwd_(
             z.t().contiguous().t(), y.clamp(0), torch.zeros(10), torch.zeros(10),
             torch.zeros(10), IGNORE),
