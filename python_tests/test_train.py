@@ -184,6 +184,7 @@ def test_pretrain_and_rl_stages(trained):
         assert set(final["eval"]) >= {"acc", "nll", "nll_critical", "acc_k1"}
         log = _read_log(sdir)
         assert log[-1]["step"] == steps and all(r["stage"] == stage for r in log)
+        assert not (sdir / "checkpoint.pt").exists()  # superseded by final.pt
     assert "reward" in _read_log(scorer)[-1]
     pre_loss = [r["loss"] for r in _read_log(base)]
     assert pre_loss[-1] < pre_loss[0]

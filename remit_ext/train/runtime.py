@@ -231,6 +231,8 @@ class StageRun:
             atomic_save({"stage": self.stage, "model": unwrap(model).state_dict(),
                          "model_config": unwrap(model).cfg.to_dict(), "config": self.config,
                          **(extra or {})}, self.dir / FINAL)
+            # The finished model supersedes the training state (final.pt exists first).
+            (self.dir / CHECKPOINT).unlink(missing_ok=True)
         self.d.barrier()
 
     @contextlib.contextmanager
