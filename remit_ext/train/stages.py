@@ -117,16 +117,16 @@ def evaluate(model: TinyGPT, p: Preset, device: torch.device, backend: str = "au
     out["acc"] = correct / len(problems)
     inputs, targets = D.pack_rows([q.text() for q in problems], p.seq_len)
     roles = D.token_roles(inputs)
-    nll_sum = torch.zeros(3, dtype=torch.float64)
-    counts = torch.zeros(3, dtype=torch.float64)
+    nll_sum = torch.zeros(2, dtype=torch.float64)  # all valid tokens, critical tokens
+    counts = torch.zeros(2, dtype=torch.float64)
     for i in range(0, len(problems), 256):
         x, y = inputs[i:i + 256].to(device), targets[i:i + 256].to(device)
         per_tok = remit_ext.weighted_cross_entropy(model(x).float(), y, reduction="none",
                                                    backend=backend).double().cpu()
         valid = targets[i:i + 256] != D.IGNORE_INDEX
         critical = valid & (roles[i:i + 256] > 0)
-        nll_sum += torch.stack([per_tok.sum(), (per_tok * critical).sum(), 0 * per_tok.sum()])
-        counts += torch.tensor([valid.sum(), critical.sum(), 0], dtype=torch.float64)
+        nll_sum += torch.stack([per_tok.sum(), (per_tok * critical).sum()])
+        counts += torch.tensor([valid.sum(), critical.sum()], dtype=torch.float64)
     out["nll"] = float(nll_sum[0] / counts[0])
     out["nll_critical"] = float(nll_sum[1] / counts[1])
     model.train(was_training)
