@@ -89,19 +89,9 @@ __global__ void __launch_bounds__(GroupShape<kGroup>::kThreads, GroupShape<kGrou
 
 template <typename T>
 cudaError_t launch_ce_grad(const GradParams<T>& p, cudaStream_t stream) {
-  auto go = [&](auto kernel, int rows_per_block, int threads) {
-    const int64_t blocks = (p.N + rows_per_block - 1) / rows_per_block;
-    kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(p);
-    return cudaGetLastError();
-  };
-  switch (group_size(p.V, sizeof(T))) {
-    case 32:
-      return go(ce_grad_kernel<T, 32>, GroupShape<32>::kRowsPerBlock, GroupShape<32>::kThreads);
-    case 256:
-      return go(ce_grad_kernel<T, 256>, 1, 256);
-    default:
-      return go(ce_grad_kernel<T, 512>, 1, 512);
-  }
+  return launch_rows<T>(p, stream, [](auto group) {
+    return ce_grad_kernel<T, decltype(group)::value>;
+  });
 }
 
 }  // namespace remit::cuda

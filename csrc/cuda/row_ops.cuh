@@ -18,6 +18,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace remit::cuda {
 
@@ -316,5 +317,25 @@ struct GroupShape {
 // fp64, a correctness path whose doubles would otherwise spill under the 64-register cap.
 template <typename T>
 inline constexpr int kUnroll = sizeof(T) == 8 ? 2 : 4;
+
+// Launches a row kernel over p.N rows of p.V elements of T with the group size group_size picks:
+// `kernel_for(std::integral_constant<int, G>{})` names the kernel's instantiation for group G.
+template <typename T, typename Params, typename KernelFor>
+cudaError_t launch_rows(const Params& p, cudaStream_t stream, KernelFor kernel_for) {
+  auto go = [&](auto group) {
+    using Shape = GroupShape<decltype(group)::value, T>;
+    const int64_t blocks = (p.N + Shape::kRowsPerBlock - 1) / Shape::kRowsPerBlock;
+    kernel_for(group)<<<static_cast<unsigned>(blocks), Shape::kThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+  };
+  switch (group_size(p.V, sizeof(T))) {
+    case 32:
+      return go(std::integral_constant<int, 32>{});
+    case 256:
+      return go(std::integral_constant<int, 256>{});
+    default:
+      return go(std::integral_constant<int, 512>{});
+  }
+}
 
 }  // namespace remit::cuda

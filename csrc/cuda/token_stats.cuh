@@ -126,20 +126,9 @@ __global__ void __launch_bounds__(GroupShape<kGroup>::kThreads, GroupShape<kGrou
 
 template <typename T, bool kEntropy>
 cudaError_t launch_token_stats_impl(const StatsParams<T>& p, cudaStream_t stream) {
-  auto go = [&](auto kernel, int rows_per_block, int threads) {
-    const int64_t blocks = (p.N + rows_per_block - 1) / rows_per_block;
-    kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(p);
-    return cudaGetLastError();
-  };
-  switch (group_size(p.V, sizeof(T))) {
-    case 32:
-      return go(token_stats_kernel<T, 32, kEntropy>, GroupShape<32>::kRowsPerBlock,
-                GroupShape<32>::kThreads);
-    case 256:
-      return go(token_stats_kernel<T, 256, kEntropy>, 1, 256);
-    default:
-      return go(token_stats_kernel<T, 512, kEntropy>, 1, 512);
-  }
+  return launch_rows<T>(p, stream, [](auto group) {
+    return token_stats_kernel<T, decltype(group)::value, kEntropy>;
+  });
 }
 
 template <typename T>
