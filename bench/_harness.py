@@ -226,6 +226,17 @@ def append_csv(path: Path, rows: Sequence[dict], columns: Sequence[str]) -> None
         writer.writerows(rows)
 
 
+def resolve_repeats(parser, args, full_repeats: int) -> None:
+    """Fill --repeats / --warmup defaults (one timed call and no warmup under --quick) and
+    reject impossible values through the parser."""
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else full_repeats
+    if args.warmup is None:
+        args.warmup = 0 if args.quick else 1
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error("--repeats must be >= 1 and --warmup >= 0")
+
+
 def save_results(csv_path: Path, md_path: Path, rows: Sequence[dict],
                  columns: Sequence[str], md: str) -> None:
     """Append the rows to the CSV ledger, rewrite the markdown summary, say where they went."""

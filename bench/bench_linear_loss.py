@@ -369,12 +369,7 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(measure(json.loads(args.child))))
         return 0
-    if args.repeats is None:
-        args.repeats = 1 if args.quick else 5
-    if args.warmup is None:
-        args.warmup = 0 if args.quick else 1
-    if args.repeats < 1 or args.warmup < 0:
-        p.error("--repeats must be >= 1 and --warmup >= 0")
+    h.resolve_repeats(p, args, full_repeats=5)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     print(f"{OP} on {args.device}: providers {args.providers}{' (quick)' if args.quick else ''}",

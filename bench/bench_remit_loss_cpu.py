@@ -206,12 +206,7 @@ def main(argv=None) -> int:
                                  spec["warmup"], spec["repeats"])))
         return 0
 
-    if args.repeats is None:
-        args.repeats = 1 if args.quick else 10
-    if args.warmup is None:
-        args.warmup = 0 if args.quick else 1
-    if args.repeats < 1 or args.warmup < 0:
-        p.error("--repeats must be >= 1 and --warmup >= 0")
+    h.resolve_repeats(p, args, full_repeats=10)
     print(f"{OP}: providers {args.providers}, dtypes {args.dtypes}"
           f"{' (quick)' if args.quick else ''}", flush=True)
     rows, md = run_all(args)
