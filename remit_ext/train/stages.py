@@ -85,11 +85,20 @@ def batch_rows(p: Preset, stage: str, step: int, n_rows: int, size: int) -> Tens
     return torch.randint(0, n_rows, (size,), generator=step_generator(p.seed, stage, step))
 
 
-def clip_and_step(model, opt) -> float:
+def clip_and_step(model, opt) -> Tensor:
+    """Clip to norm 1, step, zero; returns the pre-clip norm as a tensor (no host sync)."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return float(norm)
+    return norm.detach()
+
+
+def _clock(device: torch.device) -> float:
+    """Wall time after the device's queued work (step timings on a GPU would otherwise
+    measure kernel launches only)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -156,18 +165,19 @@ def pretrain(c: Common) -> Path:
             loss = remit_ext.weighted_cross_entropy(ddp(x), y, backend=c.backend)
             loss.backward()
             norm = clip_and_step(ddp, opt)
-            _log_step(run, d, step, 0, {"loss": float(loss.detach()), "grad_norm": norm},
+            _log_step(run, d, step, 0, {"loss": loss.detach(), "grad_norm": norm},
                       model, p, c)
     _finish(run, d, model, p, c)
     return c.out
 
 
 def _log_step(run, d, step, every, metrics, model, p, c) -> None:
-    """Log every 10th step (and the last); evaluate every ``every`` steps on rank 0."""
+    """Log every 10th step (and the last); evaluate every ``every`` steps on rank 0. Metric
+    values may be device tensors: they are read (a host sync) only on the steps logged."""
     last = step + 1 == run.total
     if (step + 1) % 10 and not last and not (every and (step + 1) % every == 0):
         return
-    rec = {"step": step + 1, **{k: d.mean(v) for k, v in metrics.items()}}
+    rec = {"step": step + 1, **{k: d.mean(float(v)) for k, v in metrics.items()}}
     if every and ((step + 1) % every == 0 or last) and d.is_main:
         rec.update({f"eval_{k}": v for k, v in evaluate(model, p, d.device, c.backend).items()})
     run.log(rec)
@@ -329,16 +339,16 @@ def midtrain(c: Common, init: Path, method: str, scorer: Optional[Path] = None,
     # Weight statistics over the whole run (ReMiT): a histogram and the mean per token role,
     # kept in the checkpoints so that a resumed run reports the same totals.
     bins = torch.linspace(1 - p.eps, 1 + p.eps, 41)
-    hist = torch.zeros(40, dtype=torch.float64)
-    role_sum = torch.zeros(len(D.ROLES), dtype=torch.float64)
-    role_n = torch.zeros(len(D.ROLES), dtype=torch.float64)
+    hist = torch.zeros(40, dtype=torch.float64, device=d.device)
+    role_sum = torch.zeros(len(D.ROLES), dtype=torch.float64, device=d.device)
+    role_n = torch.zeros(len(D.ROLES), dtype=torch.float64, device=d.device)
     run.extra_state.update(hist=hist, role_sum=role_sum, role_n=role_n)
     start = run.resume(model, opt)
     ddp = d.wrap(model)
     step_seconds = []
     with run.steps(start, model, opt) as steps:
         for step in steps:
-            t0 = time.perf_counter()
+            t0 = _clock(d.device)
             set_lr(opt, p.lr * (1 - step / p.midtrain_steps))
             rows = d.shard(batch_rows(p, "midtrain", step, len(inputs), p.batch))
             x, y = inputs[rows].to(d.device), targets[rows].to(d.device)
@@ -347,18 +357,19 @@ def midtrain(c: Common, init: Path, method: str, scorer: Optional[Path] = None,
             loss_fn = _fused_linear_loss if c.fused_linear else _logits_loss
             loss, out = loss_fn(ddp, model, teacher, x, y, b, method, p, c.backend)
             if method == "remit":
-                metrics.update(out.diagnostics.as_dict())
-                valid = (y != D.IGNORE_INDEX).cpu()
-                w = out.weights.cpu()[valid].double()
-                hist += torch.histc(w, 40, 1 - p.eps, 1 + p.eps)
-                r = roles[rows][valid]
-                role_sum.index_add_(0, r, w)
-                role_n.index_add_(0, r, torch.ones_like(w))
+                metrics.update(out.diagnostics._asdict())
+                # Accumulated where the weights live: no copy to the host per step.
+                valid = y != D.IGNORE_INDEX
+                w = out.weights.detach().double()
+                hist += torch.histc(w[valid], 40, 1 - p.eps, 1 + p.eps)
+                r = torch.where(valid, roles[rows].to(d.device), 0)
+                role_sum.index_add_(0, r.flatten(), (w * valid).flatten())
+                role_n.index_add_(0, r.flatten(), valid.flatten().double())
             loss.backward()
             norm = clip_and_step(ddp, opt)
-            step_seconds.append(time.perf_counter() - t0)
+            step_seconds.append(_clock(d.device) - t0)
             _log_step(run, d, step, p.eval_every,
-                      {"loss": float(loss.detach()), "grad_norm": norm, **metrics}, model, p, c)
+                      {"loss": loss.detach(), "grad_norm": norm, **metrics}, model, p, c)
     extra = {"method": method, "step_seconds": _median(step_seconds)}
     if method == "remit":
         extra["weights"] = {"bins": bins.tolist(), "hist": hist.tolist(),
