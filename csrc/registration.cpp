@@ -48,6 +48,18 @@ TORCH_LIBRARY(remit_ext, m) {
       "bool inplace_backward) -> (Tensor loss, Tensor weights, Tensor logprob, Tensor lse, "
       "Tensor delta_hat, Tensor diagnostics)");
 
+  // Section 4, the RMT/GRPO policy-gradient term over sampled tokens (`actions`): per token
+  // loss_t = scale_t * (pg_t + kl_beta * kl_t) with a_t = log p(action_t); pg_t = -A_t a_t, or the
+  // PPO-clipped -min(rho A, clip(rho, 1 - clip_low, 1 + clip_high) A), rho = exp(a - old), when
+  // old_logprob is given; kl_t = exp(d) - d - 1, d = ref - a, when ref_logprob is given.
+  // dlogprob = d loss_t / d a_t, so the logits gradient is weighted_ce_bwd with coef -dlogprob.
+  // advantages / scale / old_logprob / ref_logprob are per token in the accumulation dtype.
+  m.def(
+      "pg_loss_fwd(Tensor logits, Tensor actions, Tensor advantages, Tensor? scale, "
+      "Tensor? old_logprob, Tensor? ref_logprob, int ignore_index, float clip_low, "
+      "float clip_high, float kl_beta, bool inplace_backward) -> (Tensor loss, Tensor lse, "
+      "Tensor logprob, Tensor dlogprob)");
+
   // Section 3, KD: per-token LSE(z/T) - sum softmax(z^T/T) z/T and its gradient.
   m.def(
       "kd_loss_fwd(Tensor logits, Tensor teacher_logits, Tensor targets, int ignore_index, "

@@ -10,10 +10,12 @@ from ._build import build_info
 from . import _meta  # noqa: F401  (fakes + autograd; also loaded by the C++ library)
 from ._backends import BackendUnavailableError, available_backends
 from .functional import (
+    PolicyGradientOutput,
     ReMiTOutput,
     ReMiTWeights,
     TokenStats,
     kd_loss,
+    policy_gradient_loss,
     remit_loss,
     remit_weights,
     rho1_loss,
@@ -30,6 +32,7 @@ __all__ = [
     "BackendUnavailableError",
     "LinearLossOutput",
     "LinearReMiTLoss",
+    "PolicyGradientOutput",
     "ReMiTDiagnostics",
     "ReMiTLoss",
     "ReMiTOutput",
@@ -38,6 +41,7 @@ __all__ = [
     "available_backends",
     "build_info",
     "kd_loss",
+    "policy_gradient_loss",
     "remit_linear_loss",
     "remit_loss",
     "remit_weights",

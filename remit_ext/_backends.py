@@ -131,6 +131,15 @@ class TorchBackend(Backend):
             detach_weights=detach_weights)
         return per_token, w, torch.stack(tuple(diag))
 
+    def pg_loss(self, logits, actions, advantages, scale, old_logprobs, ref_logprobs,
+                ignore_index, clip_low, clip_high, kl_beta, inplace_backward):
+        per_token = ref.pg_loss_ref(
+            logits, actions, advantages, scale=scale, old_logprobs=old_logprobs,
+            ref_logprobs=ref_logprobs, clip_low=clip_low, clip_high=clip_high, kl_beta=kl_beta,
+            ignore_index=ignore_index, reduction="none")
+        logprob = ref.target_logprob_ref(logits.detach(), actions, ignore_index=ignore_index)
+        return per_token, logprob
+
     def kd(self, logits, teacher_logits, targets, ignore_index, temperature):
         return ref.kd_loss_ref(logits, teacher_logits, targets, temperature=temperature,
                                ignore_index=ignore_index, reduction="none")
@@ -176,6 +185,19 @@ class OpsBackend(Backend):
             detach_weights, inplace_backward)
         return loss, w, diag
 
+    def pg_loss(self, logits, actions, advantages, scale, old_logprobs, ref_logprobs,
+                ignore_index, clip_low, clip_high, kl_beta, inplace_backward):
+        dt = ref.acc_dtype(logits.dtype)
+
+        def per_token(x):
+            return None if x is None else x.detach().to(dt).contiguous()
+
+        loss, _, logprob, _ = self.ops.pg_loss_fwd(
+            logits, actions, per_token(advantages), per_token(scale), per_token(old_logprobs),
+            per_token(ref_logprobs), ignore_index, clip_low, clip_high, kl_beta,
+            inplace_backward)
+        return loss, logprob
+
     def kd(self, logits, teacher_logits, targets, ignore_index, temperature):
         loss, _, _ = self.ops.kd_loss_fwd(logits, teacher_logits.detach(), targets,
                                           ignore_index, temperature)
@@ -189,6 +211,8 @@ class CpuBackend(OpsBackend):
     namespace = "remit_ext"
 
     def why_not(self, op, tensors, features):
+        if op == "pg_loss":  # TODO(pg kernels): remove when the kernel lands
+            return "no pg_loss kernel in this backend yet"
         devices = {t.device.type for t in tensors}
         if devices != {"cpu"}:
             return f"needs CPU tensors, got tensors on {sorted(devices)}"
@@ -214,6 +238,8 @@ class TritonBackend(OpsBackend):
         return self._import_error
 
     def why_not(self, op, tensors, features):
+        if op == "pg_loss":  # TODO(pg kernels): remove when the kernel lands
+            return "no pg_loss kernel in this backend yet"
         if op == "kd_loss":
             return "no Triton kernel for KD yet (use backend='cpu' or 'torch')"
         topk, vocab = features.get("topk") or 0, tensors[0].shape[-1] if tensors else 0
@@ -241,6 +267,8 @@ class CudaBackend(OpsBackend):
     namespace = "remit_ext"
 
     def why_not(self, op, tensors, features):
+        if op == "pg_loss":  # TODO(pg kernels): remove when the kernel lands
+            return "no pg_loss kernel in this backend yet"
         if op == "kd_loss":
             return "no CUDA kernel for KD yet (use backend='cpu' or 'torch')"
         topk, vocab = features.get("topk") or 0, tensors[0].shape[-1] if tensors else 0

@@ -53,18 +53,18 @@ def check_same_device(ref: Tensor, x: Tensor, name: str) -> None:
                          f"got one on {x.device}")
 
 
-def check_targets(targets, logits: Tensor, ignore_index: int) -> Tensor:
-    _tensor(targets, "targets")
+def check_targets(targets, logits: Tensor, ignore_index: int, name: str = "targets") -> Tensor:
+    _tensor(targets, name)
     if targets.dtype not in INDEX_DTYPES:
-        raise TypeError(f"targets: expected dtype int64 or int32, got {targets.dtype}")
+        raise TypeError(f"{name}: expected dtype int64 or int32, got {targets.dtype}")
     if targets.shape != logits.shape[:-1]:
-        raise ValueError(f"targets: expected shape {tuple(logits.shape[:-1])} (logits without "
+        raise ValueError(f"{name}: expected shape {tuple(logits.shape[:-1])} (logits without "
                          f"the vocab dim), got {tuple(targets.shape)}")
-    check_same_device(logits, targets, "targets")
+    check_same_device(logits, targets, name)
     if _checking_values():
         vocab = logits.shape[-1]
         bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
-        msg = f"targets: expected values in [0, {vocab}) or ignore_index={ignore_index}"
+        msg = f"{name}: expected values in [0, {vocab}) or ignore_index={ignore_index}"
         if targets.device.type == "cpu":
             if bool(bad.any()):
                 idx = int(bad.flatten().nonzero()[0])

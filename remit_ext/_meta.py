@@ -60,6 +60,12 @@ def _remit_loss_fake(
     return tuple(_vec(logits, n) for _ in range(5)) + (_vec(logits, 6),)
 
 
+def _pg_loss_fwd_fake(logits, actions, advantages, scale, old_logprob, ref_logprob, ignore_index,
+                      clip_low, clip_high, kl_beta, inplace_backward):
+    n = logits.shape[0]
+    return tuple(_vec(logits, n) for _ in range(4))
+
+
 def _kd_loss_fwd_fake(logits, teacher_logits, targets, ignore_index, temperature):
     n = logits.shape[0]
     return _vec(logits, n), _vec(logits, n), _vec(logits, n)
@@ -212,6 +218,25 @@ def _remit_loss_backward(ctx, g_loss, *_unused):
 
 
 
+def _pg_loss_setup(ctx, inputs, output):
+    logits, actions, *_rest = inputs
+    _, lse, logprob, dlogprob = output
+    ctx.save_for_backward(logits, actions, lse, logprob, dlogprob)
+    ctx.ignore_index, ctx.inplace = inputs[6], inputs[10]
+    ctx.mark_non_differentiable(lse, logprob, dlogprob)
+
+
+def _pg_loss_backward(ctx, g_loss, *_unused):
+    # d loss_t / dz = dlogprob_t * (onehot - p) = -dlogprob_t * (p - onehot).
+    logits, actions, lse, logprob, dlogprob = ctx.saved_tensors
+    grad = None
+    if ctx.needs_input_grad[0]:
+        grad = _ce_grad(ctx.ops, logits, actions, lse, logprob, -g_loss * dlogprob,
+                        ctx.ignore_index, ctx.inplace)
+    return (grad,) + (None,) * 10
+
+
+
 def _kd_setup(ctx, inputs, output):
     logits, teacher_logits, targets, ignore_index, temperature = inputs
     _, lse, teacher_lse = output
@@ -239,6 +264,7 @@ _FAKES = {
     "remit_loss": _remit_loss_fake,
     "kd_loss_fwd": _kd_loss_fwd_fake,
     "kd_loss_bwd": _kd_loss_bwd_fake,
+    "pg_loss_fwd": _pg_loss_fwd_fake,
 }
 
 _AUTOGRAD = {
@@ -247,6 +273,7 @@ _AUTOGRAD = {
     "weighted_ce_fwd": (_weighted_ce_setup, _weighted_ce_backward),
     "remit_loss": (_remit_loss_setup, _remit_loss_backward),
     "kd_loss_fwd": (_kd_setup, _kd_backward),
+    "pg_loss_fwd": (_pg_loss_setup, _pg_loss_backward),
 }
 
 

@@ -28,6 +28,8 @@ __all__ = [
     "remit_loss",
     "rho1_loss",
     "kd_loss",
+    "PolicyGradientOutput",
+    "policy_gradient_loss",
 ]
 
 
@@ -52,6 +54,12 @@ class ReMiTOutput(NamedTuple):
     loss: Tensor
     weights: Tensor  # detached, shaped like targets, 0 at ignored positions
     diagnostics: ReMiTDiagnostics
+
+
+class PolicyGradientOutput(NamedTuple):
+    loss: Tensor
+    logprobs: Tensor  # log pi(action_t), detached, shaped like actions, 0 at ignored positions
+    clip_frac: Tensor  # fraction of valid tokens whose PPO clip is active (0 without old)
 
 
 def _flat(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
@@ -295,3 +303,79 @@ def kd_loss(
     per_token = impl.kd(z, tz, y, ignore_index, temperature)
     loss = reduce_tokens(per_token, (y != ignore_index).sum(), reduction)
     return _shaped(loss, targets, reduction)
+
+
+def policy_gradient_loss(
+    logits: Tensor,
+    actions: Tensor,
+    advantages: Tensor,
+    *,
+    scale: Optional[Tensor] = None,
+    old_logprobs: Optional[Tensor] = None,
+    ref_logprobs: Optional[Tensor] = None,
+    clip_eps: float = 0.2,
+    clip_eps_high: Optional[float] = None,
+    kl_beta: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    inplace_backward: bool = False,
+    return_details: bool = False,
+    backend: str = "auto",
+):
+    """The policy-gradient term over sampled tokens (RMT / GRPO; METHODS.md section 4).
+
+    Per token ``scale_t * (pg_t + kl_beta * kl_t)`` with ``a_t = log pi(action_t)`` read from
+    ``logits`` (the model's logits at the positions that sampled ``actions``):
+
+    - ``pg_t = -A_t a_t`` (logits gradient ``scale A (p - onehot)``), or with ``old_logprobs``
+      the PPO-clipped ``-min(rho A, clip(rho, 1 - clip_eps, 1 + clip_eps_high) A)``,
+      ``rho = exp(a - old)``;
+    - ``kl_t = exp(d) - d - 1``, ``d = ref - a`` (k3), when ``ref_logprobs`` is given.
+
+    ``advantages`` (a rollout's advantage broadcast to its tokens), ``scale`` (a non-negative
+    normaliser, e.g. ``1 / (G * K)``) and the old/reference log-probs are per token, shaped like
+    ``actions``, and receive no gradient. Positions whose action is ``ignore_index`` (the prompt,
+    padding, forced tokens) count nothing. 'mean' divides by the valid-token count, 'sum' leaves
+    the normalisation to ``scale``. With ``return_details=True`` returns a
+    ``PolicyGradientOutput(loss, logprobs, clip_frac)``.
+    """
+    chk.check_logits(logits)
+    chk.check_targets(actions, logits, ignore_index, "actions")
+    chk.check_per_token(advantages, actions, "advantages")
+    for name, x in (("scale", scale), ("old_logprobs", old_logprobs),
+                    ("ref_logprobs", ref_logprobs)):
+        if x is not None:
+            chk.check_per_token(x, actions, name)
+    clip_low = chk.check_positive(clip_eps, "clip_eps")
+    clip_high = clip_low if clip_eps_high is None else chk.check_positive(clip_eps_high,
+                                                                          "clip_eps_high")
+    if clip_low >= 1:
+        raise ValueError(f"clip_eps: expected a number in (0, 1), got {clip_eps!r}")
+    if not isinstance(kl_beta, (int, float)) or kl_beta < 0:
+        raise ValueError(f"kl_beta: expected a number >= 0, got {kl_beta!r}")
+    if kl_beta and ref_logprobs is None:
+        raise ValueError(f"kl_beta: {kl_beta} > 0 needs ref_logprobs (the reference model's "
+                         f"log-probs of the actions), got None")
+    chk.check_reduction(reduction)
+    impl = select_backend("pg_loss", backend,
+                          (logits, actions, advantages, scale, old_logprobs, ref_logprobs))
+    z, y = _flat(logits, actions)
+
+    def flat(x):
+        return None if x is None else x.reshape(-1)
+
+    per_token, logprob = impl.pg_loss(z, y, flat(advantages), flat(scale), flat(old_logprobs),
+                                      flat(ref_logprobs), ignore_index, clip_low, clip_high,
+                                      float(kl_beta), inplace_backward)
+    valid = y != ignore_index
+    loss = _shaped(reduce_tokens(per_token, valid.sum(), reduction), actions, reduction)
+    if not return_details:
+        return loss
+    if old_logprobs is None:
+        clip_frac = torch.zeros((), dtype=logprob.dtype, device=logprob.device)
+    else:
+        ratio = torch.exp(logprob - flat(old_logprobs).detach().to(logprob.dtype))
+        adv = flat(advantages).detach()
+        active = (((adv >= 0) & (ratio > 1 + clip_high)) | ((adv < 0) & (ratio < 1 - clip_low)))
+        clip_frac = (active & valid).sum() / valid.sum().clamp(min=1)
+    return PolicyGradientOutput(loss, logprob.detach().reshape(actions.shape), clip_frac)

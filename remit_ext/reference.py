@@ -6,7 +6,8 @@ float32 (float64 for float64 inputs), use plain PyTorch primitives (``logsumexp`
 autograd. Every function takes flattened inputs: logits ``[N, V]``, targets ``[N]``; sequences
 are given by ``cu_seqlens`` offsets ``[S + 1]`` (``None`` = one sequence of all N positions).
 
-Equation numbers refer to METHODS.md sections (1: token statistics, 2: ReMiT, 3: baselines).
+Equation numbers refer to METHODS.md sections (1: token statistics, 2: ReMiT, 3: baselines,
+4: RMT).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ __all__ = [
     "remit_loss_ref",
     "rho1_loss_ref",
     "kd_loss_ref",
+    "pg_loss_ref",
+    "pg_token_terms",
     "reduce_tokens",
 ]
 
@@ -288,3 +291,84 @@ def kd_loss_ref(
     cross = torch.where(q == 0, torch.zeros_like(z), q * z).sum(-1)
     per_token = torch.where(valid, torch.logsumexp(z, dim=-1) - cross, torch.zeros_like(cross))
     return reduce_tokens(per_token, valid.sum(), reduction)
+
+
+def pg_loss_ref(
+    logits: Tensor,
+    actions: Tensor,
+    advantages: Tensor,
+    *,
+    scale: Optional[Tensor] = None,
+    old_logprobs: Optional[Tensor] = None,
+    ref_logprobs: Optional[Tensor] = None,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    kl_beta: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> Tensor:
+    """Policy-gradient loss over sampled tokens (section 4; papers.md G4), per token
+    ``scale_t * (pg_t + kl_beta * kl_t)`` with a_t = log pi(action_t):
+
+    - no ``old_logprobs``: ``pg_t = -A_t a_t`` (gradient ``scale A (p - onehot)``);
+    - with them (PPO): ``rho = exp(a - old)``, ``pg_t = -min(rho A, clip(rho, 1 - clip_low,
+      1 + clip_high) A)``;
+    - ``kl_t = exp(d) - d - 1`` with ``d = ref - a`` (the k3 estimator), when ``ref_logprobs``
+      is given.
+
+    Advantages, scale and the old/reference log-probs get no gradient. 'mean' divides by the
+    valid-token count.
+    """
+    valid = actions != ignore_index
+    a = target_logprob_ref(logits, actions, ignore_index=ignore_index)
+    adv = advantages.detach().to(a.dtype)
+    if old_logprobs is None:
+        pg = -adv * a
+    else:
+        ratio = torch.exp(a - old_logprobs.detach().to(a.dtype))
+        clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+        pg = -torch.minimum(ratio * adv, clipped * adv)
+    if ref_logprobs is not None:
+        d = ref_logprobs.detach().to(a.dtype) - a
+        pg = pg + kl_beta * (torch.exp(d) - d - 1)
+    if scale is not None:
+        pg = pg * scale.detach().to(a.dtype)
+    zero = torch.zeros((), dtype=a.dtype, device=a.device)
+    return reduce_tokens(torch.where(valid, pg, zero), valid.sum(), reduction)
+
+
+def pg_token_terms(
+    logprob: Tensor,
+    advantages: Tensor,
+    scale: Optional[Tensor],
+    old_logprobs: Optional[Tensor],
+    ref_logprobs: Optional[Tensor],
+    valid: Tensor,
+    clip_low: float,
+    clip_high: float,
+    kl_beta: float,
+) -> tuple[Tensor, Tensor]:
+    """The per-token loss of ``pg_loss_ref`` and its derivative d loss_t / d a_t in closed form,
+    from the log-probs a_t: what a kernel backend computes after its statistics pass (the logits
+    gradient is then ``-dloss_da * (p - onehot)``). Zeros at invalid positions."""
+    a = logprob
+    adv = advantages.to(a.dtype)
+    if old_logprobs is None:
+        loss, dloss = -adv * a, -adv
+    else:
+        ratio = torch.exp(a - old_logprobs.to(a.dtype))
+        clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+        loss = -torch.minimum(ratio * adv, clipped * adv)
+        # The clipped branch is the minimum (and has zero slope) exactly when the ratio left
+        # the band on the side the advantage's sign rewards.
+        active = ((adv >= 0) & (ratio > 1 + clip_high)) | ((adv < 0) & (ratio < 1 - clip_low))
+        dloss = torch.where(active, torch.zeros_like(a), -ratio * adv)
+    if ref_logprobs is not None:
+        d = ref_logprobs.to(a.dtype) - a
+        loss = loss + kl_beta * (torch.exp(d) - d - 1)
+        dloss = dloss + kl_beta * (1 - torch.exp(d))
+    if scale is not None:
+        s = scale.to(a.dtype)
+        loss, dloss = loss * s, dloss * s
+    zero = torch.zeros((), dtype=a.dtype, device=a.device)
+    return torch.where(valid, loss, zero), torch.where(valid, dloss, zero)
