@@ -108,7 +108,7 @@ class Midtrain(_Command):
         parser.add_argument("--method", required=True, choices=METHODS)
         parser.add_argument("--init", type=Path, required=True, help="the pre-trained model")
         parser.add_argument("--scorer", type=Path, default=None,
-                            help="the RL model, run live (remit, rho1, kd)")
+                            help="the RL model, run live (remit, rho1, kd; rmt takes none)")
         parser.add_argument("--scorer-cache", type=Path, default=None,
                             help="log-probs from `remit-ext score` (remit, rho1)")
 
@@ -151,8 +151,8 @@ class Flywheel(_Command):
     def add_arguments(self, parser):
         _common_args(parser, "directory for every stage and the results",
                      default_out=Path("runs/flywheel"))
-        parser.add_argument("--methods", nargs="+", default=["ntp", "rho1", "remit", "kd"],
-                            choices=["ntp", "rho1", "remit", "kd"])
+        parser.add_argument("--methods", nargs="+", default=["ntp", "rho1", "remit", "kd", "rmt"],
+                            choices=["ntp", "rho1", "remit", "kd", "rmt"])
         parser.add_argument("--post-rl", action=argparse.BooleanOptionalAction, default=True,
                             help="after mid-training, RL-tune each mid-trained model too and "
                                  "report its accuracy (default: on)")
@@ -168,7 +168,7 @@ COMMANDS = {
         Pretrain("pretrain", "pre-train the base model on the noisy corpus (next-token loss)"),
         RL("rl", "RL-tune a model (group-relative policy gradient on exact answers)"),
         Score("score", "cache a scorer's per-token log-probs on the mid-training data"),
-        Midtrain("midtrain", "mid-train (anneal) a base model with ntp, remit, rho1 or kd"),
+        Midtrain("midtrain", "mid-train (anneal) a base model with ntp, remit, rho1, kd or rmt"),
         Eval("eval", "answer accuracy and NLL of a model on held-out problems"),
         Flywheel("flywheel", "pretrain -> RL -> mid-train with every method -> results table"),
     )

@@ -6,13 +6,21 @@ Every problem is a chain of single-digit operations modulo 10, written character
     S:3+8=1,1*4=4,4-5=9   the worked solution, one step per operation
     A:9              the answer
 
+Two other styles: answer-only (``Q:3+8*4-5`` then ``A:9``) and "thought" (``Q:3+8*4-5`` then
+``A:<3+8=1,1*4=4,4-5=9>9``): the steps written inside ``<`` ``>`` before the answer, the think
+span of a reasoning model, which RMT (``remit-ext midtrain --method rmt``) opens before any
+token it predicts.
+
 Splits (all deterministic in the seed; the split name is part of each generator's seed, so no
 split shares a random stream with another):
 
-- ``pretrain``: "web-quality" text. Half of it has worked solutions in which each step is wrong
-  with probability ``noise`` (the answer then follows the wrong chain, like careless text),
-  a quarter gives only question and answer, a quarter is single facts.
-- ``midtrain``: high-quality data: correct worked solutions, weighted towards longer chains.
+- ``pretrain``: "web-quality" text. Half has worked solutions in which each step is wrong
+  with probability ``noise`` (the answer then follows the wrong chain, like careless text), 10%
+  is the same in the thought style, 15% gives only question and answer, a quarter is single
+  facts. Pre-training packs the texts into a stream cut into rows (``pack_stream``), so
+  every position of the model's context is trained.
+- ``midtrain``: high-quality data, weighted towards longer chains: correct worked solutions,
+  and a quarter answer-only texts (whose answer digit is hard to predict without reasoning).
 - ``rl``: questions only (the RL stage samples solutions and is rewarded on the answer).
 - ``eval``: held-out problems, an equal number per difficulty, with correct solutions.
 """
@@ -26,11 +34,12 @@ import torch
 from torch import Tensor
 
 PAD = "_"
-CHARS = PAD + "\n0123456789+-*=,:QSA"
+CHARS = PAD + "\n0123456789+-*=,:QSA<>"
 STOI = {c: i for i, c in enumerate(CHARS)}
 VOCAB_SIZE = len(CHARS)
 PAD_ID = STOI[PAD]
 NEWLINE_ID = STOI["\n"]
+THINK_OPEN_ID, THINK_CLOSE_ID = STOI["<"], STOI[">"]
 IGNORE_INDEX = -100
 OPS = {"+": lambda x, y: (x + y) % 10, "-": lambda x, y: (x - y) % 10,
        "*": lambda x, y: (x * y) % 10}
@@ -63,7 +72,9 @@ class Problem:
             return f"{self.prompt()}S:{','.join(self.steps)}\nA:{self.answer}\n"
         if style == "answer":
             return f"{self.prompt()}A:{self.answer}\n"
-        raise ValueError(f"style: expected 'worked' or 'answer', got {style!r}")
+        if style == "thought":
+            return f"{self.prompt()}A:<{','.join(self.steps)}>{self.answer}\n"
+        raise ValueError(f"style: expected 'worked', 'answer' or 'thought', got {style!r}")
 
 
 def make_problem(rng: random.Random, k: int, noise: float = 0.0) -> Problem:
@@ -99,8 +110,9 @@ def generate_texts(split: str, n: int, seed: int, max_k: int, noise: float = 0.2
     for i in range(n):
         if split == "pretrain":
             u = rng.random()
-            if u < 0.5:
-                out.append(make_problem(rng, rng.randint(1, max_k), noise).text())
+            if u < 0.6:
+                style = "worked" if u < 0.5 else "thought"
+                out.append(make_problem(rng, rng.randint(1, max_k), noise).text(style))
             elif u < 0.75:
                 out.append(make_problem(rng, rng.randint(1, max_k)).text("answer"))
             else:
@@ -108,7 +120,8 @@ def generate_texts(split: str, n: int, seed: int, max_k: int, noise: float = 0.2
         elif split == "midtrain":
             # Harder on average than pre-training: k drawn with weight proportional to k.
             k = rng.choices(range(1, max_k + 1), weights=range(1, max_k + 1))[0]
-            out.append(make_problem(rng, k).text())
+            style = "answer" if rng.random() < 0.25 else "worked"
+            out.append(make_problem(rng, k).text(style))
         else:
             raise ValueError(f"split {split!r} holds problems, not texts: use generate_problems")
     return out
@@ -140,12 +153,35 @@ def pack_rows(texts: list[str], seq_len: int) -> tuple[Tensor, Tensor]:
     return inputs, targets
 
 
+def pack_stream(texts: list[str], seq_len: int) -> tuple[Tensor, Tensor]:
+    """The texts as one stream (a leading newline, then each text, each ending in a newline)
+    cut into rows of ``seq_len`` next-token pairs: ``(inputs, targets)`` ``[M, seq_len]``, the
+    tail that does not fill a row dropped. Texts cross row boundaries, as in LM pre-training."""
+    stream = torch.tensor([NEWLINE_ID] + encode("".join(texts)), dtype=torch.long)
+    rows = (stream.numel() - 1) // seq_len
+    if rows == 0:
+        raise ValueError(f"texts: {stream.numel() - 1} characters do not fill one row of "
+                         f"seq_len={seq_len}")
+    inputs = stream[:rows * seq_len].view(rows, seq_len)
+    targets = stream[1:rows * seq_len + 1].view(rows, seq_len)
+    return inputs, targets
+
+
 def parse_answer(generated: str) -> int | None:
-    """The digit after the first 'A:' of a completion, or None if there is none."""
+    """The answer digit after the first 'A:' of a completion (after its ``<...>`` thought, if
+    one follows 'A:'), or None if there is none."""
     at = generated.find("A:")
-    if at < 0 or at + 2 >= len(generated) or not generated[at + 2].isdigit():
+    if at < 0:
         return None
-    return int(generated[at + 2])
+    at += 2
+    if generated[at:at + 1] == "<":
+        close = generated.find(">", at)
+        if close < 0:
+            return None
+        at = close + 1
+    if at >= len(generated) or not generated[at].isdigit():
+        return None
+    return int(generated[at])
 
 
 ROLES = ("other", "result", "answer")

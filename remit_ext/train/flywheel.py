@@ -1,8 +1,10 @@
 """``remit-ext flywheel``: every stage on one preset, then the results table and figures.
 
 pretrain -> rl (the scorer) -> score (cache its log-probs) -> midtrain with each method from
-the same base -> eval; optionally RL again on each mid-trained model (``--post-rl``). Stages
-already finished are skipped, so an interrupted flywheel resumes where it stopped.
+the same base (RMT needs no scorer) -> eval; optionally RL again on each mid-trained model
+(``--post-rl``). Every model is also measured on RMT's held-out next-token probe (accuracy per
+entropy tier of the base model, directly and after a greedy thought). Stages already finished
+are skipped, so an interrupted flywheel resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from . import report
 from .runtime import atomic_write_text, get_dist, load
 from .stages import Common, midtrain, pretrain, rl, score
 
-NAMES = {"ntp": "Vanilla NTP", "rho1": "Rho-1", "remit": "ReMiT", "kd": "KD"}
+NAMES = {"ntp": "Vanilla NTP", "rho1": "Rho-1", "remit": "ReMiT", "kd": "KD", "rmt": "RMT"}
 
 
 def flywheel(c: Common, methods: list[str], post_rl: bool = False) -> int:
@@ -32,7 +34,7 @@ def flywheel(c: Common, methods: list[str], post_rl: bool = False) -> int:
     for m in methods:
         uses_cache = m in ("remit", "rho1")
         dirs[m] = midtrain(stage(f"midtrain-{m}"), base / "final.pt", m,
-                           scorer=None if uses_cache else scorer / "final.pt",
+                           scorer=None if uses_cache or m == "rmt" else scorer / "final.pt",
                            scorer_cache=cache if uses_cache else None)
     # The scorer-cache speed-up: ReMiT once more with the scorer run live at every step.
     live = None
@@ -67,15 +69,32 @@ def flywheel(c: Common, methods: list[str], post_rl: bool = False) -> int:
             "acc_cached": finals["remit"]["eval"]["acc"],
             "acc_live": load(live / "final.pt")["eval"]["acc"],
         }
+    results["probe"] = _probe_rows(c, base, scorer, dirs, methods)
     results["seconds_total"] = time.perf_counter() - t_start
     md = _markdown(results, p.max_k)
     atomic_write_text(json.dumps(results, indent=1) + "\n", out / "results.json")
     atomic_write_text(md, out / "results.md")
     report.plot(out, {NAMES[m]: dirs[m] for m in methods}, results["remit_weights"],
                 base_eval=rows[0]["eval"])
+    if "rmt" in dirs:
+        report.plot_rmt(out, dirs["rmt"], results["probe"]["rows"][0]["probe"])
     print(md)
     print(f"results: {out / 'results.md'}, {out / 'results.json'}, {out / 'curves.png'}")
     return 0
+
+
+def _probe_rows(c: Common, base: Path, scorer: Path, dirs: dict, methods: list[str]) -> dict:
+    """RMT's next-token probe (tiers fixed by the base model) on every model of the table."""
+    from .rmt import TierProbe
+    from .stages import load_model
+
+    device = get_dist(c.device).device
+    probe = TierProbe(c.preset, load_model(base / "final.pt", device), device, c.backend)
+    models = [("Pre-trained", base), ("RL scorer (reference)", scorer)]
+    models += [(NAMES[m], dirs[m]) for m in methods]
+    rows = [{"name": name, "probe": probe(load_model(sdir / "final.pt", device))}
+            for name, sdir in models]
+    return {"names": list(probe.names), "cap": probe.cap, "rows": rows}
 
 
 def _markdown(results: dict, max_k: int) -> str:
@@ -95,5 +114,12 @@ def _markdown(results: dict, max_k: int) -> str:
                f"the scorer run live ({sc['speedup']:.2f}x); scoring the whole mid-training set "
                f"once took {sc['score_seconds_once']:.1f} s. Accuracy cached {100 * sc['acc_cached']:.1f}% "
                f"vs live {100 * sc['acc_live']:.1f}%.", ""]
+    pr = results.get("probe")
+    if pr:
+        md += ["Next-token accuracy (%) on held-out positions, by entropy tier of the "
+               "pre-trained model: the argmax of the next-token distribution (direct), and the "
+               f"prediction after a greedy thought `<...>` of at most {pr['cap']} tokens "
+               "(think); mean thought length in tokens.", "",
+               report.probe_markdown(pr["rows"], pr["names"])]
     md.append(f"Total time (every stage not already done): {results['seconds_total']:.0f} s.")
     return "\n".join(md) + "\n"

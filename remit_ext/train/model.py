@@ -1,5 +1,6 @@
 """A small decoder-only transformer in plain PyTorch (pre-LayerNorm, learned positions, untied
-LM head) with a key/value cache for sampling."""
+LM head) with a key/value cache for sampling, and left-padded batches of prompts of different
+lengths (RMT's rollouts start at positions inside texts)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(cfg.d_model, 4 * cfg.d_model), nn.GELU(),
                                  nn.Linear(4 * cfg.d_model, cfg.d_model))
 
-    def forward(self, x: Tensor, cache: Optional[KVCache], layer: int) -> Tensor:
+    def forward(self, x: Tensor, cache: Optional[KVCache], layer: int,
+                mask: Optional[Tensor] = None) -> Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
         q, k, v = (u.view(b, t, self.n_head, d // self.n_head).transpose(1, 2) for u in (q, k, v))
@@ -49,7 +51,10 @@ class Block(nn.Module):
                 cache.append((k, v))
         # With a cache the queries are the newest positions, which may see every cached key;
         # the causal mask is then only needed among the new positions themselves (t > 1).
-        if t == 1:
+        # A left-padded batch brings its own mask (causal, and no key inside the padding).
+        if mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif t == 1:
             y = F.scaled_dot_product_attention(q, k, v)
         elif k.shape[2] == t:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -79,21 +84,40 @@ class TinyGPT(nn.Module):
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
 
-    def hidden(self, idx: Tensor, cache: Optional[KVCache] = None, start: int = 0) -> Tensor:
-        """Final hidden states ``[B, T, d]`` for tokens at positions ``start .. start+T-1``."""
+    def hidden(self, idx: Tensor, cache: Optional[KVCache] = None, start: int = 0,
+                pad: Optional[Tensor] = None) -> Tensor:
+        """Final hidden states ``[B, T, d]`` for tokens in slots ``start .. start+T-1``.
+
+        ``pad`` (``[B]``, optional) is the number of left-padding slots of each row: row b's
+        token in slot j sits at position ``j - pad[b]`` and no query sees a padding key (a
+        padding query sees only itself, so that nothing is NaN).
+        """
         t = idx.shape[1]
+        slots = torch.arange(start, start + t, device=idx.device)
+        if pad is None:
+            pos, mask = slots, None
+        else:
+            pos = (slots - pad[:, None]).clamp(min=0)
+            keys = torch.arange(start + t, device=idx.device)
+            causal = keys[None, :] <= slots[:, None]  # [T, S]
+            real = keys[None, :] >= pad[:, None]  # [B, S]
+            mask = (causal[None] & real[:, None]) | (keys[None, None, :] == slots[None, :, None])
+            mask = mask[:, None]  # [B, 1, T, S], broadcast over heads
+        # Slots bound positions (a left-padded batch's longest row has no padding); checking
+        # them keeps this free of a host synchronisation.
         if start + t > self.cfg.max_len:
-            raise ValueError(f"idx: positions up to {start + t} exceed max_len={self.cfg.max_len}")
-        x = self.tok(idx) + self.pos(torch.arange(start, start + t, device=idx.device))
+            raise ValueError(f"idx: slots up to {start + t} exceed max_len={self.cfg.max_len}")
+        x = self.tok(idx) + self.pos(pos)
         for i, block in enumerate(self.blocks):
-            x = block(x, cache, i)
+            x = block(x, cache, i, mask)
         return self.ln_f(x)
 
     def forward(self, idx: Tensor, cache: Optional[KVCache] = None, start: int = 0,
-                hidden_only: bool = False) -> Tensor:
+                hidden_only: bool = False, pad: Optional[Tensor] = None) -> Tensor:
         """Logits ``[B, T, V]``, or with ``hidden_only`` the final hidden states, for a loss
-        that applies ``self.head`` itself (``remit_ext.remit_linear_loss``)."""
-        h = self.hidden(idx, cache, start)
+        that applies ``self.head`` itself (``remit_ext.remit_linear_loss``). ``pad``: see
+        ``hidden``."""
+        h = self.hidden(idx, cache, start, pad)
         return h if hidden_only else self.head(h)
 
     @torch.no_grad()

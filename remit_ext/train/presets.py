@@ -28,9 +28,12 @@ class Preset:
     n_midtrain: int = 6_000
     n_rl: int = 4_000
     n_eval: int = 1_200
-    # pre-training: warmup, then a constant rate (the "stable" phase of a WSD schedule)
+    # pre-training: warmup, then a constant rate (the "stable" phase of a WSD schedule), on
+    # rows of pretrain_len tokens cut from the packed text stream
     pretrain_steps: int = 600
-    batch: int = 64
+    pretrain_len: int = 128
+    pretrain_batch: int = 16
+    batch: int = 64  # rows (one text each) per RL-free step of mid-training
     lr: float = 2e-3
     warmup: int = 100
     # RL: group-relative policy gradient on exact-answer reward
@@ -45,7 +48,23 @@ class Preset:
     eps: float = 0.2  # ReMiT clip band
     keep_ratio: float = 0.6  # Rho-1
     kd_temperature: float = 1.0
-    # bookkeeping (eval_every: mid-training learning curves; other stages evaluate at the end)
+    # RMT (METHODS.md section 4). The budget is scaled to this corpus (a worked chain is at
+    # most 6 * max_k characters; the paper's B_0 = 800 is for LLM reasoning); the rest are
+    # the section's defaults.
+    rmt_positions: int = 16  # |C|: RL positions sampled per step (the batch's other tokens: NTP)
+    rmt_group: int = 8  # G rollouts per position
+    rmt_budget0: int = 40  # B_0
+    rmt_budget_min: int = 1  # B_min
+    rmt_gamma: float = 0.2  # B_t = max(B_min, floor(B_0 * gamma^(t/T)))
+    rmt_omega: float = 0.1  # weight of the length reward
+    rmt_lambda: float = 0.1  # weight of the NTP term
+    rmt_tiers: str = "0.5,1.0,1.5"  # entropy thresholds of easy / medium / hard
+    rmt_mix_start: str = "0.6,0.3,0.1"  # tier mix before 30% of training
+    rmt_mix_end: str = "0.1,0.3,0.6"  # tier mix after 70%
+    rmt_topk: int = 0  # entropy over the top-k probabilities (0: the full entropy)
+    rmt_token_mean: int = 0  # 1: average each rollout's log-probs over its tokens (else sum)
+    rmt_temperature: float = 1.0  # rollout sampling temperature
+    rmt_eval_positions: int = 96  # held-out positions per tier for next-token accuracy    # bookkeeping (eval_every: mid-training learning curves; other stages evaluate at the end)
     eval_every: int = 40
     ckpt_every: int = 100
 
@@ -54,8 +73,11 @@ class Preset:
         return max_difficulty_len(self.max_k)
 
     def model_config(self) -> ModelConfig:
+        # Positions: packed pre-training rows, and RMT rollouts (a text prefix, '<', at most
+        # 2 B_0 thought tokens, '>' and the prediction).
+        rollout = self.seq_len + 2 * self.rmt_budget0 + 3
         return ModelConfig(VOCAB_SIZE, self.d_model, self.n_layer, self.n_head,
-                           max_len=self.seq_len + 8)
+                           max_len=max(self.pretrain_len, rollout) + 8)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,12 +101,15 @@ class Preset:
 
 PRESETS = {
     "tiny": Preset("tiny", d_model=32, n_layer=1, n_head=2, max_k=3, n_pretrain=512,
-                   n_midtrain=128, n_rl=64, n_eval=30, pretrain_steps=12, batch=16, warmup=2,
-                   rl_steps=3, rl_prompts=4, rl_group=4, post_rl_steps=2, midtrain_steps=6, eval_every=3,
-                   ckpt_every=2),
+                   n_midtrain=128, n_rl=64, n_eval=30, pretrain_steps=12, pretrain_len=48,
+                   pretrain_batch=8, batch=16, warmup=2, rl_steps=3, rl_prompts=4, rl_group=4,
+                   post_rl_steps=2, midtrain_steps=6, eval_every=3, ckpt_every=2,
+                   rmt_positions=4, rmt_group=4, rmt_budget0=8, rmt_eval_positions=6),
     "default": Preset("default"),
     "gpu": Preset("gpu", d_model=384, n_layer=6, n_head=6, max_k=8, n_pretrain=400_000,
-                  n_midtrain=40_000, n_rl=20_000, n_eval=2_000, pretrain_steps=8_000, batch=256,
+                  n_midtrain=40_000, n_rl=20_000, n_eval=2_000, pretrain_steps=8_000,
+                  pretrain_len=256, pretrain_batch=96, batch=256, rmt_positions=64,
+                  rmt_budget0=56, rmt_eval_positions=256,
                   lr=1e-3, warmup=300, rl_steps=600, rl_prompts=32, rl_group=8, post_rl_steps=200,
                   midtrain_steps=2_000, eval_every=250, ckpt_every=500),
 }

@@ -33,6 +33,72 @@ def table_markdown(rows: list[dict], max_k: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def probe_markdown(rows: list[dict], names: list[str]) -> str:
+    """RMT's probe table: direct / think accuracy per tier, overall, and thought length."""
+    head = (["model"] + [f"{n} direct / think" for n in names]
+            + ["all direct / think", "thought length"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def pct(x):
+        return "n/a" if x is None else f"{100 * x:.1f}"
+
+    for r in rows:
+        pr = r["probe"]
+        cells = [r["name"]]
+        cells += [f"{pct(pr[f'tok_acc_{n}'])} / {pct(pr[f'tok_acc_think_{n}'])}" for n in names]
+        cells += [f"{pct(pr['tok_acc'])} / {pct(pr['tok_acc_think'])}",
+                  f"{pr['think_len']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_rmt(out: Path, stage_dir: Path, base_probe: dict | None = None) -> Path:
+    """rmt.png: over RMT mid-training, held-out next-token accuracy per entropy tier (direct
+    and after a thought), the mean thought length (training rollouts and greedy held-out ones)
+    against the budget, and the reward."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = read_metrics(stage_dir)
+    ev = [r for r in recs if "probe_tok_acc" in r]
+    if base_probe:
+        ev = [{"step": 0, **{f"probe_{k}": v for k, v in base_probe.items()}}] + ev
+    tr = [r for r in recs if "think_len" in r]
+    tiers = [k[len("probe_tok_acc_think_"):] for k in (ev[0] if ev else {})
+             if k.startswith("probe_tok_acc_think_")]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    for i, name in enumerate(tiers):
+        steps = [r["step"] for r in ev if r.get(f"probe_tok_acc_{name}") is not None]
+        direct = [100 * r[f"probe_tok_acc_{name}"] for r in ev
+                  if r.get(f"probe_tok_acc_{name}") is not None]
+        think = [100 * r[f"probe_tok_acc_think_{name}"] for r in ev
+                 if r.get(f"probe_tok_acc_{name}") is not None]
+        axes[0].plot(steps, direct, "o-", color=f"C{i}", label=f"{name} direct")
+        axes[0].plot(steps, think, "s--", color=f"C{i}", label=f"{name} think")
+    axes[0].set_title("held-out next-token accuracy (%) by entropy tier")
+    axes[0].legend(fontsize=8)
+    axes[1].plot([r["step"] for r in tr], [r["think_len"] for r in tr], label="training rollouts")
+    axes[1].plot([r["step"] for r in tr], [r["budget"] for r in tr], "k:", label="budget B_t")
+    axes[1].plot([r["step"] for r in ev], [r["probe_think_len"] for r in ev], "o-",
+                 label="held-out (greedy)")
+    axes[1].set_title("mean thought length (tokens)")
+    axes[1].legend(fontsize=8)
+    axes[2].plot([r["step"] for r in tr], [r["reward"] for r in tr], label="reward")
+    axes[2].plot([r["step"] for r in tr], [r["match"] for r in tr], label="next-token match")
+    axes[2].set_title("RL rollouts")
+    axes[2].legend(fontsize=8)
+    for ax in axes:
+        ax.set_xlabel("mid-training step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(out) / "rmt.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot(out: Path, stage_dirs: dict[str, Path], weights: dict | None,
          base_eval: dict | None = None) -> list[Path]:
     """curves.png: mid-training loss and held-out accuracy/NLL per method (from the base

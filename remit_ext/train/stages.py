@@ -24,7 +24,7 @@ from .model import TinyGPT
 from .presets import Preset
 from .runtime import StageRun, get_dist, atomic_save, load, step_generator, unwrap
 
-METHODS = ("ntp", "remit", "rho1", "kd")
+METHODS = ("ntp", "remit", "rho1", "kd", "rmt")
 
 
 @dataclass
@@ -76,8 +76,12 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 
 
 def dataset(p: Preset, split: str) -> tuple[Tensor, Tensor]:
-    n = p.n_pretrain if split == "pretrain" else p.n_midtrain
-    return D.pack_rows(D.generate_texts(split, n, p.seed, p.max_k, p.noise), p.seq_len)
+    """Pre-training: the packed stream in rows of ``pretrain_len``; mid-training: one text per
+    row (so that per-row ReMiT centering is per document)."""
+    if split == "pretrain":
+        texts = D.generate_texts(split, p.n_pretrain, p.seed, p.max_k, p.noise)
+        return D.pack_stream(texts, p.pretrain_len)
+    return D.pack_rows(D.generate_texts(split, p.n_midtrain, p.seed, p.max_k, p.noise), p.seq_len)
 
 
 def batch_rows(p: Preset, stage: str, step: int, n_rows: int, size: int) -> Tensor:
@@ -146,7 +150,8 @@ def evaluate(model: TinyGPT, p: Preset, device: torch.device, backend: str = "au
 
 
 def pretrain(c: Common) -> Path:
-    """Next-token prediction on the noisy pre-training split; warmup then a constant rate."""
+    """Next-token prediction on the noisy pre-training split (packed rows); warmup then a
+    constant rate."""
     p, d = c.preset, get_dist(c.device)
     run = StageRun(c.out, "pretrain", {"stage": "pretrain", **p.to_dict()}, d,
                    p.pretrain_steps, p.ckpt_every, c.progress)
@@ -160,7 +165,7 @@ def pretrain(c: Common) -> Path:
     with run.steps(start, model, opt) as steps:
         for step in steps:
             set_lr(opt, p.lr * min(1.0, (step + 1) / max(1, p.warmup)))
-            rows = d.shard(batch_rows(p, "pretrain", step, len(inputs), p.batch))
+            rows = d.shard(batch_rows(p, "pretrain", step, len(inputs), p.pretrain_batch))
             x, y = inputs[rows].to(d.device), targets[rows].to(d.device)
             loss = remit_ext.weighted_cross_entropy(ddp(x), y, backend=c.backend)
             loss.backward()
@@ -171,15 +176,18 @@ def pretrain(c: Common) -> Path:
     return c.out
 
 
-def _log_step(run, d, step, every, metrics, model, p, c) -> None:
-    """Log every 10th step (and the last); evaluate every ``every`` steps on rank 0. Metric
-    values may be device tensors: they are read (a host sync) only on the steps logged."""
+def _log_step(run, d, step, every, metrics, model, p, c, probe=None) -> None:
+    """Log every 10th step (and the last); evaluate every ``every`` steps on rank 0 (and run
+    ``probe(model)``, RMT's per-tier next-token accuracy, when given). Metric values may be
+    device tensors: they are read (a host sync) only on the steps logged."""
     last = step + 1 == run.total
     if (step + 1) % 10 and not last and not (every and (step + 1) % every == 0):
         return
     rec = {"step": step + 1, **{k: d.mean(float(v)) for k, v in metrics.items()}}
     if every and ((step + 1) % every == 0 or last) and d.is_main:
         rec.update({f"eval_{k}": v for k, v in evaluate(model, p, d.device, c.backend).items()})
+        if probe is not None:
+            rec.update({f"probe_{k}": v for k, v in probe(model).items()})
     run.log(rec)
     d.barrier()
 
@@ -308,9 +316,17 @@ def midtrain(c: Common, init: Path, method: str, scorer: Optional[Path] = None,
              scorer_cache: Optional[Path] = None) -> Path:
     """Mid-training of the base model on the high-quality split with a rapid (linear to zero)
     learning-rate decay, under one of METHODS: vanilla NTP, ReMiT, Rho-1 or KD, the last three
-    steered by the RL model (live, or through its cached log-probs for ReMiT and Rho-1)."""
+    steered by the RL model (live, or through its cached log-probs for ReMiT and Rho-1), or RMT
+    (``remit_ext.train.rmt``: RL on entropy-sampled positions plus NTP, no scorer)."""
     if method not in METHODS:
         raise ValueError(f"--method: expected one of {METHODS}, got {method!r}")
+    if method == "rmt":
+        if scorer is not None or scorer_cache is not None:
+            raise ValueError("--method rmt: takes no --scorer or --scorer-cache (its reward is "
+                             "the text's own next token)")
+        from .rmt import midtrain_rmt
+
+        return midtrain_rmt(c, init)
     if method != "ntp" and scorer is None and scorer_cache is None:
         raise ValueError(f"--method {method}: expected --scorer (the RL model) or --scorer-cache")
     if method == "kd" and scorer is None:
