@@ -42,6 +42,8 @@ def test_problems_are_correct_and_deterministic():
             x = r
         assert q.answer == x
         assert D.parse_answer(q.text()[len(q.prompt()):]) == q.answer
+        assert D.parse_answer(q.text("thought")[len(q.prompt()):]) == q.answer
+        assert q.text("thought") == f"{q.prompt()}A:<{','.join(q.steps)}>{q.answer}\n"
     assert D.generate_texts("midtrain", 50, 1, 4) == D.generate_texts("midtrain", 50, 1, 4)
     assert D.generate_texts("midtrain", 50, 1, 4) != D.generate_texts("midtrain", 50, 2, 4)
     assert D.generate_texts("pretrain", 50, 1, 4) != D.generate_texts("midtrain", 50, 1, 4)
@@ -80,6 +82,9 @@ def test_parse_answer():
     assert D.parse_answer("S:1+2=3\nA:3\n") == 3
     assert D.parse_answer("S:1+2=3\nA:\n") is None
     assert D.parse_answer("S:1+2=3") is None
+    assert D.parse_answer("A:<1+2=3>3\n") == 3
+    assert D.parse_answer("A:<1+2=3,3*3=9\n") is None  # an unclosed thought
+    assert D.parse_answer("A:<>7") == 7
 
 
 # ----------------------------------------------------------------------------- model
@@ -100,8 +105,31 @@ def test_kv_cache_matches_full_forward():
     for _ in range(6):
         seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(gen, seq[:, 5:])
-    with pytest.raises(ValueError, match="idx: positions up to 25 exceed max_len=24"):
+    with pytest.raises(ValueError, match="idx: slots up to 25 exceed max_len=24"):
         model(torch.zeros(1, 25, dtype=torch.long))
+
+
+def test_left_padded_rows_match_their_unpadded_forward():
+    """A left-padded batch (``pad``) gives each row what it gives alone, with and without the
+    cache, and padding slots never reach a real row (even when they are NaN-free garbage)."""
+    model = TinyGPT(ModelConfig(D.VOCAB_SIZE, 32, 2, 2, 24)).eval()
+    rows = [torch.randint(0, D.VOCAB_SIZE, (n,)) for n in (9, 4, 6)]
+    batch = torch.full((3, 9), D.PAD_ID)
+    for i, r in enumerate(rows):
+        batch[i, 9 - len(r):] = r
+    pad = torch.tensor([0, 5, 3])
+    nxt = torch.randint(0, D.VOCAB_SIZE, (3, 1))
+    with torch.no_grad():
+        out = model(batch, pad=pad)
+        cache = []
+        model(batch, cache, pad=pad)
+        step = model(nxt, cache, start=9, pad=pad)
+        assert torch.isfinite(out).all()
+        for i, r in enumerate(rows):
+            torch.testing.assert_close(out[i, 9 - len(r):], model(r[None])[0], rtol=1e-5,
+                                       atol=1e-5)
+            alone = model(torch.cat([r, nxt[i]])[None])[0, -1]
+            torch.testing.assert_close(step[i, 0], alone, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- runtime
@@ -379,12 +407,17 @@ def test_flywheel_writes_the_table_and_figures(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     names = [r["name"] for r in results["rows"]]
-    assert names == ["Pre-trained", "RL scorer (reference)", "Vanilla NTP", "Rho-1", "ReMiT", "KD"]
+    assert names == ["Pre-trained", "RL scorer (reference)", "Vanilla NTP", "Rho-1", "ReMiT", "KD",
+                     "RMT"]
+    probe = results["probe"]
+    assert [r["name"] for r in probe["rows"]] == names
+    assert all(0 <= r["probe"]["tok_acc"] <= 1 for r in probe["rows"])
     assert results["scorer_cache"]["speedup"] > 0
     assert all(0 <= r["post_rl_acc"] <= 1 for r in results["rows"][2:])
     md = (out / "results.md").read_text()
     assert "| ReMiT |" in md and md in done.stdout
-    for png in ("curves.png", "weights.png"):
+    assert "| RMT |" in md and "direct / think" in md
+    for png in ("curves.png", "weights.png", "rmt.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # A second run finds every stage done and only rebuilds the report.
     again = subprocess.run(_cli("flywheel", "--preset", "tiny", "--out", str(out),

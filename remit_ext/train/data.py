@@ -17,8 +17,7 @@ split shares a random stream with another):
 - ``pretrain``: "web-quality" text. Half has worked solutions in which each step is wrong
   with probability ``noise`` (the answer then follows the wrong chain, like careless text), 10%
   is the same in the thought style, 15% gives only question and answer, a quarter is single
-  facts. Pre-training packs the texts into a stream cut into rows (``pack_stream``), so
-  every position of the model's context is trained.
+  facts.
 - ``midtrain``: high-quality data, weighted towards longer chains: correct worked solutions,
   and a quarter answer-only texts (whose answer digit is hard to predict without reasoning).
 - ``rl``: questions only (the RL stage samples solutions and is rewarded on the answer).
@@ -150,20 +149,6 @@ def pack_rows(texts: list[str], seq_len: int) -> tuple[Tensor, Tensor]:
         n = len(ids) - 1
         inputs[i, :n] = torch.tensor(ids[:-1])
         targets[i, :n] = torch.tensor(ids[1:])
-    return inputs, targets
-
-
-def pack_stream(texts: list[str], seq_len: int) -> tuple[Tensor, Tensor]:
-    """The texts as one stream (a leading newline, then each text, each ending in a newline)
-    cut into rows of ``seq_len`` next-token pairs: ``(inputs, targets)`` ``[M, seq_len]``, the
-    tail that does not fill a row dropped. Texts cross row boundaries, as in LM pre-training."""
-    stream = torch.tensor([NEWLINE_ID] + encode("".join(texts)), dtype=torch.long)
-    rows = (stream.numel() - 1) // seq_len
-    if rows == 0:
-        raise ValueError(f"texts: {stream.numel() - 1} characters do not fill one row of "
-                         f"seq_len={seq_len}")
-    inputs = stream[:rows * seq_len].view(rows, seq_len)
-    targets = stream[1:rows * seq_len + 1].view(rows, seq_len)
     return inputs, targets
 
 

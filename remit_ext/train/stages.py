@@ -76,12 +76,8 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 
 
 def dataset(p: Preset, split: str) -> tuple[Tensor, Tensor]:
-    """Pre-training: the packed stream in rows of ``pretrain_len``; mid-training: one text per
-    row (so that per-row ReMiT centering is per document)."""
-    if split == "pretrain":
-        texts = D.generate_texts(split, p.n_pretrain, p.seed, p.max_k, p.noise)
-        return D.pack_stream(texts, p.pretrain_len)
-    return D.pack_rows(D.generate_texts(split, p.n_midtrain, p.seed, p.max_k, p.noise), p.seq_len)
+    n = p.n_pretrain if split == "pretrain" else p.n_midtrain
+    return D.pack_rows(D.generate_texts(split, n, p.seed, p.max_k, p.noise), p.seq_len)
 
 
 def batch_rows(p: Preset, stage: str, step: int, n_rows: int, size: int) -> Tensor:
@@ -150,8 +146,7 @@ def evaluate(model: TinyGPT, p: Preset, device: torch.device, backend: str = "au
 
 
 def pretrain(c: Common) -> Path:
-    """Next-token prediction on the noisy pre-training split (packed rows); warmup then a
-    constant rate."""
+    """Next-token prediction on the noisy pre-training split; warmup then a constant rate."""
     p, d = c.preset, get_dist(c.device)
     run = StageRun(c.out, "pretrain", {"stage": "pretrain", **p.to_dict()}, d,
                    p.pretrain_steps, p.ckpt_every, c.progress)
@@ -165,7 +160,7 @@ def pretrain(c: Common) -> Path:
     with run.steps(start, model, opt) as steps:
         for step in steps:
             set_lr(opt, p.lr * min(1.0, (step + 1) / max(1, p.warmup)))
-            rows = d.shard(batch_rows(p, "pretrain", step, len(inputs), p.pretrain_batch))
+            rows = d.shard(batch_rows(p, "pretrain", step, len(inputs), p.batch))
             x, y = inputs[rows].to(d.device), targets[rows].to(d.device)
             loss = remit_ext.weighted_cross_entropy(ddp(x), y, backend=c.backend)
             loss.backward()
