@@ -41,6 +41,27 @@ inline void check_per_token(const at::Tensor& t, int64_t N, const char* name) {
                     t.sizes());
 }
 
+// pg_loss_fwd's per-token inputs (advantages, scale, old and reference log-probs): one float
+// per token, read by the kernels in the accumulation dtype.
+inline void check_per_token_float(const at::Tensor& t, int64_t N, const char* name) {
+  check_per_token(t, N, name);
+  TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()), name,
+                    ": expected a floating dtype, got ", t.scalar_type());
+}
+
+// The PPO band [1 - clip_low, 1 + clip_high] must hold ratios near 1, and a KL weight needs the
+// reference log-probs it weighs (as the Python API insists; silently dropping it would hide a
+// missing argument).
+inline void check_pg_coefficients(double clip_low, double clip_high, double kl_beta,
+                                  bool has_ref_logprob) {
+  TORCH_CHECK_VALUE(clip_low >= 0 && clip_low < 1, "clip_low: expected a value in [0, 1), got ",
+                    clip_low);
+  TORCH_CHECK_VALUE(clip_high >= 0, "clip_high: expected a value >= 0, got ", clip_high);
+  TORCH_CHECK_VALUE(kl_beta >= 0, "kl_beta: expected a value >= 0, got ", kl_beta);
+  TORCH_CHECK_VALUE(kl_beta == 0 || has_ref_logprob, "kl_beta: ", kl_beta,
+                    " > 0 needs ref_logprob, got None");
+}
+
 inline void check_temperature(double temperature) {
   TORCH_CHECK_VALUE(temperature > 0, "temperature: expected > 0, got ", temperature);
 }

@@ -211,8 +211,6 @@ class CpuBackend(OpsBackend):
     namespace = "remit_ext"
 
     def why_not(self, op, tensors, features):
-        if op == "pg_loss":  # TODO(pg kernels): remove when the kernel lands
-            return "no pg_loss kernel in this backend yet"
         devices = {t.device.type for t in tensors}
         if devices != {"cpu"}:
             return f"needs CPU tensors, got tensors on {sorted(devices)}"
@@ -238,8 +236,6 @@ class TritonBackend(OpsBackend):
         return self._import_error
 
     def why_not(self, op, tensors, features):
-        if op == "pg_loss":  # TODO(pg kernels): remove when the kernel lands
-            return "no pg_loss kernel in this backend yet"
         if op == "kd_loss":
             return "no Triton kernel for KD yet (use backend='cpu' or 'torch')"
         topk, vocab = features.get("topk") or 0, tensors[0].shape[-1] if tensors else 0
@@ -267,8 +263,6 @@ class CudaBackend(OpsBackend):
     namespace = "remit_ext"
 
     def why_not(self, op, tensors, features):
-        if op == "pg_loss":  # TODO(pg kernels): remove when the kernel lands
-            return "no pg_loss kernel in this backend yet"
         if op == "kd_loss":
             return "no CUDA kernel for KD yet (use backend='cpu' or 'torch')"
         topk, vocab = features.get("topk") or 0, tensors[0].shape[-1] if tensors else 0

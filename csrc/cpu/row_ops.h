@@ -178,8 +178,9 @@ inline void zero_row(scalar_t* out, int64_t V) {
 }
 
 // A target is checked where a kernel reads it (the shape and dtype checks: op_checks.h).
-inline void check_target_value(int64_t y, int64_t V, int64_t row, int64_t ignore_index) {
-  TORCH_CHECK_VALUE(y >= 0 && y < V, "targets: expected values in [0, ", V,
+inline void check_target_value(int64_t y, int64_t V, int64_t row, int64_t ignore_index,
+                               const char* name = "targets") {
+  TORCH_CHECK_VALUE(y >= 0 && y < V, name, ": expected values in [0, ", V,
                     ") or ignore_index=", ignore_index, ", got ", y, " at position ", row);
 }
 

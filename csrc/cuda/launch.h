@@ -100,14 +100,37 @@ struct GradParams {
 template <typename T>
 cudaError_t launch_ce_grad(const GradParams<T>& p, cudaStream_t stream);
 
+// ---- pg_loss epilogue (pg_loss.cuh)
+
+template <typename A>
+struct PgParams {
+  const A* logprob;  // a_t from the statistics pass (0 at ignored positions)
+  const void* targets;  // the actions: int64, or int32 when targets_i32
+  bool targets_i32;
+  const A* adv;
+  const A* scale;  // nullptr: 1
+  const A* old;    // nullptr: plain policy gradient (no PPO ratio)
+  const A* ref;    // nullptr: no KL term
+  A lo, hi, kl_beta;  // [1 - clip_low, 1 + clip_high], the KL weight
+  A* loss;
+  A* dlogprob;
+  int64_t N;
+  int64_t ignore_index;
+};
+
+// One thread per token (N >= 1); returns the launch's cudaGetLastError().
+template <typename A>
+cudaError_t launch_pg_terms(const PgParams<A>& p, cudaStream_t stream);
+
 #define REMIT_CUDA_ROW_TYPES(X) X(float) X(__nv_bfloat16) X(__half) X(double)
 #define REMIT_CUDA_ACC_TYPES(X) X(float) X(double)
 
 #define REMIT_EXTERN_ROW(T)                                                       \
   extern template cudaError_t launch_token_stats<T>(const StatsParams<T>&, cudaStream_t); \
   extern template cudaError_t launch_ce_grad<T>(const GradParams<T>&, cudaStream_t);
-#define REMIT_EXTERN_ACC(A) \
-  extern template cudaError_t launch_remit_weights<A>(const WeightsParams<A>&, cudaStream_t);
+#define REMIT_EXTERN_ACC(A)                                                                   \
+  extern template cudaError_t launch_remit_weights<A>(const WeightsParams<A>&, cudaStream_t); \
+  extern template cudaError_t launch_pg_terms<A>(const PgParams<A>&, cudaStream_t);
 REMIT_CUDA_ROW_TYPES(REMIT_EXTERN_ROW)
 REMIT_CUDA_ACC_TYPES(REMIT_EXTERN_ACC)
 #undef REMIT_EXTERN_ROW

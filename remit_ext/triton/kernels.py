@@ -3,7 +3,8 @@
 Every load is upcast at once to the accumulation type ACC (fp32; fp64 for fp64 inputs, so
 gradcheck can run; bf16 arithmetic is also wrong in Triton's CPU interpreter), rows are addressed with 64-bit offsets, and each row is read once per pass:
 ``_token_stats_fwd_kernel`` (policy and, optionally, scorer row in the same program) ->
-``_remit_weights_kernel`` (per sequence) -> ``_ce_bwd_kernel`` (gradient, optionally in place).
+``_remit_weights_kernel`` (per sequence) -> ``_ce_bwd_kernel`` (gradient, optionally in place);
+``_pg_terms_kernel`` is the policy-gradient loss's per-token epilogue (O(N), blocks of tokens).
 """
 
 import triton
@@ -277,3 +278,52 @@ def _ce_bwd_kernel(
             g = tl.where(cols == y, target_grad, g)
             g = tl.where(finite, g, float("nan"))
             tl.store(out_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _pg_terms_kernel(
+    logprob_ptr, targets_ptr, adv_ptr, scale_ptr, old_ptr, ref_ptr, coefs_ptr,
+    loss_ptr, dlogprob_ptr, N, ignore_index,
+    HAS_SCALE: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr,
+    BLOCK: tl.constexpr, ACC: tl.constexpr,
+):
+    """The pg_loss epilogue for BLOCK tokens (METHODS.md section 4; csrc/pg_terms.h is the same
+    formula): loss_t = scale_t (pg_t + kl_beta kl_t) and dlogprob_t = d loss_t / d a_t from the
+    statistics pass's a_t; zeros at ignored positions."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < N
+    y = tl.load(targets_ptr + offs, mask=inside, other=ignore_index).to(tl.int64)
+    valid = inside & (y != ignore_index)
+    a = tl.load(logprob_ptr + offs, mask=inside, other=0.0).to(ACC)
+    adv = tl.load(adv_ptr + offs, mask=inside, other=0.0).to(ACC)
+    # [1 - clip_low, 1 + clip_high, kl_beta] come through memory in ACC (a float argument would
+    # be rounded to fp32, off the fp64 references' band).
+    lo = tl.load(coefs_ptr)
+    hi = tl.load(coefs_ptr + 1)
+    kl_beta = tl.load(coefs_ptr + 2)
+    if HAS_OLD:
+        ratio = tl.exp(a - tl.load(old_ptr + offs, mask=inside, other=0.0).to(ACC))
+        # torch.clamp / torch.minimum keep a NaN ratio: the comparisons are false for it.
+        clipped = tl.where(ratio < lo, lo, tl.where(ratio > hi, hi, ratio))
+        plain_term = ratio * adv
+        clipped_term = clipped * adv
+        loss = -tl.where(clipped_term < plain_term, clipped_term, plain_term)
+        # Zero slope where the clipped branch is the minimum: the ratio left the band on the side
+        # the advantage's sign rewards.
+        active = ((adv >= 0) & (ratio > hi)) | ((adv < 0) & (ratio < lo))
+        dlogprob = tl.where(active, 0.0, -ratio * adv)
+    else:
+        loss = -adv * a
+        dlogprob = -adv
+    if HAS_REF:
+        # k3 as expm1(d) - d: keeps its digits while |d| = |ref - a| is small.
+        d = tl.load(ref_ptr + offs, mask=inside, other=0.0).to(ACC) - a
+        em1 = _expm1(d)
+        loss = loss + kl_beta * (em1 - d)
+        dlogprob = dlogprob - kl_beta * em1
+    if HAS_SCALE:
+        s = tl.load(scale_ptr + offs, mask=inside, other=0.0).to(ACC)
+        loss = loss * s
+        dlogprob = dlogprob * s
+    tl.store(loss_ptr + offs, tl.where(valid, loss, 0.0), mask=inside)
+    tl.store(dlogprob_ptr + offs, tl.where(valid, dlogprob, 0.0), mask=inside)

@@ -23,7 +23,7 @@ NAMESPACE = "remit_ext_triton"
 # The running top-k is unrolled k times per block: fine for RMT's k = 16, not for thousands.
 MAX_TOPK = 64
 OPS = ("token_stats", "remit_weights", "weighted_ce_fwd", "weighted_ce_bwd", "weighted_ce_bwd_",
-       "remit_loss")
+       "remit_loss", "pg_loss_fwd")
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
 for _name in OPS:
@@ -163,6 +163,53 @@ def _remit_loss(logits, targets, scorer_logits, scorer_logprob, cu_seqlens, igno
     return loss, w, logprob, lse, dhat, diag
 
 
+def _per_token(t, n, like, name):
+    """A per-token input of pg_loss_fwd as the kernel reads it: [n] floats on the logits'
+    device, dense, in the accumulation dtype. The checks mirror csrc/op_checks.h: the kernel
+    indexes these tensors by token, so a wrong size would read out of bounds."""
+    if t.dim() != 1 or t.shape[0] != n:
+        raise ValueError(f"{name}: expected shape [{n}], got {list(t.shape)}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name}: expected a floating dtype, got {t.dtype}")
+    if t.device != like.device:
+        raise ValueError(f"{name}: expected a tensor on {like.device}, got {t.device}")
+    return t.to(acc_dtype(like.dtype)).contiguous()
+
+
+def _pg_loss_fwd(logits, actions, advantages, scale, old_logprob, ref_logprob, ignore_index,
+                 clip_low, clip_high, kl_beta, inplace_backward):
+    if not 0 <= clip_low < 1:
+        raise ValueError(f"clip_low: expected a value in [0, 1), got {clip_low}")
+    if not clip_high >= 0:
+        raise ValueError(f"clip_high: expected a value >= 0, got {clip_high}")
+    if not kl_beta >= 0:
+        raise ValueError(f"kl_beta: expected a value >= 0, got {kl_beta}")
+    if kl_beta != 0 and ref_logprob is None:
+        raise ValueError(f"kl_beta: {kl_beta} > 0 needs ref_logprob, got None")
+    n = logits.shape[0]
+    per_token = [None if t is None else _per_token(t, n, logits, name) for t, name in (
+        (advantages, "advantages"), (scale, "scale"), (old_logprob, "old_logprob"),
+        (ref_logprob, "ref_logprob"))]
+    adv, sc, old, ref = per_token
+    # Statistics pass: lse and a_t = log p(action_t), one read of each row.
+    lse, logprob, _, _, _, _ = _stats_into(logits, actions, None, ignore_index, 1.0, False)
+    # The O(N) epilogue as one small kernel rather than reference.pg_token_terms: that is ~20
+    # elementwise launches and temporaries on the GPU (this op is opaque to torch.compile, so
+    # nothing would fuse them), this is one launch reading five vectors and writing two. It
+    # stays out of _token_stats_fwd_kernel, which every op shares, for a term 1/V of its cost.
+    loss, dlogprob = torch.empty_like(logprob), torch.empty_like(logprob)
+    coefs = logprob.new_full((3,), 1.0 - clip_low)  # filled on the device: no host copy
+    coefs[1] = 1.0 + clip_high
+    coefs[2] = kl_beta
+    block = min(1024, triton.next_power_of_2(max(n, 1)))
+    K._pg_terms_kernel[(triton.cdiv(n, block),)](
+        logprob, actions.contiguous(), adv, adv if sc is None else sc,
+        adv if old is None else old, adv if ref is None else ref, coefs, loss, dlogprob, n,
+        ignore_index, HAS_SCALE=sc is not None, HAS_OLD=old is not None,
+        HAS_REF=ref is not None, BLOCK=block, ACC=_acc(logits.dtype))
+    return loss, lse, logprob, dlogprob
+
+
 _IMPLS = {
     "token_stats": _token_stats,
     "remit_weights": _remit_weights,
@@ -170,6 +217,7 @@ _IMPLS = {
     "weighted_ce_bwd": _weighted_ce_bwd,
     "weighted_ce_bwd_": _weighted_ce_bwd_inplace,
     "remit_loss": _remit_loss,
+    "pg_loss_fwd": _pg_loss_fwd,
 }
 for _name, _fn in _IMPLS.items():
     # CPU runs the same kernels in Triton's interpreter (tests only; the dispatcher never picks
