@@ -338,3 +338,22 @@ def test_midtrain_rmt_resumes_after_a_kill(base, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     strip = lambda rows: [{k: v for k, v in r.items() if k != "time"} for r in rows]  # noqa: E731
     assert strip(_read_log(cut)) == strip(_read_log(tmp_path / "full"))
+
+
+def test_midtrain_rmt_under_two_process_ddp(base, tmp_path):
+    """Each rank samples its share of C from its shard; the NTP forward goes through DDP and
+    the rollouts' through the bare model, and one backward reduces both."""
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", "-m", "remit_ext", "midtrain", "--method", "rmt", "--preset", "tiny", "--init",
+           str(base), "--out", str(tmp_path / "ddp"), "--no-progress", "--device", "cpu"]
+    done = subprocess.run(cmd, env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    final = load(tmp_path / "ddp" / "final.pt")
+    assert final["world_size"] == 2 and final["method"] == "rmt"
+    init = load(base / "final.pt")["model"]
+    assert any(not torch.equal(final["model"][k], init[k]) for k in init)
+    log = _read_log(tmp_path / "ddp")
+    assert len({r["step"] for r in log}) == len(log)  # one writer
