@@ -19,7 +19,8 @@ from remit_ext.train import data as D
 from remit_ext.train.model import ModelConfig, TinyGPT
 from remit_ext.train.presets import get_preset
 from remit_ext.train.runtime import atomic_save, load, step_generator
-from remit_ext.train.stages import Common, _whiten, evaluate, load_model, midtrain, pretrain, rl, score
+from remit_ext.rmt import group_advantages
+from remit_ext.train.stages import Common, evaluate, load_model, midtrain, pretrain, rl, score
 
 TINY = get_preset("tiny")
 ENV = {**os.environ, "PYTHONHASHSEED": "random"}
@@ -161,7 +162,7 @@ def test_step_generator_is_the_same_in_every_process():
 
 def test_group_whitened_advantages():
     r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
-    a = _whiten(r)
+    a = group_advantages(r)
     torch.testing.assert_close(a[0], torch.tensor([1.0, -1.0, -1.0, 1.0]), rtol=0, atol=1e-5)
     assert (a[1] == 0).all()
 
@@ -174,7 +175,7 @@ def test_policy_gradient_is_a_weighted_cross_entropy():
     y = torch.randint(0, v, (g, t))
     lengths = torch.tensor([6, 3, 1, 5])
     y[torch.arange(t)[None] >= lengths[:, None]] = D.IGNORE_INDEX
-    adv = _whiten(torch.tensor([[1.0, 0.0, 0.0, 1.0]], dtype=torch.float64))[0]
+    adv = group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0]], dtype=torch.float64))[0]
     w = (adv / (g * lengths))[:, None].expand(g, t).contiguous()
     loss = remit_ext.weighted_cross_entropy(logits, y, w, reduction="sum")
     (grad,) = torch.autograd.grad(loss, logits)

@@ -31,7 +31,6 @@ __all__ = [
     "rho1_loss_ref",
     "kd_loss_ref",
     "pg_loss_ref",
-    "pg_token_terms",
     "reduce_tokens",
 ]
 
@@ -336,39 +335,3 @@ def pg_loss_ref(
     zero = torch.zeros((), dtype=a.dtype, device=a.device)
     return reduce_tokens(torch.where(valid, pg, zero), valid.sum(), reduction)
 
-
-def pg_token_terms(
-    logprob: Tensor,
-    advantages: Tensor,
-    scale: Optional[Tensor],
-    old_logprobs: Optional[Tensor],
-    ref_logprobs: Optional[Tensor],
-    valid: Tensor,
-    clip_low: float,
-    clip_high: float,
-    kl_beta: float,
-) -> tuple[Tensor, Tensor]:
-    """The per-token loss of ``pg_loss_ref`` and its derivative d loss_t / d a_t in closed form,
-    from the log-probs a_t: what a kernel backend computes after its statistics pass (the logits
-    gradient is then ``-dloss_da * (p - onehot)``). Zeros at invalid positions."""
-    a = logprob
-    adv = advantages.to(a.dtype)
-    if old_logprobs is None:
-        loss, dloss = -adv * a, -adv
-    else:
-        ratio = torch.exp(a - old_logprobs.to(a.dtype))
-        clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
-        loss = -torch.minimum(ratio * adv, clipped * adv)
-        # The clipped branch is the minimum (and has zero slope) exactly when the ratio left
-        # the band on the side the advantage's sign rewards.
-        active = ((adv >= 0) & (ratio > 1 + clip_high)) | ((adv < 0) & (ratio < 1 - clip_low))
-        dloss = torch.where(active, torch.zeros_like(a), -ratio * adv)
-    if ref_logprobs is not None:
-        d = ref_logprobs.to(a.dtype) - a
-        loss = loss + kl_beta * (torch.exp(d) - d - 1)
-        dloss = dloss + kl_beta * (1 - torch.exp(d))
-    if scale is not None:
-        s = scale.to(a.dtype)
-        loss, dloss = loss * s, dloss * s
-    zero = torch.zeros((), dtype=a.dtype, device=a.device)
-    return torch.where(valid, loss, zero), torch.where(valid, dloss, zero)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 import remit_ext
+from remit_ext.rmt import group_advantages
 
 from . import data as D
 from .model import TinyGPT
@@ -231,7 +232,7 @@ def rl(c: Common, init: Path) -> Path:
             completion = unwrap(ddp).generate(prompt, max_new, temperature=p.rl_temperature,
                                               generator=sample_gen)
             reward, lengths = _rewards(completion.cpu(), group, g_size)
-            adv = _whiten(reward.view(-1, g_size)).view(-1)
+            adv = group_advantages(reward.view(-1, g_size)).view(-1)
             seq = torch.cat([prompt, completion.to(d.device)], dim=1)
             x, y = seq[:, :-1], seq[:, 1:].clone()
             pos = torch.arange(y.shape[1])
@@ -262,11 +263,6 @@ def _rewards(completion: Tensor, group: list, g_size: int) -> tuple[Tensor, Tens
         end = text.find("\n", at) if at >= 0 else -1
         lengths.append(end + 1 if end >= 0 else len(text))
     return torch.tensor(rewards), torch.tensor(lengths)
-
-
-def _whiten(r: Tensor) -> Tensor:
-    """Group-whitened advantages (METHODS.md section 4): (r - mean) / (std + 1e-6)."""
-    return (r - r.mean(dim=1, keepdim=True)) / (r.std(dim=1, keepdim=True, unbiased=False) + 1e-6)
 
 
 # ----------------------------------------------------------------------------- score

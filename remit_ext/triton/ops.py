@@ -193,8 +193,8 @@ def _pg_loss_fwd(logits, actions, advantages, scale, old_logprob, ref_logprob, i
     adv, sc, old, ref = per_token
     # Statistics pass: lse and a_t = log p(action_t), one read of each row.
     lse, logprob, _, _, _, _ = _stats_into(logits, actions, None, ignore_index, 1.0, False)
-    # The O(N) epilogue as one small kernel rather than reference.pg_token_terms: that is ~20
-    # elementwise launches and temporaries on the GPU (this op is opaque to torch.compile, so
+    # The O(N) epilogue as one small kernel rather than torch elementwise ops: that is ~20
+    # launches and temporaries on the GPU (this op is opaque to torch.compile, so
     # nothing would fuse them), this is one launch reading five vectors and writing two. It
     # stays out of _token_stats_fwd_kernel, which every op shares, for a term 1/V of its cost.
     loss, dlogprob = torch.empty_like(logprob), torch.empty_like(logprob)
