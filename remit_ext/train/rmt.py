@@ -217,8 +217,8 @@ class TierProbe:
 def midtrain_rmt(c, init: Path) -> Path:
     """Mid-training with RMT from the base model ``init`` (same data, steps and learning-rate
     decay as the other mid-training methods)."""
-    from .stages import (_clock, _finish, _log_step, _median, batch_rows, clip_and_step,
-                         dataset, load_model, make_optimizer, set_lr)
+    from .stages import (_clock, _finish, _log_step, _median, clip_and_step, dataset,
+                         load_model, make_optimizer, midtrain_batch)
 
     p, d = c.preset, get_dist(c.device)
     cfg = {"stage": "midtrain", "method": "rmt", "init": str(init),
@@ -242,9 +242,7 @@ def midtrain_rmt(c, init: Path) -> Path:
     with run.steps(start, model, opt) as steps:
         for step in steps:
             t0 = _clock(d.device)
-            set_lr(opt, p.lr * (1 - step / p.midtrain_steps))
-            rows = d.shard(batch_rows(p, "midtrain", step, len(inputs), p.batch))
-            x, y = inputs[rows].to(d.device), targets[rows].to(d.device)
+            _, x, y = midtrain_batch(p, d, opt, inputs, targets, step)
             logits = ddp(x).float()
             entropy = R.token_entropy(logits, y, topk=p.rmt_topk or None, backend=c.backend)
             pos, tier = sampler.sample(entropy, y != D.IGNORE_INDEX, n_local, step,

@@ -86,6 +86,15 @@ def batch_rows(p: Preset, stage: str, step: int, n_rows: int, size: int) -> Tens
     return torch.randint(0, n_rows, (size,), generator=step_generator(p.seed, stage, step))
 
 
+def midtrain_batch(p: Preset, d, opt, inputs: Tensor, targets: Tensor,
+                   step: int) -> tuple[Tensor, Tensor, Tensor]:
+    """A mid-training step's schedule and data, shared by every method: the rate decayed
+    linearly to zero, and this rank's shard of the global batch (rows, inputs, targets)."""
+    set_lr(opt, p.lr * (1 - step / p.midtrain_steps))
+    rows = d.shard(batch_rows(p, "midtrain", step, len(inputs), p.batch))
+    return rows, inputs[rows].to(d.device), targets[rows].to(d.device)
+
+
 def clip_and_step(model, opt) -> Tensor:
     """Clip to norm 1, step, zero; returns the pre-clip norm as a tensor (no host sync)."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -356,9 +365,7 @@ def midtrain(c: Common, init: Path, method: str, scorer: Optional[Path] = None,
     with run.steps(start, model, opt) as steps:
         for step in steps:
             t0 = _clock(d.device)
-            set_lr(opt, p.lr * (1 - step / p.midtrain_steps))
-            rows = d.shard(batch_rows(p, "midtrain", step, len(inputs), p.batch))
-            x, y = inputs[rows].to(d.device), targets[rows].to(d.device)
+            rows, x, y = midtrain_batch(p, d, opt, inputs, targets, step)
             b = None if cached is None else cached[rows].to(d.device)
             metrics = {}
             loss_fn = _fused_linear_loss if c.fused_linear else _logits_loss
