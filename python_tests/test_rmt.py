@@ -19,7 +19,7 @@ from remit_ext.train.rmt import TierProbe, rollout, rollout_prefixes
 from remit_ext.train.runtime import load
 from remit_ext.train.stages import Common, midtrain, pretrain
 
-from test_train import ENV, _cli, _final_model, _read_log, _wait_for
+from test_train import ENV, _read_log, assert_kill_and_resume_reproduces
 
 TINY = get_preset("tiny")
 
@@ -321,23 +321,7 @@ def test_midtrain_rmt_resumes_after_a_kill(base, tmp_path):
     args = ["midtrain", "--method", "rmt", "--preset", "tiny", "--init", str(base),
             "--set", "midtrain_steps=16", "--set", "ckpt_every=3", "--set", "eval_every=0",
             "--no-progress", "--device", "cpu"]
-    subprocess.run(_cli(*args, "--out", str(tmp_path / "full")), check=True, env=ENV,
-                   capture_output=True)
-    cut = tmp_path / "cut"
-    proc = subprocess.Popen(_cli(*args, "--out", str(cut)), env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for(cut / "checkpoint.pt", proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(60)
-    assert not (cut / "final.pt").exists(), "the run finished before it could be interrupted"
-    assert 0 < load(cut / "checkpoint.pt")["step"] < 16
-    done = subprocess.run(_cli(*args, "--out", str(cut)), env=ENV, capture_output=True,
-                          text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    a, b = _final_model(tmp_path / "full"), _final_model(cut)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "time"} for r in rows]  # noqa: E731
-    assert strip(_read_log(cut)) == strip(_read_log(tmp_path / "full"))
+    assert_kill_and_resume_reproduces(args, 16, tmp_path, signal.SIGKILL)
 
 
 def test_midtrain_rmt_under_two_process_ddp(base, tmp_path):
