@@ -161,11 +161,14 @@ __device__ __forceinline__ Softmax<A> softmax_empty() {
 }
 
 // Rebase a non-empty state from its max onto M >= s.m: everything becomes mass below M.
+// Where e^shift underflows to 0 the state adds exactly 0 to t (as absorb's e > 0 guard and the
+// CPU's e == 0 guard give): shift * (below + top) may overflow to -inf for a huge spread of
+// maxima (or shift itself be -inf, M = +inf), and 0 * -inf would invent a NaN entropy.
 template <typename T, bool kT, typename A>
 __device__ __forceinline__ void rebase(Softmax<A>& s, A M) {
   const A shift = s.m - M;
   const A f = RowExp<T>::eval(shift);
-  if (kT) s.t = f * (s.t + shift * (s.below + s.top));
+  if (kT) s.t = f > A(0) ? f * (s.t + shift * (s.below + s.top)) : A(0);
   s.below = f * (s.below + s.top);
   s.top = A(0);
   s.m = M;
