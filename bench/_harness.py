@@ -72,6 +72,60 @@ def time_ms(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 10,
                   len(samples))
 
 
+def cuda_time_ms(fn: Callable[[], object], *, setup: Optional[Callable[[], None]] = None,
+                 warmup_ms: float = 25.0, rep_ms: float = 200.0, max_reps: int = 1000,
+                 flush_bytes: int = 256 * MB) -> Timing:
+    """Per-call ms of ``fn()`` on the current CUDA stream from CUDA events, with the L2 cache
+    flushed (a ``flush_bytes`` buffer zeroed) before every call, so each call reads its inputs
+    from HBM as a training step would. Calls run for about ``warmup_ms`` untimed, then about
+    ``rep_ms`` timed (at least 5 calls). ``setup()`` runs before each call, outside the events.
+    """
+    flush = torch.empty(flush_bytes, dtype=torch.int8, device="cuda")
+
+    def once(start=None, end=None):
+        if setup is not None:
+            setup()
+        flush.zero_()
+        if start is not None:
+            start.record()
+        fn()
+        if end is not None:
+            end.record()
+
+    once()
+    torch.cuda.synchronize()
+    probe = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    once(*probe)
+    torch.cuda.synchronize()
+    est = max(probe[0].elapsed_time(probe[1]), 1e-3)
+    for _ in range(max(1, int(warmup_ms / est))):
+        once()
+    reps = max(5, min(max_reps, int(rep_ms / est)))
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(reps)]
+    for start, end in events:
+        once(start, end)
+    torch.cuda.synchronize()
+    samples = sorted(s.elapsed_time(e) for s, e in events)
+    del flush
+    return Timing(quantile(samples, 0.5), quantile(samples, 0.2), quantile(samples, 0.8),
+                  len(samples))
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: str) -> tuple[int, str]:
+    """Peak bytes one ``fn()`` holds beyond what was allocated before it (its outputs included):
+    the CUDA caching allocator's high-water mark on GPU, the resident set's on CPU."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        torch.cuda.synchronize()
+        del out
+        return torch.cuda.max_memory_allocated() - base, "torch.cuda.max_memory_allocated"
+    return peak_extra_bytes(fn)
+
+
 class OtherCpuLoad:
     """Context manager: how busy *other* processes kept the CPUs while the block ran, in cores
     (CPU seconds of the whole machine, from /proc/stat, minus this process's, per wall second).
@@ -215,10 +269,22 @@ def env_info(device: str = "cpu") -> dict:
 # ------------------------------------------------------------------------------ results
 
 
+def device_slug(name: str) -> str:
+    """A device name as a file stem: 'NVIDIA H100 80GB HBM3' -> 'NVIDIA_H100_80GB_HBM3'."""
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in name).strip("_") or "device"
+
+
 def append_csv(path: Path, rows: Sequence[dict], columns: Sequence[str]) -> None:
-    """Append rows to a CSV ledger, writing the header when the file is new."""
+    """Append rows to a CSV ledger, writing the header when the file is new. An existing
+    ledger must have the same columns: appending under another header would misfile values."""
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != list(columns):
+            raise ValueError(f"{path}: its header {header} differs from the columns being "
+                             f"written {list(columns)}; move the old ledger aside")
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         if new:

@@ -221,25 +221,3 @@ def test_cuda_64bit_offsets():
     ops.weighted_ce_bwd_(z, y, lse, logprob, coef, IGNORE)
     row_sums = z[tail].float().sum(-1)  # softmax - onehot sums to 0
     torch.testing.assert_close(row_sums, torch.zeros_like(row_sums), rtol=0, atol=2e-2)
-
-
-def test_bench_writes_the_fastest_kernel_first(tmp_path):
-    sys.path.insert(0, str(REPO / "bench"))
-    import bench_triton_gpu as bench
-
-    rows = [{"op": op, "provider": p, "shape": shape, "ms_p50": ms}
-            for op, p, shape, ms in [
-                ("token_stats", "cuda", "a", 1.0), ("token_stats", "cuda", "b", 1.0),
-                ("token_stats", "triton", "a", 1.5), ("token_stats", "triton", "b", 1.0),
-                ("token_stats", "torch", "a", 0.1),  # not a kernel backend: never ranked
-                ("remit_loss", "cuda", "a", 2.0),  # triton missing a shape: not ranked
-                ("remit_loss", "triton", "a", 3.0), ("remit_loss", "cuda", "b", 2.0)]]
-    order = bench.auto_table_rows(rows)
-    assert order == {"token_stats": ["cuda", "triton"], "remit_loss": ["cuda"]}
-    path = tmp_path / "auto.json"
-    env = {"git_sha": "x", "date": "d", "torch_version": "t"}
-    bench.write_auto_table(path, "GPU X", order, env)
-    bench.write_auto_table(path, "GPU Y", {"token_stats": ["triton"]}, env)
-    table = B.load_auto_table(str(path))
-    assert table["GPU X"]["token_stats"] == ("cuda", "triton")
-    assert B.auto_order("token_stats", "cuda", "GPU Y", table=table) == ("triton", "cuda", "torch")

@@ -11,11 +11,12 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import __version__, demo
+from . import __version__, bench_cmd, demo
 from .train.cli import COMMANDS as TRAIN_COMMANDS
 
 COMMANDS = {
     "demo": (demo, "ReMiT loss fwd+bwd on every backend, checked against the fp64 reference"),
+    "bench": (bench_cmd, bench_cmd.help),
     **{name: (cmd, cmd.help) for name, cmd in TRAIN_COMMANDS.items()},
 }
 DEFAULT_COMMAND = "demo"
@@ -36,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":  # every option after it belongs to the suite
+        return bench_cmd.forward(argv[1:])
     # Bare options (`remit-ext --dtype bfloat16`) belong to the default command.
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv.insert(0, DEFAULT_COMMAND)

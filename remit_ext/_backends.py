@@ -27,7 +27,7 @@ from . import reference as ref
 # measurement yet, and an unmeasured kernel should not win by default.
 AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 
-# Per-device, per-op backend order measured by bench/bench_triton_gpu.py (fastest first):
+# Per-device, per-op backend order measured by `python -m bench`, fastest first:
 # {"devices": {"<torch.cuda.get_device_name()>": {"<op>": ["cuda", "triton"], ...}}, ...}.
 # REMIT_AUTO_TABLE overrides the path; a missing or unreadable file means "no measurements".
 AUTO_TABLE = Path(__file__).resolve().parent / "data" / "auto_table.json"

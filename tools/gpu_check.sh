@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Everything the CUDA backend needs a GPU for, in one command (run from the repository root on
-# the GPU machine; no network needed):
-#   1. build the extension against this machine's CUDA torch (CUDA kernels on, sm_90a by default);
+# Everything that needs an NVIDIA GPU, in one command, with no network (run from anywhere in
+# the checkout on the GPU machine):
+#   1. build the extension against this machine's CUDA torch (CUDA kernels on, sm_90a by default;
+#      TORCH_CUDA_ARCH_LIST=8.0 for an A100);
 #   2. the shared correctness tests on CUDA tensors (every backend: torch, triton, cuda);
-#   3. compute-sanitizer memcheck over the CUDA backend's tests of each op;
-#   4. the benchmarks, writing their CSV/markdown to OUT_DIR and the backend="auto" table.
-# Logs of every step go to OUT_DIR. Exit status: the first failing step's.
+#   3. compute-sanitizer memcheck over the CUDA backend's tests of each op (small shapes);
+#   4. the benchmark suite (`python -m bench`): every op family at the published shapes, bf16
+#      and fp32, against eager, torch.compile and, when installed, Liger-Kernel and Cut
+#      Cross-Entropy; its ledger, summary, README table and charts, and the backend="auto" table.
+# Everything lands in OUT_DIR (logs of every step included). Exit status: the first failing
+# step's. WHEELS=DIR installs the wheels in DIR first (offline: e.g. liger-kernel,
+# cut-cross-entropy, downloaded elsewhere with `pip download --no-deps`).
 #
 #   bash tools/gpu_check.sh OUT_DIR [--quick]     # --quick: skip the benchmarks
 set -euo pipefail
@@ -15,6 +20,13 @@ QUICK=${2:-}
 mkdir -p "$OUT"
 
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
+OUT=$(cd "$OUT" && pwd)
+
+if [ -n "${WHEELS:-}" ]; then
+  echo "== wheels from $WHEELS"
+  python -m pip install --no-index --no-deps "$WHEELS"/*.whl >"$OUT/wheels.log" 2>&1 \
+    || { tail -n 30 "$OUT/wheels.log"; exit 1; }
+fi
 export REMIT_CUDA=ON  # fail the build, rather than build without kernels, if CUDA is missing
 
 echo "== build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
@@ -33,11 +45,15 @@ compute-sanitizer --tool memcheck --error-exitcode 1 --target-processes all \
   python -m pytest -q -x -p no:cacheprovider -k "cuda and not slow and not 64bit" \
     python_tests/test_cuda_build.py python_tests/test_token_stats.py \
     python_tests/test_weighted_ce.py python_tests/test_remit_weights.py \
-    python_tests/test_remit_loss.py 2>&1 | tee "$OUT/memcheck.log"
+    python_tests/test_remit_loss.py python_tests/test_pg_loss.py 2>&1 | tee "$OUT/memcheck.log"
 
 if [ "$QUICK" != "--quick" ]; then
   echo "== benchmarks"
-  python bench/bench_triton_gpu.py --out-dir "$OUT" 2>&1 | tee "$OUT/bench.log"
+  python -m bench --out-dir "$OUT" 2>&1 | tee "$OUT/bench.log"
+  LEDGER=$(ls -t "$OUT"/*.csv | head -n 1)
+  python -m bench plot --csv "$LEDGER" --out-dir "$OUT/plots" 2>&1 | tee -a "$OUT/bench.log"
   cp remit_ext/data/auto_table.json "$OUT/auto_table.json"
+  echo "   ledger $LEDGER: append it to bench/results/, then"
+  echo "   python -m bench table --csv bench/results/$(basename "$LEDGER") --readme README.md"
 fi
 echo "== done: $OUT"

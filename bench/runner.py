@@ -1,0 +1,444 @@
+"""The benchmark runner: ``python -m bench [--quick] [--ops ...] [--shapes ...]``.
+
+A *case* is one op run by one provider (``bench/providers.py``) at one shape and dtype. For each
+case the runner
+
+1. calls it once and checks its result against the ``eager`` provider's (the PyTorch reference)
+   on the same inputs: a provider that disagrees fails the run and nothing is written;
+2. measures the peak memory of one call beyond what was allocated before it, outputs and
+   gradients included (CUDA: the caching allocator's high-water mark; CPU: the resident set's);
+3. times it: on a GPU per-call CUDA events with the L2 cache flushed before every call (about
+   25 ms of warm-up, then about 200 ms of calls, at least 5), on CPU wall clock;
+4. reports the median and the 20th/80th percentiles, the throughput (GB/s for the memory-bound
+   logits-level ops, over the bytes the op must move; TFLOP/s for the fused-linear ops, over the
+   matrix products it must do) and ``floor_frac`` = floor time / median time, where the floor
+   time is that work at the hardware rate measured in the same run: a device-to-device copy of
+   an ``N x V`` tensor of the dtype (bytes read + written per second), or a plain ``[N, D] x
+   [D, V]`` matrix product in the dtype. Those measurements are rows too (provider
+   ``hardware``).
+
+A full run appends its rows to ``<out-dir>/<device>.csv`` (the ledger; ``python -m bench
+table`` and ``python -m bench plot`` read it) and, on a GPU, records per op the remit_ext kernel
+backends fastest first in ``--auto-table`` (the table ``backend="auto"`` reads). ``--quick`` runs
+tiny shapes on any machine, checks every provider, and writes nothing: its timings mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+if not torch.cuda.is_available():  # the CPU smoke run: Triton's interpreter, before it loads
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from bench import _harness as H  # noqa: E402
+from bench import providers as P  # noqa: E402
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+LOGITS_SHAPES = [(8192, 50304), (16384, 128256), (4096, 262144)]
+LINEAR_SHAPES = [(8192, 2048, 50304), (16384, 4096, 128256)]
+QUICK_SHAPES = [(32, 256), (32, 16, 256)]
+SEQ_LEN, QUICK_SEQ_LEN = 4096, 16
+FAMILY_MODULES = ("suite_token_stats", "suite_weights", "suite_logits_loss",
+                  "suite_linear_loss")
+# remit_ext op names (remit_ext/_backends.py) whose backend="auto" order a measured op decides.
+AUTO_OPS = {"token_stats": ("token_stats",), "remit_weights": ("remit_weights",),
+            "weighted_ce": ("weighted_cross_entropy", "rho1_loss"),
+            "remit_loss": ("remit_loss",), "pg_loss": ("pg_loss",)}
+AUTO_KERNELS = ("cuda", "triton")
+AUTO_TABLE = H.REPO / "remit_ext" / "data" / "auto_table.json"
+COLUMNS = ["op", "provider", "shape", "dtype", "ms_p50", "ms_p20", "ms_p80", "throughput",
+           "unit", "floor_frac", "floor_ms", "floor", "peak_mem_MB", "speedup_vs_eager",
+           "device", "torch_version", "triton_version", "provider_version", "git_sha", "date"]
+# A provider's result must match the eager reference's to atol = rtol = this (x (1 + |ref|)).
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+
+
+@dataclasses.dataclass
+class Case:
+    """One provider running one op: ``fn()`` is one timed call and returns what is checked."""
+
+    op: str
+    provider: str
+    fn: Callable[[], torch.Tensor]
+    work: float  # bytes the op must move (unit GB/s) or flops it must do (unit TFLOP/s)
+    unit: str
+    what: str  # the work in words, e.g. "4 passes over N x V"
+    setup: Optional[Callable[[], None]] = None  # before every call and after the last, untimed
+
+
+@dataclasses.dataclass
+class Context:
+    """What a family's ``build`` gets: the shape and dtype, the device, the providers that can
+    run here, and the ops asked for."""
+
+    shape: tuple
+    dtype: torch.dtype
+    device: str
+    providers: list
+    ops: Optional[set]
+    seq_len: int
+
+    def wants(self, op: str) -> bool:
+        return self.ops is None or op in self.ops
+
+    def has(self, provider: str) -> bool:
+        return provider in self.providers
+
+    @property
+    def kernels(self) -> list:
+        return [p for p in P.KERNEL_BACKENDS if p in self.providers]
+
+    def rows_of(self, n: int) -> tuple[int, int]:
+        """(sequences, tokens per sequence) for N tokens: ``seq_len`` when it divides N."""
+        t = self.seq_len if n % self.seq_len == 0 else n
+        return n // t, t
+
+    def generator(self, seed: int = 0) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def normal(self, *shape, scale: float = 1.0, g: torch.Generator) -> torch.Tensor:
+        x = torch.empty(shape, dtype=self.dtype, device=self.device)
+        return x.normal_(0.0, scale, generator=g)
+
+    def targets(self, n: int, vocab: int, g: torch.Generator) -> torch.Tensor:
+        """Token ids shaped [sequences, tokens], every 32nd ignored (-100)."""
+        y = torch.randint(0, vocab, (n,), generator=g, device=self.device)
+        y[::32] = -100
+        return y.view(self.rows_of(n))
+
+
+@dataclasses.dataclass
+class Family:
+    """An op family: its name, its ops, shape arity (2: N x V, 3: N x D x V), floor kind, and
+    ``build(ctx) -> [Case]`` (eager first within each op)."""
+
+    name: str
+    ops: tuple
+    arity: int
+    floor: str  # "copy" or "matmul"
+    build: Callable[[Context], list]
+    shape_label: Callable[[tuple], str] = lambda s: "x".join(map(str, s))
+    # (shape, dtype) of the floor measurement: the copy of an N x V tensor of the dtype, or the
+    # N x D x V product, unless the family says otherwise.
+    floor_of: Optional[Callable[[tuple, torch.dtype], tuple]] = None
+    dtypes: Optional[tuple] = None  # the only dtypes it runs at (None: --dtypes)
+
+
+def families() -> dict:
+    out = {}
+    for name in FAMILY_MODULES:
+        fam = importlib.import_module(f"bench.{name}").FAMILY
+        out[fam.name] = fam
+    return out
+
+
+def fwd_bwd(loss_fn: Callable[[], torch.Tensor], wrt: Sequence[torch.Tensor]):
+    """A case body: the loss, its gradients for ``wrt`` (returned by autograd, so nothing
+    accumulates between calls), the loss detached as the checked value."""
+    def fn():
+        loss = loss_fn()
+        torch.autograd.grad(loss, list(wrt))
+        return loss.detach()
+    return fn
+
+
+# ------------------------------------------------------------------------------- measuring
+
+
+def _timer(device: str, quick: bool):
+    if device == "cuda":
+        if quick:
+            return lambda fn, setup: H.cuda_time_ms(fn, setup=setup, warmup_ms=1, rep_ms=5)
+        return lambda fn, setup: H.cuda_time_ms(fn, setup=setup)
+    reps, warm = (1, 0) if quick else (5, 1)
+    return lambda fn, setup: H.time_ms(fn, warmup=warm, repeats=reps, setup=setup)
+
+
+def measure_floor(kind: str, shape: tuple, dtype: torch.dtype, device: str, timer) -> dict:
+    """The hardware rate the ops of a family are held to, measured now: bytes/s of a copy of an
+    N x V tensor, or flop/s of a plain [N, D] x [D, V] product."""
+    g = torch.Generator(device=device).manual_seed(1)
+    if kind == "copy":
+        n, v = shape[0], shape[-1]
+        src = torch.empty(n, v, dtype=dtype, device=device).normal_(generator=g)
+        dst = torch.empty_like(src)
+        t = timer(lambda: dst.copy_(src), None)
+        work = 2 * src.numel() * src.element_size()
+        rate, unit, what = work / (t.p50 * 1e-3), "GB/s", f"copy of {n} x {v}"
+    else:
+        n, d, v = shape
+        a = torch.empty(n, d, dtype=dtype, device=device).normal_(generator=g)
+        b = torch.empty(v, d, dtype=dtype, device=device).normal_(generator=g)
+        t = timer(lambda: a @ b.T, None)
+        work = 2.0 * n * d * v
+        rate, unit, what = work / (t.p50 * 1e-3), "TFLOP/s", f"[{n}, {d}] x [{d}, {v}] matmul"
+    del g
+    return {"rate": rate, "unit": unit, "what": what, "timing": t}
+
+
+def _scaled(rate: float, unit: str) -> float:
+    return rate / (1e9 if unit == "GB/s" else 1e12)
+
+
+def mismatch(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> Optional[str]:
+    """Why ``out`` is not ``ref`` within the dtype's tolerance (None when it is)."""
+    if tuple(out.shape) != tuple(ref.shape):
+        return f"shape {tuple(out.shape)} vs the reference's {tuple(ref.shape)}"
+    o, r = out.detach().double().cpu(), ref.detach().double().cpu()
+    tol = TOLERANCE[dtype]
+    err = (o - r).abs()
+    bad = ~(err <= tol * (1 + r.abs()))  # NaN anywhere fails
+    if bad.any():
+        i = int(bad.flatten().nonzero()[0])
+        return (f"{int(bad.sum())} of {o.numel()} values off, e.g. {o.flatten()[i].item():.6g} "
+                f"vs {r.flatten()[i].item():.6g} (tolerance {tol:g} x (1 + |ref|))")
+    return None
+
+
+def run(args) -> tuple[list, list, dict]:
+    """Measure every selected case. Returns (rows, failures, {provider: why skipped})."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    env = H.env_info(device)
+    runnable, skipped = P.split_available(args.providers, device)
+    for p, why in skipped.items():
+        print(f"skipping provider {p}: {why}", flush=True)
+    timer = _timer(device, args.quick)
+    fams = families()
+    rows, failures, floors = [], [], {}
+    for fam_name, ops in args.plan.items():
+        fam = fams[fam_name]
+        shapes = [s for s in args.shapes if len(s) == fam.arity]
+        for shape in shapes:
+            for dtype_name in fam.dtypes or args.dtypes:
+                dtype = DTYPES[dtype_name]
+                f_shape, f_dtype = (fam.floor_of(shape, dtype) if fam.floor_of
+                                    else (shape if fam.floor == "matmul" else shape[:2], dtype))
+                key = (fam.floor, f_shape, f_dtype)
+                if key not in floors:
+                    floors[key] = fl = measure_floor(fam.floor, f_shape, f_dtype, device, timer)
+                    rows.append(_row(env, fam.floor, "hardware", "x".join(map(str, f_shape)),
+                                     str(f_dtype).removeprefix("torch."), fl["timing"],
+                                     _scaled(fl["rate"], fl["unit"]), fl["unit"], fl["what"],
+                                     None, None, None))
+                    print(f"[{fam.name}] {fl['what']} {rows[-1]['dtype']}: "
+                          f"{rows[-1]['throughput']} {fl['unit']}", flush=True)
+                fl = floors[key]
+                ctx = Context(shape, dtype, device, ["eager"] + runnable, ops, args.seq_len)
+                rows += _run_cases(fam, ctx, fl, env, timer, failures,
+                                   timed=set(runnable))
+                gc.collect()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+    return rows, failures, skipped
+
+
+def _run_cases(fam: Family, ctx: Context, floor: dict, env: dict, timer, failures,
+               timed: set) -> list:
+    label, dtype_name = fam.shape_label(ctx.shape), str(ctx.dtype).removeprefix("torch.")
+    refs, eager_ms, rows = {}, {}, []
+    cases = fam.build(ctx)
+    for case in cases:
+        tag = f"[{fam.name}] {case.op:<16} {case.provider:<15} {label} {dtype_name}"
+        try:
+            if case.setup is not None:
+                case.setup()
+            out = case.fn()
+            if case.provider == "eager":
+                refs[case.op] = out.detach().clone()
+                if "eager" not in timed:
+                    continue  # the reference only, for the checks
+            elif case.op in refs:
+                why = mismatch(out, refs[case.op], ctx.dtype)
+                if why:
+                    failures.append(f"{tag}: {why}")
+                    print(f"{tag}: WRONG RESULT: {why}", flush=True)
+                    continue
+            del out
+            if case.setup is not None:
+                case.setup()
+            peak, _ = H.peak_memory_bytes(case.fn, ctx.device)
+            t = timer(case.fn, case.setup)
+        except torch.OutOfMemoryError:
+            print(f"{tag}: out of memory, no row", flush=True)
+            continue
+        finally:
+            if case.setup is not None:
+                case.setup()  # leave the inputs as the next case expects them
+            if ctx.device == "cuda":
+                torch.cuda.empty_cache()
+        if case.provider == "eager":
+            eager_ms[case.op] = t.p50
+        floor_ms = case.work / floor["rate"] * 1e3
+        row = _row(env, case.op, case.provider, label, dtype_name, t,
+                   _scaled(case.work / (t.p50 * 1e-3), case.unit), case.unit,
+                   f"{case.what} at the measured {floor['what']}", floor_ms, peak,
+                   eager_ms.get(case.op))
+        rows.append(row)
+        print(f"{tag}: {row['ms_p50']:>9} ms  {row['throughput']:>8} {case.unit:<7} floor "
+              f"{row['floor_frac']:<6} {row['peak_mem_MB']:>9} MB  x{row['speedup_vs_eager']}",
+              flush=True)
+    return rows
+
+
+def _row(env, op, provider, shape, dtype, t, throughput, unit, floor, floor_ms, peak,
+         eager_ms) -> dict:
+    base = provider.split("_")[0]
+    return {
+        "op": op, "provider": provider, "shape": shape, "dtype": dtype,
+        "ms_p50": round(t.p50, 4), "ms_p20": round(t.p20, 4), "ms_p80": round(t.p80, 4),
+        "throughput": float(f"{throughput:.4g}"), "unit": unit,
+        "floor_frac": "" if floor_ms is None else round(floor_ms / t.p50, 3),
+        "floor_ms": "" if floor_ms is None else round(floor_ms, 4), "floor": floor,
+        "peak_mem_MB": "" if peak is None else round(peak / H.MB, 1),
+        "speedup_vs_eager": "" if eager_ms is None else round(eager_ms / t.p50, 2),
+        "provider_version": P.version(base) or "",
+        **{k: env[k] for k in ("device", "torch_version", "triton_version", "git_sha",
+                               "date")},
+    }
+
+
+# --------------------------------------------------------------------------- auto table
+
+
+def auto_table_rows(rows: Sequence[dict]) -> dict:
+    """{remit_ext op: [kernel backends, fastest first]} from measured rows: ms p50 summed over
+    the (shape, dtype) points, only for backends measured at every point of that op."""
+    out = {}
+    for op, select_ops in AUTO_OPS.items():
+        mine = [r for r in rows if r["op"] == op and r["provider"] in AUTO_KERNELS]
+        points = {(r["shape"], r.get("dtype")) for r in mine}
+        totals = {}
+        for p in AUTO_KERNELS:
+            ms = [float(r["ms_p50"]) for r in mine if r["provider"] == p]
+            if points and len(ms) == len(points):
+                totals[p] = sum(ms)
+        if totals:
+            for select_op in select_ops:
+                out[select_op] = sorted(totals, key=totals.get)
+    return out
+
+
+def write_auto_table(path: Path, device: str, order: dict, env: dict) -> None:
+    data = {"devices": {}}
+    if path.exists():
+        data = json.loads(path.read_text())
+        data.setdefault("devices", {})
+    data["note"] = ("Per-device backend order for backend='auto', fastest first, written by "
+                    "`python -m bench` (ms p50 summed over its shapes and dtypes); devices not "
+                    "listed use the default order in remit_ext/_backends.py.")
+    data["devices"][device] = order
+    data.setdefault("measured", {})[device] = {k: env[k] for k in ("git_sha", "date",
+                                                                   "torch_version")}
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+# ---------------------------------------------------------------------------------- CLI
+
+
+def parse_shape(text: str) -> tuple:
+    try:
+        shape = tuple(int(x) for x in text.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if len(shape) not in (2, 3) or min(shape) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected NxV (logits-level ops) or NxDxV (fused-linear ops) with positive "
+            f"integers, got {text!r}")
+    return shape
+
+
+def add_run_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny shapes, every provider checked, nothing written (CI smoke test)")
+    ap.add_argument("--ops", nargs="+", metavar="OP",
+                    help="op families (token_stats, weights, logits_loss, linear_loss) or single "
+                         "ops (e.g. remit_loss); default: all")
+    ap.add_argument("--shapes", nargs="+", type=parse_shape, metavar="SHAPE",
+                    help="NxV for the logits-level families, NxDxV for linear_loss (default: "
+                         "the published set; --quick: 32x256 and 32x16x256)")
+    ap.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES),
+                    help="default: bfloat16 float32")
+    ap.add_argument("--providers", nargs="+", choices=P.PROVIDERS, default=list(P.PROVIDERS),
+                    help="default: all; those that cannot run here are skipped with the reason")
+    ap.add_argument("--seq-len", type=int, help=f"tokens per sequence for ReMiT's centring "
+                                                f"(default {SEQ_LEN}; --quick {QUICK_SEQ_LEN})")
+    ap.add_argument("--out-dir", type=Path, default=H.RESULTS,
+                    help="where <device>.csv and <device>.md go (default bench/results)")
+    ap.add_argument("--auto-table", default=str(AUTO_TABLE),
+                    help="the backend='auto' table a GPU run updates ('' leaves it alone)")
+    ap.add_argument("--no-write", action="store_true", help="print only")
+
+
+def resolve(ap: argparse.ArgumentParser, args, fams: dict) -> None:
+    """Fill defaults and turn --ops into {family: set of ops or None (all)}; errors go
+    through the parser."""
+    if args.shapes is None:
+        args.shapes = QUICK_SHAPES if args.quick else LOGITS_SHAPES + LINEAR_SHAPES
+    args.dtypes = args.dtypes or ["bfloat16", "float32"]
+    if args.seq_len is None:
+        args.seq_len = QUICK_SEQ_LEN if args.quick else SEQ_LEN
+    if args.seq_len < 1:
+        ap.error(f"--seq-len: expected a positive integer, got {args.seq_len}")
+    op_family = {op: f.name for f in fams.values() for op in f.ops}
+    plan: dict = {}  # family -> the ops asked for (None: all of them)
+    for item in args.ops or list(fams):
+        if item in fams:
+            plan[item] = None
+        elif item in op_family:
+            fam = op_family[item]
+            if plan.get(fam, set()) is not None:
+                plan.setdefault(fam, set()).add(item)
+        else:
+            ap.error(f"--ops: {item!r} is neither a family ({', '.join(fams)}) nor an op "
+                     f"({', '.join(sorted(op_family))})")
+    args.plan = plan
+    if not any(len(s) == fams[f].arity for f in plan for s in args.shapes):
+        ap.error(f"--shapes: none of {args.shapes} fits the selected ops (NxV for "
+                 f"token_stats/weights/logits_loss, NxDxV for linear_loss)")
+    if not torch.cuda.is_available() and not args.quick and args.shapes == \
+            LOGITS_SHAPES + LINEAR_SHAPES:
+        ap.error("no CUDA device: the default shapes are GPU-sized; use --quick or --shapes")
+
+
+def main(argv: Optional[Sequence[str]] = None, *, prog: str = "python -m bench") -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    add_run_arguments(ap)
+    args = ap.parse_args(argv)
+    fams = families()
+    resolve(ap, args, fams)
+    rows, failures, skipped = run(args)
+    if failures:
+        print("\nresults that disagree with the eager reference (nothing written):\n  "
+              + "\n  ".join(failures), file=sys.stderr)
+        return 1
+    if not rows:
+        print("no case ran", file=sys.stderr)
+        return 1
+    if args.quick or args.no_write:
+        print(f"\n{len(rows)} rows measured; not written"
+              f"{' (--quick timings mean nothing)' if args.quick else ''}")
+        return 0
+    from bench import report
+
+    device = rows[0]["device"]
+    csv_path = args.out_dir / f"{H.device_slug(device)}.csv"
+    H.append_csv(csv_path, rows, COLUMNS)
+    md = report.markdown(report.latest_run(report.load(csv_path)), skipped=skipped)
+    csv_path.with_suffix(".md").write_text(md)
+    print(f"\nappended {len(rows)} rows to {csv_path}; wrote {csv_path.with_suffix('.md')}")
+    if torch.cuda.is_available() and args.auto_table:
+        order = auto_table_rows(rows)
+        if order:
+            write_auto_table(Path(args.auto_table), device, order, H.env_info("cuda"))
+            print(f"backend='auto' order for {device}: {order} -> {args.auto_table}")
+    return 0

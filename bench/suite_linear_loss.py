@@ -1,0 +1,123 @@
+"""Fused-linear losses, forward + backward to the hidden states ``[N, D]`` and the LM head
+``[V, D]``: the loss of ``logits = hidden @ W.T`` where remit_ext never holds ``[N, V]``.
+
+- ``linear_ce``: plain next-token cross-entropy (mean over valid tokens);
+- ``linear_remit``: ReMiT with the frozen scorer's hidden states and LM head (its logits are
+  computed too, without gradient);
+- ``linear_remit_lp``: ReMiT with the scorer's log-probs precomputed (offline scoring).
+
+The floor is the matrix products each must do, at the rate of a plain ``[N, D] x [D, V]``
+product in the dtype measured in the same run: policy logits, grad hidden and grad W (6 N D V
+flops), plus the scorer's logits for ``linear_remit`` (8 N D V). The checked value is the loss.
+Providers: ``eager`` (logits materialised, then the PyTorch reference), ``compile`` (of that),
+remit_ext's ``remit_linear_loss`` with each kernel backend, Liger's
+``LigerFusedLinearCrossEntropyLoss`` (``reduction="none"`` per token, the scorer's pass under
+no_grad, weights from ``remit_ext.remit_weights``) and Cut Cross-Entropy's
+``linear_cross_entropy`` (the same way).
+
+    python bench/suite_linear_loss.py --quick      # or: python -m bench --ops linear_loss
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import remit_ext  # noqa: E402
+from bench import providers as P  # noqa: E402
+from bench.runner import Case, Context, Family, fwd_bwd  # noqa: E402
+
+IGNORE = -100
+OPS = ("linear_ce", "linear_remit", "linear_remit_lp")
+MATMULS = {"linear_ce": 3, "linear_remit": 4, "linear_remit_lp": 3}
+
+
+def build(ctx: Context) -> list:
+    n, d, v = ctx.shape
+    g = ctx.generator()
+    hid = ctx.normal(n, d, g=g).requires_grad_(True)
+    w = ctx.normal(v, d, scale=3 * d ** -0.5, g=g).requires_grad_(True)
+    s_hid, s_w = ctx.normal(n, d, g=g), ctx.normal(v, d, scale=3.5 * d ** -0.5, g=g)
+    y = ctx.targets(n, v, g)
+    yf, valid = y.view(-1), y.view(-1) != IGNORE
+    h3, sh3 = hid.view(*y.shape, d), s_hid.view(*y.shape, d)
+    with torch.no_grad():
+        scorer_lp = remit_ext.token_stats(s_hid @ s_w.T, yf, backend="torch").logprob
+    scorer_lp = scorer_lp.view(y.shape)
+
+    def eager(op):
+        def fn(hidden, weight, targets, s_hidden, s_weight, s_lp):
+            z = (hidden @ weight.T).view(*targets.shape, -1)
+            if op == "linear_ce":
+                return remit_ext.weighted_cross_entropy(z, targets, backend="torch")
+            if op == "linear_remit_lp":
+                return remit_ext.remit_loss(z, targets, scorer_logprobs=s_lp, backend="torch")
+            with torch.no_grad():
+                sz = (s_hidden @ s_weight.T).view(*targets.shape, -1)
+            return remit_ext.remit_loss(z, targets, scorer_logits=sz, backend="torch")
+        return fn
+
+    def ours(op, backend):
+        kw = {"linear_ce": {"method": "ntp"},
+              "linear_remit": {"scorer_hidden": sh3, "scorer_weight": s_w},
+              "linear_remit_lp": {"scorer_logprobs": scorer_lp}}[op]
+        return lambda: remit_ext.remit_linear_loss(h3, w, y, backend=backend, **kw)
+
+    def external(op, nll_fn, mean_fn):
+        def fn():
+            if op == "linear_ce":
+                return mean_fn(hid, w, yf)
+            nll = nll_fn(hid, w, yf)
+            if op == "linear_remit":
+                with torch.no_grad():
+                    b = -nll_fn(s_hid, s_w, yf).float().view(y.shape)
+            else:
+                b = scorer_lp
+            ww = remit_ext.remit_weights(-nll.detach().float().view(y.shape), b, y).weights
+            return (nll * ww.view(-1)).sum() / valid.sum()
+        return fn
+
+    def liger_mean(h, ww, t):
+        return P.liger_linear_mean(h, ww, t, IGNORE)
+
+    def cce_nll(h, ww, t):
+        return P.cce_linear(h, ww, t, "none", IGNORE)
+
+    def cce_mean(h, ww, t):
+        return P.cce_linear(h, ww, t, "mean", IGNORE)
+
+    args = (hid, w, y, s_hid, s_w, scorer_lp)
+    cases = []
+    for op in OPS:
+        if not ctx.wants(op):
+            continue
+        flops, what = 2.0 * n * d * v * MATMULS[op], f"{2 * MATMULS[op]} N D V flops"
+
+        def add(provider, body):
+            cases.append(Case(op, provider, fwd_bwd(body, [hid, w]), flops, "TFLOP/s", what))
+
+        add("eager", lambda f=eager(op): f(*args))
+        for b in ctx.kernels:
+            add(b, ours(op, b))
+        if ctx.has("compile"):
+            add("compile", lambda f=P.compiled(eager(op)): f(*args))
+        if ctx.has("liger"):
+            add("liger", external(op, lambda h, ww, t: P.liger_linear_nll(h, ww, t, IGNORE),
+                                  liger_mean))
+        if ctx.has("cce"):
+            add("cce", external(op, cce_nll, cce_mean))
+    return cases
+
+
+FAMILY = Family("linear_loss", OPS, 3, "matmul", build)
+
+if __name__ == "__main__":
+    from bench.runner import main
+
+    sys.exit(main(["--ops", FAMILY.name, *sys.argv[1:]],
+                  prog=f"python bench/{Path(__file__).name}"))

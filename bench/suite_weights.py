@@ -1,0 +1,80 @@
+"""ReMiT weights from the policy's and the scorer's log-probs, centred per sequence.
+
+- ``remit_weights``: sequences are the rows of ``targets`` ([N / T, T], T = --seq-len);
+- ``remit_weights_varlen``: packed documents given by ``cu_seqlens`` (lengths drawn between 1
+  and 2 T, fixed per shape).
+
+Inputs are fp32 log-probs (what ``token_stats`` returns), so the family runs at float32 only;
+the shape column is N. The op moves 24 N bytes (reads both log-probs and the int64 targets,
+writes the weights and the centred gaps); its floor is a device copy moving as many bytes. At
+these sizes the ops are bound by launch latency, which the floor's copy pays too.
+
+    python bench/suite_weights.py --quick          # or: python -m bench --ops weights
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import remit_ext  # noqa: E402
+from bench import providers as P  # noqa: E402
+from bench.runner import Case, Context, Family  # noqa: E402
+
+BYTES_PER_TOKEN = 24
+
+
+def build(ctx: Context) -> list:
+    n = ctx.shape[0]
+    g = ctx.generator()
+    y = ctx.targets(n, 1000, g)
+    a = torch.empty(y.shape, device=ctx.device).uniform_(-12, 0, generator=g)
+    b = (a + torch.empty(y.shape, device=ctx.device).normal_(0, 1, generator=g)).clamp_(max=0)
+    lengths = torch.randint(1, 2 * ctx.seq_len + 1, (n,), generator=g, device=ctx.device)
+    ends = torch.cumsum(lengths, 0)
+    ends = torch.cat([ends[ends < n], ends.new_tensor([n])])
+    cu = torch.cat([ends.new_zeros(1), ends])
+    work, what = BYTES_PER_TOKEN * n, f"{BYTES_PER_TOKEN} N bytes"
+    cases = []
+
+    def weights(backend, varlen):
+        flat = (a.view(-1), b.view(-1), y.view(-1))
+
+        def fn():
+            if varlen:
+                return remit_ext.remit_weights(*flat, cu_seqlens=cu, backend=backend).weights
+            return remit_ext.remit_weights(a, b, y, backend=backend).weights
+        return fn
+
+    def ref(la, lb, t, cu_seqlens=None):
+        return remit_ext.remit_weights(la, lb, t, cu_seqlens=cu_seqlens, backend="torch").weights
+
+    for op, varlen in (("remit_weights", False), ("remit_weights_varlen", True)):
+        if not ctx.wants(op):
+            continue
+        for backend in ["torch"] + ctx.kernels:
+            cases.append(Case(op, "eager" if backend == "torch" else backend,
+                              weights(backend, varlen), work, "GB/s", what))
+        if ctx.has("compile"):
+            f = P.compiled(ref)
+            args = (a.view(-1), b.view(-1), y.view(-1), cu) if varlen else (a, b, y)
+            cases.append(Case(op, "compile", lambda f=f, args=args: f(*args), work, "GB/s",
+                              what))
+    return cases
+
+
+FAMILY = Family("weights", ("remit_weights", "remit_weights_varlen"), 2, "copy", build,
+                shape_label=lambda s: str(s[0]),
+                floor_of=lambda s, dt: ((s[0], BYTES_PER_TOKEN // 2 // 4), torch.float32),
+                dtypes=("float32",))
+
+if __name__ == "__main__":
+    from bench.runner import main
+
+    sys.exit(main(["--ops", FAMILY.name, *sys.argv[1:]],
+                  prog=f"python bench/{Path(__file__).name}"))

@@ -1,0 +1,237 @@
+"""The benchmark suite (``bench/``): argument handling, the correctness gate, the ledger, the
+auto table, the report and plots, and the ``remit-ext bench`` entry point. Timings are never
+asserted: they are what the suite measures, not what it is tested on."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench import _harness as H  # noqa: E402
+from bench import providers as P  # noqa: E402
+from bench import report, runner  # noqa: E402
+from remit_ext import _backends as B  # noqa: E402
+from remit_ext import bench_cmd  # noqa: E402
+from remit_ext.__main__ import main as cli_main  # noqa: E402
+
+
+def _resolve(argv):
+    ap = runner.argparse.ArgumentParser()
+    runner.add_run_arguments(ap)
+    args = ap.parse_args(argv)
+    runner.resolve(ap, args, runner.families())
+    return args
+
+
+def test_shapes_parse_and_reject():
+    assert runner.parse_shape("8192x50304") == (8192, 50304)
+    assert runner.parse_shape("16384X4096x128256") == (16384, 4096, 128256)
+    for bad in ("8192", "1x2x3x4", "0x10", "ax10", "-1x5"):
+        with pytest.raises(runner.argparse.ArgumentTypeError, match="NxV"):
+            runner.parse_shape(bad)
+
+
+def test_ops_select_families_and_single_ops():
+    args = _resolve(["--quick"])
+    assert args.plan == {f: None for f in runner.families()}
+    assert args.shapes == runner.QUICK_SHAPES and args.dtypes == ["bfloat16", "float32"]
+    args = _resolve(["--quick", "--ops", "remit_loss", "pg_loss", "token_stats"])
+    assert args.plan == {"logits_loss": {"remit_loss", "pg_loss"}, "token_stats": None}
+    # A whole family asked for as well as one of its ops: the whole family.
+    assert _resolve(["--quick", "--ops", "weights", "remit_weights"]).plan == {"weights": None}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--quick", "--ops", "nope"], "neither a family"),
+    (["--quick", "--ops", "linear_loss", "--shapes", "64x100"], "none of"),
+    (["--quick", "--seq-len", "0"], "--seq-len"),
+])
+def test_bad_arguments_name_the_option(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        _resolve(argv)
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without GPU")
+def test_default_gpu_shapes_refused_without_gpu(capsys):
+    with pytest.raises(SystemExit):
+        _resolve([])
+    assert "GPU-sized" in capsys.readouterr().err
+
+
+def test_mismatch_gate():
+    ref = torch.tensor([1.0, -12.0, 0.0])
+    assert runner.mismatch(ref + 1e-6, ref, torch.float32) is None
+    assert "1 of 3 values off" in runner.mismatch(ref + torch.tensor([0, 0.1, 0]), ref,
+                                                  torch.float32)
+    assert runner.mismatch(ref + torch.tensor([0, 0.1, 0]), ref, torch.bfloat16) is None
+    assert "values off" in runner.mismatch(torch.tensor([1.0, float("nan"), 0.0]), ref,
+                                           torch.bfloat16)
+    assert "shape" in runner.mismatch(ref[:2], ref, torch.float32)
+
+
+def test_providers_say_why_they_cannot_run(monkeypatch):
+    assert P.unavailable("eager", "cpu") is None
+    assert "CUDA devices only" in P.unavailable("liger", "cpu")
+    assert "CUDA devices only" in P.unavailable("cce", "cpu")
+    assert P.unavailable("cuda", "cpu") is not None  # no build runs its kernels on CPU
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "interpreter" in P.unavailable("triton", "cpu")
+    with pytest.raises(ValueError, match="provider"):
+        P.unavailable("numpy", "cpu")
+    ok, why = P.split_available(["eager", "liger"], "cpu")
+    assert ok == ["eager"] and set(why) == {"liger"}
+
+
+def test_ledger_refuses_a_different_header(tmp_path):
+    path = tmp_path / "x.csv"
+    H.append_csv(path, [{"a": 1, "b": 2}], ["a", "b"])
+    H.append_csv(path, [{"a": 3, "b": 4}], ["a", "b"])
+    assert [r["a"] for r in report.load(path)] == ["1", "3"]
+    with pytest.raises(ValueError, match="header"):
+        H.append_csv(path, [{"a": 1}], ["a", "c"])
+
+
+def test_device_slug():
+    assert H.device_slug("NVIDIA H100 80GB HBM3") == "NVIDIA_H100_80GB_HBM3"
+    assert H.device_slug("a/b c") == "a_b_c"
+
+
+def test_auto_table_ranks_kernels_measured_everywhere(tmp_path):
+    rows = [{"op": op, "provider": p, "shape": shape, "dtype": dt, "ms_p50": ms}
+            for op, p, shape, dt, ms in [
+                ("token_stats", "cuda", "a", "bfloat16", 1.0),
+                ("token_stats", "cuda", "a", "float32", 1.0),
+                ("token_stats", "triton", "a", "bfloat16", 1.5),
+                ("token_stats", "triton", "a", "float32", 1.0),
+                ("token_stats", "eager", "a", "bfloat16", 0.1),  # never ranked
+                ("token_stats", "cuda_inplace", "a", "bfloat16", 0.1),  # not a backend
+                ("remit_loss", "cuda", "a", "bfloat16", 2.0),
+                ("remit_loss", "cuda", "b", "bfloat16", 2.0),
+                ("remit_loss", "triton", "a", "bfloat16", 1.0),  # missing shape b
+                ("weighted_ce", "triton", "a", "float32", 1.0)]]
+    order = runner.auto_table_rows(rows)
+    assert order == {"token_stats": ["cuda", "triton"], "remit_loss": ["cuda"],
+                     "weighted_cross_entropy": ["triton"], "rho1_loss": ["triton"]}
+    path = tmp_path / "auto.json"
+    env = {"git_sha": "x", "date": "d", "torch_version": "t"}
+    runner.write_auto_table(path, "GPU X", order, env)
+    runner.write_auto_table(path, "GPU Y", {"token_stats": ["triton"]}, env)
+    assert set(json.loads(path.read_text())["devices"]) == {"GPU X", "GPU Y"}
+    table = B.load_auto_table(str(path))
+    assert table["GPU X"]["token_stats"] == ("cuda", "triton")
+    assert B.auto_order("token_stats", "cuda", "GPU Y", table=table) == ("triton", "cuda",
+                                                                         "torch")
+
+
+def _row(op, provider, shape, dtype, ms, frac, date):
+    return {**{c: "" for c in runner.COLUMNS}, "op": op, "provider": provider, "shape": shape,
+            "dtype": dtype, "ms_p50": ms, "floor_frac": frac, "date": date, "device": "GPU X",
+            "git_sha": "abc", "torch_version": "2.11", "triton_version": "3.6",
+            "throughput": 1.0, "unit": "GB/s"}
+
+
+def test_report_reads_the_latest_run_and_fills_the_readme(tmp_path):
+    old = [_row("remit_loss", "eager", "8x16", "bfloat16", 9.0, 0.1, "2026-01-01T00:00:00Z")]
+    new = [_row("copy", "hardware", "8x16", "bfloat16", 0.5, "", "2026-02-01T00:00:00Z"),
+           _row("remit_loss", "eager", "8x16", "bfloat16", 8.0, 0.125, "2026-02-01T00:00:00Z"),
+           _row("remit_loss", "triton", "8x16", "bfloat16", 1.25, 0.8, "2026-02-01T00:00:00Z")]
+    path = tmp_path / "GPU_X.csv"
+    H.append_csv(path, old + new, runner.COLUMNS)
+    rows = report.latest_run(report.load(path))
+    assert len(rows) == 3 and {r["date"] for r in rows} == {"2026-02-01T00:00:00Z"}
+    table = report.compact_table(rows)
+    assert "| remit_loss | 8x16 | bfloat16 | 8 (0.12) | 1.25 (0.80) |" in table
+    assert "hardware" not in table and "9 (" not in table
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.README_START}\nold table\n{report.README_END}\nrest\n")
+    assert report.main("table", ["--csv", str(path), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old table" not in text and "1.25 (0.80)" in text and "2026-02-01" in text
+    assert text.startswith("intro\n") and text.endswith("rest\n")
+    readme.write_text("no markers")
+    with pytest.raises(SystemExit, match="markers"):
+        report.update_readme(readme, "x")
+    out = tmp_path / "plots"
+    assert report.main("plot", ["--csv", str(path), "--out-dir", str(out)]) == 0
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["GPU_X_remit_loss.png"]
+    assert (out / pngs[0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_full_cpu_run_writes_the_ledger(tmp_path):
+    """Not --quick: rows are checked, appended to <device>.csv with the ledger's columns,
+    summarised in <device>.md; a second run appends. eager + cpu only, to stay fast."""
+    argv = ["--ops", "weights", "remit_loss", "--shapes", "64x100", "--dtypes", "float32",
+            "--providers", "eager", "cpu", "--seq-len", "16", "--out-dir", str(tmp_path),
+            "--auto-table", ""]
+    assert runner.main(argv) == 0
+    path = tmp_path / "cpu.csv"
+    with open(path, newline="") as f:
+        assert next(csv.reader(f)) == runner.COLUMNS
+    rows = report.load(path)
+    got = {(r["op"], r["provider"]) for r in rows}
+    assert got == {("copy", "hardware"), ("remit_weights", "eager"), ("remit_weights", "cpu"),
+                   ("remit_weights_varlen", "eager"), ("remit_weights_varlen", "cpu"),
+                   ("remit_loss", "eager"), ("remit_loss", "cpu"),
+                   ("remit_loss", "cpu_inplace")}
+    for r in rows:
+        assert float(r["ms_p50"]) > 0 and float(r["ms_p20"]) <= float(r["ms_p80"])
+        if r["provider"] != "hardware":
+            assert float(r["floor_frac"]) > 0 and r["speedup_vs_eager"] != ""
+    assert {r["shape"] for r in rows if r["op"] == "remit_weights"} == {"64"}
+    assert "remit_loss" in (tmp_path / "cpu.md").read_text()
+    assert runner.main(argv) == 0
+    assert len(report.load(path)) == 2 * len(rows)
+
+
+def test_a_wrong_provider_fails_the_run_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    def build(ctx):
+        x = torch.arange(4.0)
+        return [runner.Case("toy", "eager", lambda: x, 16, "GB/s", "16 bytes"),
+                runner.Case("toy", "cpu", lambda: x + 1, 16, "GB/s", "16 bytes")]
+
+    toy = runner.Family("toy", ("toy",), 2, "copy", build)
+    monkeypatch.setattr(runner, "families", lambda: {"toy": toy})
+    code = runner.main(["--ops", "toy", "--shapes", "4x4", "--dtypes", "float32", "--providers",
+                        "eager", "cpu", "--out-dir", str(tmp_path), "--auto-table", ""])
+    assert code == 1
+    assert "toy" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_inplace_cases_leave_the_logits_as_they_found_them():
+    """The logits-loss family restores its shared logits after an in-place case, so the cases
+    after it see the same inputs (else their checks would compare different problems)."""
+    from bench import suite_logits_loss
+
+    ctx = runner.Context((32, 64), torch.float32, "cpu", ["eager", "cpu"],
+                         {"remit_loss"}, 16)
+    cases = suite_logits_loss.build(ctx)
+    inplace = next(c for c in cases if c.provider == "cpu_inplace")
+    eager = next(c for c in cases if c.provider == "eager")
+    before = eager.fn()
+    inplace.setup()
+    inplace.fn()  # overwrites the logits with their gradient
+    inplace.setup()
+    torch.testing.assert_close(eager.fn(), before, rtol=0, atol=0)
+
+
+def test_remit_ext_bench_forwards_to_the_suite(capsys, monkeypatch):
+    assert bench_cmd.locate() == REPO
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["bench", "--help"])
+    assert exc.value.code == 0
+    assert "remit-ext bench" in capsys.readouterr().out
+    monkeypatch.setattr(bench_cmd, "locate", lambda: None)
+    assert cli_main(["bench", "--quick"]) == 2
+    assert "source repository" in capsys.readouterr().err
