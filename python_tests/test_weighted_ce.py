@@ -209,3 +209,34 @@ def test_vocab_of_one(backend):
     targets = torch.zeros_like(targets)
     loss, grad = _api(logits, targets, weights, backend=backend)
     assert float(loss.detach()) == 0.0 and bool((grad == 0).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_targets_are_read_by_position(backend):
+    """Targets that are a strided view (a column of a [N, 3] tensor, which reshape(-1) keeps as
+    a view): every backend reads target i at position i, in the statistics and the gradient
+    pass alike (the Triton kernels once read them as if packed)."""
+    g = torch.Generator().manual_seed(11)
+    logits = make_logits((12, 37), torch.float32, generator=g)
+    table = make_targets((12, 3), 37, ignore_frac=0.2, generator=g)
+    targets = table[:, 1]
+    assert not targets.is_contiguous()
+    weights = (0.5 + torch.rand(12, dtype=torch.float64, generator=g)).to(DEVICE)
+
+    def run(fn, y):
+        z = logits.detach().clone().requires_grad_(True)
+        loss = fn(z, y)
+        return [loss] + list(torch.autograd.grad(loss, z))
+
+    got = run(lambda z, y: remit_ext.weighted_cross_entropy(z, y, weights, backend=backend),
+              targets)
+    want = run(lambda z, y: weighted_ce_ref(z.double(), y, weights), targets.contiguous())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-6)
+    stats = remit_ext.token_stats(logits, targets, scorer_logits=logits.flip(-1),
+                                  backend=backend)
+    want_stats = remit_ext.token_stats(logits.double(), targets.contiguous(),
+                                       scorer_logits=logits.flip(-1).double(), backend="torch")
+    torch.testing.assert_close(stats.logprob.double(), want_stats.logprob, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.scorer_logprob.double(), want_stats.scorer_logprob,
+                               rtol=1e-5, atol=1e-6)

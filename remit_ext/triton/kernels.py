@@ -10,7 +10,9 @@ gradcheck can run; bf16 arithmetic is also wrong in Triton's CPU interpreter), r
 import triton
 import triton.language as tl
 
-NEG_INF = float("-inf")
+# A global read inside @triton.jit must be a tl.constexpr: a plain float compiles under
+# TRITON_INTERPRET=1 but is refused by the GPU compiler (NameError on global access).
+NEG_INF = tl.constexpr(float("-inf"))
 
 
 @triton.jit
@@ -29,17 +31,19 @@ def _expm1(a):
 def _merge_topk(topv, x, kidx, cols0, TOPK: tl.constexpr):
     """The TOPK largest of (topv, x): while the chunk still holds a value above the current k-th
     largest, that value replaces it. After the first chunks few values qualify, so the extra work
-    per chunk is mostly one max and one compare."""
+    per chunk is mostly one max and one compare: the chunk's (max, argmax) is taken once up front
+    and again only after a replacement (the loop is unrolled, so a max at the top of each pass
+    would be TOPK block reductions per chunk on the GPU even when nothing qualifies)."""
     POS_INF = float("inf")
     cand = x
-    kth = tl.min(tl.where(kidx < TOPK, topv, POS_INF), 0)
+    kth, slot = tl.min(tl.where(kidx < TOPK, topv, POS_INF), 0, return_indices=True)
+    cmax, cidx = tl.max(cand, 0, return_indices=True)
     for _ in tl.static_range(TOPK):
-        cmax = tl.max(cand, 0)
         if cmax > kth:
-            slot = tl.argmin(tl.where(kidx < TOPK, topv, POS_INF), 0)
             topv = tl.where(kidx == slot, cmax, topv)
-            cand = tl.where(cols0 == tl.argmax(cand, 0), NEG_INF, cand)
-            kth = tl.min(tl.where(kidx < TOPK, topv, POS_INF), 0)
+            cand = tl.where(cols0 == cidx, NEG_INF, cand)
+            kth, slot = tl.min(tl.where(kidx < TOPK, topv, POS_INF), 0, return_indices=True)
+            cmax, cidx = tl.max(cand, 0, return_indices=True)
     return topv
 
 

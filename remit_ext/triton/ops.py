@@ -9,6 +9,7 @@ interpreter a smaller BLOCK_V keeps each program cheap.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -48,6 +49,12 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _on_device(t: torch.Tensor):
+    """Triton launches on the *current* CUDA device, not on the tensors' one (and a Python op
+    gets no device guard from the dispatcher): make the tensors' device current for the launch."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """Rows are addressed through their stride; only the vocab dim must be dense."""
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -57,6 +64,7 @@ def _stats_into(logits, targets, scorer, ignore_index, temperature, with_entropy
                 topk_renormalize=False):
     z = _rows(logits)
     s = None if scorer is None else _rows(scorer)
+    targets = targets.contiguous()  # read as targets_ptr + row: a strided view would be misread
     n, vocab = z.shape
     dt = acc_dtype(z.dtype)
     lse, logprob = z.new_empty(n, dtype=dt), z.new_empty(n, dtype=dt)
@@ -65,15 +73,17 @@ def _stats_into(logits, targets, scorer, ignore_index, temperature, with_entropy
     s_lse = z.new_empty(n if s is not None else 0, dtype=dt)
     s_logprob = z.new_empty(n if s is not None else 0, dtype=dt)
     block = _block_v(vocab)
-    K._token_stats_fwd_kernel[(n,)](
-        z, z if s is None else s, targets, lse, logprob, entropy if with_entropy else lse,
-        topk_entropy if topk > 0 else lse,
-        s_lse if s is not None else lse, s_logprob if s is not None else lse,
-        vocab, z.stride(0), z.stride(0) if s is None else s.stride(0), ignore_index,
-        torch.full((1,), 1.0 / temperature, dtype=dt, device=z.device),
-        HAS_SCORER=s is not None, WITH_ENTROPY=with_entropy, BLOCK_V=block, ACC=_acc(z.dtype),
-        TOPK=min(topk, vocab), TOPK_PAD=triton.next_power_of_2(max(min(topk, vocab), 1)),
-        TOPK_RENORM=topk_renormalize, num_warps=_num_warps(block))
+    with _on_device(z):
+        K._token_stats_fwd_kernel[(n,)](
+            z, z if s is None else s, targets, lse, logprob, entropy if with_entropy else lse,
+            topk_entropy if topk > 0 else lse,
+            s_lse if s is not None else lse, s_logprob if s is not None else lse,
+            vocab, z.stride(0), z.stride(0) if s is None else s.stride(0), ignore_index,
+            torch.full((1,), 1.0 / temperature, dtype=dt, device=z.device),
+            HAS_SCORER=s is not None, WITH_ENTROPY=with_entropy, BLOCK_V=block,
+            ACC=_acc(z.dtype), TOPK=min(topk, vocab),
+            TOPK_PAD=triton.next_power_of_2(max(min(topk, vocab), 1)),
+            TOPK_RENORM=topk_renormalize, num_warps=_num_warps(block))
     return lse, logprob, entropy, topk_entropy, s_lse, s_logprob
 
 
@@ -83,12 +93,17 @@ def _weights_into(logprob, scorer_logprob, targets, cu_seqlens, ignore_index, ep
     w, dhat = torch.empty_like(a), torch.empty_like(a)
     num_seg = cu_seqlens.numel() - 1
     partial = a.new_empty((num_seg, 7))
-    band = a.new_full((2,), 1.0 + eps)  # [1 - eps, 1 + eps], filled on the device (no copy)
-    band[0] = 1.0 - eps
-    K._remit_weights_kernel[(num_seg,)](
-        a, b, targets.contiguous(), cu_seqlens.contiguous(), w, dhat,
-        w if loss is None else loss, partial, ignore_index, band,
-        WRITE_LOSS=loss is not None, BLOCK=1024 if not interpreting() else 256, ACC=_acc(a.dtype))
+    # [1 - eps, 1 + eps], filled on the device by fill_ kernels. Not `band[0] = 1 - eps`: on a
+    # CUDA tensor that assignment copies a CPU scalar tensor with a blocking H2D copy
+    # (cudaStreamSynchronize), a host sync per call, refused during CUDA graph capture.
+    band = a.new_full((2,), 1.0 + eps)
+    band[0].fill_(1.0 - eps)
+    with _on_device(a):
+        K._remit_weights_kernel[(num_seg,)](
+            a, b, targets.contiguous(), cu_seqlens.contiguous(), w, dhat,
+            w if loss is None else loss, partial, ignore_index, band,
+            WRITE_LOSS=loss is not None, BLOCK=1024 if not interpreting() else 256,
+            ACC=_acc(a.dtype))
     # Diagnostics from the per-sequence partial sums: a tiny reduction, no host sync.
     sums = partial.double().sum(0)
     inv = 1.0 / sums[6].clamp(min=1)
@@ -104,10 +119,12 @@ def _ce_grad_into(logits, targets, lse, logprob, coef, ignore_index, grad):
     n, vocab = logits.shape
     block = _block_v(vocab)
     dt = acc_dtype(logits.dtype)
-    K._ce_bwd_kernel[(n,)](
-        logits, grad, targets, lse.to(dt).contiguous(), logprob.to(dt).contiguous(),
-        coef.to(dt).contiguous(), vocab, logits.stride(0), grad.stride(0), ignore_index,
-        BLOCK_V=block, ACC=_acc(logits.dtype), num_warps=_num_warps(block))
+    with _on_device(logits):
+        K._ce_bwd_kernel[(n,)](
+            logits, grad, targets.contiguous(), lse.to(dt).contiguous(),
+            logprob.to(dt).contiguous(), coef.to(dt).contiguous(), vocab, logits.stride(0),
+            grad.stride(0), ignore_index,
+            BLOCK_V=block, ACC=_acc(logits.dtype), num_warps=_num_warps(block))
     return grad
 
 
@@ -198,15 +215,17 @@ def _pg_loss_fwd(logits, actions, advantages, scale, old_logprob, ref_logprob, i
     # nothing would fuse them), this is one launch reading five vectors and writing two. It
     # stays out of _token_stats_fwd_kernel, which every op shares, for a term 1/V of its cost.
     loss, dlogprob = torch.empty_like(logprob), torch.empty_like(logprob)
-    coefs = logprob.new_full((3,), 1.0 - clip_low)  # filled on the device: no host copy
-    coefs[1] = 1.0 + clip_high
-    coefs[2] = kl_beta
+    # Filled on the device by fill_ kernels (no host copy; see the band in _weights_into).
+    coefs = logprob.new_full((3,), 1.0 - clip_low)
+    coefs[1].fill_(1.0 + clip_high)
+    coefs[2].fill_(kl_beta)
     block = min(1024, triton.next_power_of_2(max(n, 1)))
-    K._pg_terms_kernel[(triton.cdiv(n, block),)](
-        logprob, actions.contiguous(), adv, adv if sc is None else sc,
-        adv if old is None else old, adv if ref is None else ref, coefs, loss, dlogprob, n,
-        ignore_index, HAS_SCALE=sc is not None, HAS_OLD=old is not None,
-        HAS_REF=ref is not None, BLOCK=block, ACC=_acc(logits.dtype))
+    with _on_device(logprob):
+        K._pg_terms_kernel[(triton.cdiv(n, block),)](
+            logprob, actions.contiguous(), adv, adv if sc is None else sc,
+            adv if old is None else old, adv if ref is None else ref, coefs, loss, dlogprob, n,
+            ignore_index, HAS_SCALE=sc is not None, HAS_OLD=old is not None,
+            HAS_REF=ref is not None, BLOCK=block, ACC=_acc(logits.dtype))
     return loss, lse, logprob, dlogprob
 
 

@@ -1,0 +1,140 @@
+"""Compile every Triton kernel of remit_ext for real GPUs, on a machine without one.
+
+The tests run the Triton kernels in Triton's CPU interpreter, which accepts code the GPU
+compiler refuses (a plain Python global read inside ``@triton.jit``, for one). This check
+compiles each kernel ahead of time, through Triton's own front end, optimiser and the ptxas it
+ships, for sm_80 and sm_90, in the configurations ``remit_ext/triton/ops.py`` launches: every
+input dtype, the vocabulary block sizes and warp counts ``_block_v``/``_num_warps`` pick, with
+and without scorer, entropy and top-k, 32- and 64-bit strides, every epilogue variant. Nothing
+runs; a kernel that fails to compile fails the check.
+
+    python tools/triton_check.py            # all configurations (about a minute on 2 cores)
+    python tools/triton_check.py --arch 90  # one architecture
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import importlib.util
+import itertools
+import os
+import sys
+import time
+from pathlib import Path
+
+# Real compilation: under TRITON_INTERPRET=1 (as the CPU tests and CI set it) @triton.jit
+# gives interpreter functions, which cannot be compiled. Set before triton is imported.
+os.environ["TRITON_INTERPRET"] = "0"
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+KERNELS = REPO / "remit_ext" / "triton" / "kernels.py"
+DATA = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32", "fp64": "*fp64"}
+# Vocabulary blocks a GPU launch uses (ops._block_v: next power of two of V, capped at 4096)
+# and their warp counts (ops._num_warps).
+BLOCKS = {1024: 4, 4096: 8}
+
+
+def load_kernels(path=None):
+    """The kernels module by path: importing remit_ext.triton would register ops, not needed."""
+    spec = importlib.util.spec_from_file_location("remit_ext_triton_kernels", path or KERNELS)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def compile_one(fn, signature: dict, constexprs: dict, arch: int, num_warps: int = 4):
+    """Compile ``fn`` for sm_<arch>; returns the error text, or None when it compiled."""
+    for name in constexprs:
+        signature[name] = "constexpr"
+    src = ASTSource(fn, signature, constexprs=constexprs)
+    try:
+        triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                       options={"num_warps": num_warps, "num_stages": 3})
+    except Exception as err:  # any compiler error is the finding
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def configurations(K):
+    """(label, kernel, signature, constexprs, num_warps) for every launch shape ops.py makes."""
+    for dt, ptr in DATA.items():
+        acc = tl.float64 if dt == "fp64" else tl.float32
+        ap = "*fp64" if dt == "fp64" else "*fp32"
+        for block, warps in BLOCKS.items():
+            for stride in (("i32", "i64") if block == 4096 else ("i32",)):
+                for scorer, entropy, topk in ((False, False, 0), (True, False, 0),
+                                              (False, True, 0), (True, True, 16),
+                                              (False, True, 64)):
+                    if (block != 4096 or stride == "i64") and (topk or scorer != entropy):
+                        continue  # every variant at the largest block, a few at the others
+                    sig = {"logits_ptr": ptr, "scorer_ptr": ptr, "targets_ptr": "*i64",
+                           "lse_ptr": ap, "logprob_ptr": ap, "entropy_ptr": ap, "topk_ptr": ap,
+                           "s_lse_ptr": ap, "s_logprob_ptr": ap, "V": "i32",
+                           "stride_logits": stride, "stride_scorer": stride,
+                           "ignore_index": "i32", "inv_temp_ptr": ap}
+                    consts = {"HAS_SCORER": scorer, "WITH_ENTROPY": entropy, "BLOCK_V": block,
+                              "ACC": acc, "TOPK": topk,
+                              "TOPK_PAD": triton.next_power_of_2(max(topk, 1)),
+                              "TOPK_RENORM": topk > 0}
+                    yield (f"token_stats {dt} block {block} stride {stride} scorer {scorer} "
+                           f"entropy {entropy} topk {topk}", K._token_stats_fwd_kernel, sig,
+                           consts, warps)
+                sig = {"logits_ptr": ptr, "grad_ptr": ptr, "targets_ptr": "*i64",
+                       "lse_ptr": ap, "logprob_ptr": ap, "coef_ptr": ap, "V": "i32",
+                       "stride_logits": stride, "stride_grad": stride, "ignore_index": "i32"}
+                yield (f"ce_bwd {dt} block {block} stride {stride}", K._ce_bwd_kernel, sig,
+                       {"BLOCK_V": block, "ACC": acc}, warps)
+    for acc, ap in ((tl.float32, "*fp32"), (tl.float64, "*fp64")):
+        for write_loss, cu in itertools.product((False, True), ("*i32", "*i64")):
+            sig = {"a_ptr": ap, "b_ptr": ap, "targets_ptr": "*i64", "cu_ptr": cu, "w_ptr": ap,
+                   "dhat_ptr": ap, "loss_ptr": ap, "partial_ptr": ap, "ignore_index": "i32",
+                   "band_ptr": ap}
+            yield (f"remit_weights {ap[1:]} loss {write_loss} cu {cu[1:]}",
+                   K._remit_weights_kernel, sig,
+                   {"WRITE_LOSS": write_loss, "BLOCK": 1024, "ACC": acc}, 4)
+        for scale, old, ref in itertools.product((False, True), repeat=3):
+            sig = {"logprob_ptr": ap, "targets_ptr": "*i64", "adv_ptr": ap, "scale_ptr": ap,
+                   "old_ptr": ap, "ref_ptr": ap, "coefs_ptr": ap, "loss_ptr": ap,
+                   "dlogprob_ptr": ap, "N": "i32", "ignore_index": "i32"}
+            yield (f"pg_terms {ap[1:]} scale {scale} old {old} ref {ref}", K._pg_terms_kernel,
+                   sig, {"HAS_SCALE": scale, "HAS_OLD": old, "HAS_REF": ref, "BLOCK": 1024,
+                         "ACC": acc}, 4)
+
+
+def _compile_job(job):
+    kernels, label, name, sig, consts, warps, arch = job
+    err = compile_one(getattr(load_kernels(kernels), name), sig, consts, arch, warps)
+    return label, arch, err
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, nargs="+", default=[80, 90],
+                    help="compute capabilities to compile for (default 80 90)")
+    ap.add_argument("--kernels", type=Path, default=KERNELS,
+                    help="the kernels module to check (default remit_ext/triton/kernels.py)")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
+    args = ap.parse_args(argv)
+    jobs = [(str(args.kernels), label, fn.__name__, sig, consts, warps, arch)
+            for label, fn, sig, consts, warps in configurations(load_kernels(args.kernels))
+            for arch in args.arch]
+    t0 = time.perf_counter()
+    with concurrent.futures.ProcessPoolExecutor(max(1, args.jobs)) as pool:
+        results = list(pool.map(_compile_job, jobs))
+    failures = [(label, arch, err) for label, arch, err in results if err]
+    for label, arch, err in failures:
+        print(f"FAIL sm_{arch} {label}\n  {err[:2000]}", file=sys.stderr)
+    print(f"triton_check: {len(jobs) - len(failures)}/{len(jobs)} kernel configurations "
+          f"compiled for sm_{', sm_'.join(map(str, args.arch))} (triton {triton.__version__}, "
+          f"{time.perf_counter() - t0:.0f} s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
