@@ -96,11 +96,13 @@ def _grads(fn, z, *args):
     return loss.detach(), g
 
 
+# "auto" (every op's default) included: its choice reads the measured table from a file and,
+# on CUDA, the device name from the driver, which must not break fullgraph tracing.
 COMPILE_CASES = [
     (backend, name)
-    for backend in KERNEL_BACKENDS
+    for backend in KERNEL_BACKENDS + ["auto"]
     for name in ("remit_loss", "remit_loss_logprobs", "weighted_ce", "rho1", "kd")
-    if name != "kd" or backend in KD_BACKENDS
+    if name != "kd" or backend in KD_BACKENDS + ["auto"]
 ]
 
 

@@ -66,12 +66,13 @@ def _cuda_device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
 
-def device_name(device: torch.device) -> Optional[str]:
-    """The name the auto table is keyed by (torch.cuda.get_device_name), None off CUDA."""
-    if device.type != "cuda":
-        return None
-    return _cuda_device_name(device.index if device.index is not None
-                             else torch.cuda.current_device())
+@torch.compiler.assume_constant_result
+def _traced_auto_order(op: str, device_type: str, index: int) -> str:
+    """auto_order for a device as "a,b,c". Under torch.compile it runs once at trace time and is
+    baked into the graph as a constant: the table is read from a file and the device name comes
+    from the driver, neither of which dynamo can trace (fullgraph=True would fail on them)."""
+    name = _cuda_device_name(index) if device_type == "cuda" else None
+    return ",".join(auto_order(op, device_type, name))
 
 
 class BackendUnavailableError(ValueError):
@@ -304,7 +305,9 @@ def select_backend(op: str, backend: str, tensors: Sequence[Optional[Tensor]],
     if backend == "auto":
         if present:
             device = present[0].device
-            order = auto_order(op, device.type, device_name(device))
+            index = -1 if device.type != "cuda" else (
+                device.index if device.index is not None else torch.cuda.current_device())
+            order = tuple(_traced_auto_order(op, device.type, index).split(","))
         else:
             order = ("torch",)
         candidates = [BACKENDS[n] for n in order if n in BACKENDS]
