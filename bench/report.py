@@ -198,6 +198,9 @@ def main(command: str, argv: Optional[Sequence[str]] = None,
         return 0
     print(markdown(rows))
     if args.readme:
+        if rows[0]["device"] == "cpu":
+            ap.error(f"--readme: the README's table shows GPU runs; {csv_path} was measured on "
+                     f"the CPU")
         shown = csv_path.resolve()
         if shown.is_relative_to(H.REPO):
             shown = shown.relative_to(H.REPO)

@@ -9,8 +9,8 @@ the logits' dtype). The floor counts the passes over ``N x V`` each op cannot av
 - ``pg_loss``: PPO-clipped policy-gradient loss (RMT/GRPO) with old log-probs, 3.
 
 The checked value is the loss (``ce_bwd``: the gradient itself). ``<backend>_inplace`` rows
-write the gradient into the logits buffer (``inplace_backward=True``); the logits are restored
-between calls, outside the timed region. Liger: ``liger_cross_entropy(reduction="none")`` for
+write the gradient into the logits buffer (``inplace_backward=True``), and Liger's forward does
+so too; for those the logits are restored between calls, outside the timed region. Liger: ``liger_cross_entropy(reduction="none")`` for
 ``-log p`` (the scorer's under no_grad), weights from ``remit_ext.remit_weights``, then
 ``sum(w * nll) / n_valid``.
 
@@ -129,13 +129,14 @@ def build(ctx: Context) -> list:
             cases.append(Case(op, "compile", fwd_bwd(lambda f=f, a=args: f(z3, y, *a), [z3]),
                               passes * nvb, "GB/s", what))
         for b in ctx.kernels:
-            if "z" not in saved:
-                saved["z"] = z3.detach().clone()
             cases.append(Case(op, f"{b}_inplace", fwd_bwd(loss_fn(op, b, inplace=True), [z3]),
                               passes * nvb, "GB/s", what, setup=restore))
         if ctx.has("liger") and op != "pg_loss":
+            # Liger's forward writes the gradient into its input when that requires grad.
             cases.append(Case(op, "liger", fwd_bwd(liger(op), [z3]), passes * nvb, "GB/s",
-                              what))
+                              what, setup=restore))
+    if any(c.setup is restore for c in cases):
+        saved["z"] = z3.detach().clone()
     return cases
 
 

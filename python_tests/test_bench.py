@@ -190,6 +190,11 @@ def test_a_full_cpu_run_writes_the_ledger(tmp_path):
             assert float(r["floor_frac"]) > 0 and r["speedup_vs_eager"] != ""
     assert {r["shape"] for r in rows if r["op"] == "remit_weights"} == {"64"}
     assert "remit_loss" in (tmp_path / "cpu.md").read_text()
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{report.README_START}\n{report.README_END}\n")
+    with pytest.raises(SystemExit):  # the README's table is for GPU runs
+        report.main("table", ["--csv", str(path), "--readme", str(readme)])
+    assert readme.read_text() == f"{report.README_START}\n{report.README_END}\n"
     assert runner.main(argv) == 0
     assert len(report.load(path)) == 2 * len(rows)
 
@@ -214,9 +219,11 @@ def test_inplace_cases_leave_the_logits_as_they_found_them():
     after it see the same inputs (else their checks would compare different problems)."""
     from bench import suite_logits_loss
 
-    ctx = runner.Context((32, 64), torch.float32, "cpu", ["eager", "cpu"],
+    ctx = runner.Context((32, 64), torch.float32, "cpu", ["eager", "cpu", "liger"],
                          {"remit_loss"}, 16)
     cases = suite_logits_loss.build(ctx)
+    # Liger's forward writes its gradient into the logits too (not run here: needs CUDA).
+    assert {c.provider for c in cases if c.setup is not None} == {"cpu_inplace", "liger"}
     inplace = next(c for c in cases if c.provider == "cpu_inplace")
     eager = next(c for c in cases if c.provider == "eager")
     before = eager.fn()
