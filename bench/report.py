@@ -71,7 +71,8 @@ def header(rows: Sequence[dict]) -> str:
             f"triton {r['triton_version']}")
 
 
-def markdown(rows: Sequence[dict], skipped: Optional[dict] = None) -> str:
+def markdown(rows: Sequence[dict], skipped: Optional[dict] = None,
+             broken: Sequence[str] = ()) -> str:
     """The run's summary: floors, the compact table, then every row in full."""
     if not rows:
         return "No rows.\n"
@@ -98,6 +99,9 @@ def markdown(rows: Sequence[dict], skipped: Optional[dict] = None) -> str:
     if skipped:
         lines += ["Skipped providers: " + "; ".join(f"{p} ({why})"
                                                     for p, why in skipped.items()), ""]
+    if broken:
+        lines += ["Cases a third-party provider failed on (no row):", ""]
+        lines += [f"- {b}" for b in broken] + [""]
     lines += ["## Every row", "", H.markdown_table(
         [r for r in rows if r["provider"] != "hardware"], full_cols), ""]
     return "\n".join(lines)

@@ -59,6 +59,9 @@ AUTO_TABLE = H.REPO / "remit_ext" / "data" / "auto_table.json"
 COLUMNS = ["op", "provider", "shape", "dtype", "ms_p50", "ms_p20", "ms_p80", "throughput",
            "unit", "floor_frac", "floor_ms", "floor", "peak_mem_MB", "speedup_vs_eager",
            "device", "torch_version", "triton_version", "provider_version", "git_sha", "date"]
+# Providers that are not remit_ext: an exception from one of them loses that case's row (and is
+# reported); an exception from remit_ext or the reference fails the run.
+THIRD_PARTY = ("compile", "liger", "cce")
 # A provider's result must match the eager reference's to atol = rtol = this (x (1 + |ref|)).
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 
@@ -205,8 +208,9 @@ def mismatch(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> Option
     return None
 
 
-def run(args) -> tuple[list, list, dict]:
-    """Measure every selected case. Returns (rows, failures, {provider: why skipped})."""
+def run(args) -> tuple[list, list, dict, list]:
+    """Measure every selected case. Returns (rows, failures, {provider: why skipped}, [the
+    third-party cases that raised, and why])."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     env = H.env_info(device)
     runnable, skipped = P.split_available(args.providers, device)
@@ -214,7 +218,7 @@ def run(args) -> tuple[list, list, dict]:
         print(f"skipping provider {p}: {why}", flush=True)
     timer = _timer(device, args.quick)
     fams = families()
-    rows, failures, floors = [], [], {}
+    rows, failures, floors, broken = [], [], {}, []
     for fam_name, ops in args.plan.items():
         fam = fams[fam_name]
         shapes = [s for s in args.shapes if len(s) == fam.arity]
@@ -235,15 +239,15 @@ def run(args) -> tuple[list, list, dict]:
                 fl = floors[key]
                 ctx = Context(shape, dtype, device, ["eager"] + runnable, ops, args.seq_len)
                 rows += _run_cases(fam, ctx, fl, env, timer, failures,
-                                   timed=set(runnable))
+                                   timed=set(runnable), broken=broken)
                 gc.collect()
                 if device == "cuda":
                     torch.cuda.empty_cache()
-    return rows, failures, skipped
+    return rows, failures, skipped, broken
 
 
 def _run_cases(fam: Family, ctx: Context, floor: dict, env: dict, timer, failures,
-               timed: set) -> list:
+               timed: set, broken: list) -> list:
     label, dtype_name = fam.shape_label(ctx.shape), str(ctx.dtype).removeprefix("torch.")
     refs, eager_ms, rows = {}, {}, []
     cases = fam.build(ctx)
@@ -270,6 +274,16 @@ def _run_cases(fam: Family, ctx: Context, floor: dict, env: dict, timer, failure
             t = timer(case.fn, case.setup)
         except torch.OutOfMemoryError:
             print(f"{tag}: out of memory, no row", flush=True)
+            continue
+        except Exception as err:
+            if case.provider not in THIRD_PARTY:
+                raise
+            first = (str(err).strip().splitlines() or [""])[0]
+            why = f"{type(err).__name__}: {first}"
+            # torch.compile, Liger and CCE are measured as they are: when one of them breaks on
+            # a case (a compiler bug, an unsupported shape) that case has no row, and says why.
+            print(f"{tag}: {case.provider} failed ({why[:300]}), no row", flush=True)
+            broken.append(f"{case.op} {label} {dtype_name}: {case.provider} raised {why[:300]}")
             continue
         finally:
             if case.setup is not None:
@@ -416,7 +430,7 @@ def main(argv: Optional[Sequence[str]] = None, *, prog: str = "python -m bench")
     args = ap.parse_args(argv)
     fams = families()
     resolve(ap, args, fams)
-    rows, failures, skipped = run(args)
+    rows, failures, skipped, broken = run(args)
     if failures:
         print("\nresults that disagree with the eager reference (nothing written):\n  "
               + "\n  ".join(failures), file=sys.stderr)
@@ -433,7 +447,8 @@ def main(argv: Optional[Sequence[str]] = None, *, prog: str = "python -m bench")
     device = rows[0]["device"]
     csv_path = args.out_dir / f"{H.device_slug(device)}.csv"
     H.append_csv(csv_path, rows, COLUMNS)
-    md = report.markdown(report.latest_run(report.load(csv_path)), skipped=skipped)
+    md = report.markdown(report.latest_run(report.load(csv_path)), skipped=skipped,
+                         broken=broken)
     csv_path.with_suffix(".md").write_text(md)
     print(f"\nappended {len(rows)} rows to {csv_path}; wrote {csv_path.with_suffix('.md')}")
     if torch.cuda.is_available() and args.auto_table:

@@ -103,10 +103,16 @@ inline void check_cu_seqlens(const at::Tensor& cu_seqlens) {
 }
 
 // weighted_ce_bwd_ writes the gradient over the logits, and the kernels write whole rows with
-// vector stores: it cannot fall back to a dense copy as the out-of-place backward does.
+// vector stores: it cannot fall back to a dense copy as the out-of-place backward does. Rows
+// that share memory (an expand, stride(0) < V) would be written by several rows' threads at
+// once and read after being overwritten.
 inline void check_inplace_rows(const at::Tensor& logits) {
-  TORCH_CHECK_VALUE(logits.stride(1) == 1,
+  TORCH_CHECK_VALUE(logits.stride(1) == 1 || logits.size(1) <= 1,
                     "logits: the in-place backward needs rows with unit stride, got strides ",
+                    logits.strides());
+  TORCH_CHECK_VALUE(logits.size(0) <= 1 || logits.stride(0) >= logits.size(1),
+                    "logits: the in-place backward needs rows that do not overlap in memory "
+                    "(row stride >= V), got sizes ", logits.sizes(), " and strides ",
                     logits.strides());
 }
 

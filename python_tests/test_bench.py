@@ -242,3 +242,31 @@ def test_remit_ext_bench_forwards_to_the_suite(capsys, monkeypatch):
     monkeypatch.setattr(bench_cmd, "locate", lambda: None)
     assert cli_main(["bench", "--quick"]) == 2
     assert "source repository" in capsys.readouterr().err
+
+
+def test_a_third_party_failure_costs_its_row_only(tmp_path, monkeypatch):
+    """torch.compile/Liger/CCE breaking on a case (e.g. an inductor codegen error) loses that
+    row and is reported; remit_ext's own providers raising fails the run."""
+    x, state = torch.arange(4.0), {"cpu_breaks": False}
+
+    def boom():
+        raise RuntimeError("codegen went wrong\nsecond line")
+
+    def build(ctx):
+        return [runner.Case("toy", "eager", lambda: x, 16, "GB/s", "16 bytes"),
+                runner.Case("toy", "compile", boom, 16, "GB/s", "16 bytes"),
+                runner.Case("toy", "cpu", lambda: boom() if state["cpu_breaks"] else x, 16,
+                            "GB/s", "16 bytes")]
+
+    toy = runner.Family("toy", ("toy",), 2, "copy", build)
+    monkeypatch.setattr(runner, "families", lambda: {"toy": toy})
+    argv = ["--shapes", "4x4", "--dtypes", "float32", "--providers", "eager", "compile", "cpu",
+            "--out-dir", str(tmp_path), "--auto-table", ""]
+    assert runner.main(["--ops", "toy", *argv]) == 0
+    assert {r["provider"] for r in report.load(tmp_path / "cpu.csv")} == {"hardware", "eager",
+                                                                         "cpu"}
+    assert ("toy 4x4 float32: compile raised RuntimeError: codegen went wrong"
+            in (tmp_path / "cpu.md").read_text())
+    state["cpu_breaks"] = True
+    with pytest.raises(RuntimeError, match="codegen"):
+        runner.main(["--ops", "toy", *argv])

@@ -186,6 +186,23 @@ def test_direct_op_calls_check_too(call, pattern):
         call(z, y)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_inplace_backward_refuses_rows_that_share_memory(backend):
+    """An expanded [N, V] view (row stride 0) would have every row's gradient written over the
+    same memory while other rows still read it: the in-place op refuses it, naming the strides."""
+    from remit_ext._backends import BACKENDS
+
+    if backend == "triton":
+        import remit_ext.triton  # noqa: F401  (registers torch.ops.remit_ext_triton)
+    z = torch.randn(1, 11, device=DEVICE).expand(10, 11)
+    y = torch.arange(10, device=DEVICE)
+    zeros = torch.zeros(10, device=DEVICE)
+    with pytest.raises(ValueError, match=r"logits: the in-place backward needs rows that do not "
+                                         r"overlap in memory \(row stride >= V\), got sizes "
+                                         r"\[10, 11\] and strides \[0, 1\]"):
+        BACKENDS[backend].ops.weighted_ce_bwd_(z, y, zeros, zeros, zeros, IGNORE)
+
+
 def test_build_info():
     info = remit_ext.build_info()
     assert set(info) == {"torch_version", "cuda", "cuda_archs", "cpu_capability"}

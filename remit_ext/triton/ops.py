@@ -160,9 +160,13 @@ def _weighted_ce_bwd(logits, targets, lse, logprob, coef, ignore_index):
 
 
 def _weighted_ce_bwd_inplace(logits, targets, lse, logprob, coef, ignore_index):
-    if logits.stride(-1) != 1:
+    if logits.stride(-1) != 1 and logits.shape[-1] > 1:
         raise ValueError("logits: the in-place backward needs rows with unit stride, got "
                          f"strides {tuple(logits.stride())}")
+    if logits.shape[0] > 1 and logits.stride(0) < logits.shape[-1]:
+        raise ValueError("logits: the in-place backward needs rows that do not overlap in "
+                         f"memory (row stride >= V), got sizes {list(logits.shape)} and strides "
+                         f"{list(logits.stride())}")
     _ce_grad_into(logits, targets, lse, logprob, coef, ignore_index, logits)
 
 
