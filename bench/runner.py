@@ -15,7 +15,8 @@ case the runner
    time is that work at the hardware rate measured in the same run: a device-to-device copy of
    an ``N x V`` tensor of the dtype (bytes read + written per second), or a plain ``[N, D] x
    [D, V]`` matrix product in the dtype. Those measurements are rows too (provider
-   ``hardware``).
+   ``hardware``). (The step's other products, e.g. grad W = ``[V, N] x [N, D]``, may run
+   faster than that one shape, so a fused-linear ``floor_frac`` can exceed 1 slightly.)
 
 A full run appends its rows to ``<out-dir>/<device>.csv`` (the ledger; ``python -m bench
 table`` and ``python -m bench plot`` read it) and, on a GPU, records per op the remit_ext kernel
