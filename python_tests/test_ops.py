@@ -143,3 +143,21 @@ def test_compile_inductor_remit_loss_with_details(backend):
     got = compiled(logits, scorer, targets)
     for e, g in zip(expected, got):
         torch.testing.assert_close(g, e)
+
+
+def test_compile_inductor_reference_single_sequence():
+    """torch.compile (inductor) of the eager reference with one sequence: the segment sums once
+    went through an index_add into a single slot, on which inductor's CPU codegen asserts."""
+    logits, scorer, targets = make_pair((1, 24, 33), torch.float32, seed=24)
+
+    def f(z, s, y):
+        return remit_ext.remit_loss(z, y, scorer_logits=s, backend="torch")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    eager_loss, eager_grad = _grads(lambda z, s, s_lp, y: f(z, s, y), logits, scorer, None,
+                                    targets)
+    comp_loss, comp_grad = _grads(lambda z, s, s_lp, y: compiled(z, s, y), logits, scorer,
+                                  None, targets)
+    torch.testing.assert_close(comp_loss, eager_loss)
+    torch.testing.assert_close(comp_grad, eager_grad)

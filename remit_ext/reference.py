@@ -154,8 +154,14 @@ def remit_weights_ref(
     seg, num_seg = segment_ids(cu_seqlens, n, a.device)
     vf = valid.to(dt)
     delta = (b - a) * vf
-    seg_sum = torch.zeros(num_seg, dtype=dt, device=a.device).index_add(0, seg, delta)
-    seg_cnt = torch.zeros(num_seg, dtype=dt, device=a.device).index_add(0, seg, vf)
+    if num_seg == 1:
+        # The same sums without index_add: inductor (torch 2.13, CPU) fails an assertion
+        # generating code for an index_add into one slot, so torch.compile of this reference
+        # crashed on single-sequence inputs.
+        seg_sum, seg_cnt = delta.sum().reshape(1), vf.sum().reshape(1)
+    else:
+        seg_sum = torch.zeros(num_seg, dtype=dt, device=a.device).index_add(0, seg, delta)
+        seg_cnt = torch.zeros(num_seg, dtype=dt, device=a.device).index_add(0, seg, vf)
     mu = seg_sum / seg_cnt.clamp(min=1)
     delta_hat = (delta - mu[seg]) * vf
     raw = 2 * torch.sigmoid(delta_hat)
