@@ -1,7 +1,8 @@
 """Shared benchmark helpers: timing quantiles, peak memory, environment, result files.
 
-One harness, one script per op (``bench/bench_<op>_<device>.py``); every script writes rows with
-the same environment columns so results from different runs and machines can be told apart.
+Used by the suite (``python -m bench``: ``runner.py`` and one ``suite_*.py`` per op family) and
+by the CPU studies (``bench_remit_loss_cpu.py``, ``bench_linear_loss.py``); every result row
+carries the same environment columns so runs on different machines can be told apart.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def cuda_time_ms(fn: Callable[[], object], *, setup: Optional[Callable[[], None]
     once(*probe)
     torch.cuda.synchronize()
     est = max(probe[0].elapsed_time(probe[1]), 1e-3)
-    for _ in range(max(1, int(warmup_ms / est))):
+    for _ in range(max(1, min(max_reps, int(warmup_ms / est)))):
         once()
     reps = max(5, min(max_reps, int(rep_ms / est)))
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))

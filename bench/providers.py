@@ -11,7 +11,7 @@ libraries people use today.
   weights, and ``sum(w * loss) / n_valid``. Fused linear: ``LigerFusedLinearCrossEntropyLoss``
   the same way. Per-token weights enter through the backward of ``reduction="none"``.
 - ``cce``: Cut Cross-Entropy's ``linear_cross_entropy(reduction="none")``, weighted outside,
-  the scorer's pass under no_grad.
+  the scorer's pass under no_grad (bf16/fp16 only: its backward refuses fp32).
 
 Liger and CCE are Triton libraries for CUDA devices: off a GPU, or when not installed, their
 rows are skipped with the reason printed.
@@ -89,24 +89,19 @@ def liger_token_nll(logits2d, targets1d, ignore_index: int = -100):
     return liger_cross_entropy(logits2d, targets1d, ignore_index=ignore_index, reduction="none")
 
 
-def liger_linear_nll(hidden2d, weight, targets1d, ignore_index: int = -100):
-    """Per-token ``-log p(target)`` of ``hidden @ weight.T`` from Liger's fused linear CE."""
+def liger_linear(hidden2d, weight, targets1d, reduction: str, ignore_index: int = -100):
+    """Liger's fused linear CE of ``hidden @ weight.T``: per-token ``-log p`` with 'none', the
+    mean over the valid tokens with 'mean'."""
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-    flce = LigerFusedLinearCrossEntropyLoss(ignore_index=ignore_index, reduction="none")
+    flce = LigerFusedLinearCrossEntropyLoss(ignore_index=ignore_index, reduction=reduction)
     return flce(weight, hidden2d, targets1d)
 
 
-def liger_linear_mean(hidden2d, weight, targets1d, ignore_index: int = -100):
-    """Liger's fused linear CE, mean over the valid tokens (plain next-token prediction)."""
-    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-    return LigerFusedLinearCrossEntropyLoss(ignore_index=ignore_index)(weight, hidden2d,
-                                                                       targets1d)
-
-
 def cce_linear(hidden2d, weight, targets1d, reduction: str, ignore_index: int = -100):
-    """Cut Cross-Entropy's ``linear_cross_entropy`` (per-token ``-log p`` with 'none')."""
+    """Cut Cross-Entropy's ``linear_cross_entropy`` (per-token ``-log p`` with 'none'), with its
+    defaults: gradient blocks below ``filter_eps`` are skipped (approximate by design), and its
+    backward takes bf16/fp16 only."""
     from cut_cross_entropy import linear_cross_entropy
 
     return linear_cross_entropy(hidden2d, weight, targets1d, ignore_index=ignore_index,

@@ -69,7 +69,8 @@ TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 
 @dataclasses.dataclass
 class Case:
-    """One provider running one op: ``fn()`` is one timed call and returns what is checked."""
+    """One provider running one op: ``fn()`` is one timed call and returns what is checked: a
+    value, or ``(value, *gradients)`` (a None part is not checked)."""
 
     op: str
     provider: str
@@ -147,12 +148,11 @@ def families() -> dict:
 
 
 def fwd_bwd(loss_fn: Callable[[], torch.Tensor], wrt: Sequence[torch.Tensor]):
-    """A case body: the loss, its gradients for ``wrt`` (returned by autograd, so nothing
-    accumulates between calls), the loss detached as the checked value."""
+    """A case body: the loss and its gradients for ``wrt`` (returned by autograd, so nothing
+    accumulates between calls), both checked: ``(loss, *gradients)``."""
     def fn():
         loss = loss_fn()
-        torch.autograd.grad(loss, list(wrt))
-        return loss.detach()
+        return (loss.detach(), *torch.autograd.grad(loss, list(wrt)))
     return fn
 
 
@@ -194,30 +194,65 @@ def _scaled(rate: float, unit: str) -> float:
     return rate / (1e9 if unit == "GB/s" else 1e12)
 
 
-def mismatch(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> Optional[str]:
-    """Why ``out`` is not ``ref`` within the dtype's tolerance (None when it is)."""
-    if tuple(out.shape) != tuple(ref.shape):
-        return f"shape {tuple(out.shape)} vs the reference's {tuple(ref.shape)}"
-    o, r = out.detach().double().cpu(), ref.detach().double().cpu()
-    tol = TOLERANCE[dtype]
-    err = (o - r).abs()
-    bad = ~(err <= tol * (1 + r.abs()))  # NaN anywhere fails
-    if bad.any():
-        i = int(bad.flatten().nonzero()[0])
-        return (f"{int(bad.sum())} of {o.numel()} values off, e.g. {o.flatten()[i].item():.6g} "
-                f"vs {r.flatten()[i].item():.6g} (tolerance {tol:g} x (1 + |ref|))")
+def as_parts(out) -> tuple:
+    """A case's result as (value, *gradients); None parts are not checked."""
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def to_host(out) -> tuple:
+    """The eager reference's result, kept on the host while the op's other providers run (on a
+    GPU the device memory is for them)."""
+    return tuple(None if t is None else t.detach().to("cpu", copy=True) for t in as_parts(out))
+
+
+def mismatch(out, ref: tuple, dtype: torch.dtype, rows_per_chunk: int = 1024) -> Optional[str]:
+    """Why ``out`` is not the reference's result within the dtype's tolerance (None when it is).
+
+    The value (the loss, or the statistics) must agree to ``tol x (1 + |ref|)`` element by
+    element; a gradient to ``tol x (|ref| + max |ref|)``, i.e. relative to its largest entry
+    (most entries of a softmax gradient over a large vocabulary are far below 1). NaN never
+    agrees. Compared in fp32 on the result's device, a block of rows at a time."""
+    parts, tol = as_parts(out), TOLERANCE[dtype]
+    if len(parts) != len(ref):
+        return f"{len(parts)} results vs the reference's {len(ref)}"
+    for i, (o, r) in enumerate(zip(parts, ref)):
+        if o is None or r is None:
+            continue
+        what = "value" if i == 0 else f"gradient {i}"
+        if tuple(o.shape) != tuple(r.shape):
+            return f"{what}: shape {tuple(o.shape)} vs the reference's {tuple(r.shape)}"
+        o2, r2 = o.detach().reshape(o.shape[0] if o.dim() else 1, -1), r.reshape(
+            r.shape[0] if r.dim() else 1, -1)
+        scale = 1.0 if i == 0 else float(r2.abs().max()) if r2.numel() else 0.0
+        bad, first = 0, None
+        for s0 in range(0, o2.shape[0], rows_per_chunk):
+            oc = o2[s0:s0 + rows_per_chunk].float()
+            rc = r2[s0:s0 + rows_per_chunk].to(oc.device, torch.float32)
+            off = ~((oc - rc).abs() <= tol * (rc.abs() + scale))
+            n_off = int(off.sum())
+            if n_off and first is None:
+                j = int(off.flatten().nonzero()[0])
+                first = (oc.flatten()[j].item(), rc.flatten()[j].item())
+            bad += n_off
+        if bad:
+            return (f"{what}: {bad} of {o.numel()} entries off, e.g. {first[0]:.6g} vs "
+                    f"{first[1]:.6g} (tolerance {tol:g} x (|ref| + {scale:.3g}))")
     return None
 
 
 def run(args) -> tuple[list, list, dict, list]:
     """Measure every selected case. Returns (rows, failures, {provider: why skipped}, [the
     third-party cases that raised, and why])."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = args.device
     env = H.env_info(device)
     runnable, skipped = P.split_available(args.providers, device)
     for p, why in skipped.items():
         print(f"skipping provider {p}: {why}", flush=True)
     timer = _timer(device, args.quick)
+    if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
+        # Past the limit dynamo would fall back to eager and the row would be labelled
+        # "compile"; raising makes it a reported failure instead.
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
     fams = families()
     rows, failures, floors, broken = [], [], {}, []
     for fam_name, ops in args.plan.items():
@@ -239,6 +274,9 @@ def run(args) -> tuple[list, list, dict, list]:
                           f"{rows[-1]['throughput']} {fl['unit']}", flush=True)
                 fl = floors[key]
                 ctx = Context(shape, dtype, device, ["eager"] + runnable, ops, args.seq_len)
+                # Fresh compile caches: one code object compiled at every (op, shape, dtype)
+                # would pass dynamo's recompile limit and silently run eagerly.
+                torch._dynamo.reset()
                 rows += _run_cases(fam, ctx, fl, env, timer, failures,
                                    timed=set(runnable), broken=broken)
                 gc.collect()
@@ -254,15 +292,23 @@ def _run_cases(fam: Family, ctx: Context, floor: dict, env: dict, timer, failure
     cases = fam.build(ctx)
     for case in cases:
         tag = f"[{fam.name}] {case.op:<16} {case.provider:<15} {label} {dtype_name}"
+        where = f"{case.op} {label} {dtype_name}: {case.provider}"
+        if case.provider == "eager":
+            refs = {}  # an op's reference is dropped when the next op starts
+        elif case.op not in refs:
+            print(f"{tag}: the eager reference did not run, nothing to check against: no row",
+                  flush=True)
+            broken.append(f"{where} not measured (no eager reference to check it against)")
+            continue
         try:
             if case.setup is not None:
                 case.setup()
             out = case.fn()
             if case.provider == "eager":
-                refs[case.op] = out.detach().clone()
+                refs[case.op] = to_host(out)
                 if "eager" not in timed:
                     continue  # the reference only, for the checks
-            elif case.op in refs:
+            else:
                 why = mismatch(out, refs[case.op], ctx.dtype)
                 if why:
                     failures.append(f"{tag}: {why}")
@@ -275,6 +321,7 @@ def _run_cases(fam: Family, ctx: Context, floor: dict, env: dict, timer, failure
             t = timer(case.fn, case.setup)
         except torch.OutOfMemoryError:
             print(f"{tag}: out of memory, no row", flush=True)
+            broken.append(f"{where} ran out of memory")
             continue
         except Exception as err:
             if case.provider not in THIRD_PARTY:
@@ -284,7 +331,7 @@ def _run_cases(fam: Family, ctx: Context, floor: dict, env: dict, timer, failure
             # torch.compile, Liger and CCE are measured as they are: when one of them breaks on
             # a case (a compiler bug, an unsupported shape) that case has no row, and says why.
             print(f"{tag}: {case.provider} failed ({why[:300]}), no row", flush=True)
-            broken.append(f"{case.op} {label} {dtype_name}: {case.provider} raised {why[:300]}")
+            broken.append(f"{where} raised {why[:300]}")
             continue
         finally:
             if case.setup is not None:
@@ -351,7 +398,7 @@ def write_auto_table(path: Path, device: str, order: dict, env: dict) -> None:
     data["note"] = ("Per-device backend order for backend='auto', fastest first, written by "
                     "`python -m bench` (ms p50 summed over its shapes and dtypes); devices not "
                     "listed use the default order in remit_ext/_backends.py.")
-    data["devices"][device] = order
+    data["devices"].setdefault(device, {}).update(order)
     data.setdefault("measured", {})[device] = {k: env[k] for k in ("git_sha", "date",
                                                                    "torch_version")}
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
@@ -391,6 +438,9 @@ def add_run_arguments(ap: argparse.ArgumentParser) -> None:
                     help="where <device>.csv and <device>.md go (default bench/results)")
     ap.add_argument("--auto-table", default=str(AUTO_TABLE),
                     help="the backend='auto' table a GPU run updates ('' leaves it alone)")
+    ap.add_argument("--device", choices=("cuda", "cpu"),
+                    default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="where the inputs live (default: cuda when there is one)")
     ap.add_argument("--no-write", action="store_true", help="print only")
 
 
@@ -420,9 +470,10 @@ def resolve(ap: argparse.ArgumentParser, args, fams: dict) -> None:
     if not any(len(s) == fams[f].arity for f in plan for s in args.shapes):
         ap.error(f"--shapes: none of {args.shapes} fits the selected ops (NxV for "
                  f"token_stats/weights/logits_loss, NxDxV for linear_loss)")
-    if not torch.cuda.is_available() and not args.quick and args.shapes == \
-            LOGITS_SHAPES + LINEAR_SHAPES:
-        ap.error("no CUDA device: the default shapes are GPU-sized; use --quick or --shapes")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available")
+    if args.device == "cpu" and not args.quick and args.shapes == LOGITS_SHAPES + LINEAR_SHAPES:
+        ap.error("--device cpu: the default shapes are GPU-sized; use --quick or --shapes")
 
 
 def main(argv: Optional[Sequence[str]] = None, *, prog: str = "python -m bench") -> int:
@@ -439,6 +490,9 @@ def main(argv: Optional[Sequence[str]] = None, *, prog: str = "python -m bench")
     if not rows:
         print("no case ran", file=sys.stderr)
         return 1
+    if args.quick and broken:  # a smoke test must not let a failing case pass unseen
+        print("\n--quick: cases that failed:\n  " + "\n  ".join(broken), file=sys.stderr)
+        return 1
     if args.quick or args.no_write:
         print(f"\n{len(rows)} rows measured; not written"
               f"{' (--quick timings mean nothing)' if args.quick else ''}")
@@ -452,7 +506,9 @@ def main(argv: Optional[Sequence[str]] = None, *, prog: str = "python -m bench")
                          broken=broken)
     csv_path.with_suffix(".md").write_text(md)
     print(f"\nappended {len(rows)} rows to {csv_path}; wrote {csv_path.with_suffix('.md')}")
-    if torch.cuda.is_available() and args.auto_table:
+    # The backend="auto" table is measured at the published shapes only (tiny shapes time
+    # launches, not kernels); a run of some ops updates those ops' entries and keeps the rest.
+    if args.device == "cuda" and args.auto_table and args.shapes == LOGITS_SHAPES + LINEAR_SHAPES:
         order = auto_table_rows(rows)
         if order:
             write_auto_table(Path(args.auto_table), device, order, H.env_info("cuda"))

@@ -8,7 +8,7 @@ the logits' dtype). The floor counts the passes over ``N x V`` each op cannot av
 - ``remit_loss_lp``: ReMiT with precomputed scorer log-probs, 3;
 - ``pg_loss``: PPO-clipped policy-gradient loss (RMT/GRPO) with old log-probs, 3.
 
-The checked value is the loss (``ce_bwd``: the gradient itself). ``<backend>_inplace`` rows
+Checked against the eager reference: the loss and the logits gradient. ``<backend>_inplace`` rows
 write the gradient into the logits buffer (``inplace_backward=True``), and Liger's forward does
 so too; for those the logits are restored between calls, outside the timed region. Liger: ``liger_cross_entropy(reduction="none")`` for
 ``-log p`` (the scorer's under no_grad), weights from ``remit_ext.remit_weights``, then
@@ -19,6 +19,7 @@ so too; for those the logits are restored between calls, outside the timed regio
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -104,17 +105,25 @@ def build(ctx: Context) -> list:
     if ctx.wants("ce_bwd"):
         what = "2 passes over N x V"
 
-        def eager_bwd():
-            gz = torch.softmax(logits.float(), -1).mul_(coef[:, None])
-            idx = torch.where(valid, yf, 0)[:, None]
-            gz.scatter_add_(-1, idx, torch.where(valid, -coef, 0)[:, None])
-            return gz.mul_(valid[:, None]).to(logits.dtype)
+        def grad_ref(z, t, c, ok):  # coef (softmax - onehot), nothing at ignored rows
+            gz = torch.softmax(z.float(), -1) * c[:, None]
+            gz = gz.scatter_add(-1, torch.where(ok, t, 0)[:, None],
+                                torch.where(ok, -c, 0)[:, None])
+            return (gz * ok[:, None]).to(z.dtype)
 
-        cases.append(Case("ce_bwd", "eager", eager_bwd, 2 * nvb, "GB/s", what))
+        # (None, gradient): no value, the gradient checked against its largest entry.
+        cases.append(Case("ce_bwd", "eager", lambda: (None, grad_ref(logits, yf, coef, valid)),
+                          2 * nvb, "GB/s", what))
+        if "triton" in ctx.kernels:
+            importlib.import_module("remit_ext.triton")  # registers torch.ops.remit_ext_triton
         for b in ctx.kernels:
             ops = BACKENDS[b].ops
-            cases.append(Case("ce_bwd", b, lambda ops=ops: ops.weighted_ce_bwd(
-                logits, yf, lse, lp, coef, IGNORE), 2 * nvb, "GB/s", what))
+            cases.append(Case("ce_bwd", b, lambda ops=ops: (None, ops.weighted_ce_bwd(
+                logits, yf, lse, lp, coef, IGNORE)), 2 * nvb, "GB/s", what))
+        if ctx.has("compile"):
+            cases.append(Case("ce_bwd", "compile",
+                              lambda f=P.compiled(grad_ref): (None, f(logits, yf, coef, valid)),
+                              2 * nvb, "GB/s", what))
     for op, passes in (("weighted_ce", 3), ("remit_loss", 4), ("remit_loss_lp", 3),
                        ("pg_loss", 3)):
         if not ctx.wants(op):

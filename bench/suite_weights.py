@@ -1,8 +1,9 @@
 """ReMiT weights from the policy's and the scorer's log-probs, centred per sequence.
 
 - ``remit_weights``: sequences are the rows of ``targets`` ([N / T, T], T = --seq-len);
-- ``remit_weights_varlen``: packed documents given by ``cu_seqlens`` (lengths drawn between 1
-  and 2 T, fixed per shape).
+- ``remit_weights_varlen``: packed documents given by ``cu_seqlens``, lengths drawn uniformly
+  in [1, 2 L] with mean L = min(512, T / 8), fixed per shape (e.g. about 32 documents in 16384
+  tokens).
 
 Inputs are fp32 log-probs (what ``token_stats`` returns), so the family runs at float32 only;
 the shape column is N. The op moves 24 N bytes (reads both log-probs and the int64 targets,
@@ -27,6 +28,7 @@ from bench import providers as P  # noqa: E402
 from bench.runner import Case, Context, Family  # noqa: E402
 
 BYTES_PER_TOKEN = 24
+DOC_MEAN = 512  # mean packed-document length of the varlen case (at most --seq-len / 8)
 
 
 def build(ctx: Context) -> list:
@@ -35,7 +37,8 @@ def build(ctx: Context) -> list:
     y = ctx.targets(n, 1000, g)
     a = torch.empty(y.shape, device=ctx.device).uniform_(-12, 0, generator=g)
     b = (a + torch.empty(y.shape, device=ctx.device).normal_(0, 1, generator=g)).clamp_(max=0)
-    lengths = torch.randint(1, 2 * ctx.seq_len + 1, (n,), generator=g, device=ctx.device)
+    mean_len = min(DOC_MEAN, max(1, ctx.seq_len // 8))
+    lengths = torch.randint(1, 2 * mean_len + 1, (n,), generator=g, device=ctx.device)
     ends = torch.cumsum(lengths, 0)
     ends = torch.cat([ends[ends < n], ends.new_tensor([n])])
     cu = torch.cat([ends.new_zeros(1), ends])

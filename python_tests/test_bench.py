@@ -70,13 +70,24 @@ def test_default_gpu_shapes_refused_without_gpu(capsys):
 
 def test_mismatch_gate():
     ref = torch.tensor([1.0, -12.0, 0.0])
-    assert runner.mismatch(ref + 1e-6, ref, torch.float32) is None
-    assert "1 of 3 values off" in runner.mismatch(ref + torch.tensor([0, 0.1, 0]), ref,
-                                                  torch.float32)
-    assert runner.mismatch(ref + torch.tensor([0, 0.1, 0]), ref, torch.bfloat16) is None
-    assert "values off" in runner.mismatch(torch.tensor([1.0, float("nan"), 0.0]), ref,
-                                           torch.bfloat16)
-    assert "shape" in runner.mismatch(ref[:2], ref, torch.float32)
+    host = runner.to_host(ref)
+    assert runner.mismatch(ref + 1e-6, host, torch.float32) is None
+    assert "value: 1 of 3 entries off" in runner.mismatch(ref + torch.tensor([0, 0.1, 0]), host,
+                                                          torch.float32)
+    assert runner.mismatch(ref + torch.tensor([0, 0.1, 0]), host, torch.bfloat16) is None
+    assert "entries off" in runner.mismatch(torch.tensor([1.0, float("nan"), 0.0]), host,
+                                            torch.bfloat16)
+    assert "shape" in runner.mismatch(ref[:2], host, torch.float32)
+    # Gradients: relative to their largest reference entry, not to 1 (a softmax gradient's
+    # entries are tiny), so a wrong small entry is caught; None parts are not compared.
+    grad = torch.tensor([[1e-3, 1e-6], [-1e-3, 0.0]])
+    ref2 = runner.to_host((torch.tensor(2.0), grad))
+    assert runner.mismatch((torch.tensor(2.0), grad + 1e-8), ref2, torch.float32) is None
+    assert "gradient 1: 1 of 4 entries off" in runner.mismatch(
+        (torch.tensor(2.0), grad + torch.tensor([[0, 1e-5], [0, 0]])), ref2, torch.float32)
+    assert runner.mismatch((None, grad), runner.to_host((None, grad)), torch.float32) is None
+    assert "2 results" in runner.mismatch((torch.tensor(2.0), grad), runner.to_host(ref),
+                                          torch.float32)
 
 
 def test_providers_say_why_they_cannot_run(monkeypatch):
@@ -126,7 +137,10 @@ def test_auto_table_ranks_kernels_measured_everywhere(tmp_path):
     env = {"git_sha": "x", "date": "d", "torch_version": "t"}
     runner.write_auto_table(path, "GPU X", order, env)
     runner.write_auto_table(path, "GPU Y", {"token_stats": ["triton"]}, env)
+    # A later run of some ops on the same device updates those ops and keeps the others.
+    runner.write_auto_table(path, "GPU X", {"pg_loss": ["triton", "cuda"]}, env)
     assert set(json.loads(path.read_text())["devices"]) == {"GPU X", "GPU Y"}
+    assert json.loads(path.read_text())["devices"]["GPU X"]["remit_loss"] == ["cuda"]
     table = B.load_auto_table(str(path))
     assert table["GPU X"]["token_stats"] == ("cuda", "triton")
     assert B.auto_order("token_stats", "cuda", "GPU Y", table=table) == ("triton", "cuda",
@@ -173,7 +187,7 @@ def test_a_full_cpu_run_writes_the_ledger(tmp_path):
     summarised in <device>.md; a second run appends. eager + cpu only, to stay fast."""
     argv = ["--ops", "weights", "remit_loss", "--shapes", "64x100", "--dtypes", "float32",
             "--providers", "eager", "cpu", "--seq-len", "16", "--out-dir", str(tmp_path),
-            "--auto-table", ""]
+            "--auto-table", "", "--device", "cpu"]
     assert runner.main(argv) == 0
     path = tmp_path / "cpu.csv"
     with open(path, newline="") as f:
@@ -208,7 +222,8 @@ def test_a_wrong_provider_fails_the_run_and_writes_nothing(tmp_path, monkeypatch
     toy = runner.Family("toy", ("toy",), 2, "copy", build)
     monkeypatch.setattr(runner, "families", lambda: {"toy": toy})
     code = runner.main(["--ops", "toy", "--shapes", "4x4", "--dtypes", "float32", "--providers",
-                        "eager", "cpu", "--out-dir", str(tmp_path), "--auto-table", ""])
+                        "eager", "cpu", "--out-dir", str(tmp_path), "--auto-table", "",
+                        "--device", "cpu"])
     assert code == 1
     assert "toy" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
@@ -226,11 +241,13 @@ def test_inplace_cases_leave_the_logits_as_they_found_them():
     assert {c.provider for c in cases if c.setup is not None} == {"cpu_inplace", "liger"}
     inplace = next(c for c in cases if c.provider == "cpu_inplace")
     eager = next(c for c in cases if c.provider == "eager")
-    before = eager.fn()
+    before = runner.to_host(eager.fn())
     inplace.setup()
-    inplace.fn()  # overwrites the logits with their gradient
+    assert runner.mismatch(inplace.fn(), before, torch.float32) is None  # loss and gradient
     inplace.setup()
-    torch.testing.assert_close(eager.fn(), before, rtol=0, atol=0)
+    after = runner.to_host(eager.fn())
+    for a, b in zip(after, before):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_remit_ext_bench_forwards_to_the_suite(capsys, monkeypatch):
@@ -261,7 +278,7 @@ def test_a_third_party_failure_costs_its_row_only(tmp_path, monkeypatch):
     toy = runner.Family("toy", ("toy",), 2, "copy", build)
     monkeypatch.setattr(runner, "families", lambda: {"toy": toy})
     argv = ["--shapes", "4x4", "--dtypes", "float32", "--providers", "eager", "compile", "cpu",
-            "--out-dir", str(tmp_path), "--auto-table", ""]
+            "--out-dir", str(tmp_path), "--auto-table", "", "--device", "cpu"]
     assert runner.main(["--ops", "toy", *argv]) == 0
     assert {r["provider"] for r in report.load(tmp_path / "cpu.csv")} == {"hardware", "eager",
                                                                          "cpu"}

@@ -98,7 +98,8 @@ class TorchBackend(Backend):
     def token_stats(self, logits, targets, scorer_logits, ignore_index, temperature, with_entropy,
                     topk=0, topk_renormalize=False):
         lse, logprob, entropy = ref.token_stats_ref(
-            logits, targets, ignore_index=ignore_index, temperature=temperature)
+            logits, targets, ignore_index=ignore_index, temperature=temperature,
+            entropy=with_entropy)
         topk_ent = None
         if topk:
             topk_ent = ref.topk_entropy_ref(logits, topk, renormalize=topk_renormalize,
@@ -107,7 +108,8 @@ class TorchBackend(Backend):
         scorer_lse = scorer_logprob = None
         if scorer_logits is not None:
             scorer_lse, scorer_logprob, _ = ref.token_stats_ref(
-                scorer_logits, targets, ignore_index=ignore_index, temperature=temperature)
+                scorer_logits, targets, ignore_index=ignore_index, temperature=temperature,
+                entropy=False)
             # Like the kernels: scorer statistics in the policy's accumulation dtype.
             scorer_lse, scorer_logprob = scorer_lse.to(lse.dtype), scorer_logprob.to(lse.dtype)
         return (lse, logprob, entropy if with_entropy else None, topk_ent, scorer_lse,

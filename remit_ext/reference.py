@@ -92,29 +92,36 @@ def target_logprob_ref(logits: Tensor, targets: Tensor, *, ignore_index: int = -
 
 
 def token_stats_ref(
-    logits: Tensor, targets: Tensor, *, ignore_index: int = -100, temperature: float = 1.0
+    logits: Tensor, targets: Tensor, *, ignore_index: int = -100, temperature: float = 1.0,
+    entropy: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-token statistics (section 1) of ``logits / temperature``: ``(lse, logprob, entropy)``.
 
     lse = LSE(z);  logprob a = z_y - LSE(z);  entropy H = -sum_v p_v log p_v.
     Invalid positions (target == ignore_index) get 0 for all three. A row whose softmax is
     undefined (a +inf or NaN logit, or all -inf) has lse as ``torch.logsumexp`` gives and NaN
-    log-prob and entropy, as ``log_softmax`` gives.
+    log-prob and entropy, as ``log_softmax`` gives. ``entropy=False`` skips the entropy's
+    passes over the logits and returns zeros in its place.
     """
-    z = logits.to(acc_dtype(logits.dtype)) / temperature
+    z = logits.to(acc_dtype(logits.dtype))
+    if temperature != 1.0:
+        z = z / temperature
     valid = targets != ignore_index
     logp = torch.log_softmax(z, dim=-1)
     lse = torch.logsumexp(z, dim=-1)
     logprob = logp.gather(-1, torch.where(valid, targets, 0).long().unsqueeze(-1)).squeeze(-1)
-    # -sum p log p with p log p := 0 where p = 0; masking log p (not the product) keeps the
-    # backward free of 0 * -inf as well.
-    p = logp.exp()
-    entropy = -(p * torch.where(p > 0, logp, 0)).sum(-1)
+    if entropy:
+        # -sum p log p with p log p := 0 where p = 0; masking log p (not the product) keeps
+        # the backward free of 0 * -inf as well.
+        p = logp.exp()
+        ent = -(p * torch.where(p > 0, logp, 0)).sum(-1)
+    else:
+        ent = torch.zeros_like(lse)
     zero = torch.zeros((), dtype=z.dtype, device=z.device)
     return (
         torch.where(valid, lse, zero),
         torch.where(valid, logprob, zero),
-        torch.where(valid, entropy, zero),
+        torch.where(valid, ent, zero),
     )
 
 

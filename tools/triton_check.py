@@ -5,8 +5,9 @@ compiler refuses (a plain Python global read inside ``@triton.jit``, for one). T
 compiles each kernel ahead of time, through Triton's own front end, optimiser and the ptxas it
 ships, for sm_80 and sm_90, in the configurations ``remit_ext/triton/ops.py`` launches: every
 input dtype, the vocabulary block sizes and warp counts ``_block_v``/``_num_warps`` pick, with
-and without scorer, entropy and top-k, 32- and 64-bit strides, every epilogue variant. Nothing
-runs; a kernel that fails to compile fails the check.
+and without scorer, entropy and top-k, 32- and 64-bit strides and targets, every epilogue
+variant, large and small blocks. Nothing runs; a kernel that fails to compile fails the
+check.
 
     python tools/triton_check.py            # all configurations (about a minute on 2 cores)
     python tools/triton_check.py --arch 90  # one architecture
@@ -37,7 +38,7 @@ KERNELS = REPO / "remit_ext" / "triton" / "kernels.py"
 DATA = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32", "fp64": "*fp64"}
 # Vocabulary blocks a GPU launch uses (ops._block_v: next power of two of V, capped at 4096)
 # and their warp counts (ops._num_warps).
-BLOCKS = {1024: 4, 4096: 8}
+BLOCKS = {256: 4, 1024: 4, 2048: 8, 4096: 8}
 
 
 def load_kernels(path=None):
@@ -73,7 +74,8 @@ def configurations(K):
                                               (False, True, 64)):
                     if (block != 4096 or stride == "i64") and (topk or scorer != entropy):
                         continue  # every variant at the largest block, a few at the others
-                    sig = {"logits_ptr": ptr, "scorer_ptr": ptr, "targets_ptr": "*i64",
+                    sig = {"logits_ptr": ptr, "scorer_ptr": ptr,
+                           "targets_ptr": "*i32" if dt == "fp16" else "*i64",
                            "lse_ptr": ap, "logprob_ptr": ap, "entropy_ptr": ap, "topk_ptr": ap,
                            "s_lse_ptr": ap, "s_logprob_ptr": ap, "V": "i32",
                            "stride_logits": stride, "stride_scorer": stride,
@@ -85,7 +87,8 @@ def configurations(K):
                     yield (f"token_stats {dt} block {block} stride {stride} scorer {scorer} "
                            f"entropy {entropy} topk {topk}", K._token_stats_fwd_kernel, sig,
                            consts, warps)
-                sig = {"logits_ptr": ptr, "grad_ptr": ptr, "targets_ptr": "*i64",
+                sig = {"logits_ptr": ptr, "grad_ptr": ptr,
+                       "targets_ptr": "*i32" if dt == "fp16" else "*i64",
                        "lse_ptr": ap, "logprob_ptr": ap, "coef_ptr": ap, "V": "i32",
                        "stride_logits": stride, "stride_grad": stride, "ignore_index": "i32"}
                 yield (f"ce_bwd {dt} block {block} stride {stride}", K._ce_bwd_kernel, sig,
@@ -102,9 +105,10 @@ def configurations(K):
             sig = {"logprob_ptr": ap, "targets_ptr": "*i64", "adv_ptr": ap, "scale_ptr": ap,
                    "old_ptr": ap, "ref_ptr": ap, "coefs_ptr": ap, "loss_ptr": ap,
                    "dlogprob_ptr": ap, "N": "i32", "ignore_index": "i32"}
-            yield (f"pg_terms {ap[1:]} scale {scale} old {old} ref {ref}", K._pg_terms_kernel,
-                   sig, {"HAS_SCALE": scale, "HAS_OLD": old, "HAS_REF": ref, "BLOCK": 1024,
-                         "ACC": acc}, 4)
+            for block in (1024, 16) if scale and old and ref else (1024,):  # 16: small N
+                yield (f"pg_terms {ap[1:]} scale {scale} old {old} ref {ref} block {block}",
+                       K._pg_terms_kernel, sig, {"HAS_SCALE": scale, "HAS_OLD": old,
+                                                 "HAS_REF": ref, "BLOCK": block, "ACC": acc}, 4)
 
 
 def _compile_job(job):
