@@ -75,7 +75,9 @@ def _offsets(targets: Tensor, cu_seqlens: Optional[Tensor]) -> Tensor:
     if targets.dim() >= 2:
         t = targets.shape[-1]
         return torch.arange(n // t + 1, device=targets.device, dtype=torch.long) * t
-    return torch.tensor([0, n], device=targets.device, dtype=torch.long)
+    # [0, n] formed on the device: torch.tensor([0, n], device=cuda) would be a blocking
+    # host-to-device copy, a host sync on every call with 1-D targets.
+    return torch.arange(2, device=targets.device, dtype=torch.long) * n
 
 
 def _shaped(per_token: Tensor, targets: Tensor, reduction: str) -> Tensor:
