@@ -9,6 +9,7 @@ import torch  # noqa: F401  (the extension has no RUNPATH: libtorch must be load
 from ._build import build_info
 from . import _meta  # noqa: F401  (fakes + autograd; also loaded by the C++ library)
 from ._backends import BackendUnavailableError, available_backends
+from ._checks import get_validation, set_validation, validation
 from .functional import (
     PolicyGradientOutput,
     ReMiTOutput,
@@ -40,12 +41,15 @@ __all__ = [
     "TokenStats",
     "available_backends",
     "build_info",
+    "get_validation",
     "kd_loss",
     "policy_gradient_loss",
     "remit_linear_loss",
     "remit_loss",
     "remit_weights",
     "rho1_loss",
+    "set_validation",
     "token_stats",
+    "validation",
     "weighted_cross_entropy",
 ]

@@ -1,11 +1,27 @@
 """Argument checks for the public API: each failure names the argument, what was expected and
-what was given. Shape, dtype and device checks are free; checks of tensor *values* (target range,
-cu_seqlens offsets) run eagerly on CPU tensors, as device-side asserts on accelerators (no host
-synchronisation), and not at all while ``torch.compile`` traces."""
+what was given. Shape, dtype and device checks are free and always on. Checks of tensor *values*
+(target range, cu_seqlens offsets) follow the validation mode (``set_validation``):
+
+- ``"async"`` (default): CPU tensors are checked on the host (a clear ``ValueError``); on an
+  accelerator the check is a device-side assert (``torch._assert_async``): no host
+  synchronisation, but a bad value kills the CUDA context ("device-side assert triggered")
+  and every later CUDA call in the process fails.
+- ``"sync"``: every device is checked on the host and raises the same ``ValueError`` as on CPU;
+  on an accelerator that costs one host synchronisation per checked tensor (targets, and
+  cu_seqlens when given), reading one flag, or a few values only when the check fails.
+- ``"off"``: no value checks (the kernels then give NaN log-probs for out-of-range targets and
+  clamp malformed offsets; the C++ CPU kernels still refuse them where they read them).
+
+Value checks never run while ``torch.compile`` traces (a graph break otherwise), nor on the meta
+device (no values). The mode is process-wide, read from ``REMIT_EXT_VALIDATION`` at import.
+"""
 
 from __future__ import annotations
 
 from typing import Optional
+
+import contextlib
+import os
 
 import torch
 from torch import Tensor
@@ -21,8 +37,49 @@ def _tensor(x, name: str) -> Tensor:
     return x
 
 
-def _checking_values() -> bool:
-    return not torch.compiler.is_compiling()
+VALIDATION_MODES = ("async", "sync", "off")
+ENV_VALIDATION = "REMIT_EXT_VALIDATION"
+
+
+def _parse_mode(mode, name: str) -> str:
+    if mode not in VALIDATION_MODES:
+        raise ValueError(f"{name}: expected one of {VALIDATION_MODES}, got {mode!r}")
+    return mode
+
+
+_mode = _parse_mode(os.environ.get(ENV_VALIDATION, "async"), ENV_VALIDATION)
+
+
+def set_validation(mode: str) -> str:
+    """Set how tensor values (target range, cu_seqlens offsets) are checked: ``"async"``
+    (default; device-side asserts on accelerators, no host sync), ``"sync"`` (host checks and a
+    ``ValueError`` on every device, one host sync per checked tensor) or ``"off"``. Returns the
+    previous mode. The environment variable ``REMIT_EXT_VALIDATION`` sets the initial mode."""
+    global _mode
+    previous, _mode = _mode, _parse_mode(mode, "mode")
+    return previous
+
+
+def get_validation() -> str:
+    """The current validation mode (see ``set_validation``)."""
+    return _mode
+
+
+@contextlib.contextmanager
+def validation(mode: str):
+    """``with remit_ext.validation("sync"): ...``: the mode for a block, restored after."""
+    previous = set_validation(mode)
+    try:
+        yield
+    finally:
+        set_validation(previous)
+
+
+def _value_check(device: torch.device) -> Optional[str]:
+    """How to check values on ``device`` now: "host", "device" or None (not at all)."""
+    if _mode == "off" or device.type == "meta" or torch.compiler.is_compiling():
+        return None
+    return "host" if device.type == "cpu" or _mode == "sync" else "device"
 
 
 def check_logits(logits, name: str = "logits") -> Tensor:
@@ -61,13 +118,17 @@ def check_targets(targets, logits: Tensor, ignore_index: int, name: str = "targe
         raise ValueError(f"{name}: expected shape {tuple(logits.shape[:-1])} (logits without "
                          f"the vocab dim), got {tuple(targets.shape)}")
     check_same_device(logits, targets, name)
-    if _checking_values():
+    how = _value_check(targets.device)
+    if how is not None:
         vocab = logits.shape[-1]
-        bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+        bad = ((targets != ignore_index) & ((targets < 0) | (targets >= vocab))).flatten()
         msg = f"{name}: expected values in [0, {vocab}) or ignore_index={ignore_index}"
-        if targets.device.type == "cpu":
-            if bool(bad.any()):
-                idx = int(bad.flatten().nonzero()[0])
+        if how == "host":
+            # One read (one host sync on an accelerator): the first bad position, or -1.
+            idx = -1
+            if bad.numel():
+                idx = int(torch.where(bad.any(), bad.to(torch.uint8).argmax(), -1))
+            if idx >= 0:
                 raise ValueError(f"{msg}, got {int(targets.flatten()[idx])} at flat position {idx}")
         else:
             torch._assert_async(~bad.any(), msg)
@@ -97,12 +158,13 @@ def check_cu_seqlens(cu_seqlens, n_tokens: int, device: torch.device) -> Optiona
     if cu_seqlens.device != device:
         raise ValueError(f"cu_seqlens: expected a tensor on {device} like logits, "
                          f"got one on {cu_seqlens.device}")
-    if _checking_values():
+    how = _value_check(device)
+    if how is not None:
         ok = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == n_tokens)
         ok = ok & (cu_seqlens[1:] >= cu_seqlens[:-1]).all()
         msg = (f"cu_seqlens: expected non-decreasing offsets from 0 to the number of tokens "
                f"{n_tokens}")
-        if device.type == "cpu":
+        if how == "host":
             if not bool(ok):
                 raise ValueError(f"{msg}, got {cu_seqlens.tolist()}")
         else:
