@@ -223,38 +223,3 @@ def test_cuda_64bit_offsets():
     torch.testing.assert_close(row_sums, torch.zeros_like(row_sums), rtol=0, atol=2e-2)
 
 
-GPU_BACKENDS = [b for b in KERNEL_BACKENDS if b in ("triton", "cuda") and DEVICE.type == "cuda"]
-
-
-@pytest.mark.skipif(not GPU_BACKENDS, reason="needs a CUDA device (triton or cuda backend)")
-@pytest.mark.parametrize("backend", GPU_BACKENDS or ["none"])
-def test_loss_calls_never_synchronise_with_the_host(backend):
-    """No host synchronisation inside a loss call (forward or backward): CUDA's sync debug
-    mode turns any synchronising call (an .item(), a blocking copy) into an error."""
-    logits, scorer, targets = make_pair((4, 64, 1000), torch.bfloat16, seed=41)
-    cu = torch.tensor([0, 100, 256], device=DEVICE)
-    adv = torch.randn(targets.shape, device=DEVICE)
-    old = torch.randn(targets.shape, device=DEVICE) - 7
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for inplace in (False, True):
-            for call in (
-                lambda z: remit_ext.remit_loss(z, targets, scorer_logits=scorer,
-                                               inplace_backward=inplace, backend=backend),
-                lambda z: remit_ext.remit_loss(z.view(1, 256, -1), targets.view(1, 256),
-                                               scorer_logits=scorer.view(1, 256, -1),
-                                               cu_seqlens=cu, backend=backend),
-                lambda z: remit_ext.weighted_cross_entropy(z, targets, adv.abs(),
-                                                           inplace_backward=inplace,
-                                                           backend=backend),
-                lambda z: remit_ext.policy_gradient_loss(z, targets, adv, old_logprobs=old,
-                                                         inplace_backward=inplace,
-                                                         backend=backend),
-            ):
-                z = logits.detach().clone().requires_grad_(True)
-                call(z).backward()
-        remit_ext.token_stats(logits, targets, scorer_logits=scorer, entropy=True,
-                              backend=backend)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")

@@ -99,7 +99,9 @@ def test_remit_loss_bad_input(backend, case, exc, pattern):
         }[case].to(DEVICE))
     elif case == "not_a_tensor":
         targets = targets.tolist()
-    with pytest.raises(exc, match=pattern):
+    # "sync": value errors (target range, offsets) raise on every device; under the default
+    # "async" a CUDA tensor's bad value is a device-side assert (test_validation.py).
+    with remit_ext.validation("sync"), pytest.raises(exc, match=pattern):
         remit_ext.remit_loss(logits, targets, backend=backend, **kw)
 
 
@@ -126,11 +128,14 @@ def test_mixed_devices():
          r"keep_ratio: expected a number in \(0, 1\], got 0.0"),
         (lambda l, s, y: remit_ext.rho1_loss(l, y), ValueError,
          r"rho1_loss: expected exactly one of ref_logits and ref_logprobs, got neither"),
-        (lambda l, s, y: remit_ext.weighted_cross_entropy(l, y, torch.ones(3)), ValueError,
+        (lambda l, s, y: remit_ext.weighted_cross_entropy(l, y, torch.ones(3, device=DEVICE)),
+         ValueError,
          r"weights: expected shape \(2, 5\) \(one value per position\), got \(3,\)"),
-        (lambda l, s, y: remit_ext.remit_weights(torch.zeros(2, 5), torch.zeros(2, 5), y, eps=2),
+        (lambda l, s, y: remit_ext.remit_weights(torch.zeros(2, 5, device=DEVICE),
+                                                 torch.zeros(2, 5, device=DEVICE), y, eps=2),
          ValueError, r"eps: expected a number in \(0, 1\), got 2"),
-        (lambda l, s, y: remit_ext.remit_weights(torch.zeros(2, 5), torch.zeros(2, 4), y),
+        (lambda l, s, y: remit_ext.remit_weights(torch.zeros(2, 5, device=DEVICE),
+                                                 torch.zeros(2, 4, device=DEVICE), y),
          ValueError, r"scorer_logprobs: expected shape \(2, 5\)"),
         (lambda l, s, y: remit_ext.remit_loss(l, y, scorer_logits=s, backend="cuda-fast"),
          ValueError, r"backend: expected 'auto' or one of \[.*'torch'\], got 'cuda-fast'"),

@@ -342,17 +342,18 @@ def _err_inputs():
      r"scorer_weight: expected shape \(20, 9\)"),
     (lambda h, w, y, s: (h, w, y, {**s, "scorer_hidden": s["scorer_hidden"][:3]}), ValueError,
      r"scorer_hidden: expected shape \(12,\)"),
-    (lambda h, w, y, s: (h, w, y, {**s, "bias": torch.zeros(19)}), ValueError,
+    (lambda h, w, y, s: (h, w, y, {**s, "bias": torch.zeros(19, device=DEVICE)}), ValueError,
      r"bias: expected shape \(20,\)"),
-    (lambda h, w, y, s: (h, w, y, {**s, "scorer_logprobs": torch.zeros(12)}), ValueError,
+    (lambda h, w, y, s: (h, w, y, {**s, "scorer_logprobs": torch.zeros(12, device=DEVICE)}), ValueError,
      r"expected exactly one of scorer_hidden .*got both"),
-    (lambda h, w, y, s: (h, w, y, {"scorer_logprobs": torch.zeros(11)}), ValueError,
+    (lambda h, w, y, s: (h, w, y, {"scorer_logprobs": torch.zeros(11, device=DEVICE)}), ValueError,
      r"scorer_logprobs: expected shape \(12,\)"),
     (lambda h, w, y, s: (h, w, y, {**s, "method": "dpo"}), ValueError,
      r"method: expected one of \('remit', 'ntp', 'rho1', 'kd'\), got 'dpo'"),
     (lambda h, w, y, s: (h, w, y, {**s, "method": "ntp"}), ValueError,
      r"method='ntp' uses no scorer"),
-    (lambda h, w, y, s: (h, w, y, {"scorer_logprobs": torch.zeros(12), "method": "kd"}),
+    (lambda h, w, y, s: (h, w, y, {"scorer_logprobs": torch.zeros(12, device=DEVICE),
+                         "method": "kd"}),
      ValueError, r"method='kd' needs the teacher's full distribution"),
     (lambda h, w, y, s: (h, w, y, {**s, "temperature": 2.0}), ValueError,
      r"temperature: only method='kd'"),
@@ -363,13 +364,14 @@ def _err_inputs():
     (lambda h, w, y, s: (h, w, y, {**s, "eps": 1.5}), ValueError, r"eps: expected"),
     (lambda h, w, y, s: (h, w, y, {**s, "reduction": "avg"}), ValueError, r"reduction: expected"),
     (lambda h, w, y, s: (h, w, y, {**s, "keep_ratio": 0}), ValueError, r"keep_ratio: expected"),
-    (lambda h, w, y, s: (h, w, y, {**s, "cu_seqlens": torch.tensor([0, 5, 11])}), ValueError,
+    (lambda h, w, y, s: (h, w, y, {**s, "cu_seqlens": torch.tensor([0, 5, 11], device=DEVICE)}), ValueError,
      r"cu_seqlens: expected non-decreasing offsets from 0 to the number of tokens 12"),
     (lambda h, w, y, s: (h, w, y, {**s, "backend": "cuda9"}), ValueError, r"backend: expected"),
 ])
 def test_bad_inputs(change, exc, match):
     h, w, y, s = change(*_err_inputs())
-    with pytest.raises(exc, match=match):
+    # "sync": the value errors (target range, offsets) raise on a GPU too (test_validation.py).
+    with remit_ext.validation("sync"), pytest.raises(exc, match=match):
         remit_ext.remit_linear_loss(h, w, y, **s)
 
 

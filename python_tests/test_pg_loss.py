@@ -418,7 +418,8 @@ def test_bad_input(change, exc, pattern):
     args.update(change(args))
     args.setdefault("clip_eps", CLIP_LOW)
     adv = args.pop("advantages")
-    with pytest.raises(exc, match=pattern):
+    # "sync": the action-range error raises on a GPU too (test_validation.py).
+    with remit_ext.validation("sync"), pytest.raises(exc, match=pattern):
         remit_ext.policy_gradient_loss(logits, args.pop("actions"), adv, **args)
 
 
@@ -433,10 +434,8 @@ DIRECT_CASES = [
 ]
 
 
-# The Triton ops leave target values to the Python layer (as all of them do): no bad_action row.
 @pytest.mark.parametrize("namespace, case, pattern", [
-    (ns, case, pattern) for ns in NAMESPACES for case, pattern in DIRECT_CASES
-    if not (case == "bad_action" and ns == "remit_ext_triton")])
+    (ns, case, pattern) for ns in NAMESPACES for case, pattern in DIRECT_CASES])
 def test_direct_op_calls_check_too(namespace, case, pattern):
     # A direct torch.ops call gets the checks too: the kernels index the per-token tensors.
     ops = getattr(torch.ops, namespace)
@@ -457,5 +456,15 @@ def test_direct_op_calls_check_too(namespace, case, pattern):
         beta, ref = -1.0, adv
     elif case == "bad_action":
         y[3] = 99
+        if namespace == "remit_ext_triton" or DEVICE.type == "cuda":
+            # Target values: the C++ CPU kernel refuses a bad one where it reads it; the GPU
+            # kernels (CUDA, and Triton on any device) cannot raise without a host sync, so
+            # they give NaN at that token, and only there (the public API checks values first).
+            loss, _, logprob, _ = ops.pg_loss_fwd(z, y, adv, scale, None, ref, IGNORE, clip_low,
+                                                  0.2, beta, False)
+            bad = torch.arange(10, device=DEVICE) == 3
+            assert bool(logprob[bad].isnan().all()) and bool(loss[bad].isnan().all())
+            assert bool(logprob[~bad].isfinite().all()) and bool(loss[~bad].isfinite().all())
+            return
     with pytest.raises(ValueError, match=pattern):
         ops.pg_loss_fwd(z, y, adv, scale, None, ref, IGNORE, clip_low, 0.2, beta, False)
