@@ -27,6 +27,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pg_loss_fwd_cuda(
     const c10::optional<at::Tensor>& ref_logprob, int64_t ignore_index, double clip_low,
     double clip_high, double kl_beta, bool inplace_backward) {
   check_logits(logits, "logits");
+  // Shapes, dtypes and devices only: action *values* are not checked here (that needs a host
+  // sync). An out-of-range action gives a NaN log-prob and loss at that token, as in every CUDA
+  // and Triton op; the Python API checks values first (remit_ext.set_validation).
   check_targets(actions, logits, "actions");
   check_pg_coefficients(clip_low, clip_high, kl_beta, ref_logprob.has_value());
   (void)inplace_backward;  // read by the backward (remit_ext/_meta.py)

@@ -39,7 +39,8 @@ remit_loss_cuda(const at::Tensor& logits, const at::Tensor& targets,
     b = *scorer_logprob;
   }
   stats_pass(logits, targets, scorer_logits, ignore_index, 1.0, lse, logprob, none, s_lse, b);
-  at::Tensor w = at::empty({N}, opts), dhat = at::empty({N}, opts), loss = at::empty({N}, opts);
+  // Zeros: tokens no (clamped, malformed) cu_seqlens segment covers stay 0 (remit_weights.cpp).
+  at::Tensor w = at::zeros({N}, opts), dhat = at::zeros({N}, opts), loss = at::zeros({N}, opts);
   at::Tensor diag = at::empty({6}, opts);
   remit_weights_into(logprob, b, targets, cu_seqlens, ignore_index, eps, w, dhat, diag, loss);
   return {loss, w, logprob, lse, dhat, diag};

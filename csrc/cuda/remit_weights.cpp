@@ -58,7 +58,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> remit_weights_cuda(
   check_on_device(scorer_logprob, logprob, "scorer_logprob");
   check_on_device(targets, logprob, "targets");
   const c10::cuda::CUDAGuard guard(logprob.device());
-  at::Tensor w = at::empty_like(logprob), dhat = at::empty_like(logprob);
+  // Zeros, not empty: offsets that do not cover every token (malformed cu_seqlens, unchecked
+  // under torch.compile or with validation off; the kernel clamps them) leave those tokens 0.
+  at::Tensor w = at::zeros_like(logprob), dhat = at::zeros_like(logprob);
   at::Tensor diag = at::empty({6}, logprob.options());
   at::Tensor no_loss;
   remit_weights_into(logprob, scorer_logprob, targets, cu_seqlens, ignore_index, eps, w, dhat,
