@@ -23,7 +23,7 @@ from .functional import (
     token_stats,
     weighted_cross_entropy,
 )
-from .linear import LinearLossOutput, remit_linear_loss
+from .linear import LinearLossOutput, LinearTokenStats, linear_token_stats, remit_linear_loss
 from .modules import LinearReMiTLoss, ReMiTLoss
 from .reference import ReMiTDiagnostics
 
@@ -33,6 +33,7 @@ __all__ = [
     "BackendUnavailableError",
     "LinearLossOutput",
     "LinearReMiTLoss",
+    "LinearTokenStats",
     "PolicyGradientOutput",
     "ReMiTDiagnostics",
     "ReMiTLoss",
@@ -43,6 +44,7 @@ __all__ = [
     "build_info",
     "get_validation",
     "kd_loss",
+    "linear_token_stats",
     "policy_gradient_loss",
     "remit_linear_loss",
     "remit_loss",

@@ -5,6 +5,13 @@ picks a backend through the one dispatcher, and reduces. Sequences for ReMiT's p
 centering are, by default, the rows of the batch (the last dim of ``targets``, when it has two
 or more dims) or, for 2-D logits ``[N, V]``, the whole input; packed documents are given by
 ``cu_seqlens`` offsets over the flattened positions.
+
+Every loss takes ``num_items_in_batch``: an int > 0, or a 0-d tensor (on the logits' device or
+the CPU; its value is never read on the host, so no sync), that replaces the local count as the
+divisor of ``reduction="mean"``. Pass the count of the whole global batch (every micro-batch of
+a gradient-accumulation step, every data-parallel rank) and the gradients summed over the
+micro-batches equal those of one big batch: the Hugging Face ``num_items_in_batch`` convention.
+A tensor count of 0 gives a loss of 0. ``"sum"`` and ``"none"`` divide by nothing and refuse it.
 """
 
 from __future__ import annotations
@@ -78,6 +85,34 @@ def _offsets(targets: Tensor, cu_seqlens: Optional[Tensor]) -> Tensor:
     # [0, n] formed on the device: torch.tensor([0, n], device=cuda) would be a blocking
     # host-to-device copy, a host sync on every call with 1-D targets.
     return torch.arange(2, device=targets.device, dtype=torch.long) * n
+
+
+def _check_num_items(num_items, reduction: str, device: torch.device):
+    """num_items_in_batch validated: None, an int > 0 or a 0-d real tensor on ``device`` or the
+    CPU (its value is not read: no host sync); only with reduction='mean'."""
+    if num_items is None:
+        return None
+    if isinstance(num_items, bool) or not isinstance(num_items, (int, Tensor)):
+        raise TypeError(f"num_items_in_batch: expected an int or a 0-d tensor, got "
+                        f"{type(num_items).__name__}")
+    if isinstance(num_items, int):
+        if num_items < 1:
+            raise ValueError(f"num_items_in_batch: expected an int > 0 (the number of tokens "
+                             f"the mean divides by), got {num_items}")
+    else:
+        if num_items.dtype == torch.bool or num_items.is_complex():
+            raise TypeError(f"num_items_in_batch: expected an integer or floating tensor, got "
+                            f"{num_items.dtype}")
+        if num_items.dim() != 0:
+            raise ValueError(f"num_items_in_batch: expected a 0-d tensor, got shape "
+                             f"{tuple(num_items.shape)}")
+        if num_items.device != device and num_items.device.type != "cpu":
+            raise ValueError(f"num_items_in_batch: expected a tensor on {device} (or the CPU), "
+                             f"got one on {num_items.device}")
+    if reduction != "mean":
+        raise ValueError(f"num_items_in_batch: only reduction='mean' divides by a token count, "
+                         f"got reduction={reduction!r}")
+    return num_items
 
 
 def _shaped(per_token: Tensor, targets: Tensor, reduction: str) -> Tensor:
@@ -168,6 +203,7 @@ def weighted_cross_entropy(
     *,
     ignore_index: int = -100,
     reduction: str = "mean",
+    num_items_in_batch: Optional[int | Tensor] = None,
     inplace_backward: bool = False,
     backend: str = "auto",
 ) -> Tensor:
@@ -176,18 +212,19 @@ def weighted_cross_entropy(
     ``inplace_backward=True`` makes the kernel backends write the logits gradient into the
     logits buffer (saves one [N, V] allocation; the logits must not be used after the backward;
     the torch backend ignores it). Gradients flow to ``logits`` and, if it requires grad, to
-    ``weights``.
+    ``weights``. ``num_items_in_batch`` replaces the valid-token count (module docstring).
     """
     chk.check_logits(logits)
     chk.check_targets(targets, logits, ignore_index)
     if weights is not None:
         chk.check_per_token(weights, targets, "weights")
     chk.check_reduction(reduction)
+    num_items = _check_num_items(num_items_in_batch, reduction, logits.device)
     impl = select_backend("weighted_cross_entropy", backend, (logits, targets, weights))
     z, y = _flat(logits, targets)
     w = None if weights is None else weights.reshape(-1)
     per_token, _ = impl.weighted_ce(z, y, w, ignore_index, inplace_backward)
-    loss = reduce_tokens(per_token, (y != ignore_index).sum(), reduction)
+    loss = reduce_tokens(per_token, (y != ignore_index).sum(), reduction, num_items)
     return _shaped(loss, targets, reduction)
 
 
@@ -201,6 +238,7 @@ def remit_loss(
     eps: float = 0.2,
     ignore_index: int = -100,
     reduction: str = "mean",
+    num_items_in_batch: Optional[int | Tensor] = None,
     detach_weights: bool = True,
     inplace_backward: bool = False,
     return_details: bool = False,
@@ -213,7 +251,9 @@ def remit_loss(
     loss, or with ``return_details=True`` a ``ReMiTOutput(loss, weights, diagnostics)``.
     Only ``logits`` gets a gradient; weights are detached unless ``detach_weights=False``.
     ``inplace_backward=True`` makes the kernel backends write the gradient into the logits
-    buffer (the torch backend ignores it).
+    buffer (the torch backend ignores it). ``num_items_in_batch`` replaces the valid-token
+    count (module docstring); the weights are centred per sequence, so cut micro-batches at
+    sequence boundaries.
     """
     chk.check_logits(logits)
     chk.check_targets(targets, logits, ignore_index)
@@ -225,6 +265,7 @@ def remit_loss(
         chk.check_per_token(scorer_logprobs, targets, "scorer_logprobs")
     eps = chk.check_eps(eps)
     chk.check_reduction(reduction)
+    num_items = _check_num_items(num_items_in_batch, reduction, logits.device)
     z, y = _flat(logits, targets)
     chk.check_cu_seqlens(cu_seqlens, y.numel(), y.device)
     impl = select_backend("remit_loss", backend,
@@ -233,8 +274,8 @@ def remit_loss(
     sb = None if scorer_logprobs is None else scorer_logprobs.reshape(-1)
     per_token, w, diag = impl.remit_loss(z, y, sz, sb, _offsets(targets, cu_seqlens),
                                          ignore_index, eps, detach_weights, inplace_backward)
-    loss = _shaped(reduce_tokens(per_token, (y != ignore_index).sum(), reduction), targets,
-                   reduction)
+    loss = _shaped(reduce_tokens(per_token, (y != ignore_index).sum(), reduction, num_items),
+                   targets, reduction)
     if not return_details:
         return loss
     return ReMiTOutput(loss, w.detach().reshape(targets.shape), ReMiTDiagnostics.from_tensor(diag))
@@ -249,11 +290,15 @@ def rho1_loss(
     keep_ratio: float = 0.6,
     ignore_index: int = -100,
     reduction: str = "mean",
+    num_items_in_batch: Optional[int | Tensor] = None,
     backend: str = "auto",
 ) -> Tensor:
     """Rho-1 selective LM (METHODS.md section 3): NLL over the ceil(keep_ratio * N_valid) valid
     tokens of the batch with the largest excess loss NLL_theta - NLL_ref (ties by position);
-    'mean' divides by the number kept."""
+    'mean' divides by the number kept.
+
+    ``num_items_in_batch`` replaces the number kept as the divisor (module docstring: pass the
+    number kept over the global batch); the selection itself stays per call."""
     chk.check_logits(logits)
     chk.check_targets(targets, logits, ignore_index)
     chk.check_exactly_one(ref_logits, ref_logprobs, "ref_logits", "ref_logprobs", "rho1_loss")
@@ -264,6 +309,7 @@ def rho1_loss(
     if not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
         raise ValueError(f"keep_ratio: expected a number in (0, 1], got {keep_ratio!r}")
     chk.check_reduction(reduction)
+    num_items = _check_num_items(num_items_in_batch, reduction, logits.device)
     impl = select_backend("rho1_loss", backend, (logits, targets, ref_logits, ref_logprobs))
     z, y = _flat(logits, targets)
     if ref_logits is not None:
@@ -275,7 +321,7 @@ def rho1_loss(
     per_token, a = impl.weighted_ce(z, y, None, ignore_index, False)
     valid = y != ignore_index
     keep = rho1_keep_mask(b.to(a.dtype) - a.detach(), valid, float(keep_ratio))
-    loss = reduce_tokens(per_token * keep, keep.sum(), reduction)
+    loss = reduce_tokens(per_token * keep, keep.sum(), reduction, num_items)
     return _shaped(loss, targets, reduction)
 
 
@@ -287,23 +333,26 @@ def kd_loss(
     temperature: float = 1.0,
     ignore_index: int = -100,
     reduction: str = "mean",
+    num_items_in_batch: Optional[int | Tensor] = None,
     backend: str = "auto",
 ) -> Tensor:
     """Distillation against a frozen teacher (METHODS.md section 3):
     ``(1/N_valid) sum_valid [LSE(z/T) - sum_v softmax(z^T/T)_v z_v/T]``; ``targets`` only marks
-    valid positions. No T^2 factor is applied."""
+    valid positions. No T^2 factor is applied. ``num_items_in_batch`` replaces the valid-token
+    count (module docstring)."""
     chk.check_logits(logits)
     chk.check_like_logits(teacher_logits, logits, "teacher_logits")
     chk.check_targets(targets, logits, ignore_index)
     temperature = chk.check_positive(temperature, "temperature")
     chk.check_reduction(reduction)
+    num_items = _check_num_items(num_items_in_batch, reduction, logits.device)
     impl = select_backend("kd_loss", backend, (logits, teacher_logits, targets))
     z, y = _flat(logits, targets)
     tz = teacher_logits.reshape(z.shape)
     if tz.dtype != z.dtype:
         tz = tz.to(z.dtype)
     per_token = impl.kd(z, tz, y, ignore_index, temperature)
-    loss = reduce_tokens(per_token, (y != ignore_index).sum(), reduction)
+    loss = reduce_tokens(per_token, (y != ignore_index).sum(), reduction, num_items)
     return _shaped(loss, targets, reduction)
 
 
@@ -320,6 +369,7 @@ def policy_gradient_loss(
     kl_beta: float = 0.0,
     ignore_index: int = -100,
     reduction: str = "mean",
+    num_items_in_batch: Optional[int | Tensor] = None,
     inplace_backward: bool = False,
     return_details: bool = False,
     backend: str = "auto",
@@ -339,7 +389,8 @@ def policy_gradient_loss(
     ``actions``, and receive no gradient. Positions whose action is ``ignore_index`` (the prompt,
     padding, forced tokens) count nothing. 'mean' divides by the valid-token count, 'sum' leaves
     the normalisation to ``scale``. With ``return_details=True`` returns a
-    ``PolicyGradientOutput(loss, logprobs, clip_frac)``.
+    ``PolicyGradientOutput(loss, logprobs, clip_frac)`` (``clip_frac`` over this call's tokens).
+    ``num_items_in_batch`` replaces the valid-token count of 'mean' (module docstring).
     """
     chk.check_logits(logits)
     chk.check_targets(actions, logits, ignore_index, "actions")
@@ -359,6 +410,7 @@ def policy_gradient_loss(
         raise ValueError(f"kl_beta: {kl_beta} > 0 needs ref_logprobs (the reference model's "
                          f"log-probs of the actions), got None")
     chk.check_reduction(reduction)
+    num_items = _check_num_items(num_items_in_batch, reduction, logits.device)
     impl = select_backend("pg_loss", backend,
                           (logits, actions, advantages, scale, old_logprobs, ref_logprobs))
     z, y = _flat(logits, actions)
@@ -370,7 +422,8 @@ def policy_gradient_loss(
                                       flat(ref_logprobs), ignore_index, clip_low, clip_high,
                                       float(kl_beta), inplace_backward)
     valid = y != ignore_index
-    loss = _shaped(reduce_tokens(per_token, valid.sum(), reduction), actions, reduction)
+    loss = _shaped(reduce_tokens(per_token, valid.sum(), reduction, num_items), actions,
+                   reduction)
     if not return_details:
         return loss
     if old_logprobs is None:
@@ -381,3 +434,4 @@ def policy_gradient_loss(
         active = (((adv >= 0) & (ratio > 1 + clip_high)) | ((adv < 0) & (ratio < 1 - clip_low)))
         clip_frac = (active & valid).sum() / valid.sum().clamp(min=1)
     return PolicyGradientOutput(loss, logprob.detach().reshape(actions.shape), clip_frac)
+

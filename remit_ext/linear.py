@@ -1,9 +1,18 @@
-"""Fused-linear losses: hidden states and LM heads in, loss and gradients out, no ``[N, V]``
-logits held (METHODS.md sections 2-3, issue 5).
+"""Fused-linear losses and the token-statistics primitive: hidden states and LM heads in, no
+``[N, V]`` logits held (METHODS.md sections 1-3, issue 5).
 
-One engine serves four methods, picked by ``method=``: ``"remit"`` (ReMiT weights from a frozen
-scorer), ``"ntp"`` (weights 1), ``"rho1"`` (Rho-1 top-k selection against a reference model)
-and ``"kd"`` (distillation against a teacher's full distribution). The scorer / reference /
+Two public entry points share one chunk engine:
+
+- ``linear_token_stats``: per-token log-prob / entropy / lse, differentiable for any per-token
+  cotangents (the composable primitive RL and mid-training trainers write their own losses on;
+  the backward recomputes each chunk's logits). Op ``remit_ext_linear::linear_token_stats``.
+- ``remit_linear_loss``: one monolithic loss per method with the gradient formed in the forward
+  pass (one pass over the logits where the schedule allows). Its frozen scorer's log-probs come
+  from the primitive, forward only.
+
+One loss engine serves four methods, picked by ``method=``: ``"remit"`` (ReMiT weights from a
+frozen scorer), ``"ntp"`` (weights 1), ``"rho1"`` (Rho-1 top-k selection against a reference
+model) and ``"kd"`` (distillation against a teacher's full distribution). The scorer / reference /
 teacher is the same set of arguments (``scorer_hidden`` + ``scorer_weight``, or precomputed
 ``scorer_logprobs``) and never receives a gradient.
 
@@ -32,7 +41,7 @@ to the model's data loader and keep this one per step).
 torch.compile: the engine is one registered op, ``torch.ops.remit_ext_linear.linear_loss``
 (schema, fake and autograd below), opaque to the compiler, so a compiled model traces through
 the loss without a graph break. The backward of ``reduction="none"`` is a second op,
-``linear_loss_grad``.
+``linear_loss_grad``; the primitive's backward is ``linear_token_stats_grad``.
 """
 
 from __future__ import annotations
@@ -47,9 +56,11 @@ from . import _checks as chk
 from . import reference as ref
 from ._backends import OpsBackend, select_backend, BACKENDS
 from ._meta import _token_stats_input_grad
+from .functional import _check_num_items
 from .reference import ReMiTDiagnostics, acc_dtype, rho1_keep_mask
 
-__all__ = ["LinearLossOutput", "METHODS", "remit_linear_loss", "linear_chunk_size"]
+__all__ = ["LinearLossOutput", "LinearTokenStats", "METHODS", "remit_linear_loss",
+           "linear_chunk_size", "linear_token_stats", "stats_chunk_size"]
 
 METHODS = ("remit", "ntp", "rho1", "kd")
 NAMESPACE = "remit_ext_linear"
@@ -57,6 +68,15 @@ NAMESPACE = "remit_ext_linear"
 # GPU 2 GiB holds 4096 rows of bf16 policy + scorer logits at V = 128k: whole 4k-token
 # sequences per chunk (the one-pass schedule) and matmuls large enough to run at full rate.
 DEFAULT_MEMORY_BUDGET = {"cuda": 2 << 30, "cpu": 256 << 20}
+
+
+class LinearTokenStats(NamedTuple):
+    """Per-token statistics of ``hidden @ weight.T (+ bias)``, fp32 (fp64 for fp64 inputs),
+    shaped like ``targets``, 0 at ignored positions."""
+
+    logprob: Tensor  # log p(y_t), differentiable
+    entropy: Optional[Tensor]  # H_t (None unless entropy=True), differentiable
+    lse: Tensor  # LSE(z_t / T), differentiable
 
 
 class LinearLossOutput(NamedTuple):
@@ -81,6 +101,11 @@ class _OpsKernels:
         lse, a = self.ops.token_stats(z, y, None, ii, 1.0, False, 0, False)[:2]
         return lse, a
 
+    def stats(self, z, y, ii, temperature, with_entropy):
+        lse, a, ent = self.ops.token_stats(z, y, None, ii, temperature, with_entropy, 0,
+                                           False)[:3]
+        return lse, a, ent
+
     def ce_grad_(self, z, y, lse, a, coef, ii):
         self.ops.weighted_ce_bwd_(z, y, lse, a, coef, ii)
         return z
@@ -96,6 +121,10 @@ class _TorchKernels:
     def logprob(self, z, y, ii):
         lse, a, _ = ref.token_stats_ref(z, y, ignore_index=ii, entropy=False)
         return lse, a
+
+    def stats(self, z, y, ii, temperature, with_entropy):
+        return ref.token_stats_ref(z, y, ignore_index=ii, temperature=temperature,
+                                   entropy=with_entropy)
 
     def ce_grad_(self, z, y, lse, a, coef, ii):
         # d(-coef * a)/dz = coef * (softmax(z) - onehot(y)), masked at invalid rows.
@@ -143,6 +172,20 @@ def linear_chunk_size(n_tokens: int, vocab: int, dtype: torch.dtype, *,
     return int(max(1, min(rows, n_tokens)))
 
 
+def _head_logits(h: Tensor, w: Tensor, b: Optional[Tensor], s: int, e: int) -> Tensor:
+    """The logits of rows [s, e): ``h[s:e] @ w.T (+ b)``, one [C, V] buffer."""
+    if b is None:
+        return h[s:e] @ w.T
+    return torch.addmm(b, h[s:e], w.T)
+
+
+def _chunk_stats(k, h, w, b, y, s, e, ii, temperature, with_entropy):
+    """(lse, logprob, entropy) of rows [s, e) of ``h @ w.T (+ b)``: the chunk step of the
+    token-statistics primitive, shared by ``linear_token_stats`` and the frozen scorer of
+    ``remit_linear_loss``. The chunk's logits are freed on return."""
+    return k.stats(_head_logits(h, w, b, s, e), y[s:e], ii, temperature, with_entropy)
+
+
 def _free_chunks(n: int, chunk: int) -> list[tuple[int, int]]:
     return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
 
@@ -178,18 +221,16 @@ class _Engine:
         self.acc = acc_dtype(hidden.dtype)
 
     def logits(self, s, e):
-        if self.b is None:
-            return self.h[s:e] @ self.w.T
-        return torch.addmm(self.b, self.h[s:e], self.w.T)
+        return _head_logits(self.h, self.w, self.b, s, e)
 
     def scorer_logits(self, s, e):
-        if self.sb is None:
-            return self.sh[s:e] @ self.sw.T
-        return torch.addmm(self.sb, self.sh[s:e], self.sw.T)
+        return _head_logits(self.sh, self.sw, self.sb, s, e)
 
     def frozen_logprob(self, s, e):
-        """b_t of the scorer / reference for rows [s, e); its logits are dropped at once."""
-        _, b = self.k.logprob(self.scorer_logits(s, e), self.y[s:e], self.ii)
+        """b_t of the scorer / reference for rows [s, e): the token-statistics primitive's chunk
+        step (``linear_token_stats``), its logits dropped at once."""
+        _, b, _ = _chunk_stats(self.k, self.sh, self.sw, self.sb, self.y, s, e, self.ii, 1.0,
+                               False)
         return b.to(self.acc)
 
     def stats(self, s, e, z=None):
@@ -257,7 +298,7 @@ def _host_bounds(n: int, row_len: int, cu_seqlens: Optional[Tensor]) -> list[int
 def _linear_loss_impl(hidden, weight, targets, bias, scorer_hidden, scorer_weight, scorer_bias,
                       scorer_logprobs, cu_seqlens, row_len, method, ignore_index, eps,
                       keep_ratio, temperature, reduction, chunk_size, need_h, need_w, need_b,
-                      w_fp32, backend):
+                      w_fp32, backend, num_items=None):
     eng = _Engine(hidden, weight, targets, bias, scorer_hidden, scorer_weight, scorer_bias,
                   method, ignore_index, temperature, chunk_size, backend)
     n, acc, ii, y = eng.n, eng.acc, ignore_index, targets
@@ -275,9 +316,12 @@ def _linear_loss_impl(hidden, weight, targets, bias, scorer_hidden, scorer_weigh
         offsets = _offsets(row_len, n, cu_seqlens, hidden.device)
 
     def inv_norm(count):
-        """1 / the normaliser of the loss and of the gradient coefficients."""
+        """1 / the normaliser of the loss and of the gradient coefficients: the local count
+        (valid tokens; Rho-1: kept tokens), or num_items_in_batch when given."""
         if reduction != "mean":
             return torch.ones((), dtype=acc, device=y.device)
+        if num_items is not None:
+            return 1 / _nonzero(num_items.to(device=y.device, dtype=acc))
         return 1 / count.clamp(min=1).to(acc)
 
     aligned = None
@@ -350,6 +394,11 @@ def _linear_loss_impl(hidden, weight, targets, bias, scorer_hidden, scorer_weigh
     return (loss, weights, diag) + grads.empty()
 
 
+def _nonzero(count: Tensor) -> Tensor:
+    """count, with 0 replaced by 1: a batch with no counted token has loss 0, not NaN."""
+    return torch.where(count == 0, torch.ones_like(count), count)
+
+
 def _grad_pass(eng: _Engine, grads: _Grads, coef: Tensor) -> None:
     """Recompute each chunk's logits and fold coef_t * d(loss_t)/d(logits_t) into the grads."""
     for s, e in _free_chunks(eng.n, eng.chunk):
@@ -370,7 +419,7 @@ _LOSS_SCHEMA = (
     "Tensor? scorer_weight, Tensor? scorer_bias, Tensor? scorer_logprobs, Tensor? cu_seqlens, "
     "int row_len, str method, int ignore_index, float eps, float keep_ratio, float temperature, "
     "str reduction, int chunk_size, bool need_grad_hidden, bool need_grad_weight, "
-    "bool need_grad_bias, bool grad_weight_fp32, str backend) -> "
+    "bool need_grad_bias, bool grad_weight_fp32, str backend, Tensor? num_items=None) -> "
     "(Tensor loss, Tensor weights, Tensor diagnostics, Tensor grad_hidden, Tensor grad_weight, "
     "Tensor grad_bias)")
 _GRAD_SCHEMA = (
@@ -407,7 +456,7 @@ def _grads_fake(hidden, weight, need_h, need_w, need_b, w_fp32):
 @_linear_loss_op.register_fake
 def _(hidden, weight, targets, bias, scorer_hidden, scorer_weight, scorer_bias, scorer_logprobs,
       cu_seqlens, row_len, method, ignore_index, eps, keep_ratio, temperature, reduction,
-      chunk_size, need_h, need_w, need_b, w_fp32, backend):
+      chunk_size, need_h, need_w, need_b, w_fp32, backend, num_items=None):
     n, acc = hidden.shape[0], acc_dtype(hidden.dtype)
     none = reduction == "none"
     loss = hidden.new_empty((n,) if none else (), dtype=acc)
@@ -425,7 +474,7 @@ def _(hidden, weight, targets, bias, scorer_hidden, scorer_weight, scorer_bias, 
 _LOSS_ARGS = ("hidden", "weight", "targets", "bias", "scorer_hidden", "scorer_weight",
               "scorer_bias", "scorer_logprobs", "cu_seqlens", "row_len", "method",
               "ignore_index", "eps", "keep_ratio", "temperature", "reduction", "chunk_size",
-              "need_h", "need_w", "need_b", "w_fp32", "backend")
+              "need_h", "need_w", "need_b", "w_fp32", "backend", "num_items")
 
 
 def _setup(ctx, inputs, output):
@@ -475,6 +524,195 @@ def _scaled(grad: Tensor, g: Optional[Tensor], dtype: torch.dtype) -> Tensor:
 _linear_loss_op.register_autograd(_backward, setup_context=_setup)
 
 
+# ------------------------------------------------------------- the token-statistics primitive
+#
+# linear_token_stats: hidden states + LM head -> per-token (logprob, entropy, lse), never
+# holding [N, V]. Forward: one chunk of logits at a time through the backend's token_stats op.
+# Backward: recompute each chunk's logits, form d(sum_t g_t . stats_t)/d logits for the
+# incoming per-token cotangents in that chunk's buffer, and fold it into grad_hidden,
+# grad_W (fp32) and grad_bias, exactly like the loss engine's gradient pass.
+
+_STATS_SCHEMA = (
+    "(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, int ignore_index, "
+    "float temperature, bool with_entropy, int chunk_size, str backend) -> "
+    "(Tensor logprob, Tensor entropy, Tensor lse)")
+_STATS_GRAD_SCHEMA = (
+    "(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, Tensor logprob, Tensor lse, "
+    "Tensor entropy, Tensor? grad_logprob, Tensor? grad_entropy, Tensor? grad_lse, "
+    "int ignore_index, float temperature, int chunk_size, bool need_grad_hidden, "
+    "bool need_grad_weight, bool need_grad_bias, str backend) -> "
+    "(Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)")
+
+
+def stats_chunk_size(n_tokens: int, vocab: int, dtype: torch.dtype, *, backend: str = "cpu",
+                     device_type: str = "cpu", memory_budget: Optional[int] = None) -> int:
+    """Rows per chunk of ``linear_token_stats`` so that its chunk buffers fit in
+    ``memory_budget`` bytes: per row the logits (input dtype) and the backward's two fp32
+    buffers (log-softmax and softmax; the gradient is written into the first), plus one more
+    for the torch backend's eager formulas."""
+    if memory_budget is None:
+        memory_budget = DEFAULT_MEMORY_BUDGET.get(device_type, DEFAULT_MEMORY_BUDGET["cpu"])
+    acc = acc_dtype(dtype).itemsize
+    per_elem = dtype.itemsize + 2 * acc + (acc if backend == "torch" else 0)
+    rows = memory_budget // max(vocab * per_elem, 1)
+    return int(max(1, min(rows, n_tokens)))
+
+
+def _token_stats_fwd(hidden, weight, targets, bias, ignore_index, temperature, with_entropy,
+                     chunk_size, backend):
+    k = _kernels(backend)
+    n, acc = hidden.shape[0], acc_dtype(hidden.dtype)
+    logprob = hidden.new_empty(n, dtype=acc)
+    lse = hidden.new_empty(n, dtype=acc)
+    entropy = hidden.new_empty(n if with_entropy else 0, dtype=acc)
+    for s, e in _free_chunks(n, chunk_size):
+        c_lse, c_a, c_ent = _chunk_stats(k, hidden, weight, bias, targets, s, e, ignore_index,
+                                         temperature, with_entropy)
+        lse[s:e], logprob[s:e] = c_lse, c_a
+        if with_entropy:
+            entropy[s:e] = c_ent
+    return logprob, entropy, lse
+
+
+def _stats_logits_grad(z: Tensor, y: Tensor, logprob: Tensor, lse: Tensor,
+                       entropy: Optional[Tensor], g_lp: Optional[Tensor],
+                       g_ent: Optional[Tensor], g_lse: Optional[Tensor], temperature: float,
+                       ignore_index: int) -> Tensor:
+    """d(sum_t g_lp a_t + g_ent H_t + g_lse lse_t) / dz for one chunk, in z's dtype.
+
+    With x = z / T, p = softmax(x), a = log p_y, H = -sum p log p:
+    d lse/dx = p, d a/dx = onehot(y) - p, d H/dx = -p (log p + H), so
+    dx = p * (alpha - g_ent log p) + g_lp onehot(y),  alpha = g_lse - g_lp - g_ent H,  dz = dx / T.
+    The target column is formed from a (``expm1``) rather than from a rounded p (METHODS.md
+    section 5). Works in two fp32 [C, V] buffers; the first (log p) receives the gradient.
+    """
+    dt = lse.dtype
+    valid = y != ignore_index
+    zero = torch.zeros_like(lse)
+    g_lp = zero if g_lp is None else g_lp.to(dt)
+    base = zero if g_lse is None else g_lse.to(dt)  # alpha + g_lp
+    if g_ent is not None:
+        g_ent = g_ent.to(dt)
+        base = base - g_ent * entropy
+    alpha = base - g_lp
+    logp = z.to(dt)  # z itself when it is already fp32: the chunk buffer is ours to overwrite
+    if temperature != 1.0:
+        logp.div_(temperature)
+    logp.sub_(lse.unsqueeze(-1))
+    p = logp.exp()
+    if g_ent is not None:
+        grad = logp.mul_(-g_ent.unsqueeze(-1)).add_(alpha.unsqueeze(-1)).mul_(p)
+        # p = 0 (a -inf logit or an underflow): 0, not 0 * inf. NaN (NaN input) stays NaN.
+        grad.masked_fill_(p == 0, 0)
+    else:
+        grad = torch.mul(p, alpha.unsqueeze(-1), out=logp)
+    del p
+    # Target column: p_y (alpha - g_ent a) + g_lp = p_y base - g_lp expm1(a) - g_ent p_y a.
+    a = torch.where(valid, logprob.to(dt), zero)
+    p_y = a.exp()
+    col = p_y * base - g_lp * torch.expm1(a)
+    if g_ent is not None:
+        col = col - g_ent * torch.where(p_y == 0, zero, p_y * a)
+    idx = torch.where(valid, y, 0).long().unsqueeze(-1)
+    grad.scatter_(-1, idx, col.unsqueeze(-1))
+    if temperature != 1.0:
+        grad.div_(temperature)
+    grad.masked_fill_(~valid.unsqueeze(-1), 0)
+    return grad.to(z.dtype)
+
+
+def _token_stats_bwd(hidden, weight, targets, bias, logprob, lse, entropy, g_lp, g_ent, g_lse,
+                     ignore_index, temperature, chunk_size, need_h, need_w, need_b, backend):
+    eng = _Engine(hidden, weight, targets, bias, None, None, None, "ntp", ignore_index,
+                  temperature, chunk_size, backend)
+    # A head that needs no gradient (a frozen scorer) gets no dW buffer at all.
+    grads = _Grads(eng, need_h, need_w, need_b, True)
+    # Log-prob cotangents alone at T = 1 are the weighted-CE gradient, coef = -g: the
+    # backend's in-place op writes it into the chunk buffer (no fp32 temporaries).
+    fast = (isinstance(eng.k, _OpsKernels) and temperature == 1.0 and g_ent is None
+            and g_lse is None and g_lp is not None)
+    coef = None if g_lp is None else (-g_lp.to(eng.acc) if fast else g_lp)
+    for s, e in _free_chunks(eng.n, chunk_size):
+        z = eng.logits(s, e)
+        if fast:
+            g = eng.ce_grad_(z, s, e, lse[s:e], logprob[s:e], coef[s:e].contiguous())
+        else:
+            g = _stats_logits_grad(z, targets[s:e], logprob[s:e], lse[s:e],
+                                   None if g_ent is None else entropy[s:e],
+                                   None if g_lp is None else g_lp[s:e],
+                                   None if g_ent is None else g_ent[s:e],
+                                   None if g_lse is None else g_lse[s:e], temperature,
+                                   ignore_index)
+        grads.add(g, s, e)
+        del z, g
+    return grads.empty()
+
+
+@torch.library.custom_op(f"{NAMESPACE}::linear_token_stats", mutates_args=(),
+                         schema=_STATS_SCHEMA)
+def _linear_token_stats_op(hidden, weight, targets, bias, ignore_index, temperature,
+                           with_entropy, chunk_size, backend):
+    return _token_stats_fwd(hidden, weight, targets, bias, ignore_index, temperature,
+                            with_entropy, chunk_size, backend)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::linear_token_stats_grad", mutates_args=(),
+                         schema=_STATS_GRAD_SCHEMA)
+def _linear_token_stats_grad_op(hidden, weight, targets, bias, logprob, lse, entropy, g_lp,
+                                g_ent, g_lse, ignore_index, temperature, chunk_size, need_h,
+                                need_w, need_b, backend):
+    return _token_stats_bwd(hidden, weight, targets, bias, logprob, lse, entropy, g_lp, g_ent,
+                            g_lse, ignore_index, temperature, chunk_size, need_h, need_w,
+                            need_b, backend)
+
+
+@_linear_token_stats_op.register_fake
+def _(hidden, weight, targets, bias, ignore_index, temperature, with_entropy, chunk_size,
+      backend):
+    n, acc = hidden.shape[0], acc_dtype(hidden.dtype)
+    return (hidden.new_empty(n, dtype=acc), hidden.new_empty(n if with_entropy else 0, dtype=acc),
+            hidden.new_empty(n, dtype=acc))
+
+
+@_linear_token_stats_grad_op.register_fake
+def _(hidden, weight, targets, bias, logprob, lse, entropy, g_lp, g_ent, g_lse, ignore_index,
+      temperature, chunk_size, need_h, need_w, need_b, backend):
+    return _grads_fake(hidden, weight, need_h, need_w, need_b, True)
+
+
+def _stats_setup(ctx, inputs, output):
+    hidden, weight, targets, bias, ignore_index, temperature, _, chunk_size, backend = inputs
+    logprob, entropy, lse = output
+    # Outputs the caller does not differentiate come back as None, not as zeros, so the
+    # backward skips their terms (the fast path needs log-prob cotangents alone).
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(hidden, weight, targets, bias, logprob, lse, entropy)
+    ctx.cfg = (ignore_index, temperature, chunk_size, backend)
+    ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+
+
+def _stats_backward(ctx, g_lp, g_ent, g_lse):
+    hidden, weight, targets, bias, logprob, lse, entropy = ctx.saved_tensors
+    ignore_index, temperature, chunk_size, backend = ctx.cfg
+    need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+            bias is not None and ctx.needs_input_grad[3])
+    if entropy.numel() == 0:
+        g_ent = None
+    out = [None] * 9
+    if not any(need) or (g_lp is None and g_ent is None and g_lse is None):
+        return tuple(out)
+    grads = _linear_token_stats_grad_op(hidden, weight, targets, bias, logprob, lse, entropy,
+                                        g_lp, g_ent, g_lse, ignore_index, temperature,
+                                        chunk_size, *need, backend)
+    for i, grad, dt, needed in zip((0, 1, 3), grads, ctx.dtypes, need):
+        if needed:
+            out[i] = grad.to(dt)
+    return tuple(out)
+
+
+_linear_token_stats_op.register_autograd(_stats_backward, setup_context=_stats_setup)
+
+
 # ----------------------------------------------------------------------------- public API
 
 
@@ -486,18 +724,29 @@ def _traced_backend(op: str, backend: str, device: str) -> str:
     return select_backend(op, backend, (torch.empty(0, device=device),)).name
 
 
-def _check_inputs(hidden, weight, targets, bias, scorer_hidden, scorer_weight, scorer_bias,
-                  scorer_logprobs, method):
+def _check_head(hidden, weight, weight_name: str) -> int:
+    """hidden [..., D] and an LM head [V, D] of its dtype and device; returns V."""
     chk.check_logits(hidden, "hidden")
-    chk._tensor(weight, "lm_head_weight")
+    chk._tensor(weight, weight_name)
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
-        raise ValueError(f"lm_head_weight: expected shape [V, {hidden.shape[-1]}] (V >= 1, D of "
+        raise ValueError(f"{weight_name}: expected shape [V, {hidden.shape[-1]}] (V >= 1, D of "
                          f"hidden), got {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
-        raise TypeError(f"lm_head_weight: expected the dtype of hidden {hidden.dtype}, "
+        raise TypeError(f"{weight_name}: expected the dtype of hidden {hidden.dtype}, "
                         f"got {weight.dtype}")
-    chk.check_same_device(hidden, weight, "lm_head_weight")
-    vocab = weight.shape[0]
+    chk.check_same_device(hidden, weight, weight_name)
+    return weight.shape[0]
+
+
+def _check_chunking(chunk_size, memory_budget) -> None:
+    for name, val in (("chunk_size", chunk_size), ("memory_budget", memory_budget)):
+        if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val < 1):
+            raise ValueError(f"{name}: expected a positive int or None, got {val!r}")
+
+
+def _check_inputs(hidden, weight, targets, bias, scorer_hidden, scorer_weight, scorer_bias,
+                  scorer_logprobs, method):
+    vocab = _check_head(hidden, weight, "lm_head_weight")
     chk._tensor(targets, "targets")
     if targets.shape != hidden.shape[:-1]:
         raise ValueError(f"targets: expected shape {tuple(hidden.shape[:-1])} (hidden without "
@@ -563,6 +812,7 @@ def remit_linear_loss(
     keep_ratio: float = 0.6,
     temperature: float = 1.0,
     reduction: str = "mean",
+    num_items_in_batch: Optional[int | Tensor] = None,
     chunk_size: Optional[int] = None,
     memory_budget: Optional[int] = None,
     grad_weight_fp32: bool = True,
@@ -584,6 +834,12 @@ def remit_linear_loss(
     rows per chunk, or derived from ``memory_budget`` bytes for the chunk buffers (default 2 GiB
     on CUDA, 256 MiB on CPU). Returns the loss, or with ``return_details=True`` a
     ``LinearLossOutput(loss, weights, diagnostics)``.
+
+    For ReMiT and Rho-1 a live scorer's log-probs come from ``linear_token_stats`` under
+    ``no_grad`` (the same primitive, its own chunks), then enter like ``scorer_logprobs``.
+    ``num_items_in_batch`` (an int > 0 or a 0-d tensor, no host sync; ``reduction="mean"``
+    only) replaces the local count (valid tokens; Rho-1: kept tokens) as the divisor, so that
+    gradient accumulation and data parallelism match one big batch.
     """
     vocab = _check_inputs(hidden, lm_head_weight, targets, bias, scorer_hidden, scorer_weight,
                           scorer_bias, scorer_logprobs, method)
@@ -595,9 +851,8 @@ def remit_linear_loss(
                          f"with method={method!r}")
     if not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
         raise ValueError(f"keep_ratio: expected a number in (0, 1], got {keep_ratio!r}")
-    for name, val in (("chunk_size", chunk_size), ("memory_budget", memory_budget)):
-        if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val < 1):
-            raise ValueError(f"{name}: expected a positive int or None, got {val!r}")
+    _check_chunking(chunk_size, memory_budget)
+    num_items = _check_num_items(num_items_in_batch, reduction, hidden.device)
     h = hidden.reshape(-1, hidden.shape[-1])
     y = targets.reshape(-1)
     n = y.numel()
@@ -609,8 +864,25 @@ def remit_linear_loss(
         impl = BACKENDS[_traced_backend(op, backend, str(h.device))]
     else:
         impl = select_backend(op, backend, (hidden, targets, scorer_hidden, scorer_logprobs))
-    sh = None if scorer_hidden is None else scorer_hidden.reshape(n, -1)
+    sh = None if scorer_hidden is None else scorer_hidden.reshape(n, -1).detach()
+    sw = None if scorer_weight is None else scorer_weight.detach()
+    s_bias = None if scorer_bias is None else scorer_bias.detach()
     sb = None if scorer_logprobs is None else scorer_logprobs.reshape(-1).detach()
+    if sh is not None and method in ("remit", "rho1"):
+        # The frozen scorer through the token-statistics primitive, forward only; the policy's
+        # chunks then hold no scorer logits.
+        s_chunk = chunk_size or stats_chunk_size(n, vocab, sh.dtype, backend=impl.name,
+                                                 device_type=h.device.type,
+                                                 memory_budget=memory_budget)
+        with torch.no_grad():
+            sb = _linear_token_stats_op(sh, sw, y, s_bias, ignore_index, 1.0, False, s_chunk,
+                                        impl.name)[0]
+        sh = sw = s_bias = None
+    if num_items is not None:
+        # A tensor on the loss's device for the op; torch.full from an int is a fill, not a
+        # host-to-device copy.
+        num_items = (torch.full((), num_items, dtype=ref.acc_dtype(h.dtype), device=h.device)
+                     if isinstance(num_items, int) else num_items.detach())
     if chunk_size is None:
         chunk_size = linear_chunk_size(
             n, vocab, h.dtype, scorer_dtype=None if sh is None else sh.dtype, method=method,
@@ -618,17 +890,78 @@ def remit_linear_loss(
     row_len = targets.shape[-1] if targets.dim() >= 2 else n
     grad_on = torch.is_grad_enabled()
     loss, weights, diag, *_ = _linear_loss_op(
-        h, lm_head_weight, y, bias,
-        None if sh is None else sh.detach(),
-        None if scorer_weight is None else scorer_weight.detach(),
-        None if scorer_bias is None else scorer_bias.detach(),
-        sb, cu_seqlens, max(row_len, 1), method, ignore_index, eps, float(keep_ratio),
-        temperature, reduction, chunk_size, grad_on and hidden.requires_grad,
-        grad_on and lm_head_weight.requires_grad,
-        grad_on and bias is not None and bias.requires_grad, grad_weight_fp32, impl.name)
+        h, lm_head_weight, y, bias, sh, sw, s_bias, sb, cu_seqlens, max(row_len, 1), method,
+        ignore_index, eps, float(keep_ratio), temperature, reduction, chunk_size,
+        grad_on and hidden.requires_grad, grad_on and lm_head_weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad, grad_weight_fp32, impl.name,
+        num_items)
     if reduction == "none":
         loss = loss.reshape(targets.shape)
     if not return_details:
         return loss
     return LinearLossOutput(loss, weights.reshape(targets.shape),
                             ReMiTDiagnostics.from_tensor(diag) if method == "remit" else None)
+
+
+def linear_token_stats(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    entropy: bool = False,
+    chunk_size: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+    backend: str = "auto",
+) -> LinearTokenStats:
+    """Per-token log-prob (and entropy, and lse) of ``logits = hidden @ weight.T (+ bias)``,
+    divided by ``temperature``, without holding the ``[N, V]`` logits: the composable primitive
+    that a trainer writes its own loss on top of (GRPO/PPO, ReMiT, entropy bonuses; README).
+
+    ``hidden`` is ``[..., D]``, ``weight`` ``[V, D]`` (its dtype), ``targets`` ``hidden``'s
+    shape without ``D``. Returns ``LinearTokenStats(logprob, entropy, lse)`` shaped like
+    ``targets``, 0 at positions whose target is ``ignore_index``; ``entropy`` is None unless
+    ``entropy=True``.
+
+    Differentiable w.r.t. ``hidden``, ``weight`` and ``bias`` for any per-token cotangents on
+    the three outputs: the backward recomputes each chunk's logits, forms their gradient in that
+    chunk's buffer and folds it into grad_hidden, grad_weight (accumulated in fp32) and
+    grad_bias. A head that does not require grad (a frozen scorer) costs no dW and no dW
+    buffer. Chunks of ``chunk_size`` rows, or derived from ``memory_budget`` bytes (default
+    2 GiB on CUDA, 256 MiB on CPU). One registered op,
+    ``torch.ops.remit_ext_linear.linear_token_stats`` (fake + autograd: ``torch.compile``
+    traces it without a graph break).
+    """
+    vocab = _check_head(hidden, weight, "weight")
+    chk._tensor(targets, "targets")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"targets: expected shape {tuple(hidden.shape[:-1])} (hidden without "
+                         f"the hidden dim), got {tuple(targets.shape)}")
+    if bias is not None:
+        chk._tensor(bias, "bias")
+        if bias.shape != (vocab,) or bias.dtype != weight.dtype:
+            raise ValueError(f"bias: expected shape ({vocab},) and dtype {weight.dtype}, got "
+                             f"{tuple(bias.shape)} {bias.dtype}")
+        chk.check_same_device(hidden, bias, "bias")
+    temperature = chk.check_positive(temperature, "temperature")
+    if not isinstance(entropy, bool):
+        raise TypeError(f"entropy: expected a bool, got {type(entropy).__name__}")
+    _check_chunking(chunk_size, memory_budget)
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = targets.reshape(-1)
+    n = y.numel()
+    chk.check_targets(y, h.new_empty(()).expand(n, vocab), ignore_index)
+    if torch.compiler.is_compiling():
+        impl = BACKENDS[_traced_backend("token_stats", backend, str(h.device))]
+    else:
+        impl = select_backend("token_stats", backend, (hidden, targets))
+    if chunk_size is None:
+        chunk_size = stats_chunk_size(n, vocab, h.dtype, backend=impl.name,
+                                      device_type=h.device.type, memory_budget=memory_budget)
+    logprob, ent, lse = _linear_token_stats_op(h, weight, y, bias, ignore_index, temperature,
+                                               entropy, chunk_size, impl.name)
+    return LinearTokenStats(logprob.reshape(targets.shape),
+                            ent.reshape(targets.shape) if entropy else None,
+                            lse.reshape(targets.shape))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 from torch import Tensor, nn
 
@@ -13,8 +13,10 @@ from .linear import remit_linear_loss
 class ReMiTLoss(nn.Module):
     """ReMiT loss with its configuration held on the module.
 
-    ``forward(logits, targets, scorer_logits=None, scorer_logprobs=None, cu_seqlens=None)``
-    returns the loss (or ``ReMiTOutput`` with ``return_details=True``); see ``remit_loss``.
+    ``forward(logits, targets, scorer_logits=None, scorer_logprobs=None, cu_seqlens=None,
+    num_items_in_batch=None)`` returns the loss (or ``ReMiTOutput`` with
+    ``return_details=True``); see ``remit_loss``. ``num_items_in_batch`` is per call (the
+    global batch's valid tokens change every step), so it is an argument of ``forward``.
     """
 
     def __init__(self, eps: float = 0.2, ignore_index: int = -100, reduction: str = "mean",
@@ -26,11 +28,13 @@ class ReMiTLoss(nn.Module):
         self.return_details, self.backend = return_details, backend
 
     def forward(self, logits: Tensor, targets: Tensor, scorer_logits: Optional[Tensor] = None,
-                scorer_logprobs: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None):
+                scorer_logprobs: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None,
+                num_items_in_batch: Optional[Union[int, Tensor]] = None):
         return remit_loss(
             logits, targets, scorer_logits=scorer_logits, scorer_logprobs=scorer_logprobs,
             cu_seqlens=cu_seqlens, eps=self.eps, ignore_index=self.ignore_index,
-            reduction=self.reduction, detach_weights=self.detach_weights,
+            reduction=self.reduction, num_items_in_batch=num_items_in_batch,
+            detach_weights=self.detach_weights,
             inplace_backward=self.inplace_backward, return_details=self.return_details,
             backend=self.backend)
 
@@ -42,7 +46,8 @@ class ReMiTLoss(nn.Module):
 class LinearReMiTLoss(nn.Module):
     """The fused-linear loss (``remit_linear_loss``) with its configuration held on the module:
     ``forward(hidden, lm_head_weight, targets, bias=None, scorer_hidden=None,
-    scorer_weight=None, scorer_bias=None, scorer_logprobs=None, cu_seqlens=None)``.
+    scorer_weight=None, scorer_bias=None, scorer_logprobs=None, cu_seqlens=None,
+    num_items_in_batch=None)``.
 
     ``method`` is ``"remit"``, ``"ntp"``, ``"rho1"`` or ``"kd"``; the LM heads are passed to
     ``forward`` rather than owned, so the module never duplicates a model's parameters.
@@ -63,13 +68,15 @@ class LinearReMiTLoss(nn.Module):
     def forward(self, hidden: Tensor, lm_head_weight: Tensor, targets: Tensor,
                 bias: Optional[Tensor] = None, scorer_hidden: Optional[Tensor] = None,
                 scorer_weight: Optional[Tensor] = None, scorer_bias: Optional[Tensor] = None,
-                scorer_logprobs: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None):
+                scorer_logprobs: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None,
+                num_items_in_batch: Optional[Union[int, Tensor]] = None):
         return remit_linear_loss(
             hidden, lm_head_weight, targets, bias=bias, scorer_hidden=scorer_hidden,
             scorer_weight=scorer_weight, scorer_bias=scorer_bias,
             scorer_logprobs=scorer_logprobs, method=self.method, cu_seqlens=cu_seqlens,
             ignore_index=self.ignore_index, eps=self.eps, keep_ratio=self.keep_ratio,
-            temperature=self.temperature, reduction=self.reduction, chunk_size=self.chunk_size,
+            temperature=self.temperature, reduction=self.reduction,
+            num_items_in_batch=num_items_in_batch, chunk_size=self.chunk_size,
             memory_budget=self.memory_budget, grad_weight_fp32=self.grad_weight_fp32,
             return_details=self.return_details, backend=self.backend)
 

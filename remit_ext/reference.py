@@ -24,6 +24,7 @@ __all__ = [
     "segment_ids",
     "target_logprob_ref",
     "token_stats_ref",
+    "linear_token_stats_ref",
     "topk_entropy_ref",
     "remit_weights_ref",
     "weighted_ce_ref",
@@ -72,14 +73,24 @@ def segment_ids(cu_seqlens: Optional[Tensor], n: int, device: torch.device) -> t
     return ids, cu_seqlens.numel() - 1
 
 
-def reduce_tokens(per_token: Tensor, n_valid: Tensor, reduction: str) -> Tensor:
-    """'mean' divides by the valid-token count (0 when there is none), never by sum of weights."""
+def reduce_tokens(per_token: Tensor, n_valid: Tensor, reduction: str,
+                  num_items: "int | Tensor | None" = None) -> Tensor:
+    """'mean' divides by the valid-token count (0 when there is none), never by sum of weights.
+
+    ``num_items`` (``num_items_in_batch`` of the losses: an int, or a 0-d tensor read without a
+    host sync) replaces that count as the divisor, e.g. the valid tokens of the whole global
+    batch under gradient accumulation or data parallelism; a count of 0 gives 0, not NaN."""
     if reduction == "none":
         return per_token
     total = per_token.sum()
     if reduction == "sum":
         return total
-    return total / n_valid.clamp(min=1).to(total.dtype)
+    if num_items is None:
+        return total / n_valid.clamp(min=1).to(total.dtype)
+    if isinstance(num_items, int):
+        return total / num_items
+    count = num_items.detach().to(total.dtype)
+    return total / torch.where(count == 0, torch.ones_like(count), count)
 
 
 def target_logprob_ref(logits: Tensor, targets: Tensor, *, ignore_index: int = -100) -> Tensor:
@@ -123,6 +134,20 @@ def token_stats_ref(
         torch.where(valid, logprob, zero),
         torch.where(valid, ent, zero),
     )
+
+
+def linear_token_stats_ref(
+    hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Optional[Tensor] = None,
+    ignore_index: int = -100, temperature: float = 1.0, entropy: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``token_stats_ref`` of the full logits ``hidden @ weight.T (+ bias)``: ``(lse, logprob,
+    entropy)`` (section 1), what ``linear_token_stats`` computes without holding them. Inputs
+    are flattened: ``hidden [N, D]``, ``weight [V, D]``, ``targets [N]``."""
+    z = hidden @ weight.T
+    if bias is not None:
+        z = z + bias
+    return token_stats_ref(z, targets, ignore_index=ignore_index, temperature=temperature,
+                           entropy=entropy)
 
 
 def topk_entropy_ref(
