@@ -292,13 +292,23 @@ def score(c: Common, scorer: Path) -> Path:
     t0 = time.perf_counter()
     for i in range(0, len(inputs), 256):
         x, y = inputs[i:i + 256].to(device), targets[i:i + 256].to(device)
-        st = remit_ext.token_stats(model(x).float(), y, backend=c.backend)
-        logprob[i:i + 256] = st.logprob.cpu()
+        logprob[i:i + 256] = frozen_logprobs(model, x, y, c.backend).cpu()
     seconds = time.perf_counter() - t0
     atomic_save({"logprob": logprob, "targets": targets, "scorer": str(scorer),
                  "seconds": seconds, "preset": p.to_dict()}, c.out)
     d.barrier()
     return c.out
+
+
+def frozen_logprobs(model, x: Tensor, y: Tensor, backend: str = "auto") -> Tensor:
+    """log p(y_t) ``[B, T]`` of a frozen model (the scorer / reference) from its hidden states
+    and LM head through ``linear_token_stats`` under no_grad: the ``[B, T, V]`` logits are never
+    held and the head gets no gradient buffer."""
+    model = unwrap(model)
+    with torch.no_grad():
+        h = model(x, hidden_only=True)
+        return remit_ext.linear_token_stats(h, model.head.weight, y, bias=model.head.bias,
+                                            backend=backend).logprob
 
 
 def load_scorer_cache(path: Path, targets: Tensor) -> Tensor:
@@ -394,11 +404,14 @@ def midtrain(c: Common, init: Path, method: str, scorer: Optional[Path] = None,
 
 
 def _logits_loss(ddp, model, teacher, x, y, b, method, p, backend):
-    """A mid-training method's loss from the [B, T, V] logits (and the scorer's, when it runs
-    live); returns (loss, ReMiT details or None)."""
+    """A mid-training method's loss from the [B, T, V] logits; returns (loss, ReMiT details or
+    None). A live scorer gives ReMiT and Rho-1 its log-probs (``frozen_logprobs``), KD its
+    logits."""
     logits = ddp(x).float()
     t_logits = None
-    if teacher is not None:
+    if teacher is not None and method in ("remit", "rho1"):
+        b = frozen_logprobs(teacher, x, y, backend)
+    elif teacher is not None:
         with torch.no_grad():
             t_logits = teacher(x).float()
     if method == "ntp":
