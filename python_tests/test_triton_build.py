@@ -57,3 +57,35 @@ def test_compile_check_catches_a_kernel_the_interpreter_accepts(tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["constexpr_global"] is None
     assert out["plain_global"] is not None and "PLAIN" in out["plain_global"]
+
+
+FMA_SCRIPT = textwrap.dedent('''
+    import json, sys
+    sys.path.insert(0, sys.argv[1])
+    import triton_check as tc
+    K = tc.load_kernels()
+    configs = {label.split(" block")[0]: cfg for label, *cfg in tc.configurations(K)
+               if " block 256 " in label and label.startswith("token_stats")}
+    fn, sig, consts, warps = configs["token_stats fp32"]
+    out = {"launch_options": tc.check_config(K, fn, sig, consts, 90, warps),
+           "fused": tc.check_config(K, fn, sig, consts, 90, warps, {"enable_fp_fusion": True})}
+    fn, sig, consts, warps = configs["token_stats fp64"]
+    out["fp64"] = tc.check_config(K, fn, sig, consts, 90, warps)
+    print(json.dumps(out))
+''')
+
+
+def test_compile_check_catches_fma_contraction(tmp_path):
+    """The statistics kernel compiled with FMA contraction (Triton's default) has fma.rn.f32 in
+    its PTX: x * inv_temp - m fused, so a confident target's log-prob at temperature != 1 came
+    out as the rounding error of x * inv_temp, positive half the time. The interpreter never
+    fuses, so only the compiled PTX shows it. With the launches' options the check passes; the
+    fp64 configurations (libdevice's exp/log hold fma.rn.f64 by design) are not inspected."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-c", FMA_SCRIPT, str(REPO / "tools")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["launch_options"] is None
+    assert out["fused"] is not None and "fma.rn.f32" in out["fused"], out["fused"]
+    assert out["fp64"] is None

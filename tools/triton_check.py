@@ -6,8 +6,10 @@ compiles each kernel ahead of time, through Triton's own front end, optimiser an
 ships, for sm_80 and sm_90, in the configurations ``remit_ext/triton/ops.py`` launches: every
 input dtype, the vocabulary block sizes and warp counts ``_block_v``/``_num_warps`` pick, with
 and without scorer, entropy and top-k, 32- and 64-bit strides and targets, every epilogue
-variant, large and small blocks. Nothing runs; a kernel that fails to compile fails the
-check.
+variant, large and small blocks, each with the compiler options the launches pass
+(``kernels.LAUNCH_OPTIONS``). Nothing runs; a kernel that fails to compile fails the check, and
+so does fp32 FMA contraction in the PTX of a configuration that accumulates in fp32 (see
+``fma_finding``): the interpreter never contracts, so the tests cannot see it.
 
     python tools/triton_check.py            # all configurations (about a minute on 2 cores)
     python tools/triton_check.py --arch 90  # one architecture
@@ -49,21 +51,46 @@ def load_kernels(path=None):
     return mod
 
 
-def compile_one(fn, signature: dict, constexprs: dict, arch: int, num_warps: int = 4):
-    """Compile ``fn`` for sm_<arch>; returns the error text, or None when it compiled."""
+# An fp32 fused multiply-add in the PTX. With enable_fp_fusion=False LLVM contracts nothing (and
+# ptxas gets --fmad=false), so in a kernel that accumulates in fp32 this instruction can only
+# come from contraction, or from an explicit fma (tl.fma, or a libdevice routine: tl.exp and
+# tl.log lower to ex2/lg2.approx in fp32 instead), neither of which the kernels use. The fp64
+# configurations are not inspected: there libdevice's exp and log are written with explicit
+# fma.rn.f64 on purpose, whatever the option says.
+FMA_F32 = "fma.rn.f32"
+
+
+def fma_finding(ptx: str):
+    """The finding for fp32 FMA contraction in ``ptx``, or None: x * inv_temp - m contracted to
+    fma(x, inv_temp, -m) is the rounding error of x * inv_temp at the row max, not 0, so the
+    log-prob of a confident target came out positive at temperature != 1."""
+    n = ptx.count(FMA_F32)
+    if n == 0:
+        return None
+    line = next(ln.strip() for ln in ptx.splitlines() if FMA_F32 in ln)
+    return (f"FMA contraction: {n} {FMA_F32} in the PTX (first: {line}); launch with "
+            f"kernels.LAUNCH_OPTIONS (enable_fp_fusion=False)")
+
+
+def compile_one(fn, signature: dict, constexprs: dict, arch: int, num_warps: int = 4,
+                options: dict | None = None, forbid_fma: bool = False):
+    """Compile ``fn`` for sm_<arch> with the compiler ``options`` (Triton's defaults if None);
+    returns the error text, or None when it compiled (and, with ``forbid_fma``, its PTX holds no
+    fp32 FMA)."""
     for name in constexprs:
         signature[name] = "constexpr"
     src = ASTSource(fn, signature, constexprs=constexprs)
     try:
-        triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                       options={"num_warps": num_warps, "num_stages": 3})
+        kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={
+            "num_warps": num_warps, "num_stages": 3, **(options or {})})
     except Exception as err:  # any compiler error is the finding
         return f"{type(err).__name__}: {err}"
-    return None
+    return fma_finding(kernel.asm["ptx"]) if forbid_fma else None
 
 
 def configurations(K):
-    """(label, kernel, signature, constexprs, num_warps) for every launch shape ops.py makes."""
+    """(label, kernel, signature, constexprs, num_warps) for every launch shape ops.py makes.
+    fp32 accumulation (``constexprs["ACC"]``) marks the configurations whose PTX is inspected."""
     for dt, ptr in DATA.items():
         acc = tl.float64 if dt == "fp64" else tl.float32
         ap = "*fp64" if dt == "fp64" else "*fp32"
@@ -96,8 +123,8 @@ def configurations(K):
     for acc, ap in ((tl.float32, "*fp32"), (tl.float64, "*fp64")):
         for write_loss, cu in itertools.product((False, True), ("*i32", "*i64")):
             sig = {"a_ptr": ap, "b_ptr": ap, "targets_ptr": "*i64", "cu_ptr": cu, "w_ptr": ap,
-                   "dhat_ptr": ap, "loss_ptr": ap, "partial_ptr": ap, "ignore_index": "i32",
-                   "band_ptr": ap}
+                   "dhat_ptr": ap, "loss_ptr": ap, "partial_ptr": ap, "N": "i32",
+                   "ignore_index": "i32", "band_ptr": ap}
             yield (f"remit_weights {ap[1:]} loss {write_loss} cu {cu[1:]}",
                    K._remit_weights_kernel, sig,
                    {"WRITE_LOSS": write_loss, "BLOCK": 1024, "ACC": acc}, 4)
@@ -111,10 +138,18 @@ def configurations(K):
                                                  "HAS_REF": ref, "BLOCK": block, "ACC": acc}, 4)
 
 
+def check_config(K, fn, sig, consts, arch, warps, options=None):
+    """compile_one for one of ``configurations(K)``, with ``K.LAUNCH_OPTIONS`` unless told
+    otherwise; the PTX of every fp32-accumulating configuration is inspected for FMA."""
+    return compile_one(fn, dict(sig), consts, arch, warps,
+                       K.LAUNCH_OPTIONS if options is None else options,
+                       forbid_fma=consts["ACC"] == tl.float32)
+
+
 def _compile_job(job):
     kernels, label, name, sig, consts, warps, arch = job
-    err = compile_one(getattr(load_kernels(kernels), name), sig, consts, arch, warps)
-    return label, arch, err
+    K = load_kernels(kernels)
+    return label, arch, check_config(K, getattr(K, name), sig, consts, arch, warps)
 
 
 def main(argv=None) -> int:
@@ -135,8 +170,8 @@ def main(argv=None) -> int:
     for label, arch, err in failures:
         print(f"FAIL sm_{arch} {label}\n  {err[:2000]}", file=sys.stderr)
     print(f"triton_check: {len(jobs) - len(failures)}/{len(jobs)} kernel configurations "
-          f"compiled for sm_{', sm_'.join(map(str, args.arch))} (triton {triton.__version__}, "
-          f"{time.perf_counter() - t0:.0f} s)")
+          f"compiled for sm_{', sm_'.join(map(str, args.arch))}, no fp32 FMA contraction "
+          f"(triton {triton.__version__}, {time.perf_counter() - t0:.0f} s)")
     return 1 if failures else 0
 
 

@@ -14,6 +14,15 @@ import triton.language as tl
 # TRITON_INTERPRET=1 but is refused by the GPU compiler (NameError on global access).
 NEG_INF = tl.constexpr(float("-inf"))
 
+# Compiler options of every launch (ops.py passes them; tools/triton_check.py compiles with them
+# and checks their effect in the PTX). No FMA contraction: it would turn x * inv_temp - m into
+# fma(x, inv_temp, -m), whose value at the row max is the rounding error of x * inv_temp instead
+# of 0, so a confident target's log-prob came out positive at temperature != 1 (and the moments
+# mixed rounded and unrounded products). The CPU interpreter never contracts, so without this
+# option the GPU would compute something other than what the tests check. These kernels are
+# bandwidth-bound: separate multiplies and adds cost nothing measurable.
+LAUNCH_OPTIONS = {"enable_fp_fusion": False}
+
 
 @triton.jit
 def _expm1(a):
@@ -77,7 +86,10 @@ def _row_moments(row_ptr, V, inv_temp, WITH_T: tl.constexpr, BLOCK_V: tl.constex
         shift = tl.where(keep, 0.0, m) - tl.where(keep, 0.0, m_new)
         scale = tl.where(empty, 0.0, tl.exp(shift))
         if WITH_T:
-            t = scale * (t + shift * (below + top))
+            # Where e^shift underflows the old terms add exactly 0 (csrc/cuda/row_ops.cuh,
+            # rebase): shift * (below + top) overflows to -inf for an absurd spread of maxima
+            # (-3e38 in one block, 3 in the next), and 0 * -inf would invent a NaN entropy.
+            t = tl.where(scale > 0.0, scale * (t + shift * (below + top)), 0.0)
         raised = m_new > m
         below = below * scale + tl.where(raised, top * scale, 0.0)
         top = tl.where(raised, 0.0, top)
@@ -143,8 +155,11 @@ def _token_stats_fwd_kernel(
     inv_temp = tl.load(inv_temp_ptr)
     y = tl.load(targets_ptr + row).to(tl.int64)
     valid = y != ignore_index
-    # Invalid rows are never read; an out-of-range target (refused earlier by the Python checks)
-    # is clamped so no address outside the row is formed.
+    # Invalid rows are never read. An out-of-range target (refused by the Python layer, but not
+    # while torch.compile traces or with validation off) gets a NaN log-prob, lse and entropy as
+    # computed, as the CUDA kernel gives (csrc/cuda/token_stats.cuh); the column read is clamped
+    # so that no address outside the row is formed.
+    in_range = (y >= 0) & (y < V)
     y_safe = tl.minimum(tl.maximum(y, 0), V - 1)
     zero = tl.zeros((), ACC)
     if valid:
@@ -152,7 +167,7 @@ def _token_stats_fwd_kernel(
             logits_ptr + row * stride_logits, y_safe, V, inv_temp, WITH_ENTROPY, BLOCK_V, ACC,
             TOPK, TOPK_PAD, TOPK_RENORM)
         tl.store(lse_ptr + row, lse)
-        tl.store(logprob_ptr + row, logprob)
+        tl.store(logprob_ptr + row, tl.where(in_range, logprob, float("nan")))
         if WITH_ENTROPY:
             tl.store(entropy_ptr + row, ent)
         if TOPK > 0:
@@ -161,7 +176,7 @@ def _token_stats_fwd_kernel(
             s_lse, s_logprob, _, _ = _row_stats(scorer_ptr + row * stride_scorer, y_safe, V,
                                                 inv_temp, False, BLOCK_V, ACC, 0, 1, False)
             tl.store(s_lse_ptr + row, s_lse)
-            tl.store(s_logprob_ptr + row, s_logprob)
+            tl.store(s_logprob_ptr + row, tl.where(in_range, s_logprob, float("nan")))
     else:
         tl.store(lse_ptr + row, zero)
         tl.store(logprob_ptr + row, zero)
@@ -188,14 +203,19 @@ def _load_delta(a_ptr, b_ptr, targets_ptr, idx, end, ignore_index, ACC: tl.const
 @triton.jit
 def _remit_weights_kernel(
     a_ptr, b_ptr, targets_ptr, cu_ptr, w_ptr, dhat_ptr, loss_ptr, partial_ptr,
-    ignore_index, band_ptr,
+    N, ignore_index, band_ptr,
     WRITE_LOSS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
 ):
     """One program per sequence: mu_s, then w = clip(2 sigmoid(delta - mu_s), 1 - eps, 1 + eps),
     and this sequence's partial sums for the diagnostics (reduced over sequences outside)."""
     seg = tl.program_id(0).to(tl.int64)
-    begin = tl.load(cu_ptr + seg).to(tl.int64)
-    end = tl.load(cu_ptr + seg + 1).to(tl.int64)
+    # Offsets are clamped into [0, N] and made non-decreasing here, as the CUDA kernel does
+    # (csrc/cuda/remit_weights.cuh): the Python layer validates them, but not while torch.compile
+    # traces or with validation off, and checking here would need a host synchronisation. A
+    # malformed segment reads and writes nothing outside the N tokens.
+    begin = tl.minimum(tl.maximum(tl.load(cu_ptr + seg).to(tl.int64), 0), N)
+    end = tl.minimum(tl.maximum(tl.load(cu_ptr + seg + 1).to(tl.int64), 0), N)
+    end = tl.maximum(end, begin)
     offs0 = tl.arange(0, BLOCK)
     acc = tl.zeros((BLOCK,), ACC)
     cnt = tl.zeros((BLOCK,), ACC)
@@ -279,6 +299,8 @@ def _ce_bwd_kernel(
             mask = cols < V
             x = tl.load(in_row + cols, mask=mask, other=0.0).to(ACC)
             g = coef * tl.exp(tl.where(finite, x, 0.0) - lse)
+            # No column matches an out-of-range target (the stored lanes are [0, V)): its row
+            # gets coef * softmax, no one-hot entry, as on CUDA; y is never used as an address.
             g = tl.where(cols == y, target_grad, g)
             g = tl.where(finite, g, float("nan"))
             tl.store(out_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)

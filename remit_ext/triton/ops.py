@@ -4,7 +4,11 @@ ops (read from them, so the two cannot drift), the same fakes and the same autog
 or on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
 
 Launch sizes: one program per row with a loop over the vocabulary in BLOCK_V chunks; on the CPU
-interpreter a smaller BLOCK_V keeps each program cheap.
+interpreter a smaller BLOCK_V keeps each program cheap. Every launch passes
+``kernels.LAUNCH_OPTIONS`` (no FMA contraction; the interpreter ignores compiler options).
+
+A direct ``torch.ops.remit_ext_triton`` call gets the argument checks of the C++ ops, with their
+messages (the section below).
 """
 
 from __future__ import annotations
@@ -60,6 +64,147 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+# ---------------------------------------------------------------------------- argument checks
+#
+# The checks of csrc/op_checks.h and the device layer of csrc/cuda/glue.h, with the same
+# messages (python_tests/test_triton_guards.py matches them): the kernels index every tensor by
+# row or token, so a wrong shape or device would read out of bounds, not fail. Values (targets,
+# cu_seqlens) are not checked here, as on CUDA (that needs a host sync): the kernels give an
+# out-of-range target a NaN log-prob and clamp the offsets into [0, N].
+
+
+def _sizes(t: torch.Tensor) -> str:
+    return str(list(t.shape))  # as at::IntArrayRef prints: [2, 5]
+
+
+def _scalar(dtype: torch.dtype) -> str:
+    """The c10::ScalarType name the C++ messages print (Float, Long, BFloat16)."""
+    return torch.empty(0, dtype=dtype).type()[len("torch."):-len("Tensor")]
+
+
+def _num(x: float) -> str:
+    return f"{x:g}"  # a double as a C++ stream prints it: 1, 0.2, 1e-07, nan
+
+
+def _check_logits(t, name):
+    if t.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D [N, V] tensor, got shape {_sizes(t)}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name}: expected a floating dtype, got {_scalar(t.dtype)}")
+    if t.shape[1] < 1:
+        raise ValueError(f"{name}: expected V >= 1, got shape {_sizes(t)}")
+
+
+def _check_on_device(t, like, name):
+    if t.device != like.device:
+        raise ValueError(f"{name}: expected a tensor on {like.device}, got {t.device}")
+
+
+def _check_targets(t, like, name="targets"):
+    """One int32/int64 target per row of `like` (logits, or the log-probs of remit_weights)."""
+    n = like.shape[0]
+    if t.dim() != 1 or t.shape[0] != n:
+        raise ValueError(f"{name}: expected a 1-D tensor of {n} elements, got shape {_sizes(t)}")
+    if t.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name}: expected int64 or int32, got {_scalar(t.dtype)}")
+    _check_on_device(t, like, name)
+
+
+def _check_same_rows(a, b, name, a_name="logits"):
+    if a.shape != b.shape:
+        raise ValueError(f"{name}: expected the same shape as {a_name} {_sizes(a)}, got "
+                         f"{_sizes(b)}")
+
+
+def _check_scorer_logits(s, logits):
+    _check_logits(s, "scorer_logits")
+    _check_same_rows(logits, s, "scorer_logits")
+    if s.device != logits.device:
+        raise ValueError(f"scorer_logits: expected a tensor on {logits.device}")
+
+
+def _check_per_token(t, like, name):
+    n = like.shape[0]
+    if t.dim() != 1 or t.shape[0] != n:
+        raise ValueError(f"{name}: expected shape [{n}], got {_sizes(t)}")
+    _check_on_device(t, like, name)
+
+
+def _per_token_float(t, like, name):
+    """A per-token input of pg_loss_fwd as the kernel reads it: [N] floats on the logits'
+    device, dense, in the accumulation dtype."""
+    _check_per_token(t, like, name)
+    if not t.is_floating_point():
+        raise ValueError(f"{name}: expected a floating dtype, got {_scalar(t.dtype)}")
+    return t.to(acc_dtype(like.dtype)).contiguous()
+
+
+def _check_temperature(temperature):
+    if not temperature > 0:
+        raise ValueError(f"temperature: expected > 0, got {_num(temperature)}")
+
+
+def _check_topk(topk):
+    if topk < 0:
+        raise ValueError(f"topk: expected >= 0 (0: not computed), got {topk}")
+
+
+def _check_eps(eps):
+    if not 0 < eps < 1:
+        raise ValueError(f"eps: expected a value in (0, 1), got {_num(eps)}")
+
+
+def _check_cu_seqlens(cu):
+    if cu.dim() != 1 or cu.shape[0] < 2:
+        raise ValueError("cu_seqlens: expected a 1-D tensor of at least 2 offsets, got shape "
+                         f"{_sizes(cu)}")
+    if cu.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"cu_seqlens: expected int32 or int64, got {_scalar(cu.dtype)}")
+
+
+def _check_remit_weights_args(logprob, scorer_logprob, targets):
+    if logprob.dim() != 1:
+        raise ValueError(f"logprob: expected a 1-D tensor, got shape {_sizes(logprob)}")
+    if logprob.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"logprob: expected float32 or float64, got {_scalar(logprob.dtype)}")
+    _check_same_rows(logprob, scorer_logprob, "scorer_logprob", "logprob")
+    _check_on_device(scorer_logprob, logprob, "scorer_logprob")
+    _check_targets(targets, logprob)
+
+
+def _check_pg_coefficients(clip_low, clip_high, kl_beta, has_ref_logprob):
+    if not 0 <= clip_low < 1:
+        raise ValueError(f"clip_low: expected a value in [0, 1), got {_num(clip_low)}")
+    if not clip_high >= 0:
+        raise ValueError(f"clip_high: expected a value >= 0, got {_num(clip_high)}")
+    if not kl_beta >= 0:
+        raise ValueError(f"kl_beta: expected a value >= 0, got {_num(kl_beta)}")
+    if kl_beta != 0 and not has_ref_logprob:
+        raise ValueError(f"kl_beta: {_num(kl_beta)} > 0 needs ref_logprob, got None")
+
+
+def _check_inplace_rows(logits):
+    """The in-place backward writes whole rows over the logits: it cannot fall back to a dense
+    copy, and rows that share memory would be read after another row overwrote them."""
+    if logits.stride(-1) != 1 and logits.shape[-1] > 1:
+        raise ValueError("logits: the in-place backward needs rows with unit stride, got "
+                         f"strides {list(logits.stride())}")
+    if logits.shape[0] > 1 and logits.stride(0) < logits.shape[-1]:
+        raise ValueError("logits: the in-place backward needs rows that do not overlap in "
+                         f"memory (row stride >= V), got sizes {list(logits.shape)} and strides "
+                         f"{list(logits.stride())}")
+
+
+def _check_ce_bwd_args(logits, targets, lse, logprob, coef):
+    _check_logits(logits, "logits")
+    _check_targets(targets, logits)
+    for t, name in ((lse, "lse"), (logprob, "logprob"), (coef, "coef")):
+        _check_per_token(t, logits, name)
+
+
+# ---------------------------------------------------------------------------- launches
+
+
 def _stats_into(logits, targets, scorer, ignore_index, temperature, with_entropy, topk=0,
                 topk_renormalize=False):
     z = _rows(logits)
@@ -83,15 +228,21 @@ def _stats_into(logits, targets, scorer, ignore_index, temperature, with_entropy
             HAS_SCORER=s is not None, WITH_ENTROPY=with_entropy, BLOCK_V=block,
             ACC=_acc(z.dtype), TOPK=min(topk, vocab),
             TOPK_PAD=triton.next_power_of_2(max(min(topk, vocab), 1)),
-            TOPK_RENORM=topk_renormalize, num_warps=_num_warps(block))
+            TOPK_RENORM=topk_renormalize, num_warps=_num_warps(block), **K.LAUNCH_OPTIONS)
     return lse, logprob, entropy, topk_entropy, s_lse, s_logprob
 
 
 def _weights_into(logprob, scorer_logprob, targets, cu_seqlens, ignore_index, eps, loss=None):
+    """`loss`, when given, must be zero-filled: like w and delta_hat, the kernel writes only the
+    tokens some (clamped) segment covers."""
+    _check_eps(eps)
+    _check_cu_seqlens(cu_seqlens)
     a = logprob.contiguous()
     b = scorer_logprob.to(a.dtype).contiguous()
-    w, dhat = torch.empty_like(a), torch.empty_like(a)
-    num_seg = cu_seqlens.numel() - 1
+    # On the device already in the usual case; a CPU tensor is copied over, as on CUDA.
+    cu = cu_seqlens.to(a.device).contiguous()
+    w, dhat = torch.zeros_like(a), torch.zeros_like(a)
+    num_seg = cu.numel() - 1
     partial = a.new_empty((num_seg, 7))
     # [1 - eps, 1 + eps], filled on the device by fill_ kernels. Not `band[0] = 1 - eps`: on a
     # CUDA tensor that assignment copies a CPU scalar tensor with a blocking H2D copy
@@ -100,10 +251,10 @@ def _weights_into(logprob, scorer_logprob, targets, cu_seqlens, ignore_index, ep
     band[0].fill_(1.0 - eps)
     with _on_device(a):
         K._remit_weights_kernel[(num_seg,)](
-            a, b, targets.contiguous(), cu_seqlens.contiguous(), w, dhat,
-            w if loss is None else loss, partial, ignore_index, band,
+            a, b, targets.contiguous(), cu, w, dhat, w if loss is None else loss, partial,
+            a.shape[0], ignore_index, band,
             WRITE_LOSS=loss is not None, BLOCK=1024 if not interpreting() else 256,
-            ACC=_acc(a.dtype))
+            ACC=_acc(a.dtype), **K.LAUNCH_OPTIONS)
     # Diagnostics from the per-sequence partial sums: a tiny reduction, no host sync.
     sums = partial.double().sum(0)
     inv = 1.0 / sums[6].clamp(min=1)
@@ -124,15 +275,22 @@ def _ce_grad_into(logits, targets, lse, logprob, coef, ignore_index, grad):
             logits, grad, targets.contiguous(), lse.to(dt).contiguous(),
             logprob.to(dt).contiguous(), coef.to(dt).contiguous(), vocab, logits.stride(0),
             grad.stride(0), ignore_index,
-            BLOCK_V=block, ACC=_acc(logits.dtype), num_warps=_num_warps(block))
+            BLOCK_V=block, ACC=_acc(logits.dtype), num_warps=_num_warps(block),
+            **K.LAUNCH_OPTIONS)
     return grad
 
 
 def _token_stats(logits, targets, scorer_logits, ignore_index, temperature, with_entropy, topk,
                  topk_renormalize):
-    if topk < 0 or topk > MAX_TOPK and topk < logits.shape[-1]:
+    _check_logits(logits, "logits")
+    _check_targets(targets, logits)
+    _check_temperature(temperature)
+    _check_topk(topk)
+    if topk > MAX_TOPK and topk < logits.shape[-1]:
         raise ValueError(f"topk: the Triton kernel takes 0 <= topk <= {MAX_TOPK} or topk >= V, "
                          f"got {topk}")
+    if scorer_logits is not None:
+        _check_scorer_logits(scorer_logits, logits)
     if topk >= logits.shape[-1]:
         # Every class is among the top k: both forms equal the full entropy (the mass is 1).
         lse, logprob, entropy, _, s_lse, s_logprob = _stats_into(
@@ -144,71 +302,60 @@ def _token_stats(logits, targets, scorer_logits, ignore_index, temperature, with
 
 
 def _remit_weights(logprob, scorer_logprob, targets, cu_seqlens, ignore_index, eps):
+    _check_remit_weights_args(logprob, scorer_logprob, targets)
     return _weights_into(logprob, scorer_logprob, targets, cu_seqlens, ignore_index, eps)
 
 
 def _weighted_ce_fwd(logits, targets, weights, ignore_index, inplace_backward):
+    _check_logits(logits, "logits")
+    _check_targets(targets, logits)
+    if weights is not None:
+        _check_per_token(weights, logits, "weights")
     lse, logprob, _, _, _, _ = _stats_into(logits, targets, None, ignore_index, 1.0, False)
     loss = -logprob if weights is None else -logprob * weights.to(logprob.dtype)
     return loss, lse, logprob
 
 
 def _weighted_ce_bwd(logits, targets, lse, logprob, coef, ignore_index):
+    _check_ce_bwd_args(logits, targets, lse, logprob, coef)
     z = _rows(logits)
     return _ce_grad_into(z, targets, lse, logprob, coef, ignore_index,
                          torch.empty_like(z, memory_format=torch.contiguous_format))
 
 
 def _weighted_ce_bwd_inplace(logits, targets, lse, logprob, coef, ignore_index):
-    if logits.stride(-1) != 1 and logits.shape[-1] > 1:
-        raise ValueError("logits: the in-place backward needs rows with unit stride, got "
-                         f"strides {tuple(logits.stride())}")
-    if logits.shape[0] > 1 and logits.stride(0) < logits.shape[-1]:
-        raise ValueError("logits: the in-place backward needs rows that do not overlap in "
-                         f"memory (row stride >= V), got sizes {list(logits.shape)} and strides "
-                         f"{list(logits.stride())}")
+    _check_ce_bwd_args(logits, targets, lse, logprob, coef)
+    _check_inplace_rows(logits)
     _ce_grad_into(logits, targets, lse, logprob, coef, ignore_index, logits)
 
 
 def _remit_loss(logits, targets, scorer_logits, scorer_logprob, cu_seqlens, ignore_index, eps,
                 detach_weights, inplace_backward):
+    _check_logits(logits, "logits")
+    _check_targets(targets, logits)
     if (scorer_logits is None) == (scorer_logprob is None):
         raise ValueError("remit_loss: expected exactly one of scorer_logits and scorer_logprob")
+    if scorer_logits is not None:
+        _check_scorer_logits(scorer_logits, logits)
+    else:
+        _check_per_token(scorer_logprob, logits, "scorer_logprob")
     # Statistics pass: policy and scorer rows in one launch (or the precomputed scorer log-probs).
     lse, logprob, _, _, _, b = _stats_into(logits, targets, scorer_logits, ignore_index, 1.0,
                                            False)
     if scorer_logits is None:
         b = scorer_logprob
-    loss = torch.empty_like(logprob)
+    loss = torch.zeros_like(logprob)  # tokens no segment covers keep 0 (see _weights_into)
     w, dhat, diag = _weights_into(logprob, b, targets, cu_seqlens, ignore_index, eps, loss=loss)
     return loss, w, logprob, lse, dhat, diag
 
 
-def _per_token(t, n, like, name):
-    """A per-token input of pg_loss_fwd as the kernel reads it: [n] floats on the logits'
-    device, dense, in the accumulation dtype. The checks mirror csrc/op_checks.h: the kernel
-    indexes these tensors by token, so a wrong size would read out of bounds."""
-    if t.dim() != 1 or t.shape[0] != n:
-        raise ValueError(f"{name}: expected shape [{n}], got {list(t.shape)}")
-    if not t.is_floating_point():
-        raise ValueError(f"{name}: expected a floating dtype, got {t.dtype}")
-    if t.device != like.device:
-        raise ValueError(f"{name}: expected a tensor on {like.device}, got {t.device}")
-    return t.to(acc_dtype(like.dtype)).contiguous()
-
-
 def _pg_loss_fwd(logits, actions, advantages, scale, old_logprob, ref_logprob, ignore_index,
                  clip_low, clip_high, kl_beta, inplace_backward):
-    if not 0 <= clip_low < 1:
-        raise ValueError(f"clip_low: expected a value in [0, 1), got {clip_low}")
-    if not clip_high >= 0:
-        raise ValueError(f"clip_high: expected a value >= 0, got {clip_high}")
-    if not kl_beta >= 0:
-        raise ValueError(f"kl_beta: expected a value >= 0, got {kl_beta}")
-    if kl_beta != 0 and ref_logprob is None:
-        raise ValueError(f"kl_beta: {kl_beta} > 0 needs ref_logprob, got None")
+    _check_logits(logits, "logits")
+    _check_targets(actions, logits, "actions")
+    _check_pg_coefficients(clip_low, clip_high, kl_beta, ref_logprob is not None)
     n = logits.shape[0]
-    per_token = [None if t is None else _per_token(t, n, logits, name) for t, name in (
+    per_token = [None if t is None else _per_token_float(t, logits, name) for t, name in (
         (advantages, "advantages"), (scale, "scale"), (old_logprob, "old_logprob"),
         (ref_logprob, "ref_logprob"))]
     adv, sc, old, ref = per_token
@@ -229,7 +376,7 @@ def _pg_loss_fwd(logits, actions, advantages, scale, old_logprob, ref_logprob, i
             logprob, actions.contiguous(), adv, adv if sc is None else sc,
             adv if old is None else old, adv if ref is None else ref, coefs, loss, dlogprob, n,
             ignore_index, HAS_SCALE=sc is not None, HAS_OLD=old is not None,
-            HAS_REF=ref is not None, BLOCK=block, ACC=_acc(logits.dtype))
+            HAS_REF=ref is not None, BLOCK=block, ACC=_acc(logits.dtype), **K.LAUNCH_OPTIONS)
     return loss, lse, logprob, dlogprob
 
 
