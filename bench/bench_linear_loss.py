@@ -22,6 +22,14 @@ Providers:
   the same process: policy logits, scorer logits, grad_hidden, grad_W (``matmul_floor_3`` leaves
   out the scorer's). Time only.
 
+The token-statistics primitive has its own ledger (op ``linear_token_stats_fwd_bwd``): per-token
+log-prob and entropy of the policy, then the backward of ``sum_t A_t logprob_t + 0.01 H_t``
+(random per-token advantages ``A``, an entropy bonus), over the valid-token count:
+
+- ``stats_eager``: ``z = hidden @ W.T``, ``log_softmax`` in fp32, gather and entropy, autograd;
+- ``stats_linear``: ``linear_token_stats(..., entropy=True)`` (chunked; the backward recomputes
+  each chunk's logits).
+
 Method. Each (provider, N) runs in a fresh process. Inputs are allocated first; one untimed
 step warms up; then peak memory of one step beyond the inputs: on CPU the growth of the
 resident-set high-water mark after a reset (``_harness.peak_extra_bytes``), on CUDA
@@ -30,11 +38,13 @@ resident-set high-water mark after a reset (``_harness.peak_extra_bytes``), on C
 ``over_grads_MB`` is the rest, the working memory: for the fused-linear providers it is the
 chunk buffers and must not grow with N. Time: ``--repeats`` timed steps after ``--warmup``
 untimed ones (CUDA: synchronised). The ReMiT providers' losses must agree with ``eager_torch``
-(relative 1e-4 fp32, 1e-2 bf16) or the script exits 1 and writes nothing.
+(relative 1e-4 fp32, 1e-2 bf16) or the script exits 1 and writes nothing; so must
+``stats_linear``'s with ``stats_eager``.
 
-A full run appends to ``bench/results/<device>_linear_loss.csv`` and rewrites the ``.md``
-(device ``cpu`` or ``gpu``); ``--quick`` (tiny shapes, one repeat, all in one process) only prints: a
-CI smoke test whose timings are not results.
+A full run appends to ``bench/results/<device>_linear_loss.csv`` (the token-statistics rows
+to ``<device>_linear_token_stats.csv``) and rewrites the ``.md`` beside each ledger it has rows
+for (device ``cpu`` or ``gpu``); ``--quick`` (tiny shapes, one repeat, all in one process) only
+prints: a CI smoke test whose timings are not results.
 
     python bench/bench_linear_loss.py                 # CPU: a few minutes on 2 cores
     python bench/bench_linear_loss.py --device cuda   # the issue's H100 workload
@@ -54,9 +64,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h  # noqa: E402
 
 OP = "remit_linear_loss_fwd_bwd"
+STATS_OP = "linear_token_stats_fwd_bwd"
 PROVIDERS = ("eager_torch", "eager_kernels", "linear", "linear_logprobs", "linear_ntp",
-             "liger_ce_plus_scorer", "matmul_floor")
+             "liger_ce_plus_scorer", "stats_eager", "stats_linear", "matmul_floor")
 REMIT_GROUP = ("eager_torch", "eager_kernels", "linear", "linear_logprobs")
+STATS_GROUP = ("stats_eager", "stats_linear")
+# The provider each group's losses are checked against (the eager reference).
+GROUP_BASE = {"eager_torch": REMIT_GROUP, "stats_eager": STATS_GROUP}
+LEDGER = {OP: "linear_loss", STATS_OP: "linear_token_stats"}
+
+
+def _op_of(provider: str) -> str:
+    return STATS_OP if provider in STATS_GROUP else OP
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # (V, D, seq_len, Ns, dtype) per device; the CUDA one is the issue's goal workload.
 WORKLOADS = {
@@ -120,6 +139,24 @@ def _step(provider, hid, w, sh, sw, y, chunk_size):
 
         def step():
             loss = remit_ext.remit_linear_loss(hid.view(*y.shape, -1), w, y, **method, **kw)
+            loss.backward()
+            return loss.detach()
+    elif provider in STATS_GROUP:
+        adv = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.device)
+        valid = y != -100
+        n_valid = valid.sum()
+
+        def stats(h3):
+            if provider == "stats_linear":
+                st = remit_ext.linear_token_stats(h3, w, y, entropy=True, **kw)
+                return st.logprob, st.entropy
+            logp = torch.log_softmax((h3 @ w.T).float(), dim=-1)
+            lp = logp.gather(-1, y.clamp(min=0)[..., None])[..., 0] * valid
+            return lp, -(logp.exp() * logp).sum(-1) * valid
+
+        def step():
+            lp, ent = stats(hid.view(*y.shape, -1))
+            loss = -(adv * lp + 0.01 * ent).sum() / n_valid
             loss.backward()
             return loss.detach()
     elif provider == "liger_ce_plus_scorer":
@@ -247,12 +284,14 @@ def run_all(args) -> tuple[list[dict], str]:
             methods.add(res["memory_method"])
             print(f" {res['timing']['p50']:.1f} ms, +{res['peak_extra_bytes'] / h.MB:.0f} MB",
                   flush=True)
-        base = results.get("eager_torch")
         for provider, res in results.items():
-            if base is not None and provider in REMIT_GROUP:
+            for base_name, group in GROUP_BASE.items():
+                base = results.get(base_name)
+                if base is None or provider not in group:
+                    continue
                 tol = LOSS_RTOL[wl["dtype"]] * max(1.0, abs(base["loss"]))
                 if abs(res["loss"] - base["loss"]) > tol:
-                    failures.append(f"{provider} N={n}: loss {res['loss']!r} vs eager_torch "
+                    failures.append(f"{provider} N={n}: loss {res['loss']!r} vs {base_name} "
                                     f"{base['loss']!r}")
             t = res["timing"]
             ratio = ""
@@ -262,7 +301,8 @@ def run_all(args) -> tuple[list[dict], str]:
                     else sum(v for k, v in floor.items() if k != "scorer_logits")
                 ratio = f"{t['p50'] / need:.2f}"
             rows.append({
-                "op": OP, "provider": provider, "n_tokens": n, "vocab": wl["vocab"],
+                "op": _op_of(provider), "provider": provider, "n_tokens": n,
+                "vocab": wl["vocab"],
                 "dim": wl["dim"], "dtype": wl["dtype"], "ms_p50": f"{t['p50']:.1f}",
                 "ms_p20": f"{t['p20']:.1f}", "ms_p80": f"{t['p80']:.1f}",
                 "vs_matmul_floor": ratio,
@@ -274,9 +314,10 @@ def run_all(args) -> tuple[list[dict], str]:
                 "torch_version": env["torch_version"], "git_sha": env["git_sha"],
                 "date": env["date"], "other_cpu_cores": f"{res['other_cpu_cores']:.2f}",
             })
-        if floor is not None:
+        # The floor row goes to each ledger that has rows at this N.
+        for op in (sorted({_op_of(p) for p in results}) if floor is not None else ()):
             rows.append({
-                "op": OP, "provider": "matmul_floor", "n_tokens": n, "vocab": wl["vocab"],
+                "op": op, "provider": "matmul_floor", "n_tokens": n, "vocab": wl["vocab"],
                 "dim": wl["dim"], "dtype": wl["dtype"],
                 "ms_p50": f"{sum(floor.values()):.1f}", "ms_p20": "", "ms_p80": "",
                 "vs_matmul_floor": "1.00", "peak_extra_MB": "", "grads_MB": "",
@@ -290,7 +331,10 @@ def run_all(args) -> tuple[list[dict], str]:
         raise SystemExit("loss mismatch between providers (nothing written):\n  "
                          + "\n  ".join(failures))
     env["loadavg_1m_end"] = h.env_info(args.device)["loadavg_1m"]
-    return rows, summary_markdown(rows, env, wl, sorted(methods), sorted(set(skipped)), args)
+    by_op = {op: [r for r in rows if r["op"] == op] for op in (OP, STATS_OP)}
+    return {op: (op_rows, summary_markdown(op, op_rows, env, wl, sorted(methods),
+                                           sorted(set(skipped)), args))
+            for op, op_rows in by_op.items() if op_rows}
 
 
 def _flatness(rows, provider):
@@ -301,11 +345,18 @@ def _flatness(rows, provider):
     return mem
 
 
-def summary_markdown(rows, env, wl, methods, skipped, args) -> str:
+def summary_markdown(op, rows, env, wl, methods, skipped, args) -> str:
     table_cols = ("provider", "n_tokens", "ms_p50", "ms_p20", "ms_p80", "vs_matmul_floor",
                   "peak_extra_MB", "grads_MB", "over_grads_MB", "other_cpu_cores")
+    if op == STATS_OP:
+        title = "linear_token_stats (log-prob + entropy) forward + backward"
+        loss = ("loss -(1/N_valid) sum_t (A_t logprob_t + 0.01 H_t), random per-token A; the "
+                "policy only")
+    else:
+        title = "remit_linear_loss forward + backward"
+        loss = "eps = 0.2, reduction mean"
     lines = [
-        f"# remit_linear_loss forward + backward on {env['device']}",
+        f"# {title} on {env['device']}",
         "",
         "Generated by `python bench/bench_linear_loss.py` (method in its docstring); rows are "
         "also appended to the `.csv` beside this file.",
@@ -316,8 +367,7 @@ def summary_markdown(rows, env, wl, methods, skipped, args) -> str:
         f"{env['python']}; remit_ext build {env['build_info']}",
         f"- git {env['git_sha']}, {env['date']}",
         f"- workload: V = {wl['vocab']}, D = {wl['dim']} (policy and scorer), {wl['dtype']}, "
-        f"sequences of {wl['seq_len']} tokens, every 32nd target ignored, eps = 0.2, reduction "
-        f"mean; chunk size "
+        f"sequences of {wl['seq_len']} tokens, every 32nd target ignored, {loss}; chunk size "
         f"{args.chunk_size if args.chunk_size else 'automatic (default memory budget)'}",
         f"- time: {args.repeats} timed fwd+bwd after {args.warmup + 1} untimed, each provider "
         f"in a fresh process; vs_matmul_floor = p50 / the sum of the products the step needs "
@@ -333,7 +383,7 @@ def summary_markdown(rows, env, wl, methods, skipped, args) -> str:
         lines += ["Matmul floor parts (ms p50): "
                   + "; ".join(f"N = {r['n_tokens']}: {r['parts']}" for r in floors), ""]
     for provider in ("linear", "linear_logprobs", "linear_ntp", "eager_torch",
-                     "eager_kernels"):
+                     "eager_kernels", "stats_linear", "stats_eager"):
         mem = _flatness(rows, provider)
         if mem:
             lines.append(f"- `{provider}` working memory (over_grads_MB) by N: "
@@ -372,17 +422,22 @@ def main(argv=None) -> int:
     h.resolve_repeats(p, args, full_repeats=5)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
-    print(f"{OP} on {args.device}: providers {args.providers}{' (quick)' if args.quick else ''}",
+    ops = sorted({_op_of(q) for q in args.providers if q != "matmul_floor"})
+    print(f"{', '.join(ops)} on {args.device}: providers {args.providers}"
+          f"{' (quick)' if args.quick else ''}",
           flush=True)
-    rows, md = run_all(args)
-    print()
-    print(h.text_table(rows, ("provider", "n_tokens", "ms_p50", "vs_matmul_floor",
-                              "peak_extra_MB", "grads_MB", "over_grads_MB", "other_cpu_cores")))
+    ledgers = run_all(args)
+    for op, (rows, _) in ledgers.items():
+        print(f"\n{op}")
+        print(h.text_table(rows, ("provider", "n_tokens", "ms_p50", "vs_matmul_floor",
+                                  "peak_extra_MB", "grads_MB", "over_grads_MB",
+                                  "other_cpu_cores")))
     if args.quick or args.no_write:
         return 0
     stem = "cpu" if args.device == "cpu" else "gpu"
-    h.save_results(h.RESULTS / f"{stem}_linear_loss.csv", h.RESULTS / f"{stem}_linear_loss.md",
-                   rows, COLUMNS, md)
+    for op, (rows, md) in ledgers.items():
+        name = f"{stem}_{LEDGER[op]}"
+        h.save_results(h.RESULTS / f"{name}.csv", h.RESULTS / f"{name}.md", rows, COLUMNS, md)
     return 0
 
 
