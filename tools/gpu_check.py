@@ -316,7 +316,7 @@ class Check:
         (self.work / "bench_linear_loss.txt").write_text(text)
         written = [self.work / "bench_linear_loss.txt"]
         if not self.dry:
-            for p in (REPO / "bench" / "results").glob("*_linear_loss.*"):
+            for p in (REPO / "bench" / "results").glob("*_linear_*.*"):  # loss, token_stats
                 if p.stat().st_mtime > time.time() - cap - 60:  # written by this run
                     shutil.copy(p, self.work / p.name)
                     written.append(self.work / p.name)
