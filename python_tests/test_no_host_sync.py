@@ -43,6 +43,10 @@ def _calls(backend):
     g = torch.Generator().manual_seed(3)
     hidden = torch.randn(n, 32, generator=g).to(DEVICE, torch.bfloat16)
     weight = (torch.randn(1000, 32, generator=g) * 0.3).to(DEVICE, torch.bfloat16)
+    s_hidden = torch.randn(n, 24, generator=g).to(DEVICE, torch.bfloat16)
+    s_weight = (torch.randn(1000, 24, generator=g) * 0.3).to(DEVICE, torch.bfloat16)
+    count_dev = torch.tensor(3 * n, device=DEVICE)  # num_items_in_batch: a global count
+    count_cpu = torch.tensor(3 * n)
 
     def grad_of(fn, x):
         x = x.detach().clone().requires_grad_(True)
@@ -90,6 +94,23 @@ def _calls(backend):
         # the host by design: linear.py's module docstring).
         ("remit_linear_loss ntp", lambda z: grad_of(
             lambda h: remit_ext.remit_linear_loss(h, weight, targets.view(n), method="ntp",
+                                                  backend=backend), hidden)),
+        ("remit_loss num_items_in_batch tensor", lambda z: grad_of(
+            lambda x: remit_ext.remit_loss(x, targets, scorer_logits=scorer,
+                                           num_items_in_batch=count_dev, backend=backend), z)),
+        ("policy_gradient_loss num_items_in_batch CPU tensor", lambda z: grad_of(
+            lambda x: remit_ext.policy_gradient_loss(x, targets, adv,
+                                                     num_items_in_batch=count_cpu,
+                                                     backend=backend), z)),
+        ("linear_token_stats logprob + entropy", lambda z: grad_of(
+            lambda h: (lambda st: (st.logprob * adv.view(n)).sum() + st.entropy.sum())(
+                remit_ext.linear_token_stats(h, weight, targets.view(n), entropy=True,
+                                             backend=backend)), hidden)),
+        ("remit_linear_loss live scorer, num_items_in_batch CPU tensor", lambda z: grad_of(
+            lambda h: remit_ext.remit_linear_loss(h.view(4, 64, -1), weight, targets,
+                                                  scorer_hidden=s_hidden.view(4, 64, -1),
+                                                  scorer_weight=s_weight,
+                                                  num_items_in_batch=count_cpu,
                                                   backend=backend), hidden)),
         ("remit_linear_loss remit, scorer log-probs", lambda z: grad_of(
             lambda h: remit_ext.remit_linear_loss(h.view(4, 64, -1), weight, targets,

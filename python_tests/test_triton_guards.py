@@ -352,10 +352,10 @@ def test_raw_op_device_checks(T, case, call, pattern):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_absurd_logit_spread_keeps_a_finite_entropy(T, dtype):
     """A first block of huge negative logits, then ordinary ones: when the max rises, the
-    rescale's shift * (below + top) overflows to -inf (-3e38 times 1024 maxima; -1e38 times 1023
-    maxima plus mass below them) where e^shift is 0, and 0 * -inf gave a NaN entropy. Those
+    rescale's shift * (below + top) overflows to -inf (-3e38 times a block of maxima; -1e38 times
+    a block less one of maxima plus mass below them) where e^shift is 0, and 0 * -inf gave a NaN entropy. Those
     classes have probability 0: entropy, lse and log-prob are the ordinary half's."""
-    vocab = 2048  # two blocks of 1024 in the interpreter (ops._block_v)
+    vocab = 2 * T[1]._block_v(1 << 20)  # two blocks: 2 x 1024 interpreted, 2 x 4096 on a GPU
     z = make_logits((3, vocab), torch.float32, generator=torch.Generator().manual_seed(9))
     z[0, :vocab // 2] = -3e38
     z[1, :vocab // 2] = -1e38

@@ -100,8 +100,11 @@ def _token_stats_input_grad(z, y, lse, entropy, g_lse, g_logprob, g_entropy, tem
     g_lse = torch.zeros_like(lse) if g_lse is None else g_lse
     g_logprob = torch.zeros_like(lse) if g_logprob is None else g_logprob
     grad = p * (g_lse - g_logprob).unsqueeze(-1)
-    grad = grad.scatter_add(-1, torch.where(valid.squeeze(-1), y, 0).long().unsqueeze(-1),
-                            g_logprob.unsqueeze(-1))
+    # A target outside [0, V) (value checks off, or skipped under torch.compile) gets no
+    # one-hot, as in the kernels' backward, and forms no out-of-bounds index.
+    hit = valid.squeeze(-1) & (y >= 0) & (y < z.shape[-1])
+    grad = grad.scatter_add(-1, torch.where(hit, y, 0).long().unsqueeze(-1),
+                            torch.where(hit, g_logprob, 0).unsqueeze(-1))
     if g_entropy is not None and entropy.numel() > 0:
         # p = 0 (a -inf logit, or an underflow) contributes 0, not 0 * -inf.
         dH = torch.where(p > 0, p * (logp + entropy.unsqueeze(-1)), 0)

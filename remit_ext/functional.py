@@ -11,6 +11,8 @@ the CPU; its value is never read on the host, so no sync), that replaces the loc
 divisor of ``reduction="mean"``. Pass the count of the whole global batch (every micro-batch of
 a gradient-accumulation step, every data-parallel rank) and the gradients summed over the
 micro-batches equal those of one big batch: the Hugging Face ``num_items_in_batch`` convention.
+DDP and FSDP average gradients over the W ranks, so with a count over all ranks multiply each
+rank's loss by W (as the Hugging Face Trainer does) or pass the count divided by W.
 A tensor count of 0 gives a loss of 0. ``"sum"`` and ``"none"`` divide by nothing and refuse it.
 """
 

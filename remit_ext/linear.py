@@ -321,7 +321,12 @@ def _linear_loss_impl(hidden, weight, targets, bias, scorer_hidden, scorer_weigh
         if reduction != "mean":
             return torch.ones((), dtype=acc, device=y.device)
         if num_items is not None:
-            return 1 / _nonzero(num_items.to(device=y.device, dtype=acc))
+            if num_items.device != y.device:
+                # A CPU count with GPU tokens: read from host memory (no device sync) and
+                # filled on the device; .to(device) would be a blocking host-to-device copy.
+                count = torch.full((), float(num_items), dtype=acc, device=y.device)
+                return 1 / _nonzero(count)
+            return 1 / _nonzero(num_items.to(dtype=acc))
         return 1 / count.clamp(min=1).to(acc)
 
     aligned = None
@@ -613,7 +618,11 @@ def _stats_logits_grad(z: Tensor, y: Tensor, logprob: Tensor, lse: Tensor,
     col = p_y * base - g_lp * torch.expm1(a)
     if g_ent is not None:
         col = col - g_ent * torch.where(p_y == 0, zero, p_y * a)
-    idx = torch.where(valid, y, 0).long().unsqueeze(-1)
+    # A target outside [0, V) (value checks off, or skipped under torch.compile): no one-hot,
+    # as in the kernels' backward, and no out-of-bounds index (its forward log-prob is NaN).
+    hit = valid & (y >= 0) & (y < grad.shape[-1])
+    idx = torch.where(hit, y, 0).long().unsqueeze(-1)
+    col = torch.where(hit, col, grad.gather(-1, idx).squeeze(-1))
     grad.scatter_(-1, idx, col.unsqueeze(-1))
     if temperature != 1.0:
         grad.div_(temperature)
@@ -839,7 +848,8 @@ def remit_linear_loss(
     ``no_grad`` (the same primitive, its own chunks), then enter like ``scorer_logprobs``.
     ``num_items_in_batch`` (an int > 0 or a 0-d tensor, no host sync; ``reduction="mean"``
     only) replaces the local count (valid tokens; Rho-1: kept tokens) as the divisor, so that
-    gradient accumulation and data parallelism match one big batch.
+    gradient accumulation matches one big batch (data parallel: see ``remit_ext.functional``,
+    DDP averages over ranks).
     """
     vocab = _check_inputs(hidden, lm_head_weight, targets, bias, scorer_hidden, scorer_weight,
                           scorer_bias, scorer_logprobs, method)
