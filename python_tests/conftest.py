@@ -25,6 +25,11 @@ BACKENDS = [
     and not (b == "cuda" and DEVICE.type != "cuda")
     and not (b == "triton" and DEVICE.type == "cpu" and os.environ["TRITON_INTERPRET"] != "1")
 ]
+# Collection only (tools/gpu_check.py --dry-run): parametrise as if these backends were here, so
+# that the GPU check's test selections can be checked on a machine without a GPU. Tests collected
+# this way are not meant to run.
+if os.environ.get("REMIT_TEST_COLLECT_BACKENDS"):
+    BACKENDS = os.environ["REMIT_TEST_COLLECT_BACKENDS"].split(",")
 KERNEL_BACKENDS = [b for b in BACKENDS if b != "torch"]
 KD_BACKENDS = [b for b in BACKENDS if b not in ("triton", "cuda")]  # no Triton/CUDA KD kernel yet
 LOW_DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -21,8 +21,26 @@ def test_every_test_file_is_placed_and_bad_input_files_come_last():
     assert set(files) | set(gpu_check.CPU_ONLY) == on_disk
     assert not set(files) & set(gpu_check.CPU_ONLY)
     assert files[-len(gpu_check.BAD_INPUT_LAST):] == list(gpu_check.BAD_INPUT_LAST)
-    for _, _, sel_files, _, _ in gpu_check.SANITIZERS:
+    for _, _, sel_files, _, _, _ in gpu_check.SANITIZERS:
         assert set(sel_files) <= on_disk
+
+
+def test_sanitizer_selection_spreads_over_functions_and_names_backends():
+    ids = ["python_tests/test_remit_loss.py::test_a[dtype0-cuda]",
+           "python_tests/test_remit_loss.py::test_a[dtype1-cuda]",
+           "python_tests/test_remit_loss.py::test_a[dtype2-cuda]",
+           "python_tests/test_remit_loss.py::test_a[dtype0-triton]",
+           "python_tests/test_remit_loss.py::test_a[dtype0-cpu]",
+           "python_tests/test_remit_loss.py::test_b[cuda_graph-dtype0-torch]",
+           "python_tests/test_remit_loss.py::test_c[cuda]",
+           "python_tests/test_cuda_build.py::test_nvcc_check_passes_a_good_kernel",
+           "python_tests/test_cuda_build.py::test_cuda_opcheck[dtype0]",
+           "python_tests/test_cuda_build.py::test_cuda_64bit_offsets",
+           "python_tests/test_other.py::test_a[cuda]"]
+    got = gpu_check.select_tests(ids, ["test_remit_loss.py", "test_cuda_build.py"], ("cuda",), 2)
+    assert got == [ids[0], ids[1], ids[6], ids[8]]
+    both = gpu_check.select_tests(ids, ["test_remit_loss.py"], ("cuda", "triton"), 1)
+    assert both == [ids[0], ids[6]]
 
 
 @pytest.mark.parametrize("tool, rc, text, ok, phrase", [
@@ -31,6 +49,8 @@ def test_every_test_file_is_placed_and_bad_input_files_come_last():
                      "========= ERROR SUMMARY: 2 errors\n", False, "2 errors"),
     ("racecheck", 0, "========= RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)\n",
      False, "1 errors"),
+    ("racecheck", 0, "========= RACECHECK SUMMARY: 2 hazards displayed (0 errors, 2 warnings)\n"
+                     "4 passed in 9s", True, "clean"),
     ("memcheck", 1, "========= ERROR SUMMARY: 0 errors\n1 failed, 2 passed in 3s", False,
      "tests failed"),
     ("memcheck", 124, "5 passed in 100s\n", True, "stopped at the cap"),
@@ -84,6 +104,19 @@ def test_out_dir_limits(tmp_path):
     (tmp_path / "sub").mkdir()
     problems = gpu_check.check_out_dir(tmp_path)
     assert any("9 files" in p for p in problems) and any("sub/" in p for p in problems)
+
+
+def test_dry_run_of_the_sanitizer_selections(tmp_path):
+    """Every sanitizer's selection finds tests (collected as if on a GPU: conftest.py)."""
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(REPO / "tools" / "gpu_check.sh"), "--dry-run",
+                           "--stages", "1,3", str(out)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    text = (out / "summary.md").read_text()
+    for tool, *_ in gpu_check.SANITIZERS:
+        n = int(text.split(f"- {tool}: skip (dry run); would run ")[1].split(" ")[0])
+        assert n > 0, tool
 
 
 def test_dry_run_of_the_build_stage(tmp_path):
