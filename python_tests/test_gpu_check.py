@@ -106,12 +106,15 @@ def test_out_dir_limits(tmp_path):
     assert any("9 files" in p for p in problems) and any("sub/" in p for p in problems)
 
 
+def _gpu_check(*args, timeout=600):
+    return subprocess.run(["bash", str(REPO / "tools" / "gpu_check.sh"), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def test_dry_run_of_the_sanitizer_selections(tmp_path):
     """Every sanitizer's selection finds tests (collected as if on a GPU: conftest.py)."""
     out = tmp_path / "out"
-    proc = subprocess.run(["bash", str(REPO / "tools" / "gpu_check.sh"), "--dry-run",
-                           "--stages", "1,3", str(out)], capture_output=True, text=True,
-                          timeout=600)
+    proc = _gpu_check("--dry-run", "--stages", "1,3", out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     text = (out / "summary.md").read_text()
     for tool, *_ in gpu_check.SANITIZERS:
@@ -121,14 +124,13 @@ def test_dry_run_of_the_sanitizer_selections(tmp_path):
 
 def test_dry_run_of_the_build_stage(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run(["bash", str(REPO / "tools" / "gpu_check.sh"), "--dry-run",
-                           "--stages", "1", str(out)], capture_output=True, text=True,
-                          timeout=300)
+    proc = _gpu_check("--dry-run", "--stages", "1", out)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     # Stage 1 archives nothing in a dry run: results.tar appears with the first stage that does.
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.log", "state.json", "summary.md"]
     text = (out / "summary.md").read_text()
     assert "dry run" in text and "## 1. build: ok" in text and "skip (dry run)" in text
-    bad = subprocess.run(["bash", str(REPO / "tools" / "gpu_check.sh"), "--stages", "9",
-                          str(out)], capture_output=True, text=True, timeout=120)
+    bad = _gpu_check("--stages", "9", out, timeout=120)
     assert bad.returncode == 2 and "--stages: expected numbers from [1, 2, 3, 4, 5]" in bad.stderr
+    bad = _gpu_check("--files", "test_nothing.py", out, timeout=120)
+    assert bad.returncode == 2 and "--files: expected files of" in bad.stderr
