@@ -2,7 +2,7 @@
 
 Each command is an object (a module or an instance) with ``add_arguments(parser)`` and
 ``run(args) -> exit status``; ``demo`` is the default. The training commands live in
-``remit_ext.train.cli``.
+``remit_ext.train.cli``; ``score-hf`` (the Hugging Face scorer cache) in ``remit_ext.hf.cli``.
 """
 
 from __future__ import annotations
@@ -12,12 +12,14 @@ import sys
 from typing import Optional, Sequence
 
 from . import __version__, bench_cmd, demo
+from .hf import cli as hf_cli
 from .train.cli import COMMANDS as TRAIN_COMMANDS
 
 COMMANDS = {
     "demo": (demo, "ReMiT loss fwd+bwd on every backend, checked against the fp64 reference"),
     "bench": (bench_cmd, bench_cmd.help),
     **{name: (cmd, cmd.help) for name, cmd in TRAIN_COMMANDS.items()},
+    "score-hf": (hf_cli, hf_cli.help),
 }
 DEFAULT_COMMAND = "demo"
 
