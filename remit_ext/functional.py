@@ -14,6 +14,13 @@ micro-batches equal those of one big batch: the Hugging Face ``num_items_in_batc
 DDP and FSDP average gradients over the W ranks, so with a count over all ranks multiply each
 rank's loss by W (as the Hugging Face Trainer does) or pass the count divided by W.
 A tensor count of 0 gives a loss of 0. ``"sum"`` and ``"none"`` divide by nothing and refuse it.
+``remit_ext.parallel.global_num_items(targets, group, per_rank=True)`` forms that count.
+
+Distributed (``remit_ext.parallel``): ``tp_group=`` takes vocab-sharded logits (each rank a
+contiguous shard in rank order, targets as global ids; or a DTensor sharded on the vocab dim)
+and gives every rank the unsharded result; ``cp_group=`` (ReMiT) centres each sequence over the
+slices the ranks of a context-parallel group hold; ``dp_group=`` (ReMiT) reduces the
+diagnostics over data-parallel ranks.
 """
 
 from __future__ import annotations
@@ -24,8 +31,9 @@ import torch
 from torch import Tensor
 
 from . import _checks as chk
+from . import parallel as _parallel
 from ._backends import select_backend
-from .reference import ReMiTDiagnostics, reduce_tokens, rho1_keep_mask
+from .reference import ReMiTDiagnostics, pg_from_logprob_ref, reduce_tokens, rho1_keep_mask
 
 __all__ = [
     "TokenStats",
@@ -131,6 +139,7 @@ def token_stats(
     entropy: bool = False,
     topk: Optional[int] = None,
     topk_renormalize: bool = False,
+    tp_group=None,
     backend: str = "auto",
 ) -> TokenStats:
     """Per-token statistics of ``logits / temperature`` (METHODS.md section 1).
@@ -140,7 +149,23 @@ def token_stats(
     log-prob when ``scorer_logits`` is given (both models read in one call). Positions whose
     target is ``ignore_index`` get 0. lse, log-prob and entropy are differentiable w.r.t. the
     logits; the top-k entropy is returned detached (a token-difficulty score).
+
+    ``tp_group``: ``logits`` (and ``scorer_logits``) are this rank's vocab shard (module
+    docstring); every rank gets the statistics of the whole vocab. No top-k entropy then.
     """
+    if tp_group is not None or _parallel._is_dtensor(logits):
+        if topk is not None:
+            raise ValueError(f"topk: the top-k entropy is not computed from vocab-sharded "
+                             f"logits (tp_group), got topk={topk!r}")
+        lse, logprob, ent, s_lse, s_logprob = _parallel.vocab_parallel_token_stats(
+            logits, targets, tp_group, scorer_logits=scorer_logits, ignore_index=ignore_index,
+            temperature=temperature, entropy=entropy, backend=backend)
+
+        def shape_tp(x):
+            return None if x is None else x.reshape(targets.shape)
+
+        return TokenStats(shape_tp(lse), shape_tp(logprob), shape_tp(ent), None,
+                          shape_tp(s_lse), shape_tp(s_logprob))
     chk.check_logits(logits)
     chk.check_targets(targets, logits, ignore_index)
     if scorer_logits is not None:
@@ -170,6 +195,8 @@ def remit_weights(
     eps: float = 0.2,
     ignore_index: int = -100,
     detach: bool = True,
+    cp_group=None,
+    dp_group=None,
     backend: str = "auto",
 ) -> ReMiTWeights:
     """ReMiT token weights from policy and scorer log-probs (METHODS.md section 2, steps 3-5).
@@ -177,6 +204,11 @@ def remit_weights(
     ``w = clip(2 sigmoid(delta - mu_seq), 1 - eps, 1 + eps)`` with ``delta = scorer - policy``
     centred over each sequence's valid positions. ``detach=False`` keeps the gradient through
     the weights (a study option; ReMiT detaches).
+
+    ``cp_group``: this rank holds a slice of every sequence (the same rows, or the same count
+    of ``cu_seqlens`` documents, on every rank of the group); the centring uses the whole
+    sequences and the diagnostics cover all slices. ``dp_group``: the diagnostics cover the
+    batches of all its ranks (the weights stay per rank).
     """
     chk.check_per_token(logprobs, targets, "logprobs")
     chk.check_per_token(scorer_logprobs, targets, "scorer_logprobs")
@@ -186,6 +218,14 @@ def remit_weights(
         raise ValueError(f"targets: expected a non-empty tensor, got shape {tuple(targets.shape)}")
     eps = chk.check_eps(eps)
     chk.check_cu_seqlens(cu_seqlens, targets.numel(), targets.device)
+    if cp_group is not None:
+        if not detach:
+            raise ValueError("detach: cp_group computes detached weights only, got "
+                             "detach=False")
+        w, delta_hat, diag = _parallel._remit_weights(
+            logprobs.reshape(-1), scorer_logprobs.reshape(-1), targets.reshape(-1) != ignore_index,
+            _offsets(targets, cu_seqlens), eps, cp_group, dp_group)
+        return ReMiTWeights(w.reshape(targets.shape), delta_hat.reshape(targets.shape), diag)
     impl = select_backend("remit_weights", backend, (logprobs, scorer_logprobs, targets))
     a = logprobs.reshape(-1)
     if detach:
@@ -194,8 +234,10 @@ def remit_weights(
     b = scorer_logprobs.reshape(-1).detach()
     w, delta_hat, diag = impl.remit_weights(a, b, targets.reshape(-1),
                                             _offsets(targets, cu_seqlens), ignore_index, eps)
-    return ReMiTWeights(w.reshape(targets.shape), delta_hat.reshape(targets.shape),
-                        ReMiTDiagnostics.from_tensor(diag))
+    diag = ReMiTDiagnostics.from_tensor(diag)
+    if dp_group is not None:
+        diag = _parallel.reduce_diagnostics(diag, targets, dp_group, ignore_index=ignore_index)
+    return ReMiTWeights(w.reshape(targets.shape), delta_hat.reshape(targets.shape), diag)
 
 
 def weighted_cross_entropy(
@@ -207,6 +249,7 @@ def weighted_cross_entropy(
     reduction: str = "mean",
     num_items_in_batch: Optional[int | Tensor] = None,
     inplace_backward: bool = False,
+    tp_group=None,
     backend: str = "auto",
 ) -> Tensor:
     """``-(1/N_valid) sum_valid w_t log p(y_t)``; 'mean' divides by the valid-token count.
@@ -215,7 +258,15 @@ def weighted_cross_entropy(
     logits buffer (saves one [N, V] allocation; the logits must not be used after the backward;
     the torch backend ignores it). Gradients flow to ``logits`` and, if it requires grad, to
     ``weights``. ``num_items_in_batch`` replaces the valid-token count (module docstring).
+    ``tp_group``: vocab-sharded logits (module docstring).
     """
+    if tp_group is not None or _parallel._is_dtensor(logits):
+        if weights is not None:
+            chk.check_per_token(weights, targets, "weights")
+        chk.check_reduction(reduction)
+        num_items = _check_num_items(num_items_in_batch, reduction, targets.device)
+        return _parallel.weighted_cross_entropy(logits, targets, weights, tp_group, ignore_index,
+                                                reduction, num_items, backend)
     chk.check_logits(logits)
     chk.check_targets(targets, logits, ignore_index)
     if weights is not None:
@@ -244,6 +295,9 @@ def remit_loss(
     detach_weights: bool = True,
     inplace_backward: bool = False,
     return_details: bool = False,
+    tp_group=None,
+    cp_group=None,
+    dp_group=None,
     backend: str = "auto",
 ):
     """The ReMiT loss from policy logits and the frozen scorer (METHODS.md section 2).
@@ -256,7 +310,31 @@ def remit_loss(
     buffer (the torch backend ignores it). ``num_items_in_batch`` replaces the valid-token
     count (module docstring); the weights are centred per sequence, so cut micro-batches at
     sequence boundaries.
+
+    ``tp_group``: vocab-sharded logits and scorer logits; ``cp_group``: each rank holds a slice
+    of every sequence, centred over the whole sequence; ``dp_group``: diagnostics over all its
+    ranks' batches (module docstring; ``remit_ext.parallel``). With a tp or cp group the
+    weights are detached and the backend serves the token statistics only.
     """
+    if tp_group is not None or cp_group is not None or _parallel._is_dtensor(logits):
+        chk.check_exactly_one(scorer_logits, scorer_logprobs, "scorer_logits", "scorer_logprobs",
+                              "remit_loss")
+        if scorer_logprobs is not None:
+            chk.check_per_token(scorer_logprobs, targets, "scorer_logprobs")
+        eps = chk.check_eps(eps)
+        chk.check_reduction(reduction)
+        num_items = _check_num_items(num_items_in_batch, reduction, targets.device)
+        if not detach_weights:
+            raise ValueError("detach_weights: tp_group / cp_group compute detached weights "
+                             "only, got detach_weights=False")
+        chk._tensor(targets, "targets")
+        chk.check_cu_seqlens(cu_seqlens, targets.numel(), targets.device)
+        loss, w, diag = _parallel.remit_loss(
+            logits, targets, scorer_logits, scorer_logprobs, _offsets(targets, cu_seqlens), eps,
+            ignore_index, reduction, num_items, tp_group, cp_group, dp_group, backend)
+        if not return_details:
+            return loss
+        return ReMiTOutput(loss, w.reshape(targets.shape), diag)
     chk.check_logits(logits)
     chk.check_targets(targets, logits, ignore_index)
     chk.check_exactly_one(scorer_logits, scorer_logprobs, "scorer_logits", "scorer_logprobs",
@@ -280,7 +358,10 @@ def remit_loss(
                    targets, reduction)
     if not return_details:
         return loss
-    return ReMiTOutput(loss, w.detach().reshape(targets.shape), ReMiTDiagnostics.from_tensor(diag))
+    diag = ReMiTDiagnostics.from_tensor(diag)
+    if dp_group is not None:
+        diag = _parallel.reduce_diagnostics(diag, targets, dp_group, ignore_index=ignore_index)
+    return ReMiTOutput(loss, w.detach().reshape(targets.shape), diag)
 
 
 def rho1_loss(
@@ -293,6 +374,7 @@ def rho1_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     num_items_in_batch: Optional[int | Tensor] = None,
+    tp_group=None,
     backend: str = "auto",
 ) -> Tensor:
     """Rho-1 selective LM (METHODS.md section 3): NLL over the ceil(keep_ratio * N_valid) valid
@@ -300,7 +382,19 @@ def rho1_loss(
     'mean' divides by the number kept.
 
     ``num_items_in_batch`` replaces the number kept as the divisor (module docstring: pass the
-    number kept over the global batch); the selection itself stays per call."""
+    number kept over the global batch); the selection itself stays per call. ``tp_group``:
+    vocab-sharded logits and reference logits (module docstring)."""
+    if tp_group is not None or _parallel._is_dtensor(logits):
+        chk.check_exactly_one(ref_logits, ref_logprobs, "ref_logits", "ref_logprobs",
+                              "rho1_loss")
+        if ref_logprobs is not None:
+            chk.check_per_token(ref_logprobs, targets, "ref_logprobs")
+        if not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
+            raise ValueError(f"keep_ratio: expected a number in (0, 1], got {keep_ratio!r}")
+        chk.check_reduction(reduction)
+        num_items = _check_num_items(num_items_in_batch, reduction, targets.device)
+        return _parallel.rho1_loss(logits, targets, ref_logits, ref_logprobs, keep_ratio,
+                                   ignore_index, reduction, num_items, tp_group, backend)
     chk.check_logits(logits)
     chk.check_targets(targets, logits, ignore_index)
     chk.check_exactly_one(ref_logits, ref_logprobs, "ref_logits", "ref_logprobs", "rho1_loss")
@@ -336,12 +430,20 @@ def kd_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     num_items_in_batch: Optional[int | Tensor] = None,
+    tp_group=None,
     backend: str = "auto",
 ) -> Tensor:
     """Distillation against a frozen teacher (METHODS.md section 3):
     ``(1/N_valid) sum_valid [LSE(z/T) - sum_v softmax(z^T/T)_v z_v/T]``; ``targets`` only marks
     valid positions. No T^2 factor is applied. ``num_items_in_batch`` replaces the valid-token
-    count (module docstring)."""
+    count (module docstring). ``tp_group``: vocab-sharded logits and teacher logits (module
+    docstring; computed in torch ops, whatever ``backend``)."""
+    if tp_group is not None or _parallel._is_dtensor(logits):
+        temperature = chk.check_positive(temperature, "temperature")
+        chk.check_reduction(reduction)
+        num_items = _check_num_items(num_items_in_batch, reduction, targets.device)
+        return _parallel.kd_loss(logits, teacher_logits, targets, temperature, ignore_index,
+                                 reduction, num_items, tp_group)
     chk.check_logits(logits)
     chk.check_like_logits(teacher_logits, logits, "teacher_logits")
     chk.check_targets(targets, logits, ignore_index)
@@ -374,6 +476,7 @@ def policy_gradient_loss(
     num_items_in_batch: Optional[int | Tensor] = None,
     inplace_backward: bool = False,
     return_details: bool = False,
+    tp_group=None,
     backend: str = "auto",
 ):
     """The policy-gradient term over sampled tokens (RMT / GRPO; METHODS.md section 4).
@@ -393,9 +496,12 @@ def policy_gradient_loss(
     the normalisation to ``scale``. With ``return_details=True`` returns a
     ``PolicyGradientOutput(loss, logprobs, clip_frac)`` (``clip_frac`` over this call's tokens).
     ``num_items_in_batch`` replaces the valid-token count of 'mean' (module docstring).
+    ``tp_group``: vocab-sharded logits (module docstring).
     """
-    chk.check_logits(logits)
-    chk.check_targets(actions, logits, ignore_index, "actions")
+    sharded = tp_group is not None or _parallel._is_dtensor(logits)
+    if not sharded:
+        chk.check_logits(logits)
+        chk.check_targets(actions, logits, ignore_index, "actions")
     chk.check_per_token(advantages, actions, "advantages")
     for name, x in (("scale", scale), ("old_logprobs", old_logprobs),
                     ("ref_logprobs", ref_logprobs)):
@@ -412,17 +518,28 @@ def policy_gradient_loss(
         raise ValueError(f"kl_beta: {kl_beta} > 0 needs ref_logprobs (the reference model's "
                          f"log-probs of the actions), got None")
     chk.check_reduction(reduction)
-    num_items = _check_num_items(num_items_in_batch, reduction, logits.device)
-    impl = select_backend("pg_loss", backend,
-                          (logits, actions, advantages, scale, old_logprobs, ref_logprobs))
-    z, y = _flat(logits, actions)
+    num_items = _check_num_items(num_items_in_batch, reduction, actions.device)
 
     def flat(x):
         return None if x is None else x.reshape(-1)
 
-    per_token, logprob = impl.pg_loss(z, y, flat(advantages), flat(scale), flat(old_logprobs),
-                                      flat(ref_logprobs), ignore_index, clip_low, clip_high,
-                                      float(kl_beta), inplace_backward)
+    y = actions.reshape(-1)
+    if sharded:
+        _, a, _, _, _ = _parallel.vocab_parallel_token_stats(
+            logits, actions, tp_group, ignore_index=ignore_index, backend=backend,
+            target_name="actions")
+        per_token = pg_from_logprob_ref(a, y != ignore_index, flat(advantages), scale=flat(scale),
+                                        old_logprobs=flat(old_logprobs),
+                                        ref_logprobs=flat(ref_logprobs), clip_low=clip_low,
+                                        clip_high=clip_high, kl_beta=float(kl_beta))
+        logprob = a.detach()
+    else:
+        impl = select_backend("pg_loss", backend,
+                              (logits, actions, advantages, scale, old_logprobs, ref_logprobs))
+        z, y = _flat(logits, actions)
+        per_token, logprob = impl.pg_loss(z, y, flat(advantages), flat(scale),
+                                          flat(old_logprobs), flat(ref_logprobs), ignore_index,
+                                          clip_low, clip_high, float(kl_beta), inplace_backward)
     valid = y != ignore_index
     loss = _shaped(reduce_tokens(per_token, valid.sum(), reduction, num_items), actions,
                    reduction)

@@ -32,6 +32,7 @@ __all__ = [
     "rho1_loss_ref",
     "kd_loss_ref",
     "pg_loss_ref",
+    "pg_from_logprob_ref",
     "reduce_tokens",
 ]
 
@@ -358,6 +359,27 @@ def pg_loss_ref(
     """
     valid = actions != ignore_index
     a = target_logprob_ref(logits, actions, ignore_index=ignore_index)
+    pg = pg_from_logprob_ref(a, valid, advantages, scale=scale, old_logprobs=old_logprobs,
+                             ref_logprobs=ref_logprobs, clip_low=clip_low, clip_high=clip_high,
+                             kl_beta=kl_beta)
+    return reduce_tokens(pg, valid.sum(), reduction)
+
+
+def pg_from_logprob_ref(
+    a: Tensor,
+    valid: Tensor,
+    advantages: Tensor,
+    *,
+    scale: Optional[Tensor] = None,
+    old_logprobs: Optional[Tensor] = None,
+    ref_logprobs: Optional[Tensor] = None,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    kl_beta: float = 0.0,
+) -> Tensor:
+    """The per-token policy-gradient term of ``pg_loss_ref`` from the log-probs ``a`` of the
+    actions (0 where ``valid`` is False): shared with the vocab-parallel path, which forms
+    ``a`` from sharded logits."""
     adv = advantages.detach().to(a.dtype)
     if old_logprobs is None:
         pg = -adv * a
@@ -371,5 +393,5 @@ def pg_loss_ref(
     if scale is not None:
         pg = pg * scale.detach().to(a.dtype)
     zero = torch.zeros((), dtype=a.dtype, device=a.device)
-    return reduce_tokens(torch.where(valid, pg, zero), valid.sum(), reduction)
+    return torch.where(valid, pg, zero)
 
