@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 import remit_ext
+from remit_ext.parallel import global_num_items, reduce_diagnostics
 from remit_ext.rmt import group_advantages
 
 from . import data as D
@@ -379,16 +381,34 @@ def midtrain(c: Common, init: Path, method: str, scorer: Optional[Path] = None,
             b = None if cached is None else cached[rows].to(d.device)
             metrics = {}
             loss_fn = _fused_linear_loss if c.fused_linear else _logits_loss
-            loss, out = loss_fn(ddp, model, teacher, x, y, b, method, p, c.backend)
+            # Under DDP: the global valid-token count over the world size, so that the averaged
+            # gradients are those of the global batch's mean whatever each shard's count (Rho-1
+            # divides by the number kept, per call: left local).
+            num_items = (global_num_items(y, ignore_index=D.IGNORE_INDEX, per_rank=True)
+                         if d.world > 1 and method != "rho1" else None)
+            loss, out = loss_fn(ddp, model, teacher, x, y, b, method, p, c.backend, num_items)
             if method == "remit":
-                metrics.update(out.diagnostics._asdict())
-                # Accumulated where the weights live: no copy to the host per step.
+                diag = out.diagnostics
+                if d.world > 1:
+                    # Over every rank's tokens, not a mean of per-rank means (issue 17).
+                    diag = reduce_diagnostics(diag, y, dist.group.WORLD,
+                                              ignore_index=D.IGNORE_INDEX)
+                metrics.update(diag._asdict())
+                # Accumulated where the weights live: no copy to the host per step; under DDP
+                # the step's counts of all ranks (one all_reduce), so every rank, and rank 0's
+                # checkpoint and report, hold the totals of the whole global batch.
                 valid = y != D.IGNORE_INDEX
                 w = out.weights.detach().double()
-                hist += torch.histc(w[valid], 40, 1 - p.eps, 1 + p.eps)
-                r = torch.where(valid, roles[rows].to(d.device), 0)
-                role_sum.index_add_(0, r.flatten(), (w * valid).flatten())
-                role_n.index_add_(0, r.flatten(), valid.flatten().double())
+                r = torch.where(valid, roles[rows].to(d.device), 0).flatten()
+                inc = torch.cat([
+                    torch.histc(w[valid], 40, 1 - p.eps, 1 + p.eps),
+                    torch.zeros_like(role_sum).index_add_(0, r, (w * valid).flatten()),
+                    torch.zeros_like(role_n).index_add_(0, r, valid.flatten().double())])
+                if d.world > 1:
+                    dist.all_reduce(inc)
+                hist += inc[:40]
+                role_sum += inc[40:40 + len(role_sum)]
+                role_n += inc[40 + len(role_sum):]
             loss.backward()
             norm = clip_and_step(ddp, opt)
             step_seconds.append(_clock(d.device) - t0)
@@ -403,7 +423,7 @@ def midtrain(c: Common, init: Path, method: str, scorer: Optional[Path] = None,
     return c.out
 
 
-def _logits_loss(ddp, model, teacher, x, y, b, method, p, backend):
+def _logits_loss(ddp, model, teacher, x, y, b, method, p, backend, num_items=None):
     """A mid-training method's loss from the [B, T, V] logits; returns (loss, ReMiT details or
     None). A live scorer gives ReMiT and Rho-1 its log-probs (``frozen_logprobs``), KD its
     logits."""
@@ -415,19 +435,21 @@ def _logits_loss(ddp, model, teacher, x, y, b, method, p, backend):
         with torch.no_grad():
             t_logits = teacher(x).float()
     if method == "ntp":
-        return remit_ext.weighted_cross_entropy(logits, y, backend=backend), None
+        return remit_ext.weighted_cross_entropy(logits, y, num_items_in_batch=num_items,
+                                                backend=backend), None
     if method == "remit":
         out = remit_ext.remit_loss(logits, y, scorer_logits=t_logits, scorer_logprobs=b,
-                                   eps=p.eps, return_details=True, backend=backend)
+                                   eps=p.eps, num_items_in_batch=num_items,
+                                   return_details=True, backend=backend)
         return out.loss, out
     if method == "rho1":
         return remit_ext.rho1_loss(logits, y, ref_logits=t_logits, ref_logprobs=b,
                                    keep_ratio=p.keep_ratio, backend=backend), None
     return remit_ext.kd_loss(logits, t_logits, y, temperature=p.kd_temperature,
-                             backend=backend), None
+                             num_items_in_batch=num_items, backend=backend), None
 
 
-def _fused_linear_loss(ddp, model, teacher, x, y, b, method, p, backend):
+def _fused_linear_loss(ddp, model, teacher, x, y, b, method, p, backend, num_items=None):
     """The same objective through ``remit_linear_loss``: the model's hidden states and LM head
     (and the scorer's) go in, the [B, T, V] logits are never held."""
     h = ddp(x, hidden_only=True)
@@ -441,7 +463,7 @@ def _fused_linear_loss(ddp, model, teacher, x, y, b, method, p, backend):
     res = remit_ext.remit_linear_loss(
         h, model.head.weight, y, scorer_hidden=s_h, scorer_weight=s_w,
         scorer_logprobs=b if method in ("remit", "rho1") else None, method=method,
-        return_details=method == "remit", backend=backend, **kw)
+        num_items_in_batch=num_items, return_details=method == "remit", backend=backend, **kw)
     return (res.loss, res) if method == "remit" else (res, None)
 
 
