@@ -382,3 +382,18 @@ def test_memory_row_no_token_by_vocab_logits():
     theirs = _largest_allocation(step(own))
     assert theirs >= logits_bytes, "the probe missed the unpatched model's logits"
     assert ours < logits_bytes // 2, (ours, logits_bytes)
+
+
+def test_gradient_checkpointing_same_gradients():
+    """The decoder under gradient checkpointing (what Trainer's gradient_checkpointing=True
+    turns on) gives the same ReMiT gradients through the patched forward."""
+    policy = tiny_model("llama", seed=29)
+    scorer = tiny_model("llama", seed=30, scorer_size=True)
+    apply_remit(policy, scorer=scorer).train()
+    batch = make_batch(31)
+    _, plain = _run(policy, lambda: policy(**batch).loss)
+    policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _, ckpt = _run(policy, lambda: policy(**batch).loss)
+    assert set(plain) == set(ckpt)
+    for name, g in plain.items():
+        torch.testing.assert_close(ckpt[name], g, rtol=1e-5, atol=1e-7, msg=name)

@@ -108,6 +108,13 @@ def test_trainer_live_scorer_by_path(tmp_path):
         assert set(f.keys()) <= set(trainer.model.state_dict())
     logs = [r for r in trainer.state.log_history if "loss" in r]
     assert len(logs) == 2 and all(0.9 <= r["remit/w_mean"] <= 1.1 for r in logs)
+    # Evaluation is the model's own forward: eval_loss is its NLL on the batch.
+    batch = ReMiTDataCollator()(data[:2])
+    trainer.model.eval()
+    with torch.no_grad():
+        own = trainer.model(**batch).loss
+    metrics = trainer.evaluate(eval_dataset=data[:2])
+    assert metrics["eval_loss"] == pytest.approx(float(own), rel=1e-5)
 
 
 def test_logged_diagnostics_pool_micro_batches(tmp_path, monkeypatch):
@@ -153,26 +160,40 @@ def _tiny_tokenizer():
                                                 bos_token="<s>", eos_token="</s>")
 
 
-@pytest.mark.parametrize("padding_free", [False, True])
-def test_trl_sft_trainer_mixin(tmp_path, monkeypatch, padding_free):
-    """ReMiTTrainerMixin on TRL's SFTTrainer (pre-tokenized data, live scorer): the ReMiT loss
-    trains (the diagnostics reach TRL's logs); padding_free gives packed rows (position_ids),
-    centred per document."""
+@pytest.mark.parametrize("mode", ["padded", "padding_free", "cache"])
+def test_trl_sft_trainer_mixin(tmp_path, monkeypatch, mode):
+    """ReMiTTrainerMixin on TRL's SFTTrainer (pre-tokenized data): the ReMiT loss trains (the
+    diagnostics reach TRL's logs). Live scorer, padded or padding_free (packed rows,
+    position_ids: centred per document); or no scorer, the cache as a datasets column
+    (add_scorer_logprobs) batched by ReMiTDataCollator."""
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
+    from remit_ext.hf import add_scorer_logprobs
 
     class ReMiTSFTTrainer(ReMiTTrainerMixin, trl.SFTTrainer):
         pass
 
-    ds = datasets.Dataset.from_dict({"input_ids": _sequences(8, seed=2)})
-    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
-                         logging_steps=1, report_to="none", use_cpu=True, save_strategy="no",
-                         disable_tqdm=True, padding_free=padding_free, learning_rate=5e-3,
-                         max_length=None)
-    model = tiny_model("qwen2", seed=46)
-    trainer = ReMiTSFTTrainer(model=model, args=args, train_dataset=ds,
-                              processing_class=_tiny_tokenizer(),
-                              scorer_model=tiny_model("qwen2", seed=47, scorer_size=True))
+    seqs = _sequences(8, seed=2)
+    ds = datasets.Dataset.from_dict({"input_ids": seqs})
+    scorer = tiny_model("qwen2", seed=47, scorer_size=True)
+    extra = {}
+    if mode == "cache":
+        (tmp_path / "t.jsonl").write_text("".join(json.dumps(s) + "\n" for s in seqs))
+        score_dataset(scorer, tmp_path / "t.jsonl", tmp_path / "cache", progress=False)
+        ds = add_scorer_logprobs(ds, tmp_path / "cache")
+        scorer = None
+        extra = dict(remove_unused_columns=False,
+                     dataset_kwargs={"skip_prepare_dataset": True})
+    args = trl.SFTConfig(output_dir=str(tmp_path / "out"), max_steps=2,
+                         per_device_train_batch_size=2, logging_steps=1, report_to="none",
+                         use_cpu=True, save_strategy="no", disable_tqdm=True,
+                         padding_free=mode == "padding_free", learning_rate=5e-3,
+                         max_length=None, **extra)
+    trainer = ReMiTSFTTrainer(
+        model=tiny_model("qwen2", seed=46), args=args, train_dataset=ds,
+        processing_class=_tiny_tokenizer(), scorer_model=scorer,
+        data_collator=ReMiTDataCollator(packed=True) if mode == "cache" else None)
+    assert (trainer.remit_scorer is None) == (mode == "cache")
     calls, packed = [], []
     real = trainer._remit_accumulate
     trainer._remit_accumulate = lambda out: (calls.append(type(out).__name__), real(out))
@@ -181,8 +202,8 @@ def test_trl_sft_trainer_mixin(tmp_path, monkeypatch, padding_free):
                         lambda pos, shape: packed.append(real_cu(pos, shape)) or packed[-1])
     trainer.train()
     assert calls == ["ReMiTCausalLMOutput"] * 2
-    # padding_free: one row of two documents per step, centred per document.
-    assert [len(cu) - 1 for cu in packed] == ([2, 2] if padding_free else [])
+    # Packed: one row of two documents per step, centred per document.
+    assert [len(cu) - 1 for cu in packed] == ([] if mode == "padded" else [2, 2])
     logs = [r for r in trainer.state.log_history if "loss" in r]
     assert len(logs) == 2 and all(0.8 <= r["remit/w_mean"] <= 1.2 for r in logs)
 

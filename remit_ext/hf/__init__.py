@@ -23,7 +23,7 @@ _EXPORTS = {
     "ReMiTTrainer": "trainer", "ReMiTTrainerMixin": "trainer",
     "score_dataset": "cache", "ScorerCache": "cache", "ScorerCacheDataset": "cache",
     "ScorerCacheMismatchError": "cache", "ReMiTDataCollator": "cache",
-    "sequence_hash": "cache", "read_token_sequences": "cache",
+    "sequence_hash": "cache", "read_token_sequences": "cache", "add_scorer_logprobs": "cache",
 }
 
 __all__ = sorted(_EXPORTS)

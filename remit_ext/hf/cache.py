@@ -42,7 +42,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["ReMiTDataCollator", "ScorerCache", "ScorerCacheDataset", "ScorerCacheMismatchError",
-           "read_token_sequences", "score_dataset", "sequence_hash", "MANIFEST"]
+           "add_scorer_logprobs", "read_token_sequences", "score_dataset", "sequence_hash",
+           "MANIFEST"]
 
 MANIFEST = "manifest.json"
 FORMAT = "remit_ext.scorer_cache"
@@ -450,7 +451,11 @@ class ScorerCacheDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         item = dict(self.dataset[i])
-        ids = item[self.column]
+        item[self.out_column] = self._logprobs(item[self.column], i)
+        return item
+
+    def _logprobs(self, ids, i: int) -> Tensor:
+        """The cache entry of example i (token ids ``ids``), checked against its hash."""
         h = sequence_hash(ids)
         if self.join == "hash":
             j = self.cache.find(h)
@@ -466,8 +471,22 @@ class ScorerCacheDataset(torch.utils.data.Dataset):
         if lp.numel() != len(ids):
             raise ScorerCacheMismatchError(f"example {i}: {len(ids)} tokens, cache entry {j} "
                                            f"{lp.numel()}")
-        item[self.out_column] = lp
-        return item
+        return lp
+
+
+def add_scorer_logprobs(dataset, cache, *, column: str = "input_ids",
+                        out_column: str = "scorer_logprobs", join: str = "index"):
+    """A ``datasets.Dataset`` with the cached log-probs as a column (``dataset.map``; the same
+    hash checks as ``ScorerCacheDataset``), for trainers that take only ``datasets`` datasets
+    (TRL's ``SFTTrainer``: pass ``remove_unused_columns=False`` and
+    ``dataset_kwargs={"skip_prepare_dataset": True}`` with ``ReMiTDataCollator``)."""
+    joined = ScorerCacheDataset(dataset, cache, column=column, out_column=out_column,
+                                join=join)
+
+    def add(example, i):
+        return {out_column: joined._logprobs(example[column], i).tolist()}
+
+    return dataset.map(add, with_indices=True)
 
 
 class ReMiTDataCollator:
