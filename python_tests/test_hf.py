@@ -289,6 +289,43 @@ def test_scaled_logits_supported_exactly(arch):
         torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_rho1_num_items_in_batch_is_the_kept_count():
+    """The Trainer passes its count of valid labels; Rho-1's mean divides by the kept tokens,
+    so the patched forward scales that count by keep_ratio: equal to the local mean when the
+    kept count is exact (keep_ratio * n_valid an integer), not keep_ratio times it."""
+    policy = tiny_model("qwen2", seed=6)
+    scorer = tiny_model("qwen2", seed=7, scorer_size=True)
+    apply_remit(policy, scorer=scorer, method="rho1", keep_ratio=0.5).train()
+    batch = make_batch(8)
+    n = int((batch["labels"][:, 1:] != IGNORE).sum())
+    if n % 2:  # make keep_ratio * n_valid exact
+        batch["labels"][0, -1] = IGNORE if batch["labels"][0, -1] != IGNORE else 3
+        n = int((batch["labels"][:, 1:] != IGNORE).sum())
+    assert n % 2 == 0
+    with torch.no_grad():
+        local = policy(**batch).loss
+        for count in (n, torch.tensor(n)):
+            torch.testing.assert_close(policy(**batch, num_items_in_batch=count).loss, local)
+
+
+def test_adapted_and_sharded_heads_refused():
+    model = tiny_model("llama")
+    head = model.get_output_embeddings()
+    head.base_layer = torch.nn.Linear(2, 2)  # what PEFT's LoRA wrapper carries
+    with pytest.raises(ValueError, match="the LM head carries an adapter"):
+        apply_remit(model, method="ntp")
+
+
+def test_other_final_softcap_names_refused():
+    model = tiny_model("llama")
+    model.config.logits_soft_cap = 30.0  # RecurrentGemma's name
+    with pytest.raises(ValueError, match=r"soft-caps its final logits \(logits_soft_cap=30.0\)"):
+        apply_remit(model, method="ntp")
+    ok = tiny_model("llama")
+    ok.config.attn_logit_softcapping = 50.0  # attention soft-capping leaves the logits alone
+    apply_remit(ok, method="ntp")
+
+
 def test_softcapping_and_unknown_transforms_refused():
     with pytest.raises(ValueError, match="soft-caps its final logits"):
         apply_remit(tiny_model("gemma2"), method="ntp")

@@ -200,3 +200,14 @@ def test_training_from_cache_equals_live_scorer(cache_dir, scorer_dir, sequences
         cached = policy(**batch).loss
         no_column = {k: v for k, v in batch.items() if k != "scorer_logprobs"}
         torch.testing.assert_close(cached, live(**no_column).loss, rtol=1e-5, atol=1e-6)
+
+
+def test_one_token_sequences_score_to_zeros(tmp_path, scorer_dir):
+    """A batch of one-token sequences has no position to score (it crashed the scorer pass)."""
+    data = tmp_path / "short.jsonl"
+    data.write_text("[5, 6, 7]\n[5]\n[6]\n")
+    out = tmp_path / "cache"
+    score_dataset(_load_scorer(scorer_dir), data, out, batch_size=2, progress=False)
+    cache = ScorerCache(out)
+    assert [len(cache[i]) for i in range(3)] == [3, 1, 1]
+    assert float(cache[1][0]) == 0.0 and float(cache[2][0]) == 0.0

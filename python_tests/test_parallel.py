@@ -7,6 +7,7 @@ single-process result is the same call without a group on the full tensors."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import socket
@@ -432,7 +433,10 @@ def token_stats_tp_4(rank, world, groups):
 def _worker(rank, world, init, out_dir, names):
     os.environ.setdefault("TRITON_INTERPRET", "0")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    # A bounded timeout: a rank failing before a collective must not leave its peers waiting
+    # for gloo's 30-minute default.
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
     groups = {"world": dist.group.WORLD}
     if world == 4:
         # tp pairs {0, 1}, {2, 3}; cp pairs {0, 2}, {1, 3}. Every rank creates every group.

@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -141,7 +142,8 @@ def read_token_sequences(path, column: str = "input_ids", split: Optional[str] =
 
 def _atomic_write(path: Path, write) -> None:
     """write(tmp_path), fsync, rename onto path: readers only ever see whole files."""
-    tmp = path.with_name(path.name + ".tmp")
+    # A name of this process's own: several ranks scoring at once must not share a temp file.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     write(tmp)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
@@ -217,6 +219,8 @@ def _score_batch(scorer, seqs: list[list[int]], scale: float, device, chunk_size
 
     lens = [len(s) for s in seqs]
     width = max(lens)
+    if width == 1:  # sequences of one token predict nothing: the scorer has no position to score
+        return [np.zeros(1, np.float32) for _ in seqs]
     ids = torch.zeros(len(seqs), width, dtype=torch.long)
     mask = torch.zeros(len(seqs), width, dtype=torch.long)
     for r, s in enumerate(seqs):

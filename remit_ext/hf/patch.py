@@ -112,11 +112,16 @@ def logit_scale(model, role: str = "model") -> float:
     """
     cfg = _text_config(model)
     name = type(model).__name__
-    for obj in (cfg, model):
-        cap = getattr(obj, "final_logit_softcapping", None)
+    # Gemma 2/3's name, and any other final-logit soft cap a config declares (RecurrentGemma's
+    # logits_soft_cap); attention soft-capping does not touch the logits.
+    caps = ["final_logit_softcapping"]
+    caps += sorted(a for a in getattr(cfg, "__dict__", {}) if a not in caps and "attn" not in a
+                   and ("softcap" in a or "soft_cap" in a))
+    for obj, attr in ((o, a) for o in (cfg, model) for a in caps):
+        cap = getattr(obj, attr, None)
         if cap is not None:
             raise ValueError(
-                f"{role}: {name} soft-caps its final logits (final_logit_softcapping={cap}): "
+                f"{role}: {name} soft-caps its final logits ({attr}={cap}): "
                 "logits -> cap * tanh(logits / cap) is not a linear map of the hidden states, so "
                 "remit_ext's fused head cannot reproduce it. Set "
                 "config.final_logit_softcapping = None (a different model), or train this one "
@@ -140,6 +145,17 @@ def _head(model, role: str):
     if head.weight.dim() != 2:
         raise ValueError(f"{role}: the LM head weight has shape {tuple(head.weight.shape)}, "
                          "expected [V, D] (a sharded or quantised head is not supported)")
+    # The fused path reads head.weight directly: an adapter (PEFT LoRA keeps the base layer
+    # inside) would be silently ignored, and a sharded weight (FSDP2, tensor parallel) is a
+    # DTensor the head's own hooks would have gathered. Refused rather than trained wrong.
+    if hasattr(head, "base_layer") or hasattr(head, "lora_A"):
+        raise ValueError(f"{role}: the LM head carries an adapter ({type(head).__name__}); "
+                         "remit_ext's fused head would train the base weight only. Merge the "
+                         "adapter, or leave lm_head out of the adapter's target modules")
+    if type(head.weight).__name__ == "DTensor" or type(head.weight.data).__name__ == "DTensor":
+        raise ValueError(f"{role}: the LM head weight is a DTensor (FSDP2 or tensor parallel): "
+                         "not supported by remit_ext.hf yet (remit_ext.parallel has the "
+                         "vocab-parallel losses)")
     return head
 
 
@@ -353,6 +369,11 @@ def _fused_forward(model, state, kw: dict, labels, shift_labels, scorer_lp, num_
         elif kw.get("cu_seq_lens_q") is not None and targets.shape[0] == 1:
             loss_kw["cu_seqlens"] = kw["cu_seq_lens_q"].to(device=hidden.device,
                                                            dtype=torch.long)
+    if s.method == "rho1" and num_items is not None:
+        # The Trainer's num_items_in_batch counts valid labels; Rho-1's mean divides by the kept
+        # tokens: keep_ratio of them (to within the per-micro-batch ceil of its selection).
+        num_items = (num_items * s.keep_ratio if isinstance(num_items, Tensor)
+                     else torch.tensor(float(num_items) * s.keep_ratio))
     if isinstance(num_items, Tensor):
         num_items = num_items.to(hidden.device)
     with torch.autocast(hidden.device.type, enabled=False):
