@@ -19,7 +19,7 @@ from bench import _harness as H
 README_START = "<!-- bench-table:start -->"
 README_END = "<!-- bench-table:end -->"
 PROVIDER_ORDER = ("eager", "compile", "cpu", "cpu_inplace", "triton", "triton_inplace", "cuda",
-                  "cuda_inplace", "liger", "cce")
+                  "cuda_inplace", "liger", "cce", "quack", "reference")
 
 
 def load(path: Path) -> list:
@@ -78,8 +78,8 @@ def markdown(rows: Sequence[dict], skipped: Optional[dict] = None,
         return "No rows.\n"
     hw = [r for r in rows if r["provider"] == "hardware"]
     full_cols = ("op", "provider", "shape", "dtype", "ms_p50", "ms_p20", "ms_p80",
-                 "throughput", "unit", "floor_frac", "peak_mem_MB", "speedup_vs_eager",
-                 "provider_version")
+                 "throughput", "unit", "floor_frac", "vs_best", "peak_mem_MB",
+                 "speedup_vs_eager", "provider_version")
     lines = [
         f"# remit_ext benchmarks on {rows[0]['device']}",
         "",
@@ -91,7 +91,10 @@ def markdown(rows: Sequence[dict], skipped: Optional[dict] = None,
                     for r in hw) + ".",
         "",
         "Cells: median ms (fraction of the floor: the op's unavoidable bytes or flops at the "
-        "measured copy bandwidth or matmul rate; 1.0 = at the floor).",
+        "measured copy bandwidth or matmul rate; 1.0 = at the floor). `eager` is plain "
+        "PyTorch as a user writes it (`bench/eager.py`), the baseline of `speedup_vs_eager`; "
+        "`vs_best` = the best published result's time (or one read of the op's logits at the "
+        "measured read bandwidth) / median time (`bench/targets.py`).",
         "",
         compact_table(rows),
         "",

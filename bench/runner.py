@@ -1,27 +1,35 @@
-"""The benchmark runner: ``python -m bench [--quick] [--ops ...] [--shapes ...]``.
+"""The benchmark runner: ``python -m bench [--quick] [--ops ...] [--shapes ...]``; the same
+cases also run under pytest-benchmark (``python -m pytest bench --benchmark-only``,
+``bench/test_suite.py``).
 
 A *case* is one op run by one provider (``bench/providers.py``) at one shape and dtype. For each
 case the runner
 
-1. calls it once and checks its result against the ``eager`` provider's (the PyTorch reference)
-   on the same inputs: a provider that disagrees fails the run and nothing is written;
+1. calls it once and checks its result against the ``reference`` provider's
+   (``remit_ext.reference``, fp32 ground truth) on the same inputs: a provider that disagrees,
+   plain PyTorch included, fails the run and nothing is written;
 2. measures the peak memory of one call beyond what was allocated before it, outputs and
    gradients included (CUDA: the caching allocator's high-water mark; CPU: the resident set's);
 3. times it: on a GPU per-call CUDA events with the L2 cache flushed before every call (about
-   25 ms of warm-up, then about 200 ms of calls, at least 5), on CPU wall clock;
+   25 ms of warm-up, then about 200 ms of calls, at least 5), on CPU wall clock (``--repeats``);
 4. reports the median and the 20th/80th percentiles, the throughput (GB/s for the memory-bound
    logits-level ops, over the bytes the op must move; TFLOP/s for the fused-linear ops, over the
-   matrix products it must do) and ``floor_frac`` = floor time / median time, where the floor
+   matrix products it must do), ``floor_frac`` = floor time / median time, where the floor
    time is that work at the hardware rate measured in the same run: a device-to-device copy of
    an ``N x V`` tensor of the dtype (bytes read + written per second), or a plain ``[N, D] x
-   [D, V]`` matrix product in the dtype. Those measurements are rows too (provider
-   ``hardware``). (The step's other products, e.g. grad W = ``[V, N] x [N, D]``, may run
-   faster than that one shape, so a fused-linear ``floor_frac`` can exceed 1 slightly.)
+   [D, V]`` matrix product in the dtype; ``vs_best`` = best time / median time against today's
+   best public result (``bench/targets.py``: published fused-linear rates on H200/H100/B200; for
+   the logits-level ops one read of their ``[N, V]`` inputs at the read bandwidth measured in
+   the same run); and ``speedup_vs_eager``, against plain PyTorch (``bench/eager.py``).
+   The hardware measurements are rows too (provider ``hardware``). (The step's other products,
+   e.g. grad W = ``[V, N] x [N, D]``, may run faster than that one shape, so a fused-linear
+   ``floor_frac`` can exceed 1 slightly.)
 
 A full run appends its rows to ``<out-dir>/<device>.csv`` (the ledger; ``python -m bench
 table`` and ``python -m bench plot`` read it) and, on a GPU, records per op the remit_ext kernel
-backends fastest first in ``--auto-table`` (the table ``backend="auto"`` reads). ``--quick`` runs
-tiny shapes on any machine, checks every provider, and writes nothing: its timings mean nothing.
+backends fastest first in ``--auto-table`` (the table ``backend="auto"`` reads). Without
+``--shapes`` a GPU runs the published shapes and a CPU the CPU shapes. ``--quick`` runs tiny
+shapes on any machine, checks every provider, and writes nothing: its timings mean nothing.
 """
 
 from __future__ import annotations
@@ -31,22 +39,21 @@ import dataclasses
 import gc
 import importlib
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 
-if not torch.cuda.is_available():  # the CPU smoke run: Triton's interpreter, before it loads
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from bench import _harness as H  # noqa: E402
-from bench import providers as P  # noqa: E402
+from bench import _harness as H  # (importing bench sets TRITON_INTERPRET first: bench/__init__)
+from bench import providers as P
+from bench import targets as T
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 LOGITS_SHAPES = [(8192, 50304), (16384, 128256), (4096, 262144)]
 LINEAR_SHAPES = [(8192, 2048, 50304), (16384, 4096, 128256)]
+# CPU-sized: what `python -m bench` and `pytest bench` run on a machine without a GPU.
+CPU_SHAPES = [(1024, 32000), (1024, 128, 32000)]
 QUICK_SHAPES = [(32, 256), (32, 16, 256)]
 SEQ_LEN, QUICK_SEQ_LEN = 4096, 16
 FAMILY_MODULES = ("suite_token_stats", "suite_weights", "suite_logits_loss",
@@ -58,12 +65,12 @@ AUTO_OPS = {"token_stats": ("token_stats",), "remit_weights": ("remit_weights",)
 AUTO_KERNELS = ("cuda", "triton")
 AUTO_TABLE = H.REPO / "remit_ext" / "data" / "auto_table.json"
 COLUMNS = ["op", "provider", "shape", "dtype", "ms_p50", "ms_p20", "ms_p80", "throughput",
-           "unit", "floor_frac", "floor_ms", "floor", "peak_mem_MB", "speedup_vs_eager",
-           "device", "torch_version", "triton_version", "provider_version", "git_sha", "date"]
-# Providers that are not remit_ext: an exception from one of them loses that case's row (and is
-# reported); an exception from remit_ext or the reference fails the run.
-THIRD_PARTY = ("compile", "liger", "cce")
-# A provider's result must match the eager reference's to atol = rtol = this (x (1 + |ref|)).
+           "unit", "floor_frac", "floor_ms", "floor", "vs_best", "best_ms", "best",
+           "peak_mem_MB", "speedup_vs_eager", "device", "torch_version", "triton_version",
+           "provider_version", "git_sha", "date"]
+THIRD_PARTY = P.THIRD_PARTY
+CPU_REPEATS = 5  # timed calls per CPU case (after one untimed)
+# A provider's result must match the reference's to atol = rtol = this (x (1 + |ref|)).
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 
 
@@ -79,12 +86,13 @@ class Case:
     unit: str
     what: str  # the work in words, e.g. "4 passes over N x V"
     setup: Optional[Callable[[], None]] = None  # before every call and after the last, untimed
+    reads: int = 0  # [N, V] inputs it reads (logits-level ops: its vs_best is one read of each)
 
 
 @dataclasses.dataclass
 class Context:
     """What a family's ``build`` gets: the shape and dtype, the device, the providers that can
-    run here, and the ops asked for."""
+    run here (``reference`` always: the gate), and the ops asked for."""
 
     shape: tuple
     dtype: torch.dtype
@@ -125,7 +133,7 @@ class Context:
 @dataclasses.dataclass
 class Family:
     """An op family: its name, its ops, shape arity (2: N x V, 3: N x D x V), floor kind, and
-    ``build(ctx) -> [Case]`` (eager first within each op)."""
+    ``build(ctx) -> [Case]`` (within each op: ``reference`` first, then ``eager``)."""
 
     name: str
     ops: tuple
@@ -159,26 +167,33 @@ def fwd_bwd(loss_fn: Callable[[], torch.Tensor], wrt: Sequence[torch.Tensor]):
 # ------------------------------------------------------------------------------- measuring
 
 
-def _timer(device: str, quick: bool):
+def _timer(device: str, quick: bool, repeats: int = CPU_REPEATS):
     if device == "cuda":
         if quick:
             return lambda fn, setup: H.cuda_time_ms(fn, setup=setup, warmup_ms=1, rep_ms=5)
         return lambda fn, setup: H.cuda_time_ms(fn, setup=setup)
-    reps, warm = (1, 0) if quick else (5, 1)
+    reps, warm = (1, 0) if quick else (repeats, 1)
     return lambda fn, setup: H.time_ms(fn, warmup=warm, repeats=reps, setup=setup)
 
 
 def measure_floor(kind: str, shape: tuple, dtype: torch.dtype, device: str, timer) -> dict:
-    """The hardware rate the ops of a family are held to, measured now: bytes/s of a copy of an
-    N x V tensor, or flop/s of a plain [N, D] x [D, V] product."""
+    """A hardware rate measured now: bytes/s of a copy of an N x V tensor ("copy"), of reading
+    one ("read": the sum of an fp32 tensor of as many bytes, a pure read stream on any device),
+    or flop/s of a plain [N, D] x [D, V] product ("matmul")."""
     g = torch.Generator(device=device).manual_seed(1)
-    if kind == "copy":
+    if kind in ("copy", "read"):
         n, v = shape[0], shape[-1]
-        src = torch.empty(n, v, dtype=dtype, device=device).normal_(generator=g)
-        dst = torch.empty_like(src)
-        t = timer(lambda: dst.copy_(src), None)
-        work = 2 * src.numel() * src.element_size()
-        rate, unit, what = work / (t.p50 * 1e-3), "GB/s", f"copy of {n} x {v}"
+        nbytes = n * v * (torch.finfo(dtype).bits // 8)
+        if kind == "copy":
+            src = torch.empty(n, v, dtype=dtype, device=device).normal_(generator=g)
+            dst = torch.empty_like(src)
+            t = timer(lambda: dst.copy_(src), None)
+            work, what = 2 * nbytes, f"copy of {n} x {v}"
+        else:
+            src = torch.empty(max(nbytes // 4, 1), device=device).normal_(generator=g)
+            t = timer(lambda: src.sum(), None)
+            work, what = nbytes, f"read of {n} x {v}"
+        rate, unit = work / (t.p50 * 1e-3), "GB/s"
     else:
         n, d, v = shape
         a = torch.empty(n, d, dtype=dtype, device=device).normal_(generator=g)
@@ -187,7 +202,35 @@ def measure_floor(kind: str, shape: tuple, dtype: torch.dtype, device: str, time
         work = 2.0 * n * d * v
         rate, unit, what = work / (t.p50 * 1e-3), "TFLOP/s", f"[{n}, {d}] x [{d}, {v}] matmul"
     del g
-    return {"rate": rate, "unit": unit, "what": what, "timing": t}
+    return {"rate": rate, "unit": unit, "what": what, "timing": t, "kind": kind,
+            "shape": "x".join(map(str, shape)), "dtype": str(dtype).removeprefix("torch.")}
+
+
+class Floors:
+    """The hardware measurements of a run, each made once (on first use) and kept as a
+    ``hardware`` row."""
+
+    def __init__(self, device: str, timer, env: dict):
+        self.device, self.timer, self.env = device, timer, env
+        self.measured: dict = {}
+        self.rows: list = []
+
+    def get(self, kind: str, shape: tuple, dtype: torch.dtype, tag: str = "") -> dict:
+        key = (kind, tuple(shape), dtype)
+        if key not in self.measured:
+            fl = self.measured[key] = measure_floor(kind, shape, dtype, self.device, self.timer)
+            self.rows.append(_row(self.env, kind, "hardware", fl["shape"], fl["dtype"],
+                                  fl["timing"], _scaled(fl["rate"], fl["unit"]), fl["unit"],
+                                  fl["what"], None, None, None, None, ""))
+            print(f"{tag}{fl['what']} {fl['dtype']}: {self.rows[-1]['throughput']} "
+                  f"{fl['unit']}", flush=True)
+        return self.measured[key]
+
+    def of_family(self, fam: "Family", shape: tuple, dtype: torch.dtype) -> dict:
+        """The floor a family's cases are held to at (shape, dtype)."""
+        f_shape, f_dtype = (fam.floor_of(shape, dtype) if fam.floor_of
+                            else (shape if fam.floor == "matmul" else shape[:2], dtype))
+        return self.get(fam.floor, f_shape, f_dtype, tag=f"[{fam.name}] ")
 
 
 def _scaled(rate: float, unit: str) -> float:
@@ -200,8 +243,8 @@ def as_parts(out) -> tuple:
 
 
 def to_host(out) -> tuple:
-    """The eager reference's result, kept on the host while the op's other providers run (on a
-    GPU the device memory is for them)."""
+    """The reference's result, kept on the host while the op's other providers run (on a GPU
+    the device memory is for them)."""
     return tuple(None if t is None else t.detach().to("cpu", copy=True) for t in as_parts(out))
 
 
@@ -240,6 +283,62 @@ def mismatch(out, ref: tuple, dtype: torch.dtype, rows_per_chunk: int = 1024) ->
     return None
 
 
+def points(args, fams: dict):
+    """(family, ops asked for, shape, dtype) in the order a run measures them."""
+    for fam_name, ops in args.plan.items():
+        fam = fams[fam_name]
+        for shape in (s for s in args.shapes if len(s) == fam.arity):
+            for dtype_name in fam.dtypes or args.dtypes:
+                yield fam, ops, shape, DTYPES[dtype_name]
+
+
+def build_cases(fam: Family, ops, shape: tuple, dtype: torch.dtype, device: str,
+                runnable: Sequence[str], seq_len: int) -> list:
+    """A family's cases at one point, with fresh compile caches: one code object compiled at
+    every (op, shape, dtype) would pass dynamo's recompile limit and silently run eagerly."""
+    torch._dynamo.reset()
+    ctx = Context(shape, dtype, device, ["reference"] + [p for p in runnable if p != "reference"],
+                  ops, seq_len)
+    return fam.build(ctx)
+
+
+def check(case: Case, refs: dict, dtype: torch.dtype) -> Optional[str]:
+    """Run ``case`` once (its setup first) and check it: the reference's result is stored in
+    ``refs[op]``; anyone else's is compared with it. Returns why it is wrong (None: right).
+    Raises what the case raises, and KeyError when the op has no reference result."""
+    if case.setup is not None:
+        case.setup()
+    out = case.fn()
+    if case.provider == "reference":
+        refs[case.op] = to_host(out)
+        return None
+    return mismatch(out, refs[case.op], dtype)
+
+
+def best_of(case: Case, fam: Family, shape: tuple, dtype: torch.dtype, device_name: str,
+            floors: Floors) -> tuple[Optional[float], str]:
+    """(best ms, what it is) for a case: bench/targets.py."""
+    if fam.floor == "matmul":
+        return T.linear_best(device_name, case.work)
+    if case.reads:
+        rd = floors.get("read", shape[:2], dtype)
+        n, v = shape[0], shape[-1]
+        return T.read_best(case.reads, n * v * (torch.finfo(dtype).bits // 8), rd["rate"],
+                           f"{rd['what']} {rd['dtype']}")
+    return None, ""
+
+
+def case_row(env: dict, fam: Family, case: Case, shape: tuple, dtype: torch.dtype, t,
+             floor: dict, best: tuple, peak, eager_ms) -> dict:
+    """A ledger row for a timed case."""
+    label, dtype_name = fam.shape_label(shape), str(dtype).removeprefix("torch.")
+    floor_ms = case.work / floor["rate"] * 1e3
+    return _row(env, case.op, case.provider, label, dtype_name, t,
+                _scaled(case.work / (t.p50 * 1e-3), case.unit), case.unit,
+                f"{case.what} at the measured {floor['what']}", floor_ms, peak, eager_ms,
+                best[0], best[1])
+
+
 def run(args) -> tuple[list, list, dict, list]:
     """Measure every selected case. Returns (rows, failures, {provider: why skipped}, [the
     third-party cases that raised, and why])."""
@@ -248,76 +347,51 @@ def run(args) -> tuple[list, list, dict, list]:
     runnable, skipped = P.split_available(args.providers, device)
     for p, why in skipped.items():
         print(f"skipping provider {p}: {why}", flush=True)
-    timer = _timer(device, args.quick)
+    timer = _timer(device, args.quick, args.repeats)
     if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
         # Past the limit dynamo would fall back to eager and the row would be labelled
         # "compile"; raising makes it a reported failure instead.
         torch._dynamo.config.fail_on_recompile_limit_hit = True
-    fams = families()
-    rows, failures, floors, broken = [], [], {}, []
-    for fam_name, ops in args.plan.items():
-        fam = fams[fam_name]
-        shapes = [s for s in args.shapes if len(s) == fam.arity]
-        for shape in shapes:
-            for dtype_name in fam.dtypes or args.dtypes:
-                dtype = DTYPES[dtype_name]
-                f_shape, f_dtype = (fam.floor_of(shape, dtype) if fam.floor_of
-                                    else (shape if fam.floor == "matmul" else shape[:2], dtype))
-                key = (fam.floor, f_shape, f_dtype)
-                if key not in floors:
-                    floors[key] = fl = measure_floor(fam.floor, f_shape, f_dtype, device, timer)
-                    rows.append(_row(env, fam.floor, "hardware", "x".join(map(str, f_shape)),
-                                     str(f_dtype).removeprefix("torch."), fl["timing"],
-                                     _scaled(fl["rate"], fl["unit"]), fl["unit"], fl["what"],
-                                     None, None, None))
-                    print(f"[{fam.name}] {fl['what']} {rows[-1]['dtype']}: "
-                          f"{rows[-1]['throughput']} {fl['unit']}", flush=True)
-                fl = floors[key]
-                ctx = Context(shape, dtype, device, ["eager"] + runnable, ops, args.seq_len)
-                # Fresh compile caches: one code object compiled at every (op, shape, dtype)
-                # would pass dynamo's recompile limit and silently run eagerly.
-                torch._dynamo.reset()
-                rows += _run_cases(fam, ctx, fl, env, timer, failures,
-                                   timed=set(runnable), broken=broken)
-                gc.collect()
-                if device == "cuda":
-                    torch.cuda.empty_cache()
-    return rows, failures, skipped, broken
+    floors = Floors(device, timer, env)
+    rows, failures, broken = [], [], []
+    for fam, ops, shape, dtype in points(args, families()):
+        floor = floors.of_family(fam, shape, dtype)
+        cases = build_cases(fam, ops, shape, dtype, device, runnable, args.seq_len)
+        rows += _run_cases(fam, cases, shape, dtype, device, floor, floors, env, timer,
+                           failures, timed=set(runnable), broken=broken)
+        del cases
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return floors.rows + rows, failures, skipped, broken
 
 
-def _run_cases(fam: Family, ctx: Context, floor: dict, env: dict, timer, failures,
-               timed: set, broken: list) -> list:
-    label, dtype_name = fam.shape_label(ctx.shape), str(ctx.dtype).removeprefix("torch.")
+def _run_cases(fam: Family, cases: list, shape: tuple, dtype: torch.dtype, device: str,
+               floor: dict, floors: Floors, env: dict, timer, failures, timed: set,
+               broken: list) -> list:
+    label, dtype_name = fam.shape_label(shape), str(dtype).removeprefix("torch.")
     refs, eager_ms, rows = {}, {}, []
-    cases = fam.build(ctx)
     for case in cases:
-        tag = f"[{fam.name}] {case.op:<16} {case.provider:<15} {label} {dtype_name}"
+        tag = f"[{fam.name}] {case.op:<18} {case.provider:<15} {label} {dtype_name}"
         where = f"{case.op} {label} {dtype_name}: {case.provider}"
-        if case.provider == "eager":
+        if case.provider == "reference":
             refs = {}  # an op's reference is dropped when the next op starts
         elif case.op not in refs:
-            print(f"{tag}: the eager reference did not run, nothing to check against: no row",
+            print(f"{tag}: the reference did not run, nothing to check against: no row",
                   flush=True)
-            broken.append(f"{where} not measured (no eager reference to check it against)")
+            broken.append(f"{where} not measured (no reference to check it against)")
             continue
         try:
+            why = check(case, refs, dtype)
+            if why:
+                failures.append(f"{tag}: {why}")
+                print(f"{tag}: WRONG RESULT: {why}", flush=True)
+                continue
+            if case.provider == "reference" and "reference" not in timed:
+                continue  # the reference, for the checks only
             if case.setup is not None:
                 case.setup()
-            out = case.fn()
-            if case.provider == "eager":
-                refs[case.op] = to_host(out)
-                if "eager" not in timed:
-                    continue  # the reference only, for the checks
-            else:
-                why = mismatch(out, refs[case.op], ctx.dtype)
-                if why:
-                    failures.append(f"{tag}: {why}")
-                    print(f"{tag}: WRONG RESULT: {why}", flush=True)
-                    continue
-            del out
-            if case.setup is not None:
-                case.setup()
-            peak, _ = H.peak_memory_bytes(case.fn, ctx.device)
+            peak, _ = H.peak_memory_bytes(case.fn, device)
             t = timer(case.fn, case.setup)
         except torch.OutOfMemoryError:
             print(f"{tag}: out of memory, no row", flush=True)
@@ -328,32 +402,33 @@ def _run_cases(fam: Family, ctx: Context, floor: dict, env: dict, timer, failure
                 raise
             first = (str(err).strip().splitlines() or [""])[0]
             why = f"{type(err).__name__}: {first}"
-            # torch.compile, Liger and CCE are measured as they are: when one of them breaks on
-            # a case (a compiler bug, an unsupported shape) that case has no row, and says why.
+            # torch.compile, Liger, CCE and QuACK are measured as they are: when one of them
+            # breaks on a case (a compiler bug, an unsupported shape) that case has no row, and
+            # says why.
             print(f"{tag}: {case.provider} failed ({why[:300]}), no row", flush=True)
             broken.append(f"{where} raised {why[:300]}")
             continue
         finally:
             if case.setup is not None:
                 case.setup()  # leave the inputs as the next case expects them
-            if ctx.device == "cuda":
+            if device == "cuda":
                 torch.cuda.empty_cache()
         if case.provider == "eager":
             eager_ms[case.op] = t.p50
-        floor_ms = case.work / floor["rate"] * 1e3
-        row = _row(env, case.op, case.provider, label, dtype_name, t,
-                   _scaled(case.work / (t.p50 * 1e-3), case.unit), case.unit,
-                   f"{case.what} at the measured {floor['what']}", floor_ms, peak,
-                   eager_ms.get(case.op))
+        best = best_of(case, fam, shape, dtype, env["device"], floors)
+        row = case_row(env, fam, case, shape, dtype, t, floor, best, peak,
+                       eager_ms.get(case.op))
         rows.append(row)
+        best_s, eager_s = (str(row[k]) if row[k] != "" else "-"
+                           for k in ("vs_best", "speedup_vs_eager"))
         print(f"{tag}: {row['ms_p50']:>9} ms  {row['throughput']:>8} {case.unit:<7} floor "
-              f"{row['floor_frac']:<6} {row['peak_mem_MB']:>9} MB  x{row['speedup_vs_eager']}",
-              flush=True)
+              f"{row['floor_frac']:<6} best {best_s:<6} {row['peak_mem_MB']:>9} MB  "
+              f"x{eager_s}", flush=True)
     return rows
 
 
 def _row(env, op, provider, shape, dtype, t, throughput, unit, floor, floor_ms, peak,
-         eager_ms) -> dict:
+         eager_ms, best_ms=None, best="") -> dict:
     base = provider.split("_")[0]
     return {
         "op": op, "provider": provider, "shape": shape, "dtype": dtype,
@@ -361,6 +436,8 @@ def _row(env, op, provider, shape, dtype, t, throughput, unit, floor, floor_ms, 
         "throughput": float(f"{throughput:.4g}"), "unit": unit,
         "floor_frac": "" if floor_ms is None else round(floor_ms / t.p50, 3),
         "floor_ms": "" if floor_ms is None else round(floor_ms, 4), "floor": floor,
+        "vs_best": "" if best_ms is None else round(best_ms / t.p50, 3),
+        "best_ms": "" if best_ms is None else round(best_ms, 4), "best": best,
         "peak_mem_MB": "" if peak is None else round(peak / H.MB, 1),
         "speedup_vs_eager": "" if eager_ms is None else round(eager_ms / t.p50, 2),
         "provider_version": P.version(base) or "",
@@ -427,11 +504,18 @@ def add_run_arguments(ap: argparse.ArgumentParser) -> None:
                          "ops (e.g. remit_loss); default: all")
     ap.add_argument("--shapes", nargs="+", type=parse_shape, metavar="SHAPE",
                     help="NxV for the logits-level families, NxDxV for linear_loss (default: "
-                         "the published set; --quick: 32x256 and 32x16x256)")
+                         "the published set on a GPU, 1024x32000 1024x128x32000 on CPU; "
+                         "--quick: 32x256 and 32x16x256)")
     ap.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES),
                     help="default: bfloat16 float32")
-    ap.add_argument("--providers", nargs="+", choices=P.PROVIDERS, default=list(P.PROVIDERS),
-                    help="default: all; those that cannot run here are skipped with the reason")
+    ap.add_argument("--providers", nargs="+", choices=P.PROVIDERS,
+                    help="default: all but reference (which runs for the correctness gate "
+                         "and is timed only when listed), and on CPU without --quick all but "
+                         "triton too (its interpreter takes minutes a call at CPU shapes); "
+                         "those that cannot run here are skipped with the reason")
+    ap.add_argument("--repeats", type=int, default=CPU_REPEATS,
+                    help=f"timed calls per case on CPU, after one untimed (default "
+                         f"{CPU_REPEATS}; a GPU times ~200 ms of calls)")
     ap.add_argument("--seq-len", type=int, help=f"tokens per sequence for ReMiT's centring "
                                                 f"(default {SEQ_LEN}; --quick {QUICK_SEQ_LEN})")
     ap.add_argument("--out-dir", type=Path, default=H.RESULTS,
@@ -448,12 +532,18 @@ def resolve(ap: argparse.ArgumentParser, args, fams: dict) -> None:
     """Fill defaults and turn --ops into {family: set of ops or None (all)}; errors go
     through the parser."""
     if args.shapes is None:
-        args.shapes = QUICK_SHAPES if args.quick else LOGITS_SHAPES + LINEAR_SHAPES
+        args.shapes = (QUICK_SHAPES if args.quick else CPU_SHAPES if args.device == "cpu"
+                       else LOGITS_SHAPES + LINEAR_SHAPES)
     args.dtypes = args.dtypes or ["bfloat16", "float32"]
+    if args.providers is None:
+        args.providers = [p for p in P.DEFAULT_PROVIDERS
+                          if not (p == "triton" and args.device == "cpu" and not args.quick)]
     if args.seq_len is None:
         args.seq_len = QUICK_SEQ_LEN if args.quick else SEQ_LEN
     if args.seq_len < 1:
         ap.error(f"--seq-len: expected a positive integer, got {args.seq_len}")
+    if args.repeats < 1:
+        ap.error(f"--repeats: expected a positive integer, got {args.repeats}")
     op_family = {op: f.name for f in fams.values() for op in f.ops}
     plan: dict = {}  # family -> the ops asked for (None: all of them)
     for item in args.ops or list(fams):
@@ -472,8 +562,6 @@ def resolve(ap: argparse.ArgumentParser, args, fams: dict) -> None:
                  f"token_stats/weights/logits_loss, NxDxV for linear_loss)")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available")
-    if args.device == "cpu" and not args.quick and args.shapes == LOGITS_SHAPES + LINEAR_SHAPES:
-        ap.error("--device cpu: the default shapes are GPU-sized; use --quick or --shapes")
 
 
 def main(argv: Optional[Sequence[str]] = None, *, prog: str = "python -m bench") -> int:
@@ -484,7 +572,7 @@ def main(argv: Optional[Sequence[str]] = None, *, prog: str = "python -m bench")
     resolve(ap, args, fams)
     rows, failures, skipped, broken = run(args)
     if failures:
-        print("\nresults that disagree with the eager reference (nothing written):\n  "
+        print("\nresults that disagree with the reference (nothing written):\n  "
               + "\n  ".join(failures), file=sys.stderr)
         return 1
     if not rows:

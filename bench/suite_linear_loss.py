@@ -4,16 +4,24 @@
 - ``linear_ce``: plain next-token cross-entropy (mean over valid tokens);
 - ``linear_remit``: ReMiT with the frozen scorer's hidden states and LM head (its logits are
   computed too, without gradient);
-- ``linear_remit_lp``: ReMiT with the scorer's log-probs precomputed (offline scoring).
+- ``linear_remit_lp``: ReMiT with the scorer's log-probs precomputed (offline scoring);
+- ``linear_token_stats``: per-token log-prob and entropy of the policy (``linear_token_stats``),
+  then the backward of ``-(A lp + 0.01 H)`` over the valid tokens with random per-token
+  advantages A: the GRPO/PPO/RMT shape on hidden states.
 
 The floor is the matrix products each must do, at the rate of a plain ``[N, D] x [D, V]``
 product in the dtype measured in the same run: policy logits, grad hidden and grad W (6 N D V
-flops), plus the scorer's logits for ``linear_remit`` (8 N D V). The checked value is the loss.
-Providers: ``eager`` (logits materialised, then the PyTorch reference), ``compile`` (of that),
-remit_ext's ``remit_linear_loss`` with each kernel backend, Liger's
-``LigerFusedLinearCrossEntropyLoss`` (``reduction="none"`` per token, the scorer's pass under
-no_grad, weights from ``remit_ext.remit_weights``) and Cut Cross-Entropy's
-``linear_cross_entropy`` (the same way).
+flops), plus the scorer's logits for ``linear_remit`` and the logits' recompute for
+``linear_token_stats`` (8 N D V). ``vs_best`` holds each op to the best published fused linear
+CE rate on the GPU (``bench/targets.py``). The checked values are the loss and both gradients.
+
+Providers: ``eager`` (``hidden @ W.T`` materialised, then ``bench/eager.py``'s plain PyTorch),
+``compile`` (of that), remit_ext's ``remit_linear_loss`` / ``linear_token_stats`` with each
+kernel backend, Liger's ``LigerFusedLinearCrossEntropyLoss`` (``reduction="none"`` per token, the
+scorer's pass under no_grad, weights from ``remit_ext.remit_weights``) and FLSCE (per-token NLL +
+entropy) for the statistics, Cut Cross-Entropy's ``linear_cross_entropy`` (the same way as
+Liger's FLCE), and QuACK (``chunked_linear_cross_entropy`` for plain CE; per-token
+``linear_cross_entropy_func`` for ReMiT).
 
     python bench/suite_linear_loss.py --quick      # or: python -m bench --ops linear_loss
 """
@@ -25,16 +33,19 @@ from pathlib import Path
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import bench  # noqa: F401  (first: it sets TRITON_INTERPRET before triton loads)
 
 import torch  # noqa: E402
 
 import remit_ext  # noqa: E402
+from bench import eager as E  # noqa: E402
 from bench import providers as P  # noqa: E402
 from bench.runner import Case, Context, Family, fwd_bwd  # noqa: E402
 
 IGNORE = -100
-OPS = ("linear_ce", "linear_remit", "linear_remit_lp")
-MATMULS = {"linear_ce": 3, "linear_remit": 4, "linear_remit_lp": 3}
+OPS = ("linear_ce", "linear_remit", "linear_remit_lp", "linear_token_stats")
+MATMULS = {"linear_ce": 3, "linear_remit": 4, "linear_remit_lp": 3, "linear_token_stats": 4}
+BONUS = 0.01  # the entropy bonus of linear_token_stats' loss
 
 
 def build(ctx: Context) -> list:
@@ -51,19 +62,43 @@ def build(ctx: Context) -> list:
             remit_ext.token_stats(s_hid[i:i + 2048] @ s_w.T, yf[i:i + 2048]).logprob
             for i in range(0, n, 2048)]).view(y.shape)
 
-    def eager(op):
-        def fn(hidden, weight, targets, s_hidden, s_weight, s_lp):
+    adv = torch.empty(y.shape, device=ctx.device).normal_(generator=g)
+
+    def reference(op):
+        def fn():
+            z = (hid @ w.T).view(*y.shape, -1)
+            if op == "linear_ce":
+                return remit_ext.weighted_cross_entropy(z, y, backend="torch")
+            if op == "linear_remit_lp":
+                return remit_ext.remit_loss(z, y, scorer_logprobs=scorer_lp, backend="torch")
+            if op == "linear_token_stats":
+                st = remit_ext.token_stats(z, y, entropy=True, backend="torch")
+                return E.masked_mean(-(adv * st.logprob + BONUS * st.entropy), y != IGNORE)
+            with torch.no_grad():
+                sz = (s_hid @ s_w.T).view(*y.shape, -1)
+            return remit_ext.remit_loss(z, y, scorer_logits=sz, backend="torch")
+        return fn
+
+    def plain(op):  # plain PyTorch on the materialised logits (what compile compiles)
+        def fn(hidden, weight, targets, s_hidden, s_weight, s_lp, a):
+            if op == "linear_token_stats":
+                return E.linear_token_stats_loss(hidden, weight, targets, a, BONUS)
             z = (hidden @ weight.T).view(*targets.shape, -1)
             if op == "linear_ce":
-                return remit_ext.weighted_cross_entropy(z, targets, backend="torch")
+                return E.masked_mean(E.nll(z, targets), targets != IGNORE)
             if op == "linear_remit_lp":
-                return remit_ext.remit_loss(z, targets, scorer_logprobs=s_lp, backend="torch")
+                return E.remit_loss(z, targets, scorer_logprobs=s_lp)
             with torch.no_grad():
                 sz = (s_hidden @ s_weight.T).view(*targets.shape, -1)
-            return remit_ext.remit_loss(z, targets, scorer_logits=sz, backend="torch")
+            return E.remit_loss(z, targets, scorer_logits=sz)
         return fn
 
     def ours(op, backend):
+        if op == "linear_token_stats":
+            def stats():
+                st = remit_ext.linear_token_stats(h3, w, y, entropy=True, backend=backend)
+                return E.masked_mean(-(adv * st.logprob + BONUS * st.entropy), y != IGNORE)
+            return stats
         kw = {"linear_ce": {"method": "ntp"},
               "linear_remit": {"scorer_hidden": sh3, "scorer_weight": s_w},
               "linear_remit_lp": {"scorer_logprobs": scorer_lp}}[op]
@@ -83,7 +118,11 @@ def build(ctx: Context) -> list:
             return (nll * ww.view(-1)).sum() / valid.sum()
         return fn
 
-    args = (hid, w, y, s_hid, s_w, scorer_lp)
+    def liger_stats():  # FLSCE: per-token NLL and entropy, the loss on top
+        nll, ent = P.liger_linear_stats(hid, w, yf, IGNORE)
+        return E.masked_mean(-(adv.view(-1) * -nll + BONUS * ent.float()), valid)
+
+    args = (hid, w, y, s_hid, s_w, scorer_lp, adv)
     cases = []
     if ctx.has("cce") and ctx.dtype == torch.float32:
         print("skipping cce at float32: its backward takes bf16/fp16 only", flush=True)
@@ -95,15 +134,23 @@ def build(ctx: Context) -> list:
         def add(provider, body):
             cases.append(Case(op, provider, fwd_bwd(body, [hid, w]), flops, "TFLOP/s", what))
 
-        add("eager", lambda f=eager(op): f(*args))
+        add("reference", reference(op))
+        if ctx.has("eager"):
+            add("eager", lambda f=plain(op): f(*args))
         for b in ctx.kernels:
             add(b, ours(op, b))
         if ctx.has("compile"):
-            add("compile", lambda f=P.compiled(eager(op)): f(*args))
+            add("compile", lambda f=P.compiled(plain(op)): f(*args))
+        if op == "linear_token_stats":
+            if ctx.has("liger"):
+                add("liger", liger_stats)
+            continue  # CCE and QuACK return no entropy
         if ctx.has("liger"):
             add("liger", external(op, P.liger_linear))
         if ctx.has("cce") and ctx.dtype != torch.float32:  # CCE's backward refuses fp32
             add("cce", external(op, P.cce_linear))
+        if ctx.has("quack"):
+            add("quack", external(op, P.quack_linear))
     return cases
 
 

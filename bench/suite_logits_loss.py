@@ -8,11 +8,13 @@ the logits' dtype). The floor counts the passes over ``N x V`` each op cannot av
 - ``remit_loss_lp``: ReMiT with precomputed scorer log-probs, 3;
 - ``pg_loss``: PPO-clipped policy-gradient loss (RMT/GRPO) with old log-probs, 3.
 
-Checked against the eager reference: the loss and the logits gradient. ``<backend>_inplace`` rows
-write the gradient into the logits buffer (``inplace_backward=True``), and Liger's forward does
-so too; for those the logits are restored between calls, outside the timed region. Liger: ``liger_cross_entropy(reduction="none")`` for
-``-log p`` (the scorer's under no_grad), weights from ``remit_ext.remit_weights``, then
-``sum(w * nll) / n_valid``.
+Checked against the reference: the loss and the logits gradient. ``eager`` is plain PyTorch
+(``bench/eager.py``: ``F.cross_entropy(reduction="none")``, the weights as tensor ops; ce_bwd
+written by hand: softmax, scatter, mask); ``compile`` compiles exactly that. ``<backend>_inplace``
+rows write the gradient into the logits buffer (``inplace_backward=True``), and Liger's forward
+does so too; for those the logits are restored between calls, outside the timed region. Liger
+and QuACK: their ``cross_entropy(reduction="none")`` for ``-log p`` (the scorer's under
+no_grad), weights from ``remit_ext.remit_weights``, then ``sum(w * nll) / n_valid``.
 
     python bench/suite_logits_loss.py --quick      # or: python -m bench --ops logits_loss
 """
@@ -25,11 +27,13 @@ from pathlib import Path
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import bench  # noqa: F401  (first: it sets TRITON_INTERPRET before triton loads)
 
 import torch  # noqa: E402
 
 import remit_ext  # noqa: E402
 from remit_ext._backends import BACKENDS  # noqa: E402
+from bench import eager as E  # noqa: E402
 from bench import providers as P  # noqa: E402
 from bench.runner import Case, Context, Family, fwd_bwd  # noqa: E402
 
@@ -70,31 +74,26 @@ def build(ctx: Context) -> list:
             return lambda: remit_ext.remit_loss(z3, y, scorer_logprobs=scorer_lp, **kw)
         return lambda: remit_ext.policy_gradient_loss(z3, y, adv, old_logprobs=old, **kw)
 
-    def reference(op):
+    def plain(op):  # (function, its tensor arguments after the logits)
         if op == "weighted_ce":
-            return lambda z, t, ww: remit_ext.weighted_cross_entropy(z, t, ww, backend="torch")
+            return E.weighted_ce, (y, w)
         if op == "remit_loss":
-            return lambda z, t, s: remit_ext.remit_loss(z, t, scorer_logits=s, backend="torch")
+            return (lambda z, t, s: E.remit_loss(z, t, scorer_logits=s)), (y, s3)
         if op == "remit_loss_lp":
-            return lambda z, t, b: remit_ext.remit_loss(z, t, scorer_logprobs=b,
-                                                         backend="torch")
-        return lambda z, t, a, o: remit_ext.policy_gradient_loss(z, t, a, old_logprobs=o,
-                                                                 backend="torch")
+            return (lambda z, t, b: E.remit_loss(z, t, scorer_logprobs=b)), (y, scorer_lp)
+        return E.pg_loss, (y, adv, old)
 
-    extra = {"weighted_ce": (w,), "remit_loss": (s3,), "remit_loss_lp": (scorer_lp,),
-             "pg_loss": (adv, old)}
-
-    def liger(op):
+    def library(token_nll, op):  # Liger / QuACK: per-token CE, weights applied outside
         def weighted(nll, weights):
             return (nll * weights.view(-1)).sum() / valid.sum()
 
         def fn():
-            nll = P.liger_token_nll(z3.view(n, v), yf, IGNORE)
+            nll = token_nll(z3.view(n, v), yf, IGNORE)
             if op == "weighted_ce":
                 return weighted(nll, w)
             if op == "remit_loss":
                 with torch.no_grad():
-                    b = -P.liger_token_nll(scorer, yf, IGNORE).float().view(y.shape)
+                    b = -token_nll(scorer, yf, IGNORE).float().view(y.shape)
             else:
                 b = scorer_lp
             ww = remit_ext.remit_weights(-nll.detach().float().view(y.shape), b, y).weights
@@ -105,45 +104,53 @@ def build(ctx: Context) -> list:
     if ctx.wants("ce_bwd"):
         what = "2 passes over N x V"
 
-        def grad_ref(z, t, c, ok):  # coef (softmax - onehot), nothing at ignored rows
+        def grad_ref(z, t, c, ok):  # coef (softmax - onehot), nothing at ignored rows, in fp32
             gz = torch.softmax(z.float(), -1) * c[:, None]
             gz = gz.scatter_add(-1, torch.where(ok, t, 0)[:, None],
                                 torch.where(ok, -c, 0)[:, None])
             return (gz * ok[:, None]).to(z.dtype)
 
-        # (None, gradient): no value, the gradient checked against its largest entry.
-        cases.append(Case("ce_bwd", "eager", lambda: (None, grad_ref(logits, yf, coef, valid)),
-                          2 * nvb, "GB/s", what))
+        def add(provider, fn):
+            # (None, gradient): no value, the gradient checked against its largest entry.
+            cases.append(Case("ce_bwd", provider, lambda: (None, fn()), 2 * nvb, "GB/s", what,
+                              reads=1))
+
+        add("reference", lambda: grad_ref(logits, yf, coef, valid))
+        if ctx.has("eager"):
+            add("eager", lambda: E.ce_grad(logits, yf, coef))
         if "triton" in ctx.kernels:
             importlib.import_module("remit_ext.triton")  # registers torch.ops.remit_ext_triton
         for b in ctx.kernels:
             ops = BACKENDS[b].ops
-            cases.append(Case("ce_bwd", b, lambda ops=ops: (None, ops.weighted_ce_bwd(
-                logits, yf, lse, lp, coef, IGNORE)), 2 * nvb, "GB/s", what))
+            add(b, lambda ops=ops: ops.weighted_ce_bwd(logits, yf, lse, lp, coef, IGNORE))
         if ctx.has("compile"):
-            cases.append(Case("ce_bwd", "compile",
-                              lambda f=P.compiled(grad_ref): (None, f(logits, yf, coef, valid)),
-                              2 * nvb, "GB/s", what))
-    for op, passes in (("weighted_ce", 3), ("remit_loss", 4), ("remit_loss_lp", 3),
-                       ("pg_loss", 3)):
+            add("compile", lambda f=P.compiled(E.ce_grad): f(logits, yf, coef))
+    for op, passes, reads in (("weighted_ce", 3, 1), ("remit_loss", 4, 2),
+                              ("remit_loss_lp", 3, 1), ("pg_loss", 3, 1)):
         if not ctx.wants(op):
             continue
         what = f"{passes} passes over N x V"
-        for b in ["torch"] + ctx.kernels:
-            cases.append(Case(op, "eager" if b == "torch" else b,
-                              fwd_bwd(loss_fn(op, b), [z3]), passes * nvb, "GB/s", what))
-        if ctx.has("compile"):
-            f = P.compiled(reference(op))
-            args = extra[op]
-            cases.append(Case(op, "compile", fwd_bwd(lambda f=f, a=args: f(z3, y, *a), [z3]),
-                              passes * nvb, "GB/s", what))
+
+        def add(provider, loss, setup=None):
+            cases.append(Case(op, provider, fwd_bwd(loss, [z3]), passes * nvb, "GB/s", what,
+                              setup=setup, reads=reads))
+
+        add("reference", loss_fn(op, "torch"))
+        f, rest = plain(op)
+        if ctx.has("eager"):
+            add("eager", lambda f=f, rest=rest: f(z3, *rest))
         for b in ctx.kernels:
-            cases.append(Case(op, f"{b}_inplace", fwd_bwd(loss_fn(op, b, inplace=True), [z3]),
-                              passes * nvb, "GB/s", what, setup=restore))
-        if ctx.has("liger") and op != "pg_loss":
-            # Liger's forward writes the gradient into its input when that requires grad.
-            cases.append(Case(op, "liger", fwd_bwd(liger(op), [z3]), passes * nvb, "GB/s",
-                              what, setup=restore))
+            add(b, loss_fn(op, b))
+        if ctx.has("compile"):
+            add("compile", lambda f=P.compiled(f), rest=rest: f(z3, *rest))
+        for b in ctx.kernels:
+            add(f"{b}_inplace", loss_fn(op, b, inplace=True), setup=restore)
+        if op != "pg_loss":  # neither library has a policy-gradient loss
+            if ctx.has("liger"):
+                # Liger's forward writes the gradient into its input when that requires grad.
+                add("liger", library(P.liger_token_nll, op), setup=restore)
+            if ctx.has("quack"):
+                add("quack", library(P.quack_token_nll, op))
     if any(c.setup is restore for c in cases):
         saved["z"] = z3.detach().clone()
     return cases

@@ -2,10 +2,11 @@
 
 - ``token_stats``: policy and scorer rows in one call (``remit_ext.token_stats(logits, targets,
   scorer_logits=...)``), checked on both log-probs. Floor: one read of each, 2 N V b bytes.
-  Liger: two ``liger_cross_entropy(reduction="none")`` calls (per-token ``-log p``) under
-  no_grad.
+  eager: ``-F.cross_entropy(reduction="none")`` of each under no_grad. Liger / QuACK: two
+  ``cross_entropy(reduction="none")`` calls under no_grad.
 - ``token_entropy``: the policy's log-prob and full entropy (RMT's key-token selection),
-  checked on both. Floor: one read, N V b bytes.
+  checked on both. Floor: one read, N V b bytes. eager: ``log_softmax``, ``gather``,
+  ``-(p log p).sum(-1)``.
 
     python bench/suite_token_stats.py --quick      # or: python -m bench --ops token_stats
 """
@@ -17,10 +18,12 @@ from pathlib import Path
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import bench  # noqa: F401  (first: it sets TRITON_INTERPRET before triton loads)
 
 import torch  # noqa: E402
 
 import remit_ext  # noqa: E402
+from bench import eager as E  # noqa: E402
 from bench import providers as P  # noqa: E402
 from bench.runner import Case, Context, Family  # noqa: E402
 
@@ -31,8 +34,6 @@ def build(ctx: Context) -> list:
     logits, scorer = ctx.normal(n, v, scale=2.0, g=g), ctx.normal(n, v, scale=2.0, g=g)
     y = ctx.targets(n, v, g).view(-1)
     nvb = n * v * logits.element_size()
-    backends = ["torch"] + ctx.kernels
-    name = {"torch": "eager"}
     cases = []
 
     def stats(backend, entropy=False):
@@ -42,37 +43,34 @@ def build(ctx: Context) -> list:
             return torch.stack([st.logprob, st.entropy if entropy else st.scorer_logprob])
         return fn
 
-    def stats_ref(z, t, s):
-        st = remit_ext.token_stats(z, t, scorer_logits=s, backend="torch")
-        return torch.stack([st.logprob, st.scorer_logprob])
+    def two_nll(token_nll):  # a library's per-token CE, policy and scorer, under no_grad
+        def fn():
+            with torch.no_grad():
+                return torch.stack([-token_nll(logits, y), -token_nll(scorer, y)]).float()
+        return fn
 
-    def entropy_ref(z, t):
-        st = remit_ext.token_stats(z, t, entropy=True, backend="torch")
-        return torch.stack([st.logprob, st.entropy])
+    for op, entropy, reads in (("token_stats", False, 2), ("token_entropy", True, 1)):
+        if not ctx.wants(op):
+            continue
+        what = ("2 reads of N x V (policy, scorer)" if reads == 2 else "1 read of N x V")
 
-    if ctx.wants("token_stats"):
-        what = "2 reads of N x V (policy, scorer)"
-        for b in backends:
-            cases.append(Case("token_stats", name.get(b, b), stats(b), 2 * nvb, "GB/s", what))
+        def add(provider, fn):
+            cases.append(Case(op, provider, fn, reads * nvb, "GB/s", what, reads=reads))
+
+        add("reference", stats("torch", entropy))
+        plain = E.token_entropy if entropy else E.token_stats
+        args = (logits, y) if entropy else (logits, y, scorer)
+        if ctx.has("eager"):
+            add("eager", lambda f=plain, a=args: f(*a))
+        for b in ctx.kernels:
+            add(b, stats(b, entropy))
         if ctx.has("compile"):
-            f = P.compiled(stats_ref)
-            cases.append(Case("token_stats", "compile", lambda: f(logits, y, scorer), 2 * nvb,
-                              "GB/s", what))
-        if ctx.has("liger"):
-            def liger():
-                with torch.no_grad():
-                    return torch.stack([-P.liger_token_nll(logits, y),
-                                        -P.liger_token_nll(scorer, y)]).float()
-            cases.append(Case("token_stats", "liger", liger, 2 * nvb, "GB/s", what))
-    if ctx.wants("token_entropy"):
-        what = "1 read of N x V"
-        for b in backends:
-            cases.append(Case("token_entropy", name.get(b, b), stats(b, entropy=True), nvb,
-                              "GB/s", what))
-        if ctx.has("compile"):
-            f2 = P.compiled(entropy_ref)
-            cases.append(Case("token_entropy", "compile", lambda: f2(logits, y), nvb, "GB/s",
-                              what))
+            add("compile", lambda f=P.compiled(plain), a=args: f(*a))
+        if not entropy:  # neither library returns an entropy from logits
+            if ctx.has("liger"):
+                add("liger", two_nll(P.liger_token_nll))
+            if ctx.has("quack"):
+                add("quack", two_nll(P.quack_token_nll))
     return cases
 
 

@@ -8,7 +8,8 @@
 Inputs are fp32 log-probs (what ``token_stats`` returns), so the family runs at float32 only;
 the shape column is N. The op moves 24 N bytes (reads both log-probs and the int64 targets,
 writes the weights and the centred gaps); its floor is a device copy moving as many bytes. At
-these sizes the ops are bound by launch latency, which the floor's copy pays too.
+these sizes the ops are bound by launch latency, which the floor's copy pays too. eager:
+``bench/eager.py``'s vectorised weights (a mean per row, or ``index_add`` per document).
 
     python bench/suite_weights.py --quick          # or: python -m bench --ops weights
 """
@@ -20,10 +21,12 @@ from pathlib import Path
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import bench  # noqa: F401  (first: it sets TRITON_INTERPRET before triton loads)
 
 import torch  # noqa: E402
 
 import remit_ext  # noqa: E402
+from bench import eager as E  # noqa: E402
 from bench import providers as P  # noqa: E402
 from bench.runner import Case, Context, Family  # noqa: E402
 
@@ -54,20 +57,26 @@ def build(ctx: Context) -> list:
             return remit_ext.remit_weights(a, b, y, backend=backend).weights
         return fn
 
-    def ref(la, lb, t, cu_seqlens=None):
-        return remit_ext.remit_weights(la, lb, t, cu_seqlens=cu_seqlens, backend="torch").weights
+    def plain(varlen):
+        if varlen:
+            return lambda la, lb, t, c: E.remit_weights(la, lb, t, cu_seqlens=c)
+        return lambda la, lb, t: E.remit_weights(la, lb, t)
 
     for op, varlen in (("remit_weights", False), ("remit_weights_varlen", True)):
         if not ctx.wants(op):
             continue
-        for backend in ["torch"] + ctx.kernels:
-            cases.append(Case(op, "eager" if backend == "torch" else backend,
-                              weights(backend, varlen), work, "GB/s", what))
+        args = (a.view(-1), b.view(-1), y.view(-1), cu) if varlen else (a, b, y)
+
+        def add(provider, fn):
+            cases.append(Case(op, provider, fn, work, "GB/s", what))
+
+        add("reference", weights("torch", varlen))
+        if ctx.has("eager"):
+            add("eager", lambda f=plain(varlen), args=args: f(*args))
+        for backend in ctx.kernels:
+            add(backend, weights(backend, varlen))
         if ctx.has("compile"):
-            f = P.compiled(ref)
-            args = (a.view(-1), b.view(-1), y.view(-1), cu) if varlen else (a, b, y)
-            cases.append(Case(op, "compile", lambda f=f, args=args: f(*args), work, "GB/s",
-                              what))
+            add("compile", lambda f=P.compiled(plain(varlen)), args=args: f(*args))
     return cases
 
 

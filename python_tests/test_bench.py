@@ -1,11 +1,15 @@
 """The benchmark suite (``bench/``): argument handling, the correctness gate, the ledger, the
-auto table, the report and plots, and the ``remit-ext bench`` entry point. Timings are never
-asserted: they are what the suite measures, not what it is tested on."""
+targets, the auto table, the report and plots, the plain-PyTorch baseline, the pytest-benchmark
+entry point, and ``remit-ext bench`` / ``python -m bench`` from a plain shell (no
+TRITON_INTERPRET preset). Timings are never asserted: they are what the suite measures, not what
+it is tested on."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +23,7 @@ if str(REPO) not in sys.path:
 from bench import _harness as H  # noqa: E402
 from bench import providers as P  # noqa: E402
 from bench import report, runner  # noqa: E402
+from bench import targets as T  # noqa: E402
 from remit_ext import _backends as B  # noqa: E402
 from remit_ext import bench_cmd  # noqa: E402
 from remit_ext.__main__ import main as cli_main  # noqa: E402
@@ -61,11 +66,19 @@ def test_bad_arguments_name_the_option(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without GPU")
-def test_default_gpu_shapes_refused_without_gpu(capsys):
-    with pytest.raises(SystemExit):
-        _resolve([])
-    assert "GPU-sized" in capsys.readouterr().err
+def test_defaults_follow_the_device():
+    """No --shapes: the published set on a GPU, CPU shapes on CPU; on CPU without --quick the
+    Triton interpreter is left out of the default providers (minutes a call at CPU shapes),
+    and the reference is never timed unless asked for."""
+    args = _resolve(["--device", "cpu"])
+    assert args.shapes == runner.CPU_SHAPES
+    assert "triton" not in args.providers and "reference" not in args.providers
+    assert {"eager", "compile", "cpu", "quack"} <= set(args.providers)
+    assert "triton" in _resolve(["--quick", "--device", "cpu"]).providers
+    assert "reference" in _resolve(["--quick", "--providers", "reference", "cpu"]).providers
+    if torch.cuda.is_available():
+        assert _resolve(["--device", "cuda"]).shapes == runner.LOGITS_SHAPES + \
+            runner.LINEAR_SHAPES
 
 
 def test_mismatch_gate():
@@ -91,10 +104,18 @@ def test_mismatch_gate():
 
 
 def test_providers_say_why_they_cannot_run(monkeypatch):
-    assert P.unavailable("eager", "cpu") is None
-    assert "CUDA devices only" in P.unavailable("liger", "cpu")
-    assert "CUDA devices only" in P.unavailable("cce", "cpu")
+    for p in ("reference", "eager", "compile"):
+        assert P.unavailable(p, "cpu") is None
+    for p in ("liger", "cce", "quack"):
+        assert "CUDA devices only" in P.unavailable(p, "cpu")
     assert P.unavailable("cuda", "cpu") is not None  # no build runs its kernels on CPU
+    assert P.unavailable("triton", "cpu") is None  # conftest set TRITON_INTERPRET=1 in time
+    import triton.language as tl
+
+    # Set after triton was imported, the variable cannot turn the interpreter on: said so
+    # instead of every launch failing with "Cannot call @triton.jit'd outside of a kernel".
+    monkeypatch.setattr(tl, "zeros", object())
+    assert "before starting Python" in P.unavailable("triton", "cpu")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert "interpreter" in P.unavailable("triton", "cpu")
     with pytest.raises(ValueError, match="provider"):
@@ -183,8 +204,10 @@ def test_report_reads_the_latest_run_and_fills_the_readme(tmp_path):
 
 
 def test_a_full_cpu_run_writes_the_ledger(tmp_path):
-    """Not --quick: rows are checked, appended to <device>.csv with the ledger's columns,
-    summarised in <device>.md; a second run appends. eager + cpu only, to stay fast."""
+    """Not --quick: rows are checked against the reference (run, not timed), appended to
+    <device>.csv with the ledger's columns, summarised in <device>.md; a second run appends.
+    eager + cpu only, to stay fast. The logits-level rows carry vs_best (one read of their
+    inputs at the measured read bandwidth, itself a hardware row); the weights rows none."""
     argv = ["--ops", "weights", "remit_loss", "--shapes", "64x100", "--dtypes", "float32",
             "--providers", "eager", "cpu", "--seq-len", "16", "--out-dir", str(tmp_path),
             "--auto-table", "", "--device", "cpu"]
@@ -194,14 +217,17 @@ def test_a_full_cpu_run_writes_the_ledger(tmp_path):
         assert next(csv.reader(f)) == runner.COLUMNS
     rows = report.load(path)
     got = {(r["op"], r["provider"]) for r in rows}
-    assert got == {("copy", "hardware"), ("remit_weights", "eager"), ("remit_weights", "cpu"),
-                   ("remit_weights_varlen", "eager"), ("remit_weights_varlen", "cpu"),
-                   ("remit_loss", "eager"), ("remit_loss", "cpu"),
-                   ("remit_loss", "cpu_inplace")}
+    assert got == {("copy", "hardware"), ("read", "hardware"), ("remit_weights", "eager"),
+                   ("remit_weights", "cpu"), ("remit_weights_varlen", "eager"),
+                   ("remit_weights_varlen", "cpu"), ("remit_loss", "eager"),
+                   ("remit_loss", "cpu"), ("remit_loss", "cpu_inplace")}
     for r in rows:
         assert float(r["ms_p50"]) > 0 and float(r["ms_p20"]) <= float(r["ms_p80"])
         if r["provider"] != "hardware":
             assert float(r["floor_frac"]) > 0 and r["speedup_vs_eager"] != ""
+            assert (r["vs_best"] != "") == (r["op"] == "remit_loss")
+        if r["op"] == "remit_loss":
+            assert "one read of 2 N x V inputs" in r["best"]
     assert {r["shape"] for r in rows if r["op"] == "remit_weights"} == {"64"}
     assert "remit_loss" in (tmp_path / "cpu.md").read_text()
     readme = tmp_path / "README.md"
@@ -216,7 +242,8 @@ def test_a_full_cpu_run_writes_the_ledger(tmp_path):
 def test_a_wrong_provider_fails_the_run_and_writes_nothing(tmp_path, monkeypatch, capsys):
     def build(ctx):
         x = torch.arange(4.0)
-        return [runner.Case("toy", "eager", lambda: x, 16, "GB/s", "16 bytes"),
+        return [runner.Case("toy", "reference", lambda: x, 16, "GB/s", "16 bytes"),
+                runner.Case("toy", "eager", lambda: x, 16, "GB/s", "16 bytes"),
                 runner.Case("toy", "cpu", lambda: x + 1, 16, "GB/s", "16 bytes")]
 
     toy = runner.Family("toy", ("toy",), 2, "copy", build)
@@ -234,13 +261,15 @@ def test_inplace_cases_leave_the_logits_as_they_found_them():
     after it see the same inputs (else their checks would compare different problems)."""
     from bench import suite_logits_loss
 
-    ctx = runner.Context((32, 64), torch.float32, "cpu", ["eager", "cpu", "liger"],
-                         {"remit_loss"}, 16)
+    ctx = runner.Context((32, 64), torch.float32, "cpu",
+                         ["reference", "eager", "cpu", "liger", "quack"], {"remit_loss"}, 16)
     cases = suite_logits_loss.build(ctx)
-    # Liger's forward writes its gradient into the logits too (not run here: needs CUDA).
+    # Liger's forward writes its gradient into the logits too (not run here: needs CUDA);
+    # QuACK's does not unless asked to (inplace_backward=False, its default).
     assert {c.provider for c in cases if c.setup is not None} == {"cpu_inplace", "liger"}
+    assert [c.provider for c in cases][:2] == ["reference", "eager"]
     inplace = next(c for c in cases if c.provider == "cpu_inplace")
-    eager = next(c for c in cases if c.provider == "eager")
+    eager = next(c for c in cases if c.provider == "reference")
     before = runner.to_host(eager.fn())
     inplace.setup()
     assert runner.mismatch(inplace.fn(), before, torch.float32) is None  # loss and gradient
@@ -270,7 +299,8 @@ def test_a_third_party_failure_costs_its_row_only(tmp_path, monkeypatch):
         raise RuntimeError("codegen went wrong\nsecond line")
 
     def build(ctx):
-        return [runner.Case("toy", "eager", lambda: x, 16, "GB/s", "16 bytes"),
+        return [runner.Case("toy", "reference", lambda: x, 16, "GB/s", "16 bytes"),
+                runner.Case("toy", "eager", lambda: x, 16, "GB/s", "16 bytes"),
                 runner.Case("toy", "compile", boom, 16, "GB/s", "16 bytes"),
                 runner.Case("toy", "cpu", lambda: boom() if state["cpu_breaks"] else x, 16,
                             "GB/s", "16 bytes")]
@@ -287,3 +317,100 @@ def test_a_third_party_failure_costs_its_row_only(tmp_path, monkeypatch):
     state["cpu_breaks"] = True
     with pytest.raises(RuntimeError, match="codegen"):
         runner.main(["--ops", "toy", *argv])
+
+
+def test_targets_are_the_published_numbers():
+    """vs_best's targets: the published time back at the published shape on that GPU, scaled
+    by flops elsewhere; nothing for a GPU without a published result or the CPU."""
+    quack = 2.0 * 3 * 4096 * 4096 * 128256  # 6 N D V
+    ms, what = T.linear_best("NVIDIA H200", quack)
+    assert ms == pytest.approx(17.33) and "QuACK" in what and "745 TFLOP/s" in what
+    ms, what = T.linear_best("NVIDIA H100 80GB HBM3", 2.0 * 4 * 16384 * 4096 * 131072)
+    assert ms == pytest.approx(104.77) and "FLSCE" in what and "672 TFLOP/s" in what
+    assert T.linear_best("NVIDIA H200", 2 * quack)[0] == pytest.approx(2 * 17.33)
+    assert T.linear_best("cpu", quack) == (None, "")
+    ms, what = T.read_best(2, 1000, 1e6, "read of 10 x 100 bfloat16")
+    assert ms == pytest.approx(2.0) and "one read of 2 N x V inputs" in what
+    assert T.read_best(0, 1000, 1e6, "x") == (None, "")
+
+
+def test_eager_is_plain_pytorch_and_passes_the_gate():
+    """Every family's plain-PyTorch provider (bench/eager.py: the denominator of every
+    speed-up) agrees with the reference in both dtypes, as the gate requires of it."""
+    assert runner.main(["--quick", "--providers", "eager", "cpu", "--no-write"]) == 0
+    import ast
+
+    from bench import eager
+
+    tree = ast.parse(Path(eager.__file__).read_text())
+    used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    assert not used & {"float64", "double", "item", "reference"}  # no fp64, no syncs
+
+
+def _plain_env() -> dict:
+    """This process's environment without TRITON_INTERPRET: a plain shell's."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter is for machines without GPU")
+@pytest.mark.parametrize("entry", ["remit-ext bench", "python -m bench"])
+def test_entry_points_run_triton_from_a_plain_shell(entry, tmp_path):
+    """Without TRITON_INTERPRET in the environment, both entry points run the Triton kernels in
+    the interpreter (remit-ext imports remit_ext, hence triton, before the suite: it restarts
+    the suite with the variable set; python -m bench sets it before triton loads)."""
+    head = ([sys.executable, "-m", "remit_ext", "bench"] if entry.startswith("remit-ext")
+            else [sys.executable, "-m", "bench"])
+    proc = subprocess.run([*head, "--quick", "--ops", "token_entropy", "--dtypes", "float32",
+                           "--providers", "eager", "triton"], cwd=tmp_path, env=_plain_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "token_entropy      triton" in proc.stdout
+    assert "skipping provider triton" not in proc.stdout
+
+
+def _pytest_bench(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           *map(str, args)], cwd=cwd, env=_plain_env(), capture_output=True,
+                          text=True, timeout=900)
+
+
+def test_pytest_benchmark_runs_the_suite_cases(tmp_path):
+    """python -m pytest bench --benchmark-only: the suite's cases (eager, the kernels), each
+    gated and timed, the ledger row in extra_info, one group per (op, shape, dtype);
+    --benchmark-json and --benchmark-compare work; --bench-ledger writes the ledger."""
+    out, store = tmp_path / "run.json", tmp_path / "store"
+    common = ["bench", "--benchmark-only", "--bench-quick", "--bench-ops", "remit_weights",
+              "--bench-providers", "eager,cpu", f"--benchmark-storage={store}"]
+    proc = _pytest_bench(*common, "--benchmark-autosave", f"--benchmark-json={out}",
+                         "--bench-ledger", tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    names = {b["name"] for b in data["benchmarks"]}
+    assert names == {f"test_case[remit_weights-{p}-32-float32]" for p in ("eager", "cpu")}
+    for b in data["benchmarks"]:
+        assert b["group"] == "remit_weights 32 float32"
+        info = b["extra_info"]
+        assert info["op"] == "remit_weights" and float(info["floor_frac"]) > 0
+        assert info["speedup_vs_eager"] != "" and info["git_sha"]
+    ledger = report.load(tmp_path / "cpu.csv")
+    assert {r["provider"] for r in ledger} == {"hardware", "eager", "cpu"}
+    proc = _pytest_bench(*common, "--benchmark-compare")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "0001" in proc.stdout
+
+
+def test_the_default_test_command_never_collects_the_benchmarks():
+    """pyproject's testpaths: `python -m pytest` means python_tests; bench/ only when named."""
+    proc = _pytest_bench("--collect-only", "python_tests/test_bench.py")
+    assert proc.returncode == 0 and "bench/test_suite.py" not in proc.stdout
+    import tomllib
+
+    conf = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["pytest"]
+    assert conf["ini_options"]["testpaths"] == ["python_tests"]
+    proc = _pytest_bench("--collect-only", "bench", "--bench-quick", "--bench-ops", "token_stats",
+                         "--bench-dtypes", "float32", "--bench-providers", "eager,cpu")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "test_case[token_stats-eager-32x256-float32]" in proc.stdout
+    assert "test_case[token_entropy-cpu-32x256-float32]" in proc.stdout

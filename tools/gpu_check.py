@@ -77,7 +77,9 @@ COLLECT_AS_GPU = {"REMIT_TEST_COLLECT_BACKENDS": "torch,triton,cuda"}
 BENCH_OPS = ["token_stats", "remit_loss", "ce_bwd", "weighted_ce", "pg_loss", "remit_loss_lp",
              "token_entropy", "remit_weights", "remit_weights_varlen"]
 BENCH_SHAPE, LINEAR_SHAPE = "16384x128256", "16384x4096x128256"
-LINEAR_OPS = ["linear_remit_lp", "linear_ce", "linear_remit"]
+# The suite's default providers run: eager (plain PyTorch) and compile of it, the kernels, and
+# Liger, CCE and QuACK where importable (the reference runs for the gate only).
+LINEAR_OPS = ["linear_remit_lp", "linear_ce", "linear_remit", "linear_token_stats"]
 LINEAR_PROVIDERS = ["linear_logprobs", "linear", "linear_ntp", "stats_linear", "matmul_floor"]
 # Goals (issues 3, 4): (provider, op, floor_frac at least, what it means).
 GOALS = [
