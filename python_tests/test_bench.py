@@ -414,3 +414,21 @@ def test_the_default_test_command_never_collects_the_benchmarks():
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "test_case[token_stats-eager-32x256-float32]" in proc.stdout
     assert "test_case[token_entropy-cpu-32x256-float32]" in proc.stdout
+
+
+def test_scaling_study_sweeps_and_plots(tmp_path):
+    """bench_scaling.py: N doubles 1k -> 32k, V 32k -> 262k, for both ops; the quick run goes
+    through every code path but the fresh processes; the plot is drawn from the rows."""
+    from bench import bench_scaling as S
+
+    pts = S.points(S.WORKLOADS["cpu"])
+    assert [n for op, sw, n, v in pts if op == "remit_loss" and sw == "N"] == \
+        [1024, 2048, 4096, 8192, 16384, 32768]
+    assert [v for op, sw, n, v in pts if op == "remit_linear_loss" and sw == "V"] == \
+        [32768, 65536, 131072, 262144]
+    assert S.main(["--quick"]) == 0
+    rows = [{"op": op, "sweep": sw, "n_tokens": n, "vocab": v, "ms_p50": n * v / 1e6,
+             "over_grads_MB": 1.0, "grads_MB": n * v / 1e6}
+            for op, sw, n, v in S.points(S.WORKLOADS["quick"])]
+    S.plot(rows, tmp_path / "scaling.png", "title")
+    assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
