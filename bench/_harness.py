@@ -24,7 +24,9 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "bench" / "results"
+# Where the studies write their ledgers (REMIT_BENCH_RESULTS moves them, e.g. to measure a
+# clean checkout without touching its tracked files).
+RESULTS = Path(os.environ.get("REMIT_BENCH_RESULTS") or REPO / "bench" / "results")
 MB = 1024 * 1024
 
 
@@ -309,8 +311,7 @@ def save_results(csv_path: Path, md_path: Path, rows: Sequence[dict],
     """Append the rows to the CSV ledger, rewrite the markdown summary, say where they went."""
     append_csv(csv_path, rows, columns)
     md_path.write_text(md)
-    print(f"\nappended {len(rows)} rows to {csv_path.relative_to(REPO)}; "
-          f"wrote {md_path.relative_to(REPO)}")
+    print(f"\nappended {len(rows)} rows to {csv_path}; wrote {md_path}")
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:

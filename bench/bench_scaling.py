@@ -296,7 +296,7 @@ def main(argv=None) -> int:
     png = h.RESULTS / "plots" / f"{stem}_scaling.png"
     plot(rows, png, f"{env['device']} ({env['cpu_model']}), torch {env['torch_version']}, git "
                     f"{env['git_sha']}, {env['date']}")
-    print(f"wrote {png.relative_to(h.REPO)}")
+    print(f"wrote {png}")
     return 0
 
 
