@@ -39,6 +39,7 @@ void pg_rows(const at::Tensor& logits, const int64_t* y, int64_t ignore_index,
   const int64_t N = logits.size(0), V = logits.size(1), row_stride = logits.stride(0);
   const scalar_t* base = logits.const_data_ptr<scalar_t>();
   at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(V);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t action = y[r];
       if (action == ignore_index) {
@@ -46,17 +47,17 @@ void pg_rows(const at::Tensor& logits, const int64_t* y, int64_t ignore_index,
         continue;
       }
       check_target_value(action, V, r, ignore_index, "actions");
-      const scalar_t* row = base + r * row_stride;
-      const RowStats<acc_t> st = row_stats<scalar_t, acc_t, false>(row, V);
+      const acc_t* x = load_row(base + r * row_stride, V, acc_t(1), buf.data());
+      const acc_t m = row_max(x, V);
       acc_t a;
-      if (std::isfinite(st.m)) {
-        out.lse[r] = st.m + st.log_s;
-        // not x - lse: keeps p -> 1 rows' digits (row_ops.h)
-        a = (static_cast<acc_t>(row[action]) - st.m) - st.log_s;
+      if (std::isfinite(m)) {
+        const RowMoments<acc_t> mo = row_moments<acc_t, false>(x, V, m);
+        out.lse[r] = m + mo.log_s;
+        a = (x[action] - m) - mo.log_s;  // not x - lse: keeps p -> 1 rows' digits (row_ops.h)
       } else {
         // Undefined softmax (a +inf or NaN logit, or an all -inf row), as in token_stats: lse
         // follows torch.logsumexp, the log-prob is NaN and the epilogue carries it along.
-        out.lse[r] = st.m;
+        out.lse[r] = m;
         a = std::numeric_limits<acc_t>::quiet_NaN();
       }
       out.logprob[r] = a;

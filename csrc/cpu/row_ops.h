@@ -122,143 +122,36 @@ inline RowMoments<acc_t> row_moments(const acc_t* x, int64_t V, acc_t m) {
   return {acc_t(1) + s_minus_1, std::log1p(s_minus_1), t};
 }
 
-// One vector of a row in acc_t: fp32/fp64 as they are, bf16/fp16 widened to float.
-template <typename scalar_t, typename acc_t>
-inline at::vec::Vectorized<acc_t> load_acc(const scalar_t* p) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return at::vec::Vectorized<acc_t>::loadu(p);
-  } else {
-    at::vec::Vectorized<float> out;
-    at::vec::load_to_float<scalar_t>(p, out);
-    return out;
-  }
-}
-
-// The row max and the moments of row_moments in ONE read of the source row (no row_max pass,
-// no converted copy of a bf16 row): each SIMD lane keeps its own running max m_l with
-// below_l, top_l, t_l relative to it, and a block of kBlock vectors that raises m_l rescales
-// them by c = e^{m_old - m_new} (the old top count becomes below mass: those elements are no
-// longer maxima). Lanes are then combined around the row max m, so the log1p(s - 1) split of
-// row_moments survives: s - 1 = (top at m - 1) + everything below m. A rescale costs one vector
-// exp per block and only when a lane's max grows (rarely after the first blocks); the exp count
-// per element stays one. Returns m (not finite: +inf/NaN logit or all -inf; s, log_s, t unset).
-// Unscaled rows only: with a temperature, x * (1/T) must be rounded before m is subtracted (a
-// contracted fma(x, 1/T, -m) leaves the max's own term != 0), which load_row's copy guarantees.
-// The passes were compute-bound on this exp (a 2-core EPYC: the row_max pass over DRAM did not
-// overlap the moments pass), so dropping it is ~15% of a statistics pass.
-template <typename acc_t>
-struct RowStats {
-  acc_t m, s, log_s, t;
-};
-
-template <typename scalar_t, typename acc_t, bool kWithT>
-inline RowStats<acc_t> row_stats(const scalar_t* x, int64_t V) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  constexpr int64_t L = Vec::size();
-  constexpr int64_t kBlock = 8;
-  constexpr acc_t kNinf = -std::numeric_limits<acc_t>::infinity();
-  const Vec zero(acc_t(0)), one(acc_t(1)), ninf(kNinf);
-  Vec vm(kNinf), vbelow(zero), vtop(zero), vt(zero);
-  auto block = [&](const scalar_t* p, int64_t nvec) {
-    Vec xs[kBlock];
-    Vec bm = vm;
-    for (int64_t k = 0; k < nvec; ++k) {
-      xs[k] = load_acc<scalar_t, acc_t>(p + k * L);
-      bm = at::vec::maximum(bm, xs[k]);
-    }
-    const Vec grew = (bm > vm) | (bm != bm);  // a NaN (a comparison drops it) sticks
-    if (grew.zero_mask() != (1 << L) - 1) {
-      // A lane still at -inf has only seen -inf (its sums are NaN from -inf - -inf): reset it.
-      const Vec live = vm != ninf;
-      const Vec c = vexp(vm - bm), s_old = vbelow + vtop;
-      if constexpr (kWithT) {
-        vt = Vec::blendv(vt, Vec::blendv(zero, c * (vt + (vm - bm) * s_old), live), grew);
-      }
-      vbelow = Vec::blendv(vbelow, Vec::blendv(zero, s_old * c, live), grew);
-      vtop = Vec::blendv(vtop, zero, grew);
-      vm = Vec::blendv(vm, bm, grew);
-    }
-    for (int64_t k = 0; k < nvec; ++k) {
-      const Vec d = xs[k] - vm;
-      const Vec e = vexp(d);
-      const Vec is_top = d == zero;
-      vbelow = vbelow + Vec::blendv(e, zero, is_top);
-      vtop = vtop + Vec::blendv(zero, one, is_top);
-      if constexpr (kWithT) vt = vt + Vec::blendv(e * d, zero, e == zero);
-    }
-  };
-  int64_t i = 0;
-  for (; i + kBlock * L <= V; i += kBlock * L) block(x + i, kBlock);
-  for (; i + L <= V; i += L) block(x + i, 1);
-
-  acc_t ml[L], bl[L], tl[L], ttl[L];
-  vm.store(ml);
-  vbelow.store(bl);
-  vtop.store(tl);
-  vt.store(ttl);
-  auto at = [&](int64_t j) { return static_cast<acc_t>(x[j]); };
-  acc_t m = kNinf;
-  for (int64_t k = 0; k < L; ++k) m = nan_max(m, ml[k]);
-  for (int64_t j = i; j < V; ++j) m = nan_max(m, at(j));
-  if (!std::isfinite(m)) return {m, acc_t(0), acc_t(0), acc_t(0)};
-  acc_t below = 0, top = 0, t = 0;
-  for (int64_t k = 0; k < L; ++k) {
-    if (ml[k] == kNinf) continue;  // nothing but -inf in this lane: contributes 0
-    if (ml[k] == m) {
-      below += bl[k];
-      top += tl[k];
-      if constexpr (kWithT) t += ttl[k];
-    } else {
-      const acc_t c = std::exp(ml[k] - m), s_l = bl[k] + tl[k];
-      below += s_l * c;
-      if constexpr (kWithT) t += c * (ttl[k] + (ml[k] - m) * s_l);
-    }
-  }
-  for (int64_t j = i; j < V; ++j) {
-    const acc_t d = at(j) - m;
-    if (d == acc_t(0)) {
-      top += acc_t(1);
-      continue;
-    }
-    const acc_t e = std::exp(d);
-    below += e;
-    if constexpr (kWithT) t += (e == acc_t(0)) ? acc_t(0) : e * d;
-  }
-  const acc_t s_minus_1 = (top - acc_t(1)) + below;
-  return {m, acc_t(1) + s_minus_1, std::log1p(s_minus_1), t};
-}
-
 // Cross-entropy gradient of one row: out_v = coef * (e^{x_v - lse} - [v == y]).
 // The target entry is formed as coef * expm1(a) from the saved log-prob a = (x_y - m) - log s
 // (METHODS.md section 5): neither a rounded p_y nor x_y - lse, whose rounding of lse alone loses
-// all digits of p_y - 1 on confident rows. Read straight from the source row: bf16/fp16 rows
-// are widened and the gradient narrowed a vector at a time (no converted copy of the row, no
-// float gradient row narrowed by a scalar loop), each entry rounded once. `out` may alias `src`
-// (in-place backward): each vector is read before it is written, the target entry last.
+// all digits of p_y - 1 on confident rows. `out` may alias the source row (in-place backward):
+// every element is read before it is written.
 template <typename scalar_t, typename acc_t>
-inline void write_ce_grad_row(const scalar_t* src, int64_t V, acc_t lse, acc_t logprob,
-                              acc_t coef, int64_t y, scalar_t* out) {
+inline void write_ce_grad(const acc_t* x, int64_t V, acc_t lse, acc_t logprob, acc_t coef,
+                          int64_t y, scalar_t* out, acc_t* buf) {
   using Vec = at::vec::Vectorized<acc_t>;
-  constexpr int64_t L = Vec::size();
   if (!std::isfinite(lse)) {  // undefined softmax (see token_stats): the whole row is NaN
     std::fill(out, out + V, static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN()));
     return;
   }
+  const acc_t target_grad = coef * std::expm1(logprob);
+  acc_t* dst = nullptr;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    dst = out;
+  } else {
+    dst = buf;  // half types: form in acc_t (buf may be the row itself), round once at the end
+  }
   const Vec vlse(lse), vcoef(coef);
   int64_t i = 0;
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    for (; i + L <= V; i += L) (vexp(Vec::loadu(src + i) - vlse) * vcoef).store(out + i);
-  } else {
-    for (; i + 2 * L <= V; i += 2 * L) {
-      const Vec g0 = vexp(load_acc<scalar_t, acc_t>(src + i) - vlse) * vcoef;
-      const Vec g1 = vexp(load_acc<scalar_t, acc_t>(src + i + L) - vlse) * vcoef;
-      at::vec::convert_from_float<scalar_t>(g0, g1).store(out + i);
-    }
+  for (; i + Vec::size() <= V; i += Vec::size()) {
+    (vexp(Vec::loadu(x + i) - vlse) * vcoef).store(dst + i);
   }
-  for (; i < V; ++i) {
-    out[i] = static_cast<scalar_t>(coef * std::exp(static_cast<acc_t>(src[i]) - lse));
+  for (; i < V; ++i) dst[i] = coef * std::exp(x[i] - lse);
+  dst[y] = target_grad;
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+    for (int64_t j = 0; j < V; ++j) out[j] = static_cast<scalar_t>(dst[j]);
   }
-  out[y] = static_cast<scalar_t>(coef * std::expm1(logprob));
 }
 
 // A fresh [N, V] gradient buffer. Its first touch dominates a CPU backward when it is made of

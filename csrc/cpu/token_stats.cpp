@@ -48,7 +48,7 @@ void stats_rows(const at::Tensor& logits, const int64_t* y, int64_t ignore_index
   const acc_t scale = acc_t(1) / static_cast<acc_t>(temperature);
   constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
   at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf(topk > 0 || scale != acc_t(1) ? V : 0), scratch;
+    std::vector<acc_t> buf(V), scratch;
     for (int64_t r = begin; r < end; ++r) {
       const int64_t target = y[r];
       if (target == ignore_index) {
@@ -58,23 +58,7 @@ void stats_rows(const at::Tensor& logits, const int64_t* y, int64_t ignore_index
         continue;
       }
       check_target_value(target, V, r, ignore_index);
-      const scalar_t* row = base + r * row_stride;
-      if (topk == 0 && scale == acc_t(1)) {
-        // One read of the row (row_ops.h: row_stats); a temperature or the top-k entropy below
-        // needs the row as a converted, scaled copy (it partially sorts it).
-        const RowStats<acc_t> st = row_stats<scalar_t, acc_t, kEntropy>(row, V);
-        if (!std::isfinite(st.m)) {
-          lse[r] = st.m;
-          logprob[r] = kNaN;
-          if constexpr (kEntropy) entropy[r] = kNaN;
-          continue;
-        }
-        lse[r] = st.m + st.log_s;
-        logprob[r] = (static_cast<acc_t>(row[target]) - st.m) - st.log_s;
-        if constexpr (kEntropy) entropy[r] = st.log_s - st.t / st.s;
-        continue;
-      }
-      const acc_t* x = load_row(row, V, scale, buf.data());
+      const acc_t* x = load_row(base + r * row_stride, V, scale, buf.data());
       const acc_t m = row_max(x, V);
       if (!std::isfinite(m)) {
         // A +inf or NaN logit, or an all -inf row: softmax is undefined. lse follows

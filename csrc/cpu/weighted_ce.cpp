@@ -14,11 +14,13 @@ template <typename scalar_t>
 void ce_grad_rows(const at::Tensor& logits, const int64_t* y, const acc_type<scalar_t>* lse,
                   const acc_type<scalar_t>* logprob, const acc_type<scalar_t>* coef,
                   int64_t ignore_index, at::Tensor& grad) {
+  using acc_t = acc_type<scalar_t>;
   const int64_t N = logits.size(0), V = logits.size(1);
   const int64_t in_stride = logits.stride(0), out_stride = grad.stride(0);
   const scalar_t* in = logits.const_data_ptr<scalar_t>();
   scalar_t* out = grad.data_ptr<scalar_t>();
   at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(V);
     for (int64_t r = begin; r < end; ++r) {
       scalar_t* out_row = out + r * out_stride;
       if (y[r] == ignore_index) {
@@ -26,7 +28,8 @@ void ce_grad_rows(const at::Tensor& logits, const int64_t* y, const acc_type<sca
         continue;
       }
       check_target_value(y[r], V, r, ignore_index);
-      write_ce_grad_row(in + r * in_stride, V, lse[r], logprob[r], coef[r], y[r], out_row);
+      const acc_t* x = load_row(in + r * in_stride, V, acc_t(1), buf.data());
+      write_ce_grad(x, V, lse[r], logprob[r], coef[r], y[r], out_row, buf.data());
     }
   });
 }
