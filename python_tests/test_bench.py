@@ -224,7 +224,10 @@ def test_a_full_cpu_run_writes_the_ledger(tmp_path):
     for r in rows:
         assert float(r["ms_p50"]) > 0 and float(r["ms_p20"]) <= float(r["ms_p80"])
         if r["provider"] != "hardware":
-            assert float(r["floor_frac"]) > 0 and r["speedup_vs_eager"] != ""
+            # Filled in, not > 0: the ledger rounds, and a tiny op on a loaded 2-core machine
+            # can sit below 0.0005 of its floor (seen in CI runs beside other jobs).
+            assert r["floor_frac"] != "" and float(r["floor_frac"]) >= 0
+            assert r["speedup_vs_eager"] != ""
             assert (r["vs_best"] != "") == (r["op"] == "remit_loss")
         if r["op"] == "remit_loss":
             assert "one read of 2 N x V inputs" in r["best"]
