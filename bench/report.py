@@ -103,7 +103,8 @@ def markdown(rows: Sequence[dict], skipped: Optional[dict] = None,
         lines += ["Skipped providers: " + "; ".join(f"{p} ({why})"
                                                     for p, why in skipped.items()), ""]
     if broken:
-        lines += ["Cases a third-party provider failed on (no row):", ""]
+        lines += ["Cases without a row (a provider that is not remit_ext raised, disagreed "
+                  "with the reference beyond its tolerance, or ran out of memory):", ""]
         lines += [f"- {b}" for b in broken] + [""]
     lines += ["## Every row", "", H.markdown_table(
         [r for r in rows if r["provider"] != "hardware"], full_cols), ""]

@@ -6,8 +6,10 @@ A *case* is one op run by one provider (``bench/providers.py``) at one shape and
 case the runner
 
 1. calls it once and checks its result against the ``reference`` provider's
-   (``remit_ext.reference``, fp32 ground truth) on the same inputs: a provider that disagrees,
-   plain PyTorch included, fails the run and nothing is written;
+   (``remit_ext.reference``, fp32 ground truth) on the same inputs: a remit_ext kernel that
+   disagrees fails the run and nothing is written; any other provider (plain PyTorch, compile,
+   Liger, CCE, QuACK), held to a tolerance for computing in the input dtype, loses that row and
+   is reported (``--quick`` fails on it);
 2. measures the peak memory of one call beyond what was allocated before it, outputs and
    gradients included (CUDA: the caching allocator's high-water mark; CPU: the resident set's);
 3. times it: on a GPU per-call CUDA events with the L2 cache flushed before every call (about
@@ -72,6 +74,19 @@ THIRD_PARTY = P.THIRD_PARTY
 CPU_REPEATS = 5  # timed calls per CPU case (after one untimed)
 # A provider's result must match the reference's to atol = rtol = this (x (1 + |ref|)).
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+# The same, for the providers that are not remit_ext (eager, compile, Liger, CCE, QuACK). They
+# compute in the input dtype by design (bf16 log-probs, bf16 logits gradients, bf16 dW), so
+# their distance from the fp32 reference is PyTorch's own low-precision error, which the gate
+# bounds but cannot hold to the kernels' 2e-2: plain PyTorch's bf16 grad W at 4096 x 128 x 32000
+# reached 2.3% of its largest entry. A disagreement beyond this loses that case's row (it is
+# reported; --quick fails on it); a remit_ext provider that disagrees fails the run.
+TOLERANCE_PEERS = {torch.float32: 1e-4, torch.float16: 5e-2, torch.bfloat16: 5e-2}
+REMIT_PROVIDERS = ("reference",) + P.KERNEL_BACKENDS
+
+
+def tolerance(provider: str, dtype: torch.dtype) -> float:
+    ours = provider.split("_")[0] in REMIT_PROVIDERS
+    return (TOLERANCE if ours else TOLERANCE_PEERS)[dtype]
 
 
 @dataclasses.dataclass
@@ -248,14 +263,15 @@ def to_host(out) -> tuple:
     return tuple(None if t is None else t.detach().to("cpu", copy=True) for t in as_parts(out))
 
 
-def mismatch(out, ref: tuple, dtype: torch.dtype, rows_per_chunk: int = 1024) -> Optional[str]:
+def mismatch(out, ref: tuple, dtype: torch.dtype, rows_per_chunk: int = 1024,
+             tol: Optional[float] = None) -> Optional[str]:
     """Why ``out`` is not the reference's result within the dtype's tolerance (None when it is).
 
     The value (the loss, or the statistics) must agree to ``tol x (1 + |ref|)`` element by
     element; a gradient to ``tol x (|ref| + max |ref|)``, i.e. relative to its largest entry
     (most entries of a softmax gradient over a large vocabulary are far below 1). NaN never
     agrees. Compared in fp32 on the result's device, a block of rows at a time."""
-    parts, tol = as_parts(out), TOLERANCE[dtype]
+    parts, tol = as_parts(out), TOLERANCE[dtype] if tol is None else tol
     if len(parts) != len(ref):
         return f"{len(parts)} results vs the reference's {len(ref)}"
     for i, (o, r) in enumerate(zip(parts, ref)):
@@ -312,7 +328,7 @@ def check(case: Case, refs: dict, dtype: torch.dtype) -> Optional[str]:
     if case.provider == "reference":
         refs[case.op] = to_host(out)
         return None
-    return mismatch(out, refs[case.op], dtype)
+    return mismatch(out, refs[case.op], dtype, tol=tolerance(case.provider, dtype))
 
 
 def best_of(case: Case, fam: Family, shape: tuple, dtype: torch.dtype, device_name: str,
@@ -383,9 +399,13 @@ def _run_cases(fam: Family, cases: list, shape: tuple, dtype: torch.dtype, devic
             continue
         try:
             why = check(case, refs, dtype)
-            if why:
+            if why and case.provider.split("_")[0] in REMIT_PROVIDERS:
                 failures.append(f"{tag}: {why}")
                 print(f"{tag}: WRONG RESULT: {why}", flush=True)
+                continue
+            if why:
+                print(f"{tag}: disagrees with the reference ({why}), no row", flush=True)
+                broken.append(f"{where} disagrees with the reference: {why}")
                 continue
             if case.provider == "reference" and "reference" not in timed:
                 continue  # the reference, for the checks only

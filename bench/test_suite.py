@@ -157,7 +157,7 @@ def test_case(bench_case, benchmark, request):
     try:
         if case.setup is not None:
             case.setup()
-        why = runner.mismatch(case.fn(), ref, dtype)
+        why = runner.mismatch(case.fn(), ref, dtype, tol=runner.tolerance(provider, dtype))
         if case.setup is not None:
             case.setup()
         if why:

@@ -259,6 +259,28 @@ def test_a_wrong_provider_fails_the_run_and_writes_nothing(tmp_path, monkeypatch
     assert not list(tmp_path.iterdir())
 
 
+def test_a_wrong_peer_loses_its_row_only(tmp_path, monkeypatch):
+    """Plain PyTorch (or Liger, CCE, QuACK, compile) off the reference beyond its low-precision
+    tolerance: no row, reported, the run goes on; --quick fails on it."""
+    x = torch.arange(4.0)
+
+    def build(ctx):
+        return [runner.Case("toy", "reference", lambda: x, 16, "GB/s", "16 bytes"),
+                runner.Case("toy", "eager", lambda: x * 1.2, 16, "GB/s", "16 bytes"),
+                runner.Case("toy", "cpu", lambda: x * (1 + 1e-6), 16, "GB/s", "16 bytes")]
+
+    toy = runner.Family("toy", ("toy",), 2, "copy", build)
+    monkeypatch.setattr(runner, "families", lambda: {"toy": toy})
+    argv = ["--ops", "toy", "--shapes", "4x4", "--dtypes", "float32", "--providers", "eager",
+            "cpu", "--out-dir", str(tmp_path), "--auto-table", "", "--device", "cpu"]
+    assert runner.main(argv) == 0
+    assert {r["provider"] for r in report.load(tmp_path / "cpu.csv")} == {"hardware", "cpu"}
+    assert "eager disagrees with the reference" in (tmp_path / "cpu.md").read_text()
+    assert runner.main(["--quick", *argv]) == 1
+    assert runner.tolerance("eager", torch.bfloat16) > runner.tolerance("cpu_inplace",
+                                                                        torch.bfloat16)
+
+
 def test_inplace_cases_leave_the_logits_as_they_found_them():
     """The logits-loss family restores its shared logits after an in-place case, so the cases
     after it see the same inputs (else their checks would compare different problems)."""
