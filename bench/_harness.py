@@ -265,6 +265,9 @@ def env_info(device: str = "cpu") -> dict:
         "git_sha": git_sha(),
         "build_info": remit_ext.build_info(),
         "loadavg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        # PyTorch's CPU allocator asks for transparent huge pages only with this set: without,
+        # every fresh [N, V] CPU buffer is paid for in 4 KiB page faults on first touch.
+        "thp": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
 

@@ -20,7 +20,8 @@ leaks from one measurement into the next. In that process:
    above the RSS before it: everything the step allocated beyond its inputs at its peak,
    gradient included (see ``_harness.peak_extra_bytes``; without the reset it falls back to the
    growth of ``getrusage(RUSAGE_SELF).ru_maxrss``, a lower bound);
-4. time: ``--repeats`` timed fwd+bwd calls after ``--warmup`` more untimed ones, wall clock;
+4. time: ``--repeats`` timed fwd+bwd calls after ``--warmup`` more untimed ones, wall clock
+   (``--rounds`` sweeps over the providers, interleaved; a row is the median over rounds);
    outside the timed region the gradient is dropped and, for ``cpu_inplace``, the logits are
    restored from a copy. ms p50/p20/p80 are the median and the 20th/80th percentiles. (The
    compile provider's compilation happens in the untimed warm-up.)
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -63,7 +65,7 @@ CSV_PATH = h.RESULTS / "cpu_remit_loss.csv"
 MD_PATH = h.RESULTS / "cpu_remit_loss.md"
 COLUMNS = ("op", "provider", "shape", "dtype", "ms_p50", "ms_p20", "ms_p80", "peak_extra_MB",
            "speedup_vs_eager", "mem_ratio_vs_eager", "device", "cpu_model", "torch_version",
-           "git_sha", "date", "other_cpu_cores")
+           "git_sha", "date", "other_cpu_cores", "rounds_p50", "thp")
 LOSS_RTOL = {"float32": 1e-4, "bfloat16": 2e-2}
 # The goals against plain PyTorch: >= 2x its speed and faster than torch.compile of it; at most
 # half its peak memory.
@@ -121,22 +123,43 @@ def _shape_str(shape) -> str:
     return "x".join(map(str, shape))
 
 
+def _combined(results: list) -> dict:
+    """One provider's rounds as one result: the median over rounds of each quantile, the mean
+    of the other processes' load, every round's median kept."""
+    def med(xs):
+        xs = sorted(xs)
+        return h.quantile(xs, 0.5)
+
+    out = dict(results[0])
+    out["timing"] = {k: med([r["timing"][k] for r in results]) for k in ("p50", "p20", "p80")}
+    out["peak_extra_bytes"] = med([r["peak_extra_bytes"] for r in results])
+    out["other_cpu_cores"] = sum(r["other_cpu_cores"] for r in results) / len(results)
+    out["rounds_p50"] = [r["timing"]["p50"] for r in results]
+    return out
+
+
 def run_all(args) -> tuple[list[dict], str]:
     shape = QUICK_SHAPE if args.quick else FULL_SHAPE
     env = h.env_info("cpu")
     rows, methods, failures = [], set(), []
     for dtype in args.dtypes:
-        results = {}
-        for provider in args.providers:
-            spec = json.dumps({"provider": provider, "dtype": dtype, "shape": shape,
-                               "warmup": args.warmup, "repeats": args.repeats})
-            print(f"  {provider:>12} {dtype:>9} {_shape_str(shape)} ...", end="", flush=True)
-            res = h.run_isolated(Path(__file__), ["--child", spec])
-            t = res["timing"]
-            methods.add(res["memory_method"])
-            print(f" {t['p50']:.1f} ms, +{res['peak_extra_bytes'] / h.MB:.0f} MB; other "
-                  f"processes used {res['other_cpu_cores']:.2f} cores meanwhile", flush=True)
-            results[provider] = res
+        runs: dict = {p: [] for p in args.providers}
+        # Rounds interleave the providers, so a change in what else runs on the machine falls
+        # on all of them rather than on whichever was measured then.
+        for rnd in range(args.rounds):
+            for provider in args.providers:
+                spec = json.dumps({"provider": provider, "dtype": dtype, "shape": shape,
+                                   "warmup": args.warmup, "repeats": args.repeats})
+                print(f"  {provider:>12} {dtype:>9} {_shape_str(shape)} round {rnd + 1} ...",
+                      end="", flush=True)
+                res = h.run_isolated(Path(__file__), ["--child", spec])
+                t = res["timing"]
+                methods.add(res["memory_method"])
+                print(f" {t['p50']:.1f} ms, +{res['peak_extra_bytes'] / h.MB:.0f} MB; other "
+                      f"processes used {res['other_cpu_cores']:.2f} cores meanwhile",
+                      flush=True)
+                runs[provider].append(res)
+        results = {p: _combined(r) for p, r in runs.items()}
         truth, base = results.get(TRUTH), results.get(BASELINE)
         for provider, res in results.items():
             if truth is not None and abs(res["loss"] - truth["loss"]) > (
@@ -159,6 +182,8 @@ def run_all(args) -> tuple[list[dict], str]:
                 "torch_version": env["torch_version"], "git_sha": env["git_sha"],
                 "date": env["date"],
                 "other_cpu_cores": f"{res['other_cpu_cores']:.2f}",
+                "rounds_p50": "/".join(f"{x:.0f}" for x in res["rounds_p50"]),
+                "thp": env["thp"],
             })
     if failures:
         raise SystemExit("loss mismatch between providers (nothing written):\n  "
@@ -185,8 +210,8 @@ def summary_markdown(rows: list[dict], env: dict, methods: list[str], args) -> s
             f"({'meets' if speed_ok else 'misses'} >= {GOAL_SPEEDUP:g}x){vs_c}, peak extra "
             f"memory {r['mem_ratio_vs_eager']} of plain PyTorch's "
             f"({'meets' if mem_ok else 'misses'} <= {GOAL_MEM_RATIO:g}).")
-    table_cols = ("provider", "dtype", "shape", "ms_p50", "ms_p20", "ms_p80", "peak_extra_MB",
-                  "speedup_vs_eager", "mem_ratio_vs_eager", "other_cpu_cores")
+    table_cols = ("provider", "dtype", "shape", "ms_p50", "ms_p20", "ms_p80", "rounds_p50",
+                  "peak_extra_MB", "speedup_vs_eager", "mem_ratio_vs_eager", "other_cpu_cores")
     return "\n".join([
         "# remit_loss forward + backward on CPU",
         "",
@@ -205,7 +230,13 @@ def summary_markdown(rows: list[dict], env: dict, methods: list[str], args) -> s
         "`compile` = torch.compile of it, `cpu`/`cpu_inplace` = the C++ kernels, `reference` = "
         "remit_ext.reference (the losses' ground truth)",
         f"- time: wall clock of the loss + `.backward()`, {args.repeats} timed calls "
-        f"after {args.warmup + 1} untimed ones, each provider in a fresh process",
+        f"after {args.warmup + 1} untimed ones, each provider in a fresh process; "
+        f"{args.rounds} rounds interleaving the providers, a row is the median over rounds "
+        f"(rounds_p50: each round's median)",
+        f"- PyTorch's CPU allocator: THP_MEM_ALLOC_ENABLE="
+        f"{os.environ.get('THP_MEM_ALLOC_ENABLE', '0')} (1: transparent huge pages for large "
+        f"tensors; 0, the default: 4 KiB pages, so every fresh [N, V] buffer is paid for in "
+        f"page faults on first touch)",
         f"- memory ({'; '.join(methods)}): peak bytes one fwd+bwd holds beyond its inputs, "
         f"the logits gradient included",
         "- other_cpu_cores: CPU used by other processes during the timed calls, in cores "
@@ -226,7 +257,10 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true",
                    help=f"smoke test: shape {_shape_str(QUICK_SHAPE)}, 1 repeat, no warm-up, "
                         "writes nothing")
-    p.add_argument("--repeats", type=int, default=None, help="timed calls (default 10; quick 1)")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls (default 7; quick 1)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="interleaved sweeps over the providers (default 3; quick 1); a row is "
+                        "the median over rounds")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed calls before timing, after the first (default 1; quick 0)")
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=list(DTYPES))
@@ -243,7 +277,11 @@ def main(argv=None) -> int:
                                  spec["warmup"], spec["repeats"])))
         return 0
 
-    h.resolve_repeats(p, args, full_repeats=10)
+    h.resolve_repeats(p, args, full_repeats=7)
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
     print(f"{OP}: providers {args.providers}, dtypes {args.dtypes}"
           f"{' (quick)' if args.quick else ''}", flush=True)
     rows, md = run_all(args)

@@ -51,7 +51,7 @@ WORKLOADS = {
 }
 COLUMNS = ("op", "sweep", "n_tokens", "vocab", "dim", "dtype", "ms_p50", "ms_p20", "ms_p80",
            "ns_per_nv", "peak_extra_MB", "grads_MB", "over_grads_MB", "device",
-           "cpu_model", "torch_version", "git_sha", "date", "other_cpu_cores")
+           "cpu_model", "torch_version", "git_sha", "date", "other_cpu_cores", "thp")
 
 
 def _bytes_needed(op: str, n: int, v: int, d: int, dtype: str) -> int:
@@ -168,7 +168,7 @@ def run_all(args) -> tuple[list, list, dict]:
             "device": env["device"], "cpu_model": f"{env['cpu_model']} ({env['threads']} threads)",
             "torch_version": env["torch_version"], "git_sha": env["git_sha"],
             "date": env["date"], "other_cpu_cores": f"{res['other_cpu_cores']:.2f}",
-            "method": res["memory_method"],
+            "thp": env["thp"], "method": res["memory_method"],
         })
     env["loadavg_1m_end"] = h.env_info(args.device)["loadavg_1m"]
     return rows, skipped, {**env, "workload": wl}

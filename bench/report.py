@@ -67,8 +67,10 @@ def compact_table(rows: Sequence[dict]) -> str:
 
 def header(rows: Sequence[dict]) -> str:
     r = rows[0]
+    thp = (f", THP_MEM_ALLOC_ENABLE={r['thp']}" if r.get("thp") not in (None, "")
+           and r["device"] == "cpu" else "")
     return (f"{r['device']}, {r['date']}, git {r['git_sha']}, torch {r['torch_version']}, "
-            f"triton {r['triton_version']}")
+            f"triton {r['triton_version']}{thp}")
 
 
 def markdown(rows: Sequence[dict], skipped: Optional[dict] = None,

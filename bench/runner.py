@@ -69,7 +69,7 @@ AUTO_TABLE = H.REPO / "remit_ext" / "data" / "auto_table.json"
 COLUMNS = ["op", "provider", "shape", "dtype", "ms_p50", "ms_p20", "ms_p80", "throughput",
            "unit", "floor_frac", "floor_ms", "floor", "vs_best", "best_ms", "best",
            "peak_mem_MB", "speedup_vs_eager", "device", "torch_version", "triton_version",
-           "provider_version", "git_sha", "date"]
+           "provider_version", "git_sha", "date", "thp"]
 THIRD_PARTY = P.THIRD_PARTY
 CPU_REPEATS = 5  # timed calls per CPU case (after one untimed)
 # A provider's result must match the reference's to atol = rtol = this (x (1 + |ref|)).
@@ -462,7 +462,7 @@ def _row(env, op, provider, shape, dtype, t, throughput, unit, floor, floor_ms, 
         "speedup_vs_eager": "" if eager_ms is None else round(eager_ms / t.p50, 2),
         "provider_version": P.version(base) or "",
         **{k: env[k] for k in ("device", "torch_version", "triton_version", "git_sha",
-                               "date")},
+                               "date", "thp")},
     }
 
 
