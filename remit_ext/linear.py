@@ -57,6 +57,7 @@ from . import reference as ref
 from ._backends import OpsBackend, select_backend, BACKENDS
 from ._meta import _token_stats_input_grad
 from .functional import _check_num_items
+from .parallel import _is_dtensor
 from .reference import ReMiTDiagnostics, acc_dtype, rho1_keep_mask
 
 __all__ = ["LinearLossOutput", "LinearTokenStats", "METHODS", "remit_linear_loss",
@@ -804,6 +805,22 @@ def _check_inputs(hidden, weight, targets, bias, scorer_hidden, scorer_weight, s
     return vocab
 
 
+def _fsdp_module():
+    """``remit_ext.fsdp``: the FSDP2 / ZeRO-3 sharded-head path (DTensor parameters, plain
+    activations). Imported on first use; a missing module is a NotImplementedError, not an
+    ImportError from deep inside a training step."""
+    try:
+        from . import fsdp
+    except ModuleNotFoundError as e:
+        if e.name != f"{__package__}.fsdp":
+            raise
+        raise NotImplementedError(
+            "lm_head_weight: a DTensor weight with a plain-tensor hidden (the FSDP2 / ZeRO-3 "
+            "layout) needs remit_ext.fsdp, which this build does not have; pass "
+            "weight.full_tensor() or a tensor-parallel tp_group=") from None
+    return fsdp
+
+
 def remit_linear_loss(
     hidden: Tensor,
     lm_head_weight: Tensor,
@@ -827,6 +844,7 @@ def remit_linear_loss(
     grad_weight_fp32: bool = True,
     return_details: bool = False,
     backend: str = "auto",
+    tp_group=None,
 ):
     """The loss of ``logits = hidden @ lm_head_weight.T (+ bias)`` without holding the logits.
 
@@ -851,6 +869,18 @@ def remit_linear_loss(
     gradient accumulation matches one big batch (data parallel: see ``remit_ext.functional``,
     DDP averages over ranks).
     """
+    if tp_group is None and not _is_dtensor(hidden) and (
+            _is_dtensor(lm_head_weight) or _is_dtensor(scorer_weight)):
+        return _fsdp_module().remit_linear_loss(
+            hidden=hidden, lm_head_weight=lm_head_weight, targets=targets, bias=bias,
+            scorer_hidden=scorer_hidden, scorer_weight=scorer_weight, scorer_bias=scorer_bias,
+            scorer_logprobs=scorer_logprobs, method=method, cu_seqlens=cu_seqlens,
+            ignore_index=ignore_index, eps=eps, keep_ratio=keep_ratio, temperature=temperature,
+            reduction=reduction, num_items_in_batch=num_items_in_batch, chunk_size=chunk_size,
+            memory_budget=memory_budget, grad_weight_fp32=grad_weight_fp32,
+            return_details=return_details, backend=backend)
+    if tp_group is not None:
+        raise NotImplementedError("tp_group: vocab-parallel remit_linear_loss is not implemented yet")
     vocab = _check_inputs(hidden, lm_head_weight, targets, bias, scorer_hidden, scorer_weight,
                           scorer_bias, scorer_logprobs, method)
     eps = chk.check_eps(eps)
@@ -925,6 +955,7 @@ def linear_token_stats(
     chunk_size: Optional[int] = None,
     memory_budget: Optional[int] = None,
     backend: str = "auto",
+    tp_group=None,
 ) -> LinearTokenStats:
     """Per-token log-prob (and entropy, and lse) of ``logits = hidden @ weight.T (+ bias)``,
     divided by ``temperature``, without holding the ``[N, V]`` logits: the composable primitive
@@ -944,6 +975,13 @@ def linear_token_stats(
     ``torch.ops.remit_ext_linear.linear_token_stats`` (fake + autograd: ``torch.compile``
     traces it without a graph break).
     """
+    if tp_group is None and _is_dtensor(weight) and not _is_dtensor(hidden):
+        return _fsdp_module().linear_token_stats(
+            hidden=hidden, weight=weight, targets=targets, bias=bias, ignore_index=ignore_index,
+            temperature=temperature, entropy=entropy, chunk_size=chunk_size,
+            memory_budget=memory_budget, backend=backend)
+    if tp_group is not None:
+        raise NotImplementedError("tp_group: vocab-parallel linear_token_stats is not implemented yet")
     vocab = _check_head(hidden, weight, "weight")
     chk._tensor(targets, "targets")
     if targets.shape != hidden.shape[:-1]:
