@@ -46,6 +46,7 @@ the loss without a graph break. The backward of ``reduction="none"`` is a second
 
 from __future__ import annotations
 
+import importlib
 import math
 from typing import NamedTuple, Optional
 
@@ -805,17 +806,17 @@ def _check_inputs(hidden, weight, targets, bias, scorer_hidden, scorer_weight, s
     return vocab
 
 
-def _fsdp_module():
+def _fsdp_module(weight_name: str):
     """``remit_ext.fsdp``: the FSDP2 / ZeRO-3 sharded-head path (DTensor parameters, plain
     activations). Imported on first use; a missing module is a NotImplementedError, not an
     ImportError from deep inside a training step."""
     try:
-        from . import fsdp
+        fsdp = importlib.import_module(f"{__package__}.fsdp")
     except ModuleNotFoundError as e:
         if e.name != f"{__package__}.fsdp":
             raise
         raise NotImplementedError(
-            "lm_head_weight: a DTensor weight with a plain-tensor hidden (the FSDP2 / ZeRO-3 "
+            f"{weight_name}: a DTensor weight with a plain-tensor hidden (the FSDP2 / ZeRO-3 "
             "layout) needs remit_ext.fsdp, which this build does not have; pass "
             "weight.full_tensor() or a tensor-parallel tp_group=") from None
     return fsdp
@@ -871,7 +872,7 @@ def remit_linear_loss(
     """
     if tp_group is None and not _is_dtensor(hidden) and (
             _is_dtensor(lm_head_weight) or _is_dtensor(scorer_weight)):
-        return _fsdp_module().remit_linear_loss(
+        return _fsdp_module("lm_head_weight").remit_linear_loss(
             hidden=hidden, lm_head_weight=lm_head_weight, targets=targets, bias=bias,
             scorer_hidden=scorer_hidden, scorer_weight=scorer_weight, scorer_bias=scorer_bias,
             scorer_logprobs=scorer_logprobs, method=method, cu_seqlens=cu_seqlens,
@@ -976,7 +977,7 @@ def linear_token_stats(
     traces it without a graph break).
     """
     if tp_group is None and _is_dtensor(weight) and not _is_dtensor(hidden):
-        return _fsdp_module().linear_token_stats(
+        return _fsdp_module("weight").linear_token_stats(
             hidden=hidden, weight=weight, targets=targets, bias=bias, ignore_index=ignore_index,
             temperature=temperature, entropy=entropy, chunk_size=chunk_size,
             memory_budget=memory_budget, backend=backend)
