@@ -1,0 +1,466 @@
+"""Fused-linear losses with an FSDP2 / ZeRO-3-style sharded LM head (issue 17).
+
+Under FSDP2 (``torch.distributed.fsdp.fully_shard``) an LM head whose module forward is not run
+holds its parameters as DTensors sharded ``Shard(0)`` (rows of the vocabulary) over the
+data-parallel mesh, while the activations (``hidden``) are plain tensors, each rank's own
+tokens. Two ways through the fused losses:
+
+- **Functional**: ``remit_linear_loss(hidden, model.lm_head.weight, ...)`` with the sharded
+  DTensor weight (``remit_ext.remit_linear_loss`` dispatches here by itself when a head is a
+  DTensor and ``hidden`` is not). The head is all-gathered for the forward and freed, gathered
+  again in the backward, which recomputes the loss with gradients (no full-size weight, nor
+  full-size gradient, is held between forward and backward), and the weight / bias gradient is
+  reduce-scattered back to each rank's shard and divided by the data-parallel size: the
+  gradient FSDP2 itself gives every other parameter (reduce-scatter with averaging;
+  ``set_gradient_divide_factor`` -> ``gradient_divide_factor=`` here). The result is a
+  ``Shard(0)`` DTensor gradient on the parameter, which the optimizer steps like any FSDP2
+  parameter.
+- **Module**: ``ReMiTLinearHead`` owns the head's parameters (and optionally a frozen scorer
+  head), so that ``fully_shard(head)`` gathers and reshards them around its forward and backward
+  with FSDP2's own hooks and reduces the gradient with FSDP2's own reduce-scatter.
+
+Why not ``weight.full_tensor()``: its backward takes the incoming gradient to be *replicated*
+(the same on every rank) and just slices each rank's rows, so the other ranks' contributions
+(their tokens) are dropped. Under data parallelism the gradient of a gathered head is a partial
+sum over ranks; it has to be reduce-scattered.
+
+The frozen scorer of ReMiT / Rho-1 is gathered once, in the forward: its log-probs (N floats)
+are kept for the backward instead of its head. A KD teacher's head is gathered again in the
+backward (its full distribution enters the gradient). A head that does not require grad gets
+no gradient and no reduce-scatter.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from . import _checks as chk
+from . import linear as _lin
+from .functional import _check_num_items
+from .linear import LinearLossOutput, LinearTokenStats
+from .parallel import _is_dtensor
+from .reference import ReMiTDiagnostics
+
+__all__ = ["ReMiTLinearHead", "linear_token_stats", "remit_linear_loss"]
+
+
+# ------------------------------------------------------------------------- sharded heads
+
+
+class _Layout(NamedTuple):
+    """Where a DTensor head lives: its mesh, placements and global shape; the mesh dim it is
+    sharded along (rows, Shard(0)) and the mesh dims it is replicated along (HSDP)."""
+
+    mesh: object
+    placements: tuple
+    shape: torch.Size
+    stride: tuple
+    shard_dim: Optional[int]
+    replicate_dims: tuple
+
+
+def _layout(t: Optional[Tensor], name: str) -> Optional[_Layout]:
+    """The layout of a DTensor head, None for a plain tensor (used as it is). Refuses any
+    placement other than Shard(0) (FSDP2) and Replicate (HSDP's replicate dim)."""
+    if t is None or not _is_dtensor(t):
+        return None
+    from torch.distributed.tensor import Replicate, Shard
+
+    shard, rep = [], []
+    for i, p in enumerate(t.placements):
+        # type() is: _StridedShard (FSDP2 over tensor parallel) subclasses Shard.
+        if type(p) is Shard and p.dim == 0:
+            shard.append(i)
+        elif isinstance(p, Replicate):
+            rep.append(i)
+        else:
+            raise ValueError(
+                f"{name}: expected a DTensor sharded Shard(0) over a data-parallel mesh "
+                f"(FSDP2; Replicate dims allowed for HSDP), got placements {t.placements}; a "
+                "vocab-parallel head goes through tp_group=")
+    if len(shard) > 1:
+        raise ValueError(f"{name}: expected at most one Shard(0) mesh dim, got placements "
+                         f"{t.placements}")
+    return _Layout(t.device_mesh, tuple(t.placements), t.shape, t.stride(),
+                   shard[0] if shard else None, tuple(rep))
+
+
+def _rows(v: int, world: int) -> int:
+    """Rows of the largest shard: FSDP2 and DTensor split dim 0 like torch.chunk."""
+    return -(-v // world)
+
+
+@torch.no_grad()
+def _gather(t: Optional[Tensor], lay: Optional[_Layout]) -> Optional[Tensor]:
+    """The full head as a plain tensor: one all_gather_into_tensor over the shard dim (uneven
+    shards padded to equal rows, the padding cut off after)."""
+    if t is None or lay is None:
+        return t
+    local = t.to_local()
+    if lay.shard_dim is None:
+        return local
+    group = lay.mesh.get_group(lay.shard_dim)
+    world = dist.get_world_size(group)
+    v, c = lay.shape[0], _rows(lay.shape[0], world)
+    if local.shape[0] != c:
+        local = torch.cat([local, local.new_zeros((c - local.shape[0],) + local.shape[1:])])
+    out = local.new_empty((c * world,) + local.shape[1:])
+    dist.all_gather_into_tensor(out, local.contiguous(), group=group)
+    return out[:v]
+
+
+@torch.no_grad()
+def _reduce(grad: Tensor, lay: _Layout, factor: Optional[float]) -> Tensor:
+    """Each rank's full-size gradient -> the sum over ranks of this rank's rows, divided by
+    ``factor`` (default: the data-parallel size, FSDP2's average), as a DTensor of the head's
+    layout. Sum then divide: gloo and NCCL alike, and FSDP2's own order for fp16 / fp64."""
+    from torch.distributed.tensor import DTensor
+
+    out = grad
+    if lay.shard_dim is not None:
+        group = lay.mesh.get_group(lay.shard_dim)
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        v, c = lay.shape[0], _rows(lay.shape[0], world)
+        if c * world != v:
+            grad = torch.cat([grad, grad.new_zeros((c * world - v,) + grad.shape[1:])])
+        out = grad.new_empty((c,) + grad.shape[1:])
+        dist.reduce_scatter_tensor(out, grad.contiguous(), op=dist.ReduceOp.SUM, group=group)
+        out = out[:max(0, min(c, v - rank * c))]
+    for d in lay.replicate_dims:  # HSDP: then all-reduce over the replicas
+        dist.all_reduce(out, group=lay.mesh.get_group(d))
+    factor = float(lay.mesh.size()) if factor is None else float(factor)
+    if factor != 1.0:
+        out = out.div_(factor) if out is not grad else out / factor
+    return DTensor.from_local(out, lay.mesh, lay.placements, run_check=False, shape=lay.shape,
+                              stride=lay.stride)
+
+
+def _grad_for(grad: Optional[Tensor], lay: Optional[_Layout], factor) -> Optional[Tensor]:
+    if grad is None or lay is None:
+        return grad  # a plain head: its local gradient, like any plain tensor
+    return _reduce(grad, lay, factor)
+
+
+def _check_hidden(hidden, name: str = "hidden") -> None:
+    if _is_dtensor(hidden):
+        raise ValueError(f"{name}: expected a plain tensor (this rank's own tokens, the FSDP2 "
+                         "layout), got a DTensor; a vocab-parallel head goes through tp_group=")
+
+
+# ------------------------------------------------------------------------ the loss path
+
+
+class _ShardedLinearLoss(torch.autograd.Function):
+    """remit_linear_loss over gathered heads: forward without gradients, backward recomputes
+    with them (a second gather) and reduce-scatters dW / db. Any head may be plain (used as is:
+    the module path, where FSDP2 has already unsharded it)."""
+
+    @staticmethod
+    def forward(ctx, cfg, hidden, weight, bias, sh, sw, sb, slp, targets, cu_seqlens,
+                num_items):
+        kw, lays = cfg["kw"], cfg["lays"]
+        live = sh is not None and kw["method"] in ("remit", "rho1")
+        if live:
+            # The frozen scorer's b_t, once: the backward reuses them instead of the head.
+            slp = _lin.linear_token_stats(
+                sh, _gather(sw, lays[2]), targets, bias=_gather(sb, lays[3]),
+                ignore_index=kw["ignore_index"], chunk_size=kw["chunk_size"],
+                memory_budget=kw["memory_budget"], backend=kw["backend"]).logprob
+            sh = sw = sb = None
+        ni = cfg["num_items"] if num_items is None else num_items
+        out = _lin.remit_linear_loss(
+            hidden, _gather(weight, lays[0]), targets, bias=_gather(bias, lays[1]),
+            scorer_hidden=sh, scorer_weight=_gather(sw, lays[2]),
+            scorer_bias=_gather(sb, lays[3]), scorer_logprobs=slp, cu_seqlens=cu_seqlens,
+            num_items_in_batch=ni, return_details=True, **kw)
+        diag = (torch.stack(tuple(out.diagnostics)) if out.diagnostics is not None
+                else out.loss.new_zeros(0))
+        ctx.cfg = cfg
+        ctx.save_for_backward(hidden, weight, bias, sh, sw, sb, slp, targets, cu_seqlens,
+                              num_items)
+        ctx.mark_non_differentiable(out.weights, diag)
+        return out.loss, out.weights, diag
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_weights, _g_diag):
+        hidden, weight, bias, sh, sw, sb, slp, targets, cu_seqlens, num_items = ctx.saved_tensors
+        cfg = ctx.cfg
+        kw, lays = cfg["kw"], cfg["lays"]
+        need = (ctx.needs_input_grad[1], ctx.needs_input_grad[2],
+                bias is not None and ctx.needs_input_grad[3])
+        if not any(need):
+            return (None,) * 11
+        # Second gather: the full head lives only inside this recompute.
+        w_full, b_full = _gather(weight, lays[0]), _gather(bias, lays[1])
+        with torch.enable_grad():
+            leaves = [None if x is None else x.detach().requires_grad_(n)
+                      for x, n in zip((hidden, w_full, b_full), need)]
+            ni = cfg["num_items"] if num_items is None else num_items
+            loss = _lin.remit_linear_loss(
+                leaves[0], leaves[1], targets, bias=leaves[2], scorer_hidden=sh,
+                scorer_weight=_gather(sw, lays[2]), scorer_bias=_gather(sb, lays[3]),
+                scorer_logprobs=slp, cu_seqlens=cu_seqlens, num_items_in_batch=ni, **kw)
+            wrt = [x for x, n in zip(leaves, need) if n]
+            got = iter(torch.autograd.grad(loss, wrt, g_loss))
+        del loss, w_full, b_full
+        gh, gw, gb = (next(got) if n else None for n in need)
+        factor = cfg["factor"]
+        return (None, gh, _grad_for(gw, lays[0], factor), _grad_for(gb, lays[1], factor),
+                None, None, None, None, None, None, None)
+
+
+def _loss_kwargs(method, ignore_index, eps, keep_ratio, temperature, reduction, chunk_size,
+                 memory_budget, grad_weight_fp32, backend) -> dict:
+    return dict(method=method, ignore_index=ignore_index, eps=eps, keep_ratio=keep_ratio,
+                temperature=temperature, reduction=reduction, chunk_size=chunk_size,
+                memory_budget=memory_budget, grad_weight_fp32=grad_weight_fp32, backend=backend)
+
+
+def _linear_loss(hidden, weight, targets, bias, scorer_hidden, scorer_weight, scorer_bias,
+                 scorer_logprobs, cu_seqlens, num_items_in_batch, return_details,
+                 gradient_divide_factor, kw):
+    _check_hidden(hidden)
+    _check_hidden(scorer_hidden, "scorer_hidden")
+    lays = (_layout(weight, "lm_head_weight"), _layout(bias, "bias"),
+            _layout(scorer_weight, "scorer_weight"), _layout(scorer_bias, "scorer_bias"))
+    # Every check that can fail on one rank alone runs before the first collective (a rank
+    # raising after it would leave its peers waiting in the next one). DTensors carry their
+    # global shape, dtype and device, which is all these checks read.
+    vocab = _lin._check_inputs(hidden, weight, targets, bias, scorer_hidden, scorer_weight,
+                               scorer_bias, scorer_logprobs, kw["method"])
+    _check_num_items(num_items_in_batch, kw["reduction"], hidden.device)
+    y = targets.reshape(-1)
+    chk.check_targets(y, hidden.new_empty(()).expand(y.numel(), vocab), kw["ignore_index"])
+    chk.check_cu_seqlens(cu_seqlens, y.numel(), hidden.device)
+    if gradient_divide_factor is not None and not gradient_divide_factor > 0:
+        raise ValueError(f"gradient_divide_factor: expected a number > 0 or None, got "
+                         f"{gradient_divide_factor!r}")
+    ni_tensor = num_items_in_batch if isinstance(num_items_in_batch, Tensor) else None
+    cfg = {"kw": kw, "lays": lays, "factor": gradient_divide_factor,
+           "num_items": None if ni_tensor is not None else num_items_in_batch}
+    loss, weights, diag = _ShardedLinearLoss.apply(
+        cfg, hidden, weight, bias, scorer_hidden, scorer_weight, scorer_bias, scorer_logprobs,
+        targets, cu_seqlens, ni_tensor)
+    if not return_details:
+        return loss
+    return LinearLossOutput(loss, weights,
+                            ReMiTDiagnostics.from_tensor(diag) if diag.numel() else None)
+
+
+def remit_linear_loss(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    targets: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    scorer_hidden: Optional[Tensor] = None,
+    scorer_weight: Optional[Tensor] = None,
+    scorer_bias: Optional[Tensor] = None,
+    scorer_logprobs: Optional[Tensor] = None,
+    method: str = "remit",
+    cu_seqlens: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    eps: float = 0.2,
+    keep_ratio: float = 0.6,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    num_items_in_batch: Optional[int | Tensor] = None,
+    chunk_size: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+    grad_weight_fp32: bool = True,
+    return_details: bool = False,
+    backend: str = "auto",
+    gradient_divide_factor: Optional[float] = None,
+):
+    """``remit_ext.remit_linear_loss`` with FSDP2-sharded heads: any of ``lm_head_weight``,
+    ``bias``, ``scorer_weight``, ``scorer_bias`` may be a DTensor sharded ``Shard(0)`` over a
+    data-parallel mesh (``[Replicate, Shard(0)]`` for HSDP), ``hidden`` is this rank's plain
+    activations. Loss, weights and diagnostics: those of the unsharded call on this rank's
+    tokens.
+
+    Gradients: ``hidden`` gets its local gradient; a DTensor head that requires grad gets a
+    DTensor gradient of its own layout, the sum over the mesh of each rank's gradient divided by
+    ``gradient_divide_factor`` (default the mesh size: FSDP2's averaging; pass the factor you
+    gave FSDP2's ``set_gradient_divide_factor``). So with FSDP2 the step is that of the mean
+    over ranks of each rank's loss; pass ``num_items_in_batch=parallel.global_num_items(targets,
+    per_rank=True)`` for the mean over all ranks' tokens. A plain head is used as it is.
+
+    The heads are all-gathered for the forward and freed; the backward gathers the trainable
+    head again and recomputes the loss with gradients (~8NDV FLOPs instead of 6NDV), so no
+    full-size weight or gradient is held between forward and backward. Every rank must call it
+    (collectives), and then call backward.
+    """
+    kw = _loss_kwargs(method, ignore_index, eps, keep_ratio, temperature, reduction, chunk_size,
+                      memory_budget, grad_weight_fp32, backend)
+    return _linear_loss(hidden, lm_head_weight, targets, bias, scorer_hidden, scorer_weight,
+                        scorer_bias, scorer_logprobs, cu_seqlens, num_items_in_batch,
+                        return_details, gradient_divide_factor, kw)
+
+
+# ------------------------------------------------------------ the token-statistics path
+
+
+class _ShardedTokenStats(torch.autograd.Function):
+    """linear_token_stats over a gathered head; the backward re-gathers and recomputes."""
+
+    @staticmethod
+    def forward(ctx, cfg, hidden, weight, bias, targets):
+        kw, lays = cfg["kw"], cfg["lays"]
+        st = _lin.linear_token_stats(hidden, _gather(weight, lays[0]), targets,
+                                     bias=_gather(bias, lays[1]), **kw)
+        ctx.cfg = cfg
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.set_materialize_grads(False)
+        ent = st.entropy if st.entropy is not None else st.lse.new_zeros(0)
+        if st.entropy is None:
+            ctx.mark_non_differentiable(ent)
+        return st.logprob, ent, st.lse
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent, g_lse):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        cfg = ctx.cfg
+        kw, lays = cfg["kw"], cfg["lays"]
+        need = (ctx.needs_input_grad[1], ctx.needs_input_grad[2],
+                bias is not None and ctx.needs_input_grad[3])
+        if not kw["entropy"]:
+            g_ent = None
+        pairs = [(i, g) for i, g in enumerate((g_lp, g_ent, g_lse)) if g is not None]
+        if not any(need) or not pairs:
+            return (None,) * 5
+        w_full, b_full = _gather(weight, lays[0]), _gather(bias, lays[1])
+        with torch.enable_grad():
+            leaves = [None if x is None else x.detach().requires_grad_(n)
+                      for x, n in zip((hidden, w_full, b_full), need)]
+            st = _lin.linear_token_stats(leaves[0], leaves[1], targets, bias=leaves[2], **kw)
+            outs = (st.logprob, st.entropy, st.lse)
+            wrt = [x for x, n in zip(leaves, need) if n]
+            got = iter(torch.autograd.grad([outs[i] for i, _ in pairs], wrt,
+                                           [g for _, g in pairs]))
+        del st, outs, w_full, b_full
+        gh, gw, gb = (next(got) if n else None for n in need)
+        factor = cfg["factor"]
+        return None, gh, _grad_for(gw, lays[0], factor), _grad_for(gb, lays[1], factor), None
+
+
+def linear_token_stats(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    entropy: bool = False,
+    chunk_size: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+    backend: str = "auto",
+    gradient_divide_factor: Optional[float] = None,
+) -> LinearTokenStats:
+    """``remit_ext.linear_token_stats`` with an FSDP2-sharded head (``weight`` and / or
+    ``bias`` a ``Shard(0)`` DTensor, ``hidden`` this rank's plain activations): the statistics
+    of this rank's tokens, and for any per-token cotangents the head's gradient reduce-scattered
+    and divided by ``gradient_divide_factor`` (default the mesh size, FSDP2's average), as in
+    ``remit_linear_loss`` above (gathered in the forward, gathered again in the backward)."""
+    _check_hidden(hidden)
+    lays = (_layout(weight, "weight"), _layout(bias, "bias"))
+    # The rank-local checks before the first collective (see _linear_loss).
+    vocab = _lin._check_head(hidden, weight, "weight")
+    chk._tensor(targets, "targets")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"targets: expected shape {tuple(hidden.shape[:-1])} (hidden without "
+                         f"the hidden dim), got {tuple(targets.shape)}")
+    if bias is not None and (bias.shape != (vocab,) or bias.dtype != weight.dtype):
+        raise ValueError(f"bias: expected shape ({vocab},) and dtype {weight.dtype}, got "
+                         f"{tuple(bias.shape)} {bias.dtype}")
+    if not isinstance(entropy, bool):
+        raise TypeError(f"entropy: expected a bool, got {type(entropy).__name__}")
+    y = targets.reshape(-1)
+    chk.check_targets(y, hidden.new_empty(()).expand(y.numel(), vocab), ignore_index)
+    kw = dict(ignore_index=ignore_index, temperature=temperature, entropy=entropy,
+              chunk_size=chunk_size, memory_budget=memory_budget, backend=backend)
+    cfg = {"kw": kw, "lays": lays, "factor": gradient_divide_factor}
+    logprob, ent, lse = _ShardedTokenStats.apply(cfg, hidden, weight, bias, targets)
+    return LinearTokenStats(logprob, ent if entropy else None, lse)
+
+
+# ------------------------------------------------------------------------- module form
+
+
+class ReMiTLinearHead(nn.Module):
+    """An LM head that computes its fused loss with its own parameters, for ``fully_shard``.
+
+    ``ReMiTLinearHead(model.lm_head, scorer_head=None, method="remit", ...)`` takes the
+    ``nn.Linear``'s weight (and bias) Parameters, and a frozen scorer / reference / teacher head
+    (an ``nn.Linear``, frozen here) as the submodule ``scorer_head``. Put it in the model in
+    place of the ``nn.Linear`` (``model.lm_head = ReMiTLinearHead(model.lm_head, ...)``) before
+    ``fully_shard(model.lm_head)``: FSDP2 then all-gathers the heads around this forward, again
+    in the backward, and reduce-scatters (averages) the gradient itself, with its own options
+    (mixed precision, ``set_gradient_divide_factor``, gradient accumulation without sync).
+
+    ``forward(hidden, targets=None, scorer_hidden=None, scorer_logprobs=None, cu_seqlens=None,
+    num_items_in_batch=None)``: without ``targets`` the logits (``F.linear``, an ``nn.Linear``'s
+    forward: generation and evaluation keep working); with them the loss of
+    ``remit_linear_loss`` (``LinearLossOutput`` with ``return_details=True``).
+
+    ``recompute=True`` (default): the loss's forward forms no gradient and its backward
+    recomputes (~8NDV FLOPs), so nothing of the head's size is kept between forward and
+    backward. ``recompute=False``: ``remit_linear_loss``'s one-pass schedule, the gradient
+    formed in the forward (6NDV) and held until the backward as one fp32 ``[V, D]`` buffer
+    (twice a bf16 head's size).
+    """
+
+    def __init__(self, lm_head: Union[nn.Linear, nn.Parameter], *,
+                 scorer_head: Optional[nn.Linear] = None, method: str = "remit",
+                 eps: float = 0.2, keep_ratio: float = 0.6, temperature: float = 1.0,
+                 ignore_index: int = -100, reduction: str = "mean",
+                 chunk_size: Optional[int] = None, memory_budget: Optional[int] = None,
+                 grad_weight_fp32: bool = True, return_details: bool = False,
+                 backend: str = "auto", recompute: bool = True):
+        super().__init__()
+        if isinstance(lm_head, nn.Linear):
+            self.weight, self.bias = lm_head.weight, lm_head.bias
+        elif isinstance(lm_head, nn.Parameter):
+            self.weight = lm_head
+            self.register_parameter("bias", None)
+        else:
+            raise TypeError(f"lm_head: expected an nn.Linear or an nn.Parameter, got "
+                            f"{type(lm_head).__name__}")
+        if scorer_head is not None:
+            if not isinstance(scorer_head, nn.Linear):
+                raise TypeError(f"scorer_head: expected an nn.Linear or None, got "
+                                f"{type(scorer_head).__name__}")
+            scorer_head.requires_grad_(False)
+        self.scorer_head = scorer_head
+        self.kw = _loss_kwargs(method, ignore_index, eps, keep_ratio, temperature, reduction,
+                               chunk_size, memory_budget, grad_weight_fp32, backend)
+        self.return_details, self.recompute = return_details, recompute
+
+    def forward(self, hidden: Tensor, targets: Optional[Tensor] = None,
+                scorer_hidden: Optional[Tensor] = None,
+                scorer_logprobs: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None,
+                num_items_in_batch: Optional[Union[int, Tensor]] = None):
+        if targets is None:
+            return F.linear(hidden, self.weight, self.bias)
+        sw = sb = None
+        if self.scorer_head is not None and scorer_hidden is not None:
+            sw, sb = self.scorer_head.weight, self.scorer_head.bias
+        if self.recompute:
+            return _linear_loss(hidden, self.weight, targets, self.bias, scorer_hidden, sw, sb,
+                                scorer_logprobs, cu_seqlens, num_items_in_batch,
+                                self.return_details, None, self.kw)
+        return _lin.remit_linear_loss(
+            hidden, self.weight, targets, bias=self.bias, scorer_hidden=scorer_hidden,
+            scorer_weight=sw, scorer_bias=sb, scorer_logprobs=scorer_logprobs,
+            cu_seqlens=cu_seqlens, num_items_in_batch=num_items_in_batch,
+            return_details=self.return_details, **self.kw)
+
+    def extra_repr(self) -> str:
+        return (f"vocab={self.weight.shape[0]}, hidden={self.weight.shape[1]}, "
+                f"bias={self.bias is not None}, method={self.kw['method']!r}, "
+                f"recompute={self.recompute}")
