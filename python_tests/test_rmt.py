@@ -15,7 +15,7 @@ from remit_ext.reference import token_stats_ref, topk_entropy_ref
 from remit_ext.train import data as D
 from remit_ext.train.model import TinyGPT
 from remit_ext.train.presets import get_preset
-from remit_ext.train.rmt import TierProbe, rollout, rollout_prefixes
+from remit_ext.train.rmt_stage import TierProbe, rollout, rollout_prefixes
 from remit_ext.train.runtime import load
 from remit_ext.train.stages import Common, midtrain, pretrain
 

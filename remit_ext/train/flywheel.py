@@ -85,8 +85,8 @@ def flywheel(c: Common, methods: list[str], post_rl: bool = False) -> int:
 
 def _probe_rows(c: Common, base: Path, scorer: Path, dirs: dict, methods: list[str]) -> dict:
     """RMT's next-token probe (tiers fixed by the base model) on every model of the table."""
-    from .rmt import TierProbe
-    from .stages import load_model
+    from .loop import load_model
+    from .rmt_stage import TierProbe
 
     device = get_dist(c.device).device
     probe = TierProbe(c.preset, load_model(base / "final.pt", device), device, c.backend)

@@ -29,6 +29,8 @@ from torch import Tensor
 
 from .. import rmt as R
 from . import data as D
+from .loop import (clip_and_step, clock, dataset, finish_stage, load_model, log_step,
+                   make_optimizer, median, midtrain_batch)
 from .presets import Preset
 from .runtime import StageRun, get_dist, step_generator, unwrap
 
@@ -217,9 +219,6 @@ class TierProbe:
 def midtrain_rmt(c, init: Path) -> Path:
     """Mid-training with RMT from the base model ``init`` (same data, steps and learning-rate
     decay as the other mid-training methods)."""
-    from .stages import (_clock, _finish, _log_step, _median, clip_and_step, dataset,
-                         load_model, make_optimizer, midtrain_batch)
-
     p, d = c.preset, get_dist(c.device)
     cfg = {"stage": "midtrain", "method": "rmt", "init": str(init),
            "fused_linear": c.fused_linear, "scorer": None, "scorer_cache": None, **p.to_dict()}
@@ -241,7 +240,7 @@ def midtrain_rmt(c, init: Path) -> Path:
     step_seconds = []
     with run.steps(start, model, opt) as steps:
         for step in steps:
-            t0 = _clock(d.device)
+            t0 = clock(d.device)
             _, x, y = midtrain_batch(p, d, opt, inputs, targets, step)
             logits = ddp(x).float()
             entropy = R.token_entropy(logits, y, topk=p.rmt_topk or None, backend=c.backend)
@@ -277,11 +276,11 @@ def midtrain_rmt(c, init: Path) -> Path:
                 metrics.update(ntp_loss=loss.detach())
             loss.backward()
             norm = clip_and_step(ddp, opt)
-            step_seconds.append(_clock(d.device) - t0)
-            _log_step(run, d, step, p.eval_every,
+            step_seconds.append(clock(d.device) - t0)
+            log_step(run, d, step, p.eval_every,
                       {"loss": loss.detach(), "grad_norm": norm, **metrics}, model, p, c,
                       probe=probe)
-    extra = {"method": "rmt", "step_seconds": _median(step_seconds),
+    extra = {"method": "rmt", "step_seconds": median(step_seconds),
              "probe": probe(model) if probe is not None else None}
-    _finish(run, d, model, p, c, extra)
+    finish_stage(run, d, model, p, c, extra)
     return c.out

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -23,135 +22,16 @@ from remit_ext.parallel import global_num_items, reduce_diagnostics
 from remit_ext.rmt import group_advantages
 
 from . import data as D
-from .model import TinyGPT
-from .presets import Preset
+from .loop import (Common, batch_rows, clip_and_step, clock, dataset, evaluate, finish_stage,
+                   load_model, log_step, make_optimizer, median, midtrain_batch, new_model,
+                   set_lr)
+from .rmt_stage import midtrain_rmt
 from .runtime import StageRun, get_dist, atomic_save, load, step_generator, unwrap
 
+__all__ = ["METHODS", "Common", "evaluate", "load_model", "new_model", "pretrain", "rl",
+           "score", "frozen_logprobs", "load_scorer_cache", "midtrain"]
+
 METHODS = ("ntp", "remit", "rho1", "kd", "rmt")
-
-
-@dataclass
-class Common:
-    """Options every stage takes from the command line."""
-
-    preset: Preset
-    out: Path
-    backend: str = "auto"  # remit_ext loss backend
-    device: Optional[str] = None
-    progress: bool = True
-    fused_linear: bool = False  # midtrain: hidden states + LM head into remit_linear_loss
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def new_model(p: Preset, device: torch.device) -> TinyGPT:
-    torch.manual_seed(p.seed)
-    return TinyGPT(p.model_config()).to(device)
-
-
-def load_model(path: Path, device: torch.device) -> TinyGPT:
-    """A model from a stage's ``final.pt`` (or the directory holding it)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "final.pt"
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint: expected a stage's final.pt, got missing {path}")
-    state = load(path)
-    from .model import ModelConfig
-
-    model = TinyGPT(ModelConfig(**state["model_config"]))
-    model.load_state_dict(state["model"])
-    return model.to(device)
-
-
-def make_optimizer(model, lr: float) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    other = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
-                              {"params": other, "weight_decay": 0.0}],
-                             lr=lr, betas=(0.9, 0.95))
-
-
-def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
-    for g in opt.param_groups:
-        g["lr"] = lr
-
-
-def dataset(p: Preset, split: str) -> tuple[Tensor, Tensor]:
-    n = p.n_pretrain if split == "pretrain" else p.n_midtrain
-    return D.pack_rows(D.generate_texts(split, n, p.seed, p.max_k, p.noise), p.seq_len)
-
-
-def batch_rows(p: Preset, stage: str, step: int, n_rows: int, size: int) -> Tensor:
-    """The global batch's row indices at ``step`` (a function of seed and step only)."""
-    return torch.randint(0, n_rows, (size,), generator=step_generator(p.seed, stage, step))
-
-
-def midtrain_batch(p: Preset, d, opt, inputs: Tensor, targets: Tensor,
-                   step: int) -> tuple[Tensor, Tensor, Tensor]:
-    """A mid-training step's schedule and data, shared by every method: the rate decayed
-    linearly to zero, and this rank's shard of the global batch (rows, inputs, targets)."""
-    set_lr(opt, p.lr * (1 - step / p.midtrain_steps))
-    rows = d.shard(batch_rows(p, "midtrain", step, len(inputs), p.batch))
-    return rows, inputs[rows].to(d.device), targets[rows].to(d.device)
-
-
-def clip_and_step(model, opt) -> Tensor:
-    """Clip to norm 1, step, zero; returns the pre-clip norm as a tensor (no host sync)."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return norm.detach()
-
-
-def _clock(device: torch.device) -> float:
-    """Wall time after the device's queued work (step timings on a GPU would otherwise
-    measure kernel launches only)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def evaluate(model: TinyGPT, p: Preset, device: torch.device, backend: str = "auto") -> dict:
-    """Answer accuracy (greedy decoding) per difficulty and overall, NLL per token on held-out
-    worked solutions, and NLL on the reasoning-critical tokens (step results and answers)."""
-    model = unwrap(model)
-    was_training = model.training
-    model.eval()
-    problems = D.generate_problems("eval", p.n_eval, p.seed, p.max_k)
-    out: dict = {}
-    correct = 0
-    for k in range(1, p.max_k + 1):
-        group = [q for q in problems if q.difficulty == k]
-        prompts = torch.tensor([[D.NEWLINE_ID] + D.encode(q.prompt()) for q in group],
-                               device=device)
-        max_new = len(group[0].text()) - len(group[0].prompt())
-        gen = model.generate(prompts, max_new).cpu()
-        hits = sum(D.parse_answer(D.decode(g)) == q.answer for g, q in zip(gen, group))
-        out[f"acc_k{k}"] = hits / len(group)
-        correct += hits
-    out["acc"] = correct / len(problems)
-    inputs, targets = D.pack_rows([q.text() for q in problems], p.seq_len)
-    roles = D.token_roles(inputs)
-    nll_sum = torch.zeros(2, dtype=torch.float64)  # all valid tokens, critical tokens
-    counts = torch.zeros(2, dtype=torch.float64)
-    for i in range(0, len(problems), 256):
-        x, y = inputs[i:i + 256].to(device), targets[i:i + 256].to(device)
-        per_tok = remit_ext.weighted_cross_entropy(model(x).float(), y, reduction="none",
-                                                   backend=backend).double().cpu()
-        valid = targets[i:i + 256] != D.IGNORE_INDEX
-        critical = valid & (roles[i:i + 256] > 0)
-        nll_sum += torch.stack([per_tok.sum(), (per_tok * critical).sum()])
-        counts += torch.tensor([valid.sum(), critical.sum()], dtype=torch.float64)
-    out["nll"] = float(nll_sum[0] / counts[0])
-    out["nll_critical"] = float(nll_sum[1] / counts[1])
-    model.train(was_training)
-    return out
 
 
 # ----------------------------------------------------------------------------- pretrain
@@ -177,33 +57,10 @@ def pretrain(c: Common) -> Path:
             loss = remit_ext.weighted_cross_entropy(ddp(x), y, backend=c.backend)
             loss.backward()
             norm = clip_and_step(ddp, opt)
-            _log_step(run, d, step, 0, {"loss": loss.detach(), "grad_norm": norm},
+            log_step(run, d, step, 0, {"loss": loss.detach(), "grad_norm": norm},
                       model, p, c)
-    _finish(run, d, model, p, c)
+    finish_stage(run, d, model, p, c)
     return c.out
-
-
-def _log_step(run, d, step, every, metrics, model, p, c, probe=None) -> None:
-    """Log every 10th step (and the last); evaluate every ``every`` steps on rank 0 (and run
-    ``probe(model)``, RMT's per-tier next-token accuracy, when given). Metric values may be
-    device tensors: they are read (a host sync) only on the steps logged."""
-    last = step + 1 == run.total
-    if (step + 1) % 10 and not last and not (every and (step + 1) % every == 0):
-        return
-    rec = {"step": step + 1, **{k: d.mean(float(v)) for k, v in metrics.items()}}
-    if every and ((step + 1) % every == 0 or last) and d.is_main:
-        rec.update({f"eval_{k}": v for k, v in evaluate(model, p, d.device, c.backend).items()})
-        if probe is not None:
-            rec.update({f"probe_{k}": v for k, v in probe(model).items()})
-    run.log(rec)
-    d.barrier()
-
-
-def _finish(run, d, model, p, c, extra: Optional[dict] = None) -> None:
-    result = None
-    if d.is_main:
-        result = evaluate(model, p, d.device, c.backend)
-    run.finish(model, {"eval": result, "world_size": d.world, **(extra or {})})
 
 
 # ----------------------------------------------------------------------------- RL
@@ -255,11 +112,11 @@ def rl(c: Common, init: Path) -> Path:
                                                     reduction="sum", backend=c.backend)
             loss.backward()
             norm = clip_and_step(ddp, opt)
-            _log_step(run, d, step, 0,
+            log_step(run, d, step, 0,
                       {"reward": float(reward.mean()), "difficulty": k,
                        "length": float(lengths.float().mean()), "grad_norm": norm},
                       model, p, c)
-    _finish(run, d, model, p, c)
+    finish_stage(run, d, model, p, c)
     return c.out
 
 
@@ -329,15 +186,13 @@ def midtrain(c: Common, init: Path, method: str, scorer: Optional[Path] = None,
     """Mid-training of the base model on the high-quality split with a rapid (linear to zero)
     learning-rate decay, under one of METHODS: vanilla NTP, ReMiT, Rho-1 or KD, the last three
     steered by the RL model (live, or through its cached log-probs for ReMiT and Rho-1), or RMT
-    (``remit_ext.train.rmt``: RL on entropy-sampled positions plus NTP, no scorer)."""
+    (``remit_ext.train.rmt_stage``: RL on entropy-sampled positions plus NTP, no scorer)."""
     if method not in METHODS:
         raise ValueError(f"--method: expected one of {METHODS}, got {method!r}")
     if method == "rmt":
         if scorer is not None or scorer_cache is not None:
             raise ValueError("--method rmt: takes no --scorer or --scorer-cache (its reward is "
                              "the text's own next token)")
-        from .rmt import midtrain_rmt
-
         return midtrain_rmt(c, init)
     if method != "ntp" and scorer is None and scorer_cache is None:
         raise ValueError(f"--method {method}: expected --scorer (the RL model) or --scorer-cache")
@@ -376,7 +231,7 @@ def midtrain(c: Common, init: Path, method: str, scorer: Optional[Path] = None,
     step_seconds = []
     with run.steps(start, model, opt) as steps:
         for step in steps:
-            t0 = _clock(d.device)
+            t0 = clock(d.device)
             rows, x, y = midtrain_batch(p, d, opt, inputs, targets, step)
             b = None if cached is None else cached[rows].to(d.device)
             metrics = {}
@@ -411,15 +266,15 @@ def midtrain(c: Common, init: Path, method: str, scorer: Optional[Path] = None,
                 role_n += inc[40 + len(role_sum):]
             loss.backward()
             norm = clip_and_step(ddp, opt)
-            step_seconds.append(_clock(d.device) - t0)
-            _log_step(run, d, step, p.eval_every,
+            step_seconds.append(clock(d.device) - t0)
+            log_step(run, d, step, p.eval_every,
                       {"loss": loss.detach(), "grad_norm": norm, **metrics}, model, p, c)
-    extra = {"method": method, "step_seconds": _median(step_seconds)}
+    extra = {"method": method, "step_seconds": median(step_seconds)}
     if method == "remit":
         extra["weights"] = {"bins": bins.tolist(), "hist": hist.tolist(),
                             "role_mean": {name: float(role_sum[i] / role_n[i]) if role_n[i] else
                                           math.nan for i, name in enumerate(D.ROLES)}}
-    _finish(run, d, model, p, c, extra)
+    finish_stage(run, d, model, p, c, extra)
     return c.out
 
 
@@ -467,8 +322,3 @@ def _fused_linear_loss(ddp, model, teacher, x, y, b, method, p, backend, num_ite
     return (res.loss, res) if method == "remit" else (res, None)
 
 
-def _median(xs: list) -> Optional[float]:
-    if not xs:
-        return None
-    s = sorted(xs)
-    return s[len(s) // 2]
