@@ -430,7 +430,7 @@ def token_stats_tp_4(rank, world, groups):
 # -------------------------------------------------------------------------- the harness
 
 
-def _worker(rank, world, init, out_dir, names):
+def _worker(rank, world, init, out_dir, registry):
     os.environ.setdefault("TRITON_INTERPRET", "0")
     torch.set_num_threads(1)
     # A bounded timeout: a rank failing before a collective must not leave its peers waiting
@@ -444,9 +444,8 @@ def _worker(rank, world, init, out_dir, names):
         cps = [dist.new_group([0, 2]), dist.new_group([1, 3])]
         groups["tp"], groups["other_tp"] = tps[rank // 2], tps[1 - rank // 2]
         groups["cp"] = cps[rank % 2]
-    registry = CASES_4 if world == 4 else CASES_2
     results = {}
-    for name in names:
+    for name in registry:
         try:
             registry[name](rank, world, groups)
             results[name] = None
@@ -465,9 +464,11 @@ def _free_port() -> int:
 
 
 def _run(world, registry, tmp_path_factory):
+    """Every case of ``registry`` (name -> module-level function, pickled by reference: other
+    test files run theirs through this harness too) on ``world`` gloo processes."""
     out = tmp_path_factory.mktemp(f"parallel{world}")
     init = f"file://{out}/rendezvous"
-    mp.spawn(_worker, args=(world, init, str(out), list(registry)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, init, str(out), registry), nprocs=world, join=True)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
 
 

@@ -42,6 +42,13 @@ torch.compile: the engine is one registered op, ``torch.ops.remit_ext_linear.lin
 (schema, fake and autograd below), opaque to the compiler, so a compiled model traces through
 the loss without a graph break. The backward of ``reduction="none"`` is a second op,
 ``linear_loss_grad``; the primitive's backward is ``linear_token_stats_grad``.
+
+Vocab parallel (``tp_group=``, or a DTensor head ``Shard(0)`` with DTensor hidden): the same
+chunk steps on this rank's rows of the head, driven from ``remit_ext.parallel`` (its
+docstring): a statistics pass, one gather of the per-row statistics, the loss; the backward
+recomputes the chunks and all-reduces grad hidden. It is an autograd.Function issuing
+collectives, so ``torch.compile`` graph-breaks there. A DTensor head with plain hidden (FSDP2)
+goes to ``remit_ext.fsdp``.
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ from . import reference as ref
 from ._backends import OpsBackend, select_backend, BACKENDS
 from ._meta import _token_stats_input_grad
 from .functional import _check_num_items
+from . import parallel as _parallel
 from .parallel import _is_dtensor
 from .reference import ReMiTDiagnostics, acc_dtype, rho1_keep_mask
 
@@ -318,18 +326,7 @@ def _linear_loss_impl(hidden, weight, targets, bias, scorer_hidden, scorer_weigh
         offsets = _offsets(row_len, n, cu_seqlens, hidden.device)
 
     def inv_norm(count):
-        """1 / the normaliser of the loss and of the gradient coefficients: the local count
-        (valid tokens; Rho-1: kept tokens), or num_items_in_batch when given."""
-        if reduction != "mean":
-            return torch.ones((), dtype=acc, device=y.device)
-        if num_items is not None:
-            if num_items.device != y.device:
-                # A CPU count with GPU tokens: read from host memory (no device sync) and
-                # filled on the device; .to(device) would be a blocking host-to-device copy.
-                count = torch.full((), float(num_items), dtype=acc, device=y.device)
-                return 1 / _nonzero(count)
-            return 1 / _nonzero(num_items.to(dtype=acc))
-        return 1 / count.clamp(min=1).to(acc)
+        return _inv_norm(count, reduction, num_items, acc, y.device)
 
     aligned = None
     if method == "remit" and reduction != "none":
@@ -399,6 +396,22 @@ def _linear_loss_impl(hidden, weight, targets, bias, scorer_hidden, scorer_weigh
 
     loss = per_token if reduction == "none" else per_token.sum() * inv_norm(count)
     return (loss, weights, diag) + grads.empty()
+
+
+def _inv_norm(count: Tensor, reduction: str, num_items: Optional[Tensor], acc: torch.dtype,
+              device) -> Tensor:
+    """1 / the normaliser of the loss and of the gradient coefficients: the local count
+    (valid tokens; Rho-1: kept tokens), or num_items_in_batch when given."""
+    if reduction != "mean":
+        return torch.ones((), dtype=acc, device=device)
+    if num_items is not None:
+        if num_items.device != device:
+            # A CPU count with GPU tokens: read from host memory (no device sync) and
+            # filled on the device; .to(device) would be a blocking host-to-device copy.
+            count = torch.full((), float(num_items), dtype=acc, device=device)
+            return 1 / _nonzero(count)
+        return 1 / _nonzero(num_items.to(dtype=acc))
+    return 1 / count.clamp(min=1).to(acc)
 
 
 def _nonzero(count: Tensor) -> Tensor:
@@ -633,22 +646,39 @@ def _stats_logits_grad(z: Tensor, y: Tensor, logprob: Tensor, lse: Tensor,
 
 
 def _token_stats_bwd(hidden, weight, targets, bias, logprob, lse, entropy, g_lp, g_ent, g_lse,
-                     ignore_index, temperature, chunk_size, need_h, need_w, need_b, backend):
+                     ignore_index, temperature, chunk_size, need_h, need_w, need_b, backend,
+                     not_owned: Optional[Tensor] = None, w_fp32: bool = True):
+    """The chunked gradient pass of the primitive. ``not_owned`` (vocab parallel): rows whose
+    valid target lies on another shard (their ``targets`` entry is any local id, their
+    ``logprob`` and ``lse`` the global ones): they get ``p`` and no one-hot."""
     eng = _Engine(hidden, weight, targets, bias, None, None, None, "ntp", ignore_index,
                   temperature, chunk_size, backend)
     # A head that needs no gradient (a frozen scorer) gets no dW buffer at all.
-    grads = _Grads(eng, need_h, need_w, need_b, True)
+    grads = _Grads(eng, need_h, need_w, need_b, w_fp32)
     # Log-prob cotangents alone at T = 1 are the weighted-CE gradient, coef = -g: the
     # backend's in-place op writes it into the chunk buffer (no fp32 temporaries).
     fast = (isinstance(eng.k, _OpsKernels) and temperature == 1.0 and g_ent is None
             and g_lse is None and g_lp is not None)
     coef = None if g_lp is None else (-g_lp.to(eng.acc) if fast else g_lp)
+    y_slow = targets
+    if not_owned is not None and not fast:
+        y_slow = torch.where(not_owned, -1, targets)  # outside [0, V): no one-hot
     for s, e in _free_chunks(eng.n, chunk_size):
         z = eng.logits(s, e)
         if fast:
-            g = eng.ce_grad_(z, s, e, lse[s:e], logprob[s:e], coef[s:e].contiguous())
+            z0 = None
+            if not_owned is not None:
+                # The kernels' one-hot sits at the target id, which must be in [0, V): the
+                # rows of another shard's target put it at column 0 and get that column back
+                # as coef * p_0 (from a copy taken before the in-place op).
+                z0 = z[:, 0].to(eng.acc, copy=True)
+            c = coef[s:e].contiguous()
+            g = eng.ce_grad_(z, s, e, lse[s:e], logprob[s:e], c)
+            if z0 is not None:
+                fix = (c * torch.exp(z0 - lse[s:e])).to(g.dtype)
+                g[:, 0] = torch.where(not_owned[s:e], fix, g[:, 0])
         else:
-            g = _stats_logits_grad(z, targets[s:e], logprob[s:e], lse[s:e],
+            g = _stats_logits_grad(z, y_slow[s:e], logprob[s:e], lse[s:e],
                                    None if g_ent is None else entropy[s:e],
                                    None if g_lp is None else g_lp[s:e],
                                    None if g_ent is None else g_ent[s:e],
@@ -806,6 +836,39 @@ def _check_inputs(hidden, weight, targets, bias, scorer_hidden, scorer_weight, s
     return vocab
 
 
+def _tp_linear_loss(h, w, y, bias, sh, sw, s_bias, sb, targets, cu_seqlens, method,
+                    ignore_index, eps, keep_ratio, temperature, reduction, num_items, chunk_size,
+                    memory_budget, w_fp32, return_details, impl, tp):
+    """``remit_linear_loss`` over a vocab-sharded head (``remit_ext.parallel``): inputs flat,
+    local and checked. The chunk sizes are planned for this rank's vocab rows."""
+    n, v_local = y.numel(), w.shape[0]
+    kw = dict(backend=impl.name, device_type=h.device.type, memory_budget=memory_budget)
+    if method == "kd":
+        chunk = chunk_size or linear_chunk_size(n, v_local, h.dtype, scorer_dtype=sh.dtype,
+                                                method="kd", **kw)
+        s_chunk = chunk
+    else:
+        # The statistics pass and the backward's recompute: the primitive's chunk buffers.
+        chunk = chunk_size or stats_chunk_size(n, v_local, h.dtype, **kw)
+        s_chunk = None if sh is None else (chunk_size or stats_chunk_size(n, v_local, sh.dtype,
+                                                                          **kw))
+    row_len = max(targets.shape[-1] if targets.dim() >= 2 else n, 1)
+    offsets = _offsets(row_len, n, cu_seqlens, h.device) if method == "remit" else None
+    if num_items is not None:
+        num_items = (torch.full((), num_items, dtype=acc_dtype(h.dtype), device=h.device)
+                     if isinstance(num_items, int) else num_items.detach())
+    loss, weights, diag = _parallel.vocab_parallel_linear_loss(
+        h, w, y, bias, sh, sw, s_bias, sb, offsets, method, ignore_index, eps,
+        float(keep_ratio), temperature, reduction, num_items, chunk, s_chunk, w_fp32, impl,
+        tp[0], tp[1])
+    if reduction == "none":
+        loss = loss.reshape(targets.shape)
+    if not return_details:
+        return loss
+    return LinearLossOutput(loss, weights.reshape(targets.shape),
+                            ReMiTDiagnostics.from_tensor(diag) if method == "remit" else None)
+
+
 def _fsdp_module(weight_name: str):
     """``remit_ext.fsdp``: the FSDP2 / ZeRO-3 sharded-head path (DTensor parameters, plain
     activations). Imported on first use; a missing module is a NotImplementedError, not an
@@ -869,6 +932,16 @@ def remit_linear_loss(
     only) replaces the local count (valid tokens; Rho-1: kept tokens) as the divisor, so that
     gradient accumulation matches one big batch (data parallel: see ``remit_ext.functional``,
     DDP averages over ranks).
+
+    Vocab parallel (``remit_ext.parallel``): with ``tp_group`` every rank passes its contiguous
+    rows of the head (rank order, uneven allowed) as ``lm_head_weight`` [V_r, D] (and ``bias``;
+    a live scorer's ``scorer_weight`` / ``scorer_bias`` split the same way), the same
+    ``hidden`` and global target ids; the result is the unsharded one on every rank, the
+    gradients are this rank's rows of dW / d bias and the full d hidden. Or, with no group,
+    TorchTitan's ColwiseParallel layout: ``lm_head_weight`` a DTensor ``Shard(0)`` on a 1-D tp
+    mesh and ``hidden`` a DTensor on it (Replicate; another placement is redistributed); the
+    loss is then a plain replicated tensor, the gradients DTensors of the inputs' placements.
+    A DTensor head with plain ``hidden`` is FSDP2's layout: ``remit_ext.fsdp``.
     """
     if tp_group is None and not _is_dtensor(hidden) and (
             _is_dtensor(lm_head_weight) or _is_dtensor(scorer_weight)):
@@ -880,8 +953,14 @@ def remit_linear_loss(
             reduction=reduction, num_items_in_batch=num_items_in_batch, chunk_size=chunk_size,
             memory_budget=memory_budget, grad_weight_fp32=grad_weight_fp32,
             return_details=return_details, backend=backend)
-    if tp_group is not None:
-        raise NotImplementedError("tp_group: vocab-parallel remit_linear_loss is not implemented yet")
+    tp = None
+    if tp_group is not None or _is_dtensor(lm_head_weight) or _is_dtensor(hidden):
+        # Vocab parallel: local shards from here on; the group and a DTensor's global vocab.
+        inputs, group, global_vocab = _parallel.unshard_linear(
+            hidden, lm_head_weight, bias, scorer_hidden, scorer_weight, scorer_bias, tp_group,
+            "lm_head_weight")
+        hidden, lm_head_weight, bias, scorer_hidden, scorer_weight, scorer_bias = inputs
+        tp = (group, global_vocab)
     vocab = _check_inputs(hidden, lm_head_weight, targets, bias, scorer_hidden, scorer_weight,
                           scorer_bias, scorer_logprobs, method)
     eps = chk.check_eps(eps)
@@ -897,8 +976,11 @@ def remit_linear_loss(
     h = hidden.reshape(-1, hidden.shape[-1])
     y = targets.reshape(-1)
     n = y.numel()
-    # Values of targets are checked against V through a zero-stride stand-in for the logits.
-    chk.check_targets(y, h.new_empty(()).expand(n, vocab), ignore_index)
+    if tp is None:
+        # Values of targets are checked against V through a zero-stride stand-in for the logits.
+        chk.check_targets(y, h.new_empty(()).expand(n, vocab), ignore_index)
+    else:  # global ids: their range is checked against the shards together
+        _parallel._check_positions(targets, hidden, "targets")
     chk.check_cu_seqlens(cu_seqlens, n, h.device)
     op = "kd_loss" if method == "kd" else "remit_loss"
     if torch.compiler.is_compiling():
@@ -909,6 +991,11 @@ def remit_linear_loss(
     sw = None if scorer_weight is None else scorer_weight.detach()
     s_bias = None if scorer_bias is None else scorer_bias.detach()
     sb = None if scorer_logprobs is None else scorer_logprobs.reshape(-1).detach()
+    if tp is not None:
+        return _tp_linear_loss(h, lm_head_weight, y, bias, sh, sw, s_bias, sb, targets,
+                               cu_seqlens, method, ignore_index, eps, keep_ratio, temperature,
+                               reduction, num_items, chunk_size, memory_budget,
+                               grad_weight_fp32, return_details, impl, tp)
     if sh is not None and method in ("remit", "rho1"):
         # The frozen scorer through the token-statistics primitive, forward only; the policy's
         # chunks then hold no scorer logits.
@@ -975,14 +1062,22 @@ def linear_token_stats(
     2 GiB on CUDA, 256 MiB on CPU). One registered op,
     ``torch.ops.remit_ext_linear.linear_token_stats`` (fake + autograd: ``torch.compile``
     traces it without a graph break).
+
+    ``tp_group``: ``weight`` (and ``bias``) are this rank's contiguous vocab rows, or a DTensor
+    ``Shard(0)`` with a DTensor ``hidden`` (``remit_linear_loss``; ``remit_ext.parallel``);
+    the outputs are the unsharded ones, replicated. That path is an autograd.Function with
+    collectives: ``torch.compile`` graph-breaks on it.
     """
     if tp_group is None and _is_dtensor(weight) and not _is_dtensor(hidden):
         return _fsdp_module("weight").linear_token_stats(
             hidden=hidden, weight=weight, targets=targets, bias=bias, ignore_index=ignore_index,
             temperature=temperature, entropy=entropy, chunk_size=chunk_size,
             memory_budget=memory_budget, backend=backend)
-    if tp_group is not None:
-        raise NotImplementedError("tp_group: vocab-parallel linear_token_stats is not implemented yet")
+    tp = None
+    if tp_group is not None or _is_dtensor(weight) or _is_dtensor(hidden):
+        (hidden, weight, bias, *_), group, global_vocab = _parallel.unshard_linear(
+            hidden, weight, bias, None, None, None, tp_group, "weight")
+        tp = (group, global_vocab)
     vocab = _check_head(hidden, weight, "weight")
     chk._tensor(targets, "targets")
     if targets.shape != hidden.shape[:-1]:
@@ -1001,7 +1096,10 @@ def linear_token_stats(
     h = hidden.reshape(-1, hidden.shape[-1])
     y = targets.reshape(-1)
     n = y.numel()
-    chk.check_targets(y, h.new_empty(()).expand(n, vocab), ignore_index)
+    if tp is None:
+        chk.check_targets(y, h.new_empty(()).expand(n, vocab), ignore_index)
+    else:
+        _parallel._check_positions(targets, hidden, "targets")
     if torch.compiler.is_compiling():
         impl = BACKENDS[_traced_backend("token_stats", backend, str(h.device))]
     else:
@@ -1009,8 +1107,13 @@ def linear_token_stats(
     if chunk_size is None:
         chunk_size = stats_chunk_size(n, vocab, h.dtype, backend=impl.name,
                                       device_type=h.device.type, memory_budget=memory_budget)
-    logprob, ent, lse = _linear_token_stats_op(h, weight, y, bias, ignore_index, temperature,
-                                               entropy, chunk_size, impl.name)
+    if tp is not None:
+        logprob, ent, lse = _parallel.vocab_parallel_linear_stats(
+            h, weight, y, bias, tp[0], tp[1], ignore_index, temperature, entropy, chunk_size,
+            impl.name)
+    else:
+        logprob, ent, lse = _linear_token_stats_op(h, weight, y, bias, ignore_index,
+                                                   temperature, entropy, chunk_size, impl.name)
     return LinearTokenStats(logprob.reshape(targets.shape),
                             ent.reshape(targets.shape) if entropy else None,
                             lse.reshape(targets.shape))

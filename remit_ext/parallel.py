@@ -24,6 +24,19 @@ results, and so any loss formed from them, are replicated: the backward is local
 needs no collective, as long as every rank back-propagates the same loss (Megatron's
 convention).
 
+Fused-linear heads (``remit_linear_loss`` / ``linear_token_stats`` with ``tp_group``, or a
+DTensor head ``Shard(0)`` with a DTensor hidden, TorchTitan's ColwiseParallel output layer):
+every rank holds a contiguous vocab shard of the head's rows, ``W_r [V_r, D]`` (+ ``b_r``; a
+live scorer's head split the same way) and the same hidden states. The forward runs
+linear.py's chunk loop on the local rows for every token, keeping only the [N] statistics
+above (KD: lse_r, the teacher's tlse_r and ``c_r = E_{q_r}[z]`` over the shard, combined as
+``E_q[z] = sum_r exp(tlse_r - tlse) c_r``), then the same single gather; weights and loss are
+formed from the replicated statistics. The backward recomputes each chunk's local logits and
+forms their gradient with the global lse: dW_r and db_r stay local, and d hidden, a partial
+sum over the shard's columns, is all-reduced once (Megatron's vocab-parallel cross-entropy).
+So a call costs the handshake and one gather forward and one all_reduce backward, whatever
+the number of chunks. It is an autograd.Function: ``torch.compile`` graph-breaks on it.
+
 Context parallel. Every rank of ``cp_group`` holds a different slice of the same sequences
 (the same rows of ``[B, T_r]`` targets, or the same count of ``cu_seqlens`` documents, document
 i on every rank being a piece of one document). ReMiT's per-sequence sums of Delta and counts
@@ -125,10 +138,10 @@ def _check_agree(table: Tensor, col: int, what: str, name: str, group_name: str)
 # ------------------------------------------------------------------------ vocab parallel
 
 
-def _unshard(x: Optional[Tensor], tp_group, name: str):
-    """A plain local shard and its group: a DTensor sharded on its last dim gives its local
-    tensor (``to_local`` carries the gradient back as a DTensor of the same placement) and its
-    mesh's group."""
+def _unshard(x: Optional[Tensor], tp_group, name: str, dim: int = -1):
+    """A plain local shard and its group: a DTensor sharded on its vocab dim (the last dim of
+    logits; dim 0 of an LM head weight or bias) gives its local tensor (``to_local`` carries
+    the gradient back as a DTensor of the same placement) and its mesh's group."""
     if x is None:
         return None, tp_group
     try:
@@ -138,10 +151,13 @@ def _unshard(x: Optional[Tensor], tp_group, name: str):
     if not isinstance(x, DTensor):
         return x, tp_group
     mesh, placements = x.device_mesh, x.placements
+    want = dim % x.dim()
     if mesh.ndim != 1 or not (isinstance(placements[0], Shard)
-                              and placements[0].dim in (-1, x.dim() - 1)):
-        raise ValueError(f"{name}: expected a DTensor sharded on its vocab (last) dim over a "
-                         f"1-D mesh (Shard(-1), TorchTitan's loss_parallel layout), got "
+                              and placements[0].dim % x.dim() == want):
+        layout = ("Shard(-1), TorchTitan's loss_parallel layout" if dim == -1 else
+                  f"Shard({dim}), TorchTitan's ColwiseParallel output layer")
+        raise ValueError(f"{name}: expected a DTensor sharded on its vocab "
+                         f"({'last' if dim == -1 else dim}) dim over a 1-D mesh ({layout}), got "
                          f"placements {tuple(placements)} on a {mesh.ndim}-D mesh")
     group = mesh.get_group()
     if tp_group is not None and _group(tp_group, "tp_group")[0] is not group:
@@ -151,33 +167,40 @@ def _unshard(x: Optional[Tensor], tp_group, name: str):
 
 
 class _VocabLayout:
-    """This rank's place in the vocab: its offset (a device tensor) and the global size."""
+    """This rank's place in the vocab: its offset (a device tensor) and the global size, from
+    one handshake that also checks what every rank must agree on.
 
-    def __init__(self, logits: Tensor, targets: Tensor, group, ignore_index: int,
-                 target_name: str = "targets", extra: Optional[list] = None):
+    ``v_local``: this rank's vocab rows; ``agree``: (argument, what, value) facts every rank
+    must share besides the number of positions; ``vocab``: the global size the shards must
+    sum to, where the caller knows it (a DTensor's global shape)."""
+
+    def __init__(self, v_local: int, device, targets: Tensor, group, ignore_index: int,
+                 target_name: str = "targets", rows_name: str = "logits",
+                 vocab_name: str = "logits", agree=(), vocab: Optional[int] = None):
         self.group, self.rank, self.world = _group(group, "tp_group")
-        n, v_local = targets.numel(), logits.shape[-1]
-        table = _handshake([v_local, n] + [t.shape[-1] for t in (extra or [])], logits.device,
-                           self.group, self.world)
+        n = targets.numel()
+        table = _handshake([v_local, n] + [v for _, _, v in agree], device, self.group,
+                           self.world)
         sizes = table[:, 0]
         self.lo = sizes[:self.rank].sum()
         self.vocab = sizes.sum()
         valid = targets != ignore_index
         bad = (valid & ((targets < 0) | (targets >= self.vocab))).flatten()
-        if _host_checks(logits.device):
-            _check_agree(table, 1, "number of positions", "logits", "tp_group")
-            for i, _ in enumerate(extra or []):
-                if not torch.equal(table[:, 2 + i], sizes):
-                    raise ValueError(f"scorer logits: expected the vocab shards of logits on "
-                                     f"every rank of tp_group, got sizes {table[:, 2 + i].tolist()}"
-                                     f" against {sizes.tolist()}")
+        if _host_checks(device):
+            _check_agree(table, 1, "number of positions", rows_name, "tp_group")
+            for i, (name, what, _) in enumerate(agree):
+                _check_agree(table, 2 + i, what, name, "tp_group")
+            if vocab is not None and int(self.vocab) != vocab:
+                raise ValueError(f"{vocab_name}: expected vocab shards that sum to the global "
+                                 f"size {vocab}, got {sizes.tolist()} (by rank) summing to "
+                                 f"{int(self.vocab)}")
             if bool(bad.any()):
                 idx = int(bad.to(torch.uint8).argmax())
                 raise ValueError(f"{target_name}: expected global vocab ids in "
                                  f"[0, {int(self.vocab)}) (the shards of tp_group together) or "
                                  f"ignore_index={ignore_index}, got "
                                  f"{int(targets.flatten()[idx])} at flat position {idx}")
-        elif chk._value_check(logits.device) == "device":
+        elif chk._value_check(device) == "device":
             torch._assert_async(~bad.any(), f"{target_name}: expected global vocab ids or "
                                             f"ignore_index={ignore_index}")
         y = targets.reshape(-1).long()
@@ -208,6 +231,29 @@ def _combine(lse_r: Tensor, zy_r: Tensor, ez_r: Optional[Tensor], valid: Tensor)
     return mask(lse), mask(logprob), mask(ent)
 
 
+def _gather_stats(layout: _VocabLayout, lse_l: Tensor, a_l: Tensor, ent_l: Optional[Tensor],
+                  scorer: Optional[tuple[Tensor, Tensor]] = None):
+    """(lse, logprob, entropy, scorer lse, scorer logprob), global and replicated, from this
+    shard's per-row statistics (local lse, log-prob of the local target id, entropy; the
+    scorer's lse and log-prob): one all_gather of the [k, N] stack (module docstring)."""
+    zero = torch.zeros((), dtype=lse_l.dtype, device=lse_l.device)
+    parts = [lse_l, torch.where(layout.owned, a_l + lse_l, zero)]
+    if ent_l is not None:
+        parts.append(lse_l - ent_l)
+    if scorer is not None:
+        s_lse_l, s_a_l = scorer
+        parts += [s_lse_l.to(lse_l.dtype),
+                  torch.where(layout.owned, (s_a_l + s_lse_l).to(lse_l.dtype), zero)]
+    g = _gather(torch.stack(parts), layout.group, layout.world)
+    lse, logprob, ent = _combine(g[:, 0], g[:, 1], g[:, 2] if ent_l is not None else None,
+                                 layout.valid)
+    s_lse = s_logprob = None
+    if scorer is not None:
+        k = 3 if ent_l is not None else 2
+        s_lse, s_logprob, _ = _combine(g[:, k], g[:, k + 1], None, layout.valid)
+    return lse, logprob, ent, s_lse, s_logprob
+
+
 class _VocabParallelStats(torch.autograd.Function):
     """(lse, logprob, entropy) of sharded logits; forward through the backend's op plus one
     gather, backward local (module docstring)."""
@@ -217,20 +263,9 @@ class _VocabParallelStats(torch.autograd.Function):
         with torch.no_grad():
             lse_l, a_l, ent_l, _, s_lse_l, s_a_l = impl.token_stats(
                 z, layout.y_fwd, scorer_z, _LOCAL_IGNORE, temperature, with_entropy, 0, False)
-            zero = torch.zeros((), dtype=lse_l.dtype, device=lse_l.device)
-            parts = [lse_l, torch.where(layout.owned, a_l + lse_l, zero)]
-            if with_entropy:
-                parts.append(lse_l - ent_l)
-            if scorer_z is not None:
-                parts += [s_lse_l.to(lse_l.dtype),
-                          torch.where(layout.owned, (s_a_l + s_lse_l).to(lse_l.dtype), zero)]
-            g = _gather(torch.stack(parts), layout.group, layout.world)
-            lse, logprob, ent = _combine(g[:, 0], g[:, 1], g[:, 2] if with_entropy else None,
-                                         layout.valid)
-            s_lse = s_logprob = None
-            if scorer_z is not None:
-                k = 3 if with_entropy else 2
-                s_lse, s_logprob, _ = _combine(g[:, k], g[:, k + 1], None, layout.valid)
+            lse, logprob, ent, s_lse, s_logprob = _gather_stats(
+                layout, lse_l, a_l, ent_l if with_entropy else None,
+                None if scorer_z is None else (s_lse_l, s_a_l))
         ent_saved = ent if with_entropy else lse.new_empty(0)
         ctx.save_for_backward(z, layout.y_bwd, lse, ent_saved)
         ctx.temperature, ctx.with_entropy = temperature, with_entropy
@@ -266,7 +301,8 @@ def vocab_parallel_token_stats(logits: Tensor, targets: Tensor, tp_group=None, *
     if scorer_logits is not None:
         chk.check_like_logits(scorer_logits, logits, "scorer_logits")
     temperature = chk.check_positive(temperature, "temperature")
-    layout = _VocabLayout(logits, targets, tp_group, ignore_index, target_name)
+    layout = _VocabLayout(logits.shape[-1], logits.device, targets, tp_group, ignore_index,
+                          target_name)
     impl = select_backend("token_stats", backend, (logits, targets, scorer_logits))
     z = logits.reshape(-1, logits.shape[-1])
     sz = None if scorer_logits is None else scorer_logits.detach().reshape(z.shape)
@@ -460,7 +496,7 @@ def kd_loss(logits, teacher_logits, targets, temperature, ignore_index, reductio
     chk.check_logits(logits)
     chk.check_like_logits(teacher_logits, logits, "teacher_logits")
     _check_positions(targets, logits, "targets")
-    layout = _VocabLayout(logits, targets, tp_group, ignore_index)
+    layout = _VocabLayout(logits.shape[-1], logits.device, targets, tp_group, ignore_index)
     z = logits.reshape(-1, logits.shape[-1])
     tz = teacher_logits.detach().reshape(z.shape)
     per_token = _VocabParallelKD.apply(z, tz, layout, temperature)
@@ -474,3 +510,254 @@ def _is_dtensor(x) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return isinstance(x, DTensor)
+
+
+# ------------------------------------------------------ fused linear heads, vocab parallel
+#
+# remit_linear_loss / linear_token_stats with tp_group (module docstring). Called by linear.py
+# once the inputs are local and checked; inputs flat.
+
+
+def _linear():
+    from . import linear  # linear.py imports this module
+
+    return linear
+
+
+def _replicated_local(x: Optional[Tensor], group, name: str) -> Optional[Tensor]:
+    """Hidden states as a plain tensor: a DTensor on the tp mesh is redistributed to
+    Replicate (what ColwiseParallel does to its input; a no-op when it is replicated) and its
+    local copy returned, its gradient going back as a Replicate DTensor."""
+    if not _is_dtensor(x):
+        return x
+    from torch.distributed.tensor import Replicate
+
+    if x.device_mesh.ndim != 1 or x.device_mesh.get_group() is not group:
+        raise ValueError(f"{name}: expected a DTensor on the 1-D tp mesh of the head weight "
+                         f"(or a plain tensor), got one on a {x.device_mesh.ndim}-D mesh "
+                         f"{'of another group' if x.device_mesh.ndim == 1 else ''}")
+    if any(not isinstance(p, Replicate) for p in x.placements):
+        x = x.redistribute(x.device_mesh, [Replicate()])
+    return x.to_local()
+
+
+def unshard_linear(hidden, weight, bias, scorer_hidden, scorer_weight, scorer_bias, tp_group,
+                   weight_name: str):
+    """Plain local tensors for a vocab-parallel head: (hidden, weight, bias, scorer_hidden,
+    scorer_weight, scorer_bias), the process group and the global vocab (a DTensor weight's
+    global rows, else None). Weights and biases: this rank's rows, or DTensors ``Shard(0)``
+    on a 1-D mesh; hidden: replicated, or a DTensor on that mesh."""
+    vocab = int(weight.shape[0]) if _is_dtensor(weight) else None
+    weight, tp_group = _unshard(weight, tp_group, weight_name, dim=0)
+    bias, tp_group = _unshard(bias, tp_group, "bias", dim=0)
+    scorer_weight, tp_group = _unshard(scorer_weight, tp_group, "scorer_weight", dim=0)
+    scorer_bias, tp_group = _unshard(scorer_bias, tp_group, "scorer_bias", dim=0)
+    if tp_group is None:
+        if _is_dtensor(hidden):
+            raise ValueError(f"{weight_name}: a DTensor hidden needs a vocab-sharded head: "
+                             f"expected a DTensor {weight_name} Shard(0) or tp_group=, got "
+                             f"neither")
+        raise ValueError("tp_group: expected a process group for a vocab-sharded head, got None")
+    group = _group(tp_group, "tp_group")[0]
+    hidden = _replicated_local(hidden, group, "hidden")
+    scorer_hidden = _replicated_local(scorer_hidden, group, "scorer_hidden")
+    return (hidden, weight, bias, scorer_hidden, scorer_weight, scorer_bias), group, vocab
+
+
+def _linear_layout(h: Tensor, w: Tensor, targets: Tensor, group, ignore_index: int,
+                   weight_name: str, vocab: Optional[int],
+                   sh: Optional[Tensor] = None) -> _VocabLayout:
+    # A scorer head's rows are checked against the policy head's on each rank (linear.py).
+    agree = [("hidden", "hidden size", h.shape[-1])]
+    if sh is not None:
+        agree.append(("scorer_hidden", "scorer hidden size", sh.shape[-1]))
+    return _VocabLayout(w.shape[0], h.device, targets, group, ignore_index, rows_name="hidden",
+                        vocab_name=weight_name, agree=agree, vocab=vocab)
+
+
+class _VocabParallelLinearStats(torch.autograd.Function):
+    """(logprob, entropy, lse, scorer logprob) of ``h @ W_r.T (+ b_r)`` over the vocab shards:
+    the chunked local statistics, one gather; backward: the chunked local recompute and one
+    all_reduce of grad hidden. The scorer head (forward only) shares the gather."""
+
+    @staticmethod
+    def forward(ctx, h, w, b, layout, cfg, scorer):
+        lin = _linear()
+        temperature, with_entropy, chunk, backend, w_fp32 = cfg
+        with torch.no_grad():
+            a_l, ent_l, lse_l = lin._token_stats_fwd(h, w, layout.y_fwd, b, _LOCAL_IGNORE,
+                                                     temperature, with_entropy, chunk, backend)
+            s_stats = None
+            if scorer is not None:
+                sh, sw, sb, s_chunk = scorer
+                s_a_l, _, s_lse_l = lin._token_stats_fwd(sh, sw, layout.y_fwd, sb,
+                                                         _LOCAL_IGNORE, 1.0, False, s_chunk,
+                                                         backend)
+                s_stats = (s_lse_l, s_a_l)
+            lse, logprob, ent, _, s_logprob = _gather_stats(
+                layout, lse_l, a_l, ent_l if with_entropy else None, s_stats)
+        if ent is None:
+            ent = lse.new_empty(0)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(h, w, b, logprob, lse, ent)
+        ctx.layout, ctx.cfg = layout, cfg
+        if s_logprob is None:
+            s_logprob = lse.new_zeros(0)
+        ctx.mark_non_differentiable(s_logprob)
+        return logprob, ent, lse, s_logprob
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent, g_lse, _g_s):
+        h, w, b, logprob, lse, ent = ctx.saved_tensors
+        temperature, _, chunk, backend, w_fp32 = ctx.cfg
+        layout = ctx.layout
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                b is not None and ctx.needs_input_grad[2])
+        if ent.numel() == 0:
+            g_ent = None
+        if not any(need) or (g_lp is None and g_ent is None and g_lse is None):
+            return None, None, None, None, None, None
+        gh, gw, gb = _linear()._token_stats_bwd(
+            h, w, layout.y_fwd, b, logprob, lse, ent, g_lp, g_ent, g_lse, _LOCAL_IGNORE,
+            temperature, chunk, *need, backend, not_owned=layout.valid & ~layout.owned,
+            w_fp32=w_fp32)
+        if need[0] and layout.world > 1:
+            # This shard's share of d/dh (its vocab columns only): summed over the shards.
+            dist.all_reduce(gh, group=layout.group)
+        return (gh if need[0] else None, gw.to(w.dtype) if need[1] else None,
+                gb.to(b.dtype) if need[2] else None, None, None, None)
+
+
+def _kd_chunk_stats(k, z, tz, y, temperature):
+    """(lse, teacher lse, E_q[z]) of one chunk's local logits at temperature T, all in the
+    local shard's terms: q = softmax(tz/T) over the shard, E_q[z] = sum_v q_v z_v / T."""
+    lin = _linear()
+    if isinstance(k, lin._OpsKernels):
+        loss, lse, tlse = k.kd(z, tz, y, _LOCAL_IGNORE, temperature)
+        return lse, tlse, lse - loss  # the op's loss is lse - E_q[z]
+    dt = acc_dtype(z.dtype)
+    zt, tzt = z.to(dt) / temperature, tz.to(dt) / temperature
+    lse, tlse = torch.logsumexp(zt, -1), torch.logsumexp(tzt, -1)
+    q = torch.exp(tzt - tlse.unsqueeze(-1))
+    # q_v z_v with q_v = 0 counts 0 even for z_v = -inf (as kd_loss_ref).
+    return lse, tlse, torch.where(q == 0, 0, q * zt).sum(-1)
+
+
+def _kd_chunk_grad(k, z, tz, y, lse, tlse, coef, temperature):
+    """coef_t (p - q) / T on the shard's columns, with the global lse's (p, q global)."""
+    lin = _linear()
+    if isinstance(k, lin._OpsKernels):
+        return k.kd_grad(z, tz, y, lse, tlse, coef, _LOCAL_IGNORE, temperature)
+    dt = lse.dtype
+    p = torch.exp(z.to(dt) / temperature - lse.unsqueeze(-1))
+    q = torch.exp(tz.to(dt) / temperature - tlse.unsqueeze(-1))
+    scale = torch.where(y != _LOCAL_IGNORE, coef / temperature, 0).unsqueeze(-1)
+    return ((p - q) * scale).to(z.dtype)
+
+
+class _VocabParallelLinearKD(torch.autograd.Function):
+    """Per-token KD of policy and teacher heads over the vocab shards. Per row the shard
+    gives lse_r, tlse_r and c_r = E_{q_r}[z] (q_r the teacher's softmax over the shard); one
+    gather, then lse = LSE_r lse_r, tlse = LSE_r tlse_r, E_q[z] = sum_r exp(tlse_r - tlse) c_r,
+    loss_t = lse - E_q[z]. Backward: the local (p - q) / T with the global lse's."""
+
+    @staticmethod
+    def forward(ctx, h, w, b, layout, cfg, scorer):
+        lin = _linear()
+        temperature, chunk, backend, w_fp32 = cfg
+        sh, sw, sb = scorer
+        # The KD ops read the targets for the ignore mask only: any in-shard id will do.
+        y = torch.where(layout.valid, 0, _LOCAL_IGNORE)
+        eng = lin._Engine(h, w, y, b, sh, sw, sb, "kd", _LOCAL_IGNORE, temperature, chunk,
+                          backend)
+        n = h.shape[0]
+        parts = torch.zeros(3, n, dtype=eng.acc, device=h.device)
+        with torch.no_grad():
+            for s, e in lin._free_chunks(n, chunk):
+                z = eng.logits(s, e)
+                tz = eng.scorer_logits(s, e).to(z.dtype)
+                for i, x in enumerate(_kd_chunk_stats(eng.k, z, tz, y[s:e], temperature)):
+                    parts[i, s:e] = x
+                del z, tz
+            g = _gather(parts, layout.group, layout.world)
+            lse, tlse = torch.logsumexp(g[:, 0], 0), torch.logsumexp(g[:, 1], 0)
+            pi = torch.exp(g[:, 1] - tlse)
+            # A shard whose teacher row is all -inf has weight 0 and an undefined c_r.
+            cross = torch.where(pi > 0, pi * g[:, 2], 0).sum(0)
+            per_token = torch.where(layout.valid, lse - cross, 0)
+        ctx.save_for_backward(h, w, b, sh, sw, sb, y, lse, tlse)
+        ctx.layout, ctx.cfg = layout, cfg
+        return per_token
+
+    @staticmethod
+    def backward(ctx, g):
+        lin = _linear()
+        h, w, b, sh, sw, sb, y, lse, tlse = ctx.saved_tensors
+        temperature, chunk, backend, w_fp32 = ctx.cfg
+        layout = ctx.layout
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                b is not None and ctx.needs_input_grad[2])
+        if not any(need) or g is None:
+            return None, None, None, None, None, None
+        eng = lin._Engine(h, w, y, b, sh, sw, sb, "kd", _LOCAL_IGNORE, temperature, chunk,
+                          backend)
+        grads = lin._Grads(eng, *need, w_fp32)
+        coef = torch.where(layout.valid, g.to(eng.acc), 0)
+        for s, e in lin._free_chunks(eng.n, chunk):
+            z = eng.logits(s, e)
+            tz = eng.scorer_logits(s, e).to(z.dtype)
+            grads.add(_kd_chunk_grad(eng.k, z, tz, y[s:e], lse[s:e], tlse[s:e],
+                                     coef[s:e].contiguous(), temperature), s, e)
+            del z, tz
+        gh, gw, gb = grads.empty()
+        if need[0] and layout.world > 1:
+            dist.all_reduce(gh, group=layout.group)
+        return (gh if need[0] else None, gw.to(w.dtype) if need[1] else None,
+                gb.to(b.dtype) if need[2] else None, None, None, None)
+
+
+def vocab_parallel_linear_stats(h, w, y, b, group, vocab, ignore_index, temperature,
+                                with_entropy, chunk, backend, weight_name="weight"):
+    """(logprob, entropy or None, lse), flat [N], replicated: ``linear_token_stats`` with
+    ``tp_group`` (inputs flat and local, checked by the caller)."""
+    layout = _linear_layout(h, w, y, group, ignore_index, weight_name, vocab)
+    logprob, ent, lse, _ = _VocabParallelLinearStats.apply(
+        h, w, b, layout, (temperature, with_entropy, chunk, backend, True), None)
+    return logprob, ent if with_entropy else None, lse
+
+
+def vocab_parallel_linear_loss(h, w, y, b, sh, sw, sb, scorer_logprobs, offsets, method,
+                               ignore_index, eps, keep_ratio, temperature, reduction, num_items,
+                               chunk, s_chunk, w_fp32, impl, group, vocab):
+    """(loss, weights [N], diagnostics [6]) of ``remit_linear_loss`` with ``tp_group``
+    (inputs flat and local, checked by the caller; the loss differentiable w.r.t. h, w, b)."""
+    lin = _linear()
+    layout = _linear_layout(h, w, y, group, ignore_index, "lm_head_weight", vocab, sh)
+    valid = layout.valid
+    acc = acc_dtype(h.dtype)
+    diag = torch.zeros(6, dtype=acc, device=h.device)
+    if method == "kd":
+        per_token = _VocabParallelLinearKD.apply(h, w, b, layout,
+                                                 (temperature, chunk, impl.name, w_fp32),
+                                                 (sh, sw, sb))
+        weights, count = valid.to(acc), valid.sum()
+    else:
+        scorer = None if sw is None else (sh, sw, sb, s_chunk)
+        a, _, _, s_a = _VocabParallelLinearStats.apply(
+            h, w, b, layout, (1.0, False, chunk, impl.name, w_fp32), scorer)
+        count = valid.sum()
+        if method == "ntp":
+            weights = valid.to(acc)
+        else:
+            b_t = (scorer_logprobs if scorer_logprobs is not None else s_a).detach().to(acc)
+            if method == "remit":
+                weights, _, diag = impl.remit_weights(a.detach(), b_t, y, offsets,
+                                                      ignore_index, eps)
+            else:  # rho1: the batch-wide top-k, the same on every rank (a, b replicated)
+                weights = rho1_keep_mask(b_t - a.detach(), valid, keep_ratio).to(acc)
+                count = weights.sum()
+        per_token = -weights * a
+    if reduction == "none":
+        return per_token, weights, diag
+    loss = per_token.sum() * lin._inv_norm(count, reduction, num_items, acc, h.device)
+    return loss, weights, diag

@@ -1,0 +1,375 @@
+"""Vocab-parallel fused-linear ops (``tp_group=`` on ``remit_linear_loss`` and
+``linear_token_stats``, and the TorchTitan layout: a DTensor head ``Shard(0)`` with a Replicate
+hidden) against the single-process unsharded call: loss / statistics, grad hidden, this
+rank's grad weight and grad bias rows, in fp64 (bf16 at a loose tolerance), and the refusals.
+
+One job of 2 gloo processes and one of 4 run every case once (test_parallel's harness); each
+rank rebuilds the full inputs from a seed and holds its contiguous, uneven row shard of the
+heads (torch.chunk's split)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import remit_ext
+from test_parallel import _assert_case, _bounds, _close, _raises, _replicated, _run, case
+
+F64 = torch.float64
+CASES_2: dict = {}
+CASES_4: dict = {}
+
+
+# ------------------------------------------------------------------------------- helpers
+
+
+def _inputs(b=2, t=5, d=6, ds=4, v=11, dtype=F64, seed=0):
+    """hidden [b, t, d], head [v, d] + bias, scorer hidden [b, t, ds] + head [v, ds] + bias,
+    targets with an ignored position, id 0 and the last id."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=F64) * scale).to(dtype)
+
+    x = dict(h=rnd(b, t, d), w=rnd(v, d, scale=0.8), bias=rnd(v, scale=0.5), sh=rnd(b, t, ds),
+             sw=rnd(v, ds, scale=0.8), sbias=rnd(v, scale=0.5))
+    y = torch.randint(0, v, (b, t), generator=g)
+    y[0, 1] = -100
+    y[-1, 0] = v - 1
+    y[0, 0] = 0
+    x["y"] = y
+    return x
+
+
+def _rows(x, rank, world):
+    """This rank's rows of a head weight [V, D] or bias [V]."""
+    bd = _bounds(x.shape[0], world)
+    return x[bd[rank]:bd[rank + 1]]
+
+
+def _leaves(x, rank=None, world=None):
+    """Fresh leaves (hidden, weight, bias) requiring grad: full, or this rank's rows."""
+    cut = (lambda t: t) if rank is None else (lambda t: _rows(t, rank, world))
+    return [t.detach().clone().requires_grad_(True)
+            for t in (x["h"], cut(x["w"]), cut(x["bias"]))]
+
+
+def _scorer(x, rank=None, world=None, bias=True):
+    cut = (lambda t: t) if rank is None else (lambda t: _rows(t, rank, world))
+    return dict(scorer_hidden=x["sh"], scorer_weight=cut(x["sw"]),
+                scorer_bias=cut(x["sbias"]) if bias else None)
+
+
+def _compare(fn, x, rank, world, group, name, atol=1e-10, rtol=1e-9, with_bias=True):
+    """fn(hidden, weight, bias, tp_group) -> tensor; value, grad hidden, grad weight rows and
+    grad bias rows of the sharded call against the unsharded one, for a random cotangent."""
+    hf, wf, bf = _leaves(x)
+    hl, wl, bl = _leaves(x, rank, world)
+    full = fn(hf, wf, bf if with_bias else None, None)
+    part = fn(hl, wl, bl if with_bias else None, group)
+    cot = torch.randn(full.shape, generator=torch.Generator().manual_seed(7), dtype=F64)
+    (full.double() * cot).sum().backward()
+    (part.double() * cot).sum().backward()
+    kw = dict(atol=atol, rtol=rtol)
+    _close(part.detach().double(), full.detach().double(), f"{name} value", **kw)
+    _close(hl.grad.double(), hf.grad.double(), f"{name} grad hidden", **kw)
+    _close(wl.grad.double(), _rows(wf.grad, rank, world).double(), f"{name} grad weight", **kw)
+    if with_bias:
+        _close(bl.grad.double(), _rows(bf.grad, rank, world).double(), f"{name} grad bias", **kw)
+    else:
+        assert bl.grad is None
+    _replicated(part.detach(), group)
+    _replicated(hl.grad, group)
+
+
+# ----------------------------------------------------------------- linear_token_stats
+
+
+def _stats_cases(rank, world, group):
+    x = _inputs()
+    for backend in ("cpu", "torch"):
+        for temp, ent, chunk in ((1.0, True, 3), (0.7, True, None), (1.0, False, 4)):
+            def stats(h, w, b, g, field):
+                st = remit_ext.linear_token_stats(h, w, x["y"], bias=b, entropy=ent,
+                                                  temperature=temp, chunk_size=chunk,
+                                                  backend=backend, tp_group=g)
+                return getattr(st, field)
+
+            for field in ("logprob", "lse") + (("entropy",) if ent else ()):
+                _compare(lambda h, w, b, g: stats(h, w, b, g, field), x, rank, world, group,
+                         f"stats {backend} T={temp} chunk={chunk} {field}")
+
+            # All three outputs differentiated at once (the general backward).
+            def all_three(h, w, b, g):
+                st = remit_ext.linear_token_stats(h, w, x["y"], bias=b, entropy=ent,
+                                                  temperature=temp, chunk_size=chunk,
+                                                  backend=backend, tp_group=g)
+                return torch.stack([st.logprob, st.lse] + ([st.entropy] if ent else []))
+
+            _compare(all_three, x, rank, world, group, f"stats {backend} T={temp} all",
+                     with_bias=temp == 1.0)
+
+
+@case(CASES_2)
+def linear_token_stats_tp(rank, world, groups):
+    _stats_cases(rank, world, groups["world"])
+
+
+@case(CASES_4)
+def linear_token_stats_tp4(rank, world, groups):
+    _stats_cases(rank, world, groups["world"])
+
+
+# -------------------------------------------------------------------- remit_linear_loss
+
+
+def _loss_cases(rank, world, group, backends=("cpu", "torch")):
+    x = _inputs()
+    y = x["y"]
+    b_full = remit_ext.linear_token_stats(x["sh"], x["sw"], y, bias=x["sbias"]).logprob
+    cu = torch.tensor([0, 3, 7, 10])
+    for backend in backends:
+        for method, src in (("ntp", None), ("remit", "live"), ("remit", "logprobs"),
+                            ("rho1", "live"), ("rho1", "logprobs"), ("kd", "live")):
+            for reduction in ("mean", "sum", "none"):
+                extra = [{}]
+                if method == "remit":
+                    extra = [{}, {"cu_seqlens": cu}]
+                if method == "kd":
+                    extra = [{}, {"temperature": 0.7}]
+                if reduction == "mean":
+                    extra.append({"num_items_in_batch": torch.tensor(13.0)})
+                for kw in extra:
+                    def loss(h, w, b, g):
+                        sc = {}
+                        if src == "live":
+                            sc = _scorer(x, *((rank, world) if g is not None else ()))
+                        elif src == "logprobs":
+                            sc = {"scorer_logprobs": b_full}
+                        return remit_ext.remit_linear_loss(
+                            h, w, y, bias=b, method=method, reduction=reduction,
+                            chunk_size=4, eps=0.1, backend=backend, tp_group=g, **sc, **kw)
+
+                    _compare(loss, x, rank, world, group,
+                             f"loss {backend} {method} {src} {reduction} {kw}")
+        # Weights and diagnostics (return_details) are the unsharded ones.
+        for method in ("remit", "rho1"):
+            full = remit_ext.remit_linear_loss(x["h"], x["w"], y, bias=x["bias"], method=method,
+                                               return_details=True, backend=backend,
+                                               **_scorer(x))
+            part = remit_ext.remit_linear_loss(x["h"], _rows(x["w"], rank, world), y,
+                                               bias=_rows(x["bias"], rank, world),
+                                               method=method, return_details=True,
+                                               backend=backend, tp_group=group,
+                                               **_scorer(x, rank, world))
+            _close(part.weights, full.weights, f"{method} weights")
+            if method == "remit":
+                for f, got, want in zip(full.diagnostics._fields, part.diagnostics,
+                                        full.diagnostics):
+                    _close(got, want, f"diagnostics {f}")
+            else:
+                assert part.diagnostics is None
+
+
+@case(CASES_2)
+def remit_linear_loss_tp(rank, world, groups):
+    _loss_cases(rank, world, groups["world"])
+
+
+@case(CASES_4)
+def remit_linear_loss_tp4(rank, world, groups):
+    _loss_cases(rank, world, groups["world"], backends=("cpu",))
+
+
+@case(CASES_4)
+def remit_linear_loss_tp_pairs(rank, world, groups):
+    """Two tp groups of 2 ranks side by side (tp x dp): each pair its own shards."""
+    x = _inputs(seed=1)
+    sub = groups["tp"]
+    r, w = dist.get_rank(sub), dist.get_world_size(sub)
+    for method in ("ntp", "kd"):
+        _compare(lambda h, wt, b, g: remit_ext.remit_linear_loss(
+            h, wt, x["y"], bias=b, method=method, chunk_size=3, tp_group=g,
+            **({} if method == "ntp" else _scorer(x, *((r, w) if g is not None else ())))),
+            x, r, w, sub, f"pairs {method}")
+
+
+@case(CASES_2)
+def bf16_tp(rank, world, groups):
+    g = groups["world"]
+    x = _inputs(dtype=torch.bfloat16, v=37, d=16, ds=8, t=9)
+    tol = dict(atol=3e-2, rtol=3e-2)
+    for method in ("ntp", "remit", "kd"):
+        def loss(h, w, b, grp):
+            sc = {} if method == "ntp" else _scorer(x, *(() if grp is None else (rank, world)))
+            return remit_ext.remit_linear_loss(h, w, x["y"], bias=b, method=method,
+                                               chunk_size=5, tp_group=grp, **sc)
+
+        _compare(loss, x, rank, world, g, f"bf16 {method}", **tol)
+    _compare(lambda h, w, b, grp: remit_ext.linear_token_stats(
+        h, w, x["y"], bias=b, entropy=True, chunk_size=5, tp_group=grp).entropy,
+        x, rank, world, g, "bf16 entropy", **tol)
+
+
+# --------------------------------------------------------------------------- DTensor
+
+
+@case(CASES_2)
+def dtensor_colwise_tp(rank, world, groups):
+    """TorchTitan's ColwiseParallel output layer: the head a DTensor Shard(0) (uneven rows),
+    hidden a Replicate DTensor, or Shard(1) (sequence parallel: redistributed)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    x = _inputs()
+    y = x["y"]
+    for method in ("remit", "kd", "stats"):
+        for h_place in (Replicate(), Shard(1)):
+            hf, wf, bf = _leaves(x)
+            if method == "stats":
+                full = remit_ext.linear_token_stats(hf, wf, y, bias=bf, entropy=True).entropy
+            else:
+                full = remit_ext.remit_linear_loss(hf, wf, y, bias=bf, method=method,
+                                                   chunk_size=4, **_scorer(x))
+            full.sum().backward()
+            hd = distribute_tensor(x["h"], mesh, [h_place]).requires_grad_(True)
+            wd = distribute_tensor(x["w"], mesh, [Shard(0)]).requires_grad_(True)
+            bd = distribute_tensor(x["bias"], mesh, [Shard(0)]).requires_grad_(True)
+            if method == "stats":
+                part = remit_ext.linear_token_stats(hd, wd, y, bias=bd, entropy=True).entropy
+            else:
+                sw = distribute_tensor(x["sw"], mesh, [Shard(0)])
+                sb = distribute_tensor(x["sbias"], mesh, [Shard(0)])
+                part = remit_ext.remit_linear_loss(hd, wd, y, bias=bd, method=method,
+                                                   chunk_size=4, scorer_hidden=x["sh"],
+                                                   scorer_weight=sw, scorer_bias=sb)
+            assert not isinstance(part, DTensor), "a plain, replicated result"
+            part.sum().backward()
+            name = f"dtensor {method} {h_place}"
+            _close(part.detach(), full.detach(), f"{name} value")
+            assert isinstance(wd.grad, DTensor) and wd.grad.placements == (Shard(0),)
+            _close(wd.grad.to_local(), _rows(wf.grad, rank, world), f"{name} grad weight")
+            _close(bd.grad.to_local(), _rows(bf.grad, rank, world), f"{name} grad bias")
+            _close(hd.grad.full_tensor(), hf.grad, f"{name} grad hidden")
+    # The layouts it refuses.
+    hd = distribute_tensor(x["h"], mesh, [Replicate()])
+    wr = distribute_tensor(x["w"], mesh, [Replicate()])
+    _raises(lambda: remit_ext.remit_linear_loss(hd, wr, y, method="ntp"), ValueError,
+            "lm_head_weight", "Shard(0)")
+    _raises(lambda: remit_ext.linear_token_stats(hd, x["w"], y), ValueError, "weight",
+            "DTensor hidden")
+    # Local rows that do not make up the DTensor's global shape.
+    wl = _rows(x["w"], rank, world)
+    bad = DTensor.from_local(wl, mesh, [Shard(0)], run_check=False,
+                             shape=(x["w"].shape[0] + 1, x["w"].shape[1]), stride=(6, 1))
+    _raises(lambda: remit_ext.remit_linear_loss(hd, bad, y, method="ntp"), ValueError,
+            "lm_head_weight", "sum to the global size 12")
+
+
+# -------------------------------------------------------------------------- refusals
+
+
+@case(CASES_2)
+def bad_inputs_linear_tp(rank, world, groups):
+    g = groups["world"]
+    x = _inputs()
+    h, y = x["h"], x["y"]
+    wl, bl = _rows(x["w"], rank, world), _rows(x["bias"], rank, world)
+    bad = y.clone()
+    bad[1, 2] = x["w"].shape[0]
+    _raises(lambda: remit_ext.remit_linear_loss(h, wl, bad, method="ntp", tp_group=g),
+            ValueError, "targets", "[0, 11)")
+    _raises(lambda: remit_ext.linear_token_stats(h, wl, bad, tp_group=g), ValueError,
+            "targets", "[0, 11)")
+    # Ranks that disagree on the positions, or on the hidden size.
+    hs, ys = (h, y) if rank == 0 else (h[:, :4], y[:, :4])
+    _raises(lambda: remit_ext.linear_token_stats(hs, wl, ys, tp_group=g), ValueError,
+            "hidden", "number of positions")
+    hd, wd = (h, wl) if rank == 0 else (h[..., :5], wl[:, :5])
+    _raises(lambda: remit_ext.remit_linear_loss(hd, wd, y, method="ntp", tp_group=g),
+            ValueError, "hidden", "hidden size")
+    # A scorer head not split like the policy's; a bias not of this rank's rows.
+    sw_bad = x["sw"][:wl.shape[0] - 1]
+    _raises(lambda: remit_ext.remit_linear_loss(h, wl, y, scorer_hidden=x["sh"],
+                                                scorer_weight=sw_bad, tp_group=g),
+            ValueError, "scorer_weight")
+    _raises(lambda: remit_ext.remit_linear_loss(h, wl, y, bias=x["bias"], method="ntp",
+                                                tp_group=g), ValueError, "bias")
+    _raises(lambda: remit_ext.linear_token_stats(h, wl, y, tp_group="world"), TypeError,
+            "tp_group")
+    _raises(lambda: remit_ext.remit_linear_loss(h, wl, y, method="ntp", reduction="sum",
+                                                num_items_in_batch=4, tp_group=g),
+            ValueError, "num_items_in_batch")
+    # Not a silent no-op: a tp result with bl is still the sharded one.
+    assert remit_ext.remit_linear_loss(h, wl, y, bias=bl, method="ntp", tp_group=g).dim() == 0
+
+
+@case(CASES_4)
+def bad_group_linear_tp4(rank, world, groups):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    x = _inputs()
+    sub = groups["tp"]
+    wl = _rows(x["w"], dist.get_rank(sub), 2)
+    _raises(lambda: remit_ext.linear_token_stats(x["h"], wl, x["y"], tp_group=groups["other_tp"]),
+            ValueError, "tp_group", "not a member")
+    mesh = init_device_mesh("cpu", (world,))
+    wd = distribute_tensor(x["w"], mesh, [Shard(0)])
+    _raises(lambda: remit_ext.linear_token_stats(x["h"], wd, x["y"], tp_group=sub), ValueError,
+            "weight", "not tp_group")
+
+
+# -------------------------------------------------------------------------- the harness
+
+
+@pytest.fixture(scope="module")
+def results2(tmp_path_factory):
+    return _run(2, CASES_2, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def results4(tmp_path_factory):
+    return _run(4, CASES_4, tmp_path_factory)
+
+
+@pytest.mark.parametrize("name", list(CASES_2))
+def test_two_ranks(results2, name):
+    _assert_case(results2, name)
+
+
+@pytest.mark.parametrize("name", list(CASES_4))
+def test_four_ranks(results4, name):
+    _assert_case(results4, name)
+
+
+def test_without_process_group():
+    x = _inputs()
+    with pytest.raises(ValueError, match="tp_group: torch.distributed is not initialised"):
+        remit_ext.remit_linear_loss(x["h"], x["w"], x["y"], method="ntp", tp_group=object())
+    with pytest.raises(ValueError, match="tp_group: torch.distributed is not initialised"):
+        remit_ext.linear_token_stats(x["h"], x["w"], x["y"], tp_group=object())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("remit_ext.fsdp") is not None,
+                    reason="remit_ext.fsdp exists: its own tests cover the FSDP2 layout")
+def test_fsdp_layout_without_fsdp_module(tmp_path):
+    """A DTensor head with plain hidden (FSDP2) goes to remit_ext.fsdp; without it, a clear
+    NotImplementedError rather than DTensor's mixed-tensor error."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rdv", rank=0, world_size=1)
+    try:
+        x = _inputs()
+        wd = distribute_tensor(x["w"], init_device_mesh("cpu", (1,)), [Shard(0)])
+        with pytest.raises(NotImplementedError, match="lm_head_weight: .*remit_ext.fsdp"):
+            remit_ext.remit_linear_loss(x["h"], wd, x["y"], method="ntp")
+        with pytest.raises(NotImplementedError, match="weight: .*remit_ext.fsdp"):
+            remit_ext.linear_token_stats(x["h"], wd, x["y"])
+    finally:
+        dist.destroy_process_group()
