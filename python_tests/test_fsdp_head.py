@@ -130,7 +130,9 @@ def _no_full_size_storage(exclude, what):
 
     for obj in gc.get_objects():
         try:
-            if not isinstance(obj, torch.Tensor) or isinstance(obj, DTensor) or id(obj) in skip:
+            # type(), not isinstance(): no __class__ lookups on arbitrary objects.
+            if (not issubclass(type(obj), torch.Tensor) or issubclass(type(obj), DTensor)
+                    or id(obj) in skip):
                 continue
             if (obj.dim() == 2 and obj.shape[1] == D
                     and obj.untyped_storage().nbytes() >= full):
@@ -183,18 +185,19 @@ def _ref_refs(*models):
 # ---------------------------------------------------------------------------- the runs
 
 
-def _scorer_args(kind, scorer_ref, scorer_sh, ids_r, y_r, ids_all, y_all, rank, sharded):
-    """(kwargs for rank r's call, kwargs for the reference call on rows rows)."""
-    if kind == "ntp":
-        return {"method": "ntp"}
+def _scorer_args(kind, scorer_ref, scorer_sh, ids, y_all, ids_all, sharded, rank):
+    """Scorer kwargs for this rank's sharded call (``sharded``) or for the reference's call on
+    all rows: none (ntp), precomputed log-probs, or a live frozen model's hidden + head."""
+    if kind is None:
+        return {}
     if kind == "precomputed":
         with torch.no_grad():
             b = remit_ext.linear_token_stats(scorer_ref(ids_all), scorer_ref.lm_head.weight,
                                              y_all, bias=scorer_ref.lm_head.bias).logprob
-        return {"scorer_logprobs": b if not sharded else _rows(b, rank)}
+        return {"scorer_logprobs": _rows(b, rank) if sharded else b}
     model = scorer_sh if sharded else scorer_ref
     with torch.no_grad():
-        sh = model(ids_r if sharded else ids_all)
+        sh = model(ids if sharded else ids_all)
     return {"scorer_hidden": sh, "scorer_weight": model.lm_head.weight,
             "scorer_bias": model.lm_head.bias}
 
@@ -204,67 +207,107 @@ def _slice_kw(kw, rank):
             for k, v in kw.items()}
 
 
-def _functional(rank, world, mesh, kind, global_mean, form="functional", steps=2):
-    """One model, one scorer, two SGD steps, sharded vs the reference; ``form`` picks the
-    public function (through linear.py's hook), remit_ext.fsdp's directly, or the module."""
+class _Counts:
+    """Counts remit_ext.fsdp's all-gathers and reduce-scatters of DTensor heads."""
+
+    def __enter__(self):
+        self.gathers = self.reduces = 0
+        self.saved = rfsdp._gather, rfsdp._reduce
+        gather, reduce = self.saved
+
+        def counting_gather(t, lay):
+            self.gathers += t is not None and lay is not None
+            return gather(t, lay)
+
+        def counting_reduce(*args):
+            self.reduces += 1
+            return reduce(*args)
+
+        rfsdp._gather, rfsdp._reduce = counting_gather, counting_reduce
+        return self
+
+    def __exit__(self, *exc):
+        rfsdp._gather, rfsdp._reduce = self.saved
+
+
+def _run_case(rank, world, mesh, *, method="remit", scorer="live", global_mean=False,
+              form="functional", reduction="mean", steps=2, divide_factor=None, counts=None,
+              extra=None):
+    """One policy model and one frozen scorer, ``steps`` SGD steps, sharded vs the reference.
+    ``form``: ``functional`` (the public remit_linear_loss, through linear.py's DTensor hook),
+    ``direct`` (remit_ext.fsdp.remit_linear_loss) or ``module`` (ReMiTLinearHead, its own
+    fully_shard group holding the frozen scorer head too). ``divide_factor``: FSDP2's
+    set_gradient_divide_factor on every module and gradient_divide_factor= on the call (the
+    reference divides the summed loss by it instead of by W). ``counts``: the expected
+    (gathers, reduce-scatters) of remit_ext.fsdp per step."""
+    extra = dict(extra or {})
     ids_all, y_all = _data(world)
     ids, y = _rows(ids_all, rank), _rows(y_all, rank)
     ref = Tiny(0)
     scorer_ref = Tiny(1).requires_grad_(False)
     if form == "module":
-        ref_head = copy.deepcopy(ref)
-        ref_head.lm_head = rfsdp.ReMiTLinearHead(
-            ref_head.lm_head, scorer_head=copy.deepcopy(scorer_ref.lm_head)
-            if kind == "live" else None, method="ntp" if kind == "ntp" else "remit",
-            backend="cpu", return_details=True)
-        ref = ref_head
+        ref.lm_head = rfsdp.ReMiTLinearHead(
+            ref.lm_head, scorer_head=copy.deepcopy(scorer_ref.lm_head) if scorer == "live"
+            else None, method=method, reduction=reduction, backend="cpu",
+            return_details=True, **extra)
     sh_model = _shard_model(ref, mesh)
     scorer_sh = _shard_model(scorer_ref, mesh)
+    factor = world if divide_factor is None else divide_factor
+    if divide_factor is not None:
+        for m in sh_model.modules():
+            if hasattr(m, "set_gradient_divide_factor"):
+                m.set_gradient_divide_factor(float(divide_factor))
+        extra["gradient_divide_factor"] = float(divide_factor)
     opt = torch.optim.SGD(sh_model.parameters(), lr=0.5)
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.5)
-    what = f"{form} {kind} global_mean={global_mean} W={world}"
+    what = f"{form} {method} {scorer} {reduction} global_mean={global_mean} W={world}"
     ni = parallel.global_num_items(y, per_rank=True) if global_mean else None
-    fn = {"functional": remit_ext.remit_linear_loss, "direct": rfsdp.remit_linear_loss}.get(form)
+    fn = rfsdp.remit_linear_loss if form == "direct" else remit_ext.remit_linear_loss
+    cot = torch.rand(y_all.shape, dtype=F64, generator=torch.Generator().manual_seed(9))
+
+    def objective(loss, rows_cot):  # reduction="none": a fixed per-token cotangent
+        return (loss * rows_cot).sum() if reduction == "none" else loss
+
+    def call(model, h, yy, kw, n_items):
+        if form == "module":
+            return model.lm_head(h, yy, scorer_hidden=kw.get("scorer_hidden"),
+                                 scorer_logprobs=kw.get("scorer_logprobs"),
+                                 num_items_in_batch=n_items)
+        call_fn = fn if model is sh_model else remit_ext.remit_linear_loss
+        kw = dict(kw, **extra) if model is sh_model else dict(
+            kw, **{k: v for k, v in extra.items() if k != "gradient_divide_factor"})
+        return call_fn(h, model.lm_head.weight, yy, bias=model.lm_head.bias, method=method,
+                       reduction=reduction, num_items_in_batch=n_items, backend="cpu",
+                       return_details=True, **kw)
+
     for step in range(steps):
-        kw_sh = _scorer_args(kind, scorer_ref, scorer_sh, ids, y, ids_all, y_all, rank, True)
-        kw_ref = _scorer_args(kind, scorer_ref, scorer_sh, ids, y, ids_all, y_all, rank, False)
-        # sharded
+        kw_sh = _scorer_args(scorer, scorer_ref, scorer_sh, ids, y_all, ids_all, True, rank)
+        kw_ref = _scorer_args(scorer, scorer_ref, scorer_sh, ids, y_all, ids_all, False, rank)
         h = sh_model(ids)
-        with _SavedSizes() as saved:
-            if form == "module":
-                out = sh_model.lm_head(h, y, scorer_hidden=kw_sh.get("scorer_hidden"),
-                                       scorer_logprobs=kw_sh.get("scorer_logprobs"),
-                                       num_items_in_batch=ni)
-            else:
-                out = fn(h, sh_model.lm_head.weight, y, bias=sh_model.lm_head.bias,
-                         num_items_in_batch=ni, backend="cpu", return_details=True, **kw_sh)
-        saved.check(f"{what} step {step}")
-        out.loss.backward()
-        # reference: the same rows on one process
+        with _Counts() as counted:
+            with _SavedSizes() as saved:
+                out = call(sh_model, h, y, kw_sh, ni)
+            if form != "module" or extra.get("recompute", True):
+                # The one-pass schedule keeps its full-size fp32 dW buffer until the backward.
+                saved.check(f"{what} step {step}")
+            objective(out.loss, _rows(cot, rank)).backward()
+        if counts is not None:
+            assert (counted.gathers, counted.reduces) == counts, (
+                f"{what}: (gathers, reduce-scatters) {(counted.gathers, counted.reduces)}, "
+                f"expected {counts}")
+        # The reference: the same rows in one process.
         h_all = ref(ids_all)
-
-        def ref_loss(rows_h, rows_y, kw, n_items):
-            if form == "module":
-                return ref.lm_head(rows_h, rows_y, scorer_hidden=kw.get("scorer_hidden"),
-                                   scorer_logprobs=kw.get("scorer_logprobs"),
-                                   num_items_in_batch=n_items)
-            return remit_ext.remit_linear_loss(
-                rows_h, ref.lm_head.weight, rows_y, bias=ref.lm_head.bias, backend="cpu",
-                return_details=True, num_items_in_batch=n_items, **kw)
-
         if global_mean:
-            full = ref_loss(h_all, y_all, kw_ref, None)
-            total = full.loss
-            mine_loss = None
+            total = objective(call(ref, h_all, y_all, kw_ref, None).loss, cot) / (factor / world)
+            mine = None
         else:
-            per_rank = [ref_loss(_rows(h_all, r), _rows(y_all, r), _slice_kw(kw_ref, r), None)
+            per_rank = [call(ref, _rows(h_all, r), _rows(y_all, r), _slice_kw(kw_ref, r), None)
                         for r in range(world)]
-            total = sum(o.loss for o in per_rank) / world
+            total = sum(objective(o.loss, _rows(cot, r)) for r, o in enumerate(per_rank)) / factor
             mine = per_rank[rank]
-            mine_loss = mine.loss
         total.backward()
-        if mine_loss is not None:
-            _close(out.loss, mine_loss.detach(), f"{what} step {step} loss")
+        if mine is not None:
+            _close(out.loss, mine.loss.detach(), f"{what} step {step} loss")
             _close(out.weights, mine.weights, f"{what} step {step} weights")
             if mine.diagnostics is not None:
                 for k, v in mine.diagnostics._asdict().items():
@@ -272,7 +315,7 @@ def _functional(rank, world, mesh, kind, global_mean, form="functional", steps=2
         else:
             got = out.loss.detach().clone()
             dist.all_reduce(got)
-            _close(got / world, total.detach(), f"{what} step {step} mean loss")
+            _close(got / world, total.detach() * (factor / world), f"{what} step {step} loss")
         _check_grads(sh_model, ref, f"{what} step {step}")
         for p in scorer_sh.parameters():
             assert p.grad is None, f"{what}: the frozen scorer got a gradient"
@@ -281,39 +324,150 @@ def _functional(rank, world, mesh, kind, global_mean, form="functional", steps=2
         opt.zero_grad()
         opt_ref.zero_grad()
         _check_params(sh_model, ref, f"{what} after step {step}")
-        del out, h, saved, kw_sh, kw_ref, h_all, total
-        _no_full_size_storage(_ref_refs(ref, scorer_ref),
-                              f"{what} after step {step}")
+        del out, h, saved, kw_sh, kw_ref, h_all, total, mine
+        per_rank = None
+        _no_full_size_storage(_ref_refs(ref, scorer_ref), f"{what} after step {step}")
+
+
+# Per step with a bias on both heads: ReMiT / Rho-1 gather W, b, W_s, b_s in the forward and
+# W, b again in the backward (the scorer's log-probs are kept, not its head); KD also gathers
+# the teacher again; two reduce-scatters (W, b), none for the frozen heads.
 
 
 @case(CASES_2, CASES_4)
 def functional_ntp(rank, world, mesh):
-    _functional(rank, world, mesh, "ntp", False)
+    _run_case(rank, world, mesh, method="ntp", scorer=None, counts=(4, 2))
 
 
 @case(CASES_2, CASES_4)
 def functional_remit_live_scorer(rank, world, mesh):
-    _functional(rank, world, mesh, "live", False)
+    _run_case(rank, world, mesh, counts=(6, 2))
 
 
 @case(CASES_2)
 def functional_remit_precomputed_global_mean(rank, world, mesh):
-    _functional(rank, world, mesh, "precomputed", True)
+    _run_case(rank, world, mesh, scorer="precomputed", global_mean=True, counts=(4, 2))
 
 
 @case(CASES_2)
-def direct_ntp_global_mean(rank, world, mesh):
-    _functional(rank, world, mesh, "ntp", True, form="direct", steps=1)
+def functional_rho1_kd_sum_none(rank, world, mesh):
+    _run_case(rank, world, mesh, method="rho1", steps=1, extra={"keep_ratio": 0.5},
+              counts=(6, 2))
+    _run_case(rank, world, mesh, method="kd", steps=1, extra={"temperature": 1.5},
+              counts=(8, 2))
+    _run_case(rank, world, mesh, method="remit", reduction="sum", steps=1)
+    _run_case(rank, world, mesh, method="remit", reduction="none", steps=1,
+              extra={"chunk_size": 3})
+
+
+@case(CASES_2)
+def direct_ntp_global_mean_divide_factor(rank, world, mesh):
+    _run_case(rank, world, mesh, method="ntp", scorer=None, global_mean=True, form="direct",
+              steps=1)
+    _run_case(rank, world, mesh, method="ntp", scorer=None, form="direct", steps=1,
+              divide_factor=1)
 
 
 @case(CASES_2, CASES_4)
 def module_remit_live_scorer(rank, world, mesh):
-    _functional(rank, world, mesh, "live", False, form="module")
+    # FSDP2 gathers and reduces the module's heads itself: remit_ext.fsdp does no collective.
+    _run_case(rank, world, mesh, form="module", counts=(0, 0))
 
 
 @case(CASES_2)
-def module_ntp_global_mean(rank, world, mesh):
-    _functional(rank, world, mesh, "ntp", True, form="module", steps=1)
+def module_ntp_global_mean_and_one_pass(rank, world, mesh):
+    _run_case(rank, world, mesh, method="ntp", scorer=None, global_mean=True, form="module",
+              steps=1)
+    _run_case(rank, world, mesh, method="remit", scorer="precomputed", form="module", steps=1,
+              extra={"recompute": False})
+
+
+@case(CASES_2)
+def token_stats_functional(rank, world, mesh):
+    """linear_token_stats with a sharded head: per-token log-prob, entropy and lse of this
+    rank's tokens, and for random cotangents on all three the gradients of
+    (1/W) sum_r <cotangents, stats_r>."""
+    ids_all, y_all = _data(world)
+    ids, y = _rows(ids_all, rank), _rows(y_all, rank)
+    ref = Tiny(0)
+    sh_model = _shard_model(ref, mesh)
+    g = torch.Generator().manual_seed(4)
+    cots = [torch.randn(y_all.shape, dtype=F64, generator=g) for _ in range(3)]
+    for temp in (1.0, 0.7):
+        with _Counts() as counted:
+            st = remit_ext.linear_token_stats(sh_model(ids), sh_model.lm_head.weight, y,
+                                              bias=sh_model.lm_head.bias, entropy=True,
+                                              temperature=temp, backend="cpu")
+            sum((s * _rows(c, rank)).sum() for s, c in zip(st, cots)).backward()
+        assert (counted.gathers, counted.reduces) == (4, 2), (counted.gathers, counted.reduces)
+        want = remit_ext.linear_token_stats(ref(ids_all), ref.lm_head.weight, y_all,
+                                            bias=ref.lm_head.bias, entropy=True,
+                                            temperature=temp, backend="cpu")
+        (sum((s * c).sum() for s, c in zip(want, cots)) / world).backward()
+        for name, got, exp in zip(("logprob", "entropy", "lse"), st, want):
+            _close(got, _rows(exp, rank).detach(), f"T={temp} {name}")
+        _check_grads(sh_model, ref, f"token_stats T={temp}")
+        for m in (sh_model, ref):
+            m.zero_grad()
+        # Log-prob cotangents alone (the fast path of the primitive's backward).
+        st = remit_ext.linear_token_stats(sh_model(ids), sh_model.lm_head.weight, y,
+                                          backend="cpu", bias=sh_model.lm_head.bias)
+        (st.logprob * _rows(cots[0], rank)).sum().backward()
+        want = remit_ext.linear_token_stats(ref(ids_all), ref.lm_head.weight, y_all,
+                                            bias=ref.lm_head.bias, backend="cpu")
+        ((want.logprob * cots[0]).sum() / world).backward()
+        _check_grads(sh_model, ref, f"token_stats logprob only T={temp}")
+        for m in (sh_model, ref):
+            m.zero_grad()
+        del st, want
+    _no_full_size_storage(_ref_refs(ref), "token_stats")
+
+
+@case(CASES_2)
+def refusals(rank, world, mesh):
+    from torch.distributed.tensor import DTensor, Partial, Shard
+
+    def raises(fn, *words):
+        try:
+            fn()
+        except ValueError as err:
+            for w in words:
+                assert w in str(err), f"{w!r} not in {err}"
+            return
+        raise AssertionError(f"expected a ValueError naming {words}")
+
+    h = torch.randn(B, T, D, dtype=F64)
+    y = torch.randint(0, V, (B, T))
+    w = torch.randn(V, D, dtype=F64)
+    def dt(x, placement):  # no collective: each rank's piece of the same tensor
+        local = (placement._split_tensor(x, world, with_padding=False)[0][rank]
+                 if isinstance(placement, Shard) else x)
+        return DTensor.from_local(local, mesh, [placement], run_check=False, shape=x.shape,
+                                  stride=x.stride())
+
+    for placement in (Shard(1), Partial()):
+        raises(lambda: rfsdp.remit_linear_loss(h, dt(w, placement), y, method="ntp"),
+               "lm_head_weight", "Shard(0)")
+    raises(lambda: rfsdp.linear_token_stats(dt(h, Shard(0)), dt(w, Shard(0)), y),
+           "hidden", "plain tensor")
+    # A rank-local error (a target out of range on rank 0 only) is raised before any
+    # collective; had it come after the gather, rank 0 would wait there for its peer.
+    if rank == 0:
+        bad = y.clone()
+        bad[0, 0] = V
+        raises(lambda: rfsdp.remit_linear_loss(h, dt(w, Shard(0)), bad, method="ntp"),
+               "targets")
+
+
+@case(CASES_4)
+def hsdp_ntp(rank, world, mesh):
+    """HSDP: a (2 replicas x 2 shards) mesh, heads [Replicate, Shard(0)]; the gradient is
+    reduce-scattered over the shard dim, all-reduced over the replicas, divided by 4."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh2 = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    _run_case(rank, world, mesh2, method="ntp", scorer=None, steps=1, counts=(4, 2))
+    _run_case(rank, world, mesh2, scorer="live", steps=1, counts=(6, 2))
 
 
 # ------------------------------------------------------------------------------ harness
@@ -324,7 +478,7 @@ def _worker(rank, world, init, out_dir, names):
     # A bounded timeout: a rank failing before a collective must not leave its peers waiting
     # for gloo's 30-minute default.
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
+                            timeout=datetime.timedelta(seconds=60))
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (world,))

@@ -48,6 +48,10 @@ from .reference import ReMiTDiagnostics
 
 __all__ = ["ReMiTLinearHead", "linear_token_stats", "remit_linear_loss"]
 
+# torch 2.13 renamed the tensor collectives (the old names warn); older releases have only those.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 # ------------------------------------------------------------------------- sharded heads
 
@@ -110,7 +114,7 @@ def _gather(t: Optional[Tensor], lay: Optional[_Layout]) -> Optional[Tensor]:
     if local.shape[0] != c:
         local = torch.cat([local, local.new_zeros((c - local.shape[0],) + local.shape[1:])])
     out = local.new_empty((c * world,) + local.shape[1:])
-    dist.all_gather_into_tensor(out, local.contiguous(), group=group)
+    _all_gather(out, local.contiguous(), group=group)
     return out[:v]
 
 
@@ -129,13 +133,13 @@ def _reduce(grad: Tensor, lay: _Layout, factor: Optional[float]) -> Tensor:
         if c * world != v:
             grad = torch.cat([grad, grad.new_zeros((c * world - v,) + grad.shape[1:])])
         out = grad.new_empty((c,) + grad.shape[1:])
-        dist.reduce_scatter_tensor(out, grad.contiguous(), op=dist.ReduceOp.SUM, group=group)
+        _reduce_scatter(out, grad.contiguous(), op=dist.ReduceOp.SUM, group=group)
         out = out[:max(0, min(c, v - rank * c))]
     for d in lay.replicate_dims:  # HSDP: then all-reduce over the replicas
         dist.all_reduce(out, group=lay.mesh.get_group(d))
     factor = float(lay.mesh.size()) if factor is None else float(factor)
     if factor != 1.0:
-        out = out.div_(factor) if out is not grad else out / factor
+        out = out.div_(factor)
     return DTensor.from_local(out, lay.mesh, lay.placements, run_check=False, shape=lay.shape,
                               stride=lay.stride)
 
