@@ -66,10 +66,12 @@ class Tiny(nn.Module):
         return torch.tanh(self.proj(self.emb(ids)))
 
 
-def _shard_model(model, mesh, head_own_group=True):
+def _shard_model(model, mesh, head_own_group=True, scorer_own_group=False):
     from torch.distributed.fsdp import fully_shard
 
     model = copy.deepcopy(model)
+    if scorer_own_group:
+        fully_shard(model.lm_head.scorer_head, mesh=mesh)
     fully_shard(model.emb, mesh=mesh)
     fully_shard(model.proj, mesh=mesh)
     if head_own_group:
@@ -232,14 +234,15 @@ class _Counts:
 
 def _run_case(rank, world, mesh, *, method="remit", scorer="live", global_mean=False,
               form="functional", reduction="mean", steps=2, divide_factor=None, counts=None,
-              extra=None):
+              extra=None, head_own_group=True, scorer_own_group=False):
     """One policy model and one frozen scorer, ``steps`` SGD steps, sharded vs the reference.
     ``form``: ``functional`` (the public remit_linear_loss, through linear.py's DTensor hook),
     ``direct`` (remit_ext.fsdp.remit_linear_loss) or ``module`` (ReMiTLinearHead, its own
     fully_shard group holding the frozen scorer head too). ``divide_factor``: FSDP2's
     set_gradient_divide_factor on every module and gradient_divide_factor= on the call (the
     reference divides the summed loss by it instead of by W). ``counts``: the expected
-    (gathers, reduce-scatters) of remit_ext.fsdp per step."""
+    (gathers, reduce-scatters) of remit_ext.fsdp per step. ``head_own_group=False``: the head
+    in the root's FSDP2 group; ``scorer_own_group``: the module's scorer head sharded apart."""
     extra = dict(extra or {})
     ids_all, y_all = _data(world)
     ids, y = _rows(ids_all, rank), _rows(y_all, rank)
@@ -250,7 +253,7 @@ def _run_case(rank, world, mesh, *, method="remit", scorer="live", global_mean=F
             ref.lm_head, scorer_head=copy.deepcopy(scorer_ref.lm_head) if scorer == "live"
             else None, method=method, reduction=reduction, backend="cpu",
             return_details=True, **extra)
-    sh_model = _shard_model(ref, mesh)
+    sh_model = _shard_model(ref, mesh, head_own_group, scorer_own_group)
     scorer_sh = _shard_model(scorer_ref, mesh)
     factor = world if divide_factor is None else divide_factor
     if divide_factor is not None:
@@ -287,8 +290,10 @@ def _run_case(rank, world, mesh, *, method="remit", scorer="live", global_mean=F
         with _Counts() as counted:
             with _SavedSizes() as saved:
                 out = call(sh_model, h, y, kw_sh, ni)
-            if form != "module" or extra.get("recompute", True):
-                # The one-pass schedule keeps its full-size fp32 dW buffer until the backward.
+            if head_own_group and (form != "module" or extra.get("recompute", True)):
+                # The one-pass schedule keeps its full-size fp32 dW buffer until the backward
+                # (and a head in the root's group is a plain, unsharded tensor after the root's
+                # forward: FSDP2 does not reshard the root, the call takes that one-pass path).
                 saved.check(f"{what} step {step}")
             objective(out.loss, _rows(cot, rank)).backward()
         if counts is not None:
@@ -380,6 +385,17 @@ def module_ntp_global_mean_and_one_pass(rank, world, mesh):
               steps=1)
     _run_case(rank, world, mesh, method="remit", scorer="precomputed", form="module", steps=1,
               extra={"recompute": False})
+
+
+@case(CASES_2)
+def head_in_root_group_and_scorer_apart(rank, world, mesh):
+    # The head in the root's group: the functional call after the root's forward.
+    _run_case(rank, world, mesh, method="ntp", scorer=None, steps=1, head_own_group=False)
+    # The module's frozen scorer head in a group of its own, whose forward never runs: it stays
+    # a DTensor inside the module's forward, gathered there once (W_s, b_s) and never reduced;
+    # the policy head is FSDP2's (unsharded by the module's group).
+    _run_case(rank, world, mesh, form="module", steps=1, scorer_own_group=True,
+              counts=(2, 0))
 
 
 @case(CASES_2)
