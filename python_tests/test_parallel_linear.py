@@ -9,8 +9,6 @@ heads (torch.chunk's split)."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -270,6 +268,24 @@ def dtensor_colwise_tp(rank, world, groups):
             "lm_head_weight", "sum to the global size 12")
 
 
+@case(CASES_2)
+def compile_tp(rank, world, groups):
+    """torch.compile runs the vocab-parallel path eagerly (a graph break) with the same result."""
+    x = _inputs()
+    g = groups["world"]
+
+    def step(h, w, b):
+        return remit_ext.remit_linear_loss(h, w, x["y"], bias=b, method="remit", chunk_size=4,
+                                           tp_group=g, **_scorer(x, rank, world))
+
+    compiled = torch.compile(step, backend="aot_eager")
+    eager_in, compiled_in = _leaves(x, rank, world), _leaves(x, rank, world)
+    step(*eager_in).backward()
+    compiled(*compiled_in).backward()
+    for a, b_ in zip(compiled_in, eager_in):
+        _close(a.grad, b_.grad, "compiled grad")
+
+
 # -------------------------------------------------------------------------- refusals
 
 
@@ -355,18 +371,40 @@ def test_without_process_group():
         remit_ext.linear_token_stats(x["h"], x["w"], x["y"], tp_group=object())
 
 
-@pytest.mark.skipif(importlib.util.find_spec("remit_ext.fsdp") is not None,
-                    reason="remit_ext.fsdp exists: its own tests cover the FSDP2 layout")
-def test_fsdp_layout_without_fsdp_module(tmp_path):
-    """A DTensor head with plain hidden (FSDP2) goes to remit_ext.fsdp; without it, a clear
-    NotImplementedError rather than DTensor's mixed-tensor error."""
+def test_fsdp_layout_dispatch(tmp_path, monkeypatch):
+    """A DTensor head with plain hidden (FSDP2's layout, no tp_group) goes to remit_ext.fsdp
+    with every argument but tp_group, as keywords; without that module, a NotImplementedError
+    naming the weight rather than DTensor's mixed-tensor error."""
+    import inspect
+    import types
+
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
+    from remit_ext import linear
+
+    seen = {}
+    stub = types.SimpleNamespace(remit_linear_loss=lambda **kw: seen.setdefault("loss", kw),
+                                 linear_token_stats=lambda **kw: seen.setdefault("stats", kw))
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rdv", rank=0, world_size=1)
     try:
         x = _inputs()
         wd = distribute_tensor(x["w"], init_device_mesh("cpu", (1,)), [Shard(0)])
+        with monkeypatch.context() as m:
+            m.setattr(linear, "_fsdp_module", lambda name: stub)
+            remit_ext.remit_linear_loss(x["h"], wd, x["y"], method="ntp", chunk_size=3)
+            remit_ext.linear_token_stats(x["h"], wd, x["y"], entropy=True)
+        for key, fn in (("loss", remit_ext.remit_linear_loss),
+                        ("stats", remit_ext.linear_token_stats)):
+            params = set(inspect.signature(fn).parameters) - {"tp_group"}
+            assert set(seen[key]) == params, key
+        assert seen["loss"]["lm_head_weight"] is wd and seen["loss"]["chunk_size"] == 3
+        assert seen["stats"]["weight"] is wd and seen["stats"]["entropy"] is True
+
+        def missing(name, package=None):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+        monkeypatch.setattr(linear.importlib, "import_module", missing)
         with pytest.raises(NotImplementedError, match="lm_head_weight: .*remit_ext.fsdp"):
             remit_ext.remit_linear_loss(x["h"], wd, x["y"], method="ntp")
         with pytest.raises(NotImplementedError, match="weight: .*remit_ext.fsdp"):

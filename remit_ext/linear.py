@@ -869,6 +869,18 @@ def _tp_linear_loss(h, w, y, bias, sh, sw, s_bias, sb, targets, cu_seqlens, meth
                             ReMiTDiagnostics.from_tensor(diag) if method == "remit" else None)
 
 
+@torch.compiler.disable
+def _vocab_parallel(fn, weight_name: str, args: dict):
+    """``fn`` (``_remit_linear_loss`` or ``_linear_token_stats``) on this rank's local shards
+    of the heads. Eager: ``torch.compile`` graph-breaks here (process groups, DTensors and
+    collectives inside an autograd.Function)."""
+    keys = ("hidden", weight_name, "bias", "scorer_hidden", "scorer_weight", "scorer_bias")
+    inputs, group, global_vocab = _parallel.unshard_linear(
+        *(args.get(k) for k in keys), args["tp_group"], weight_name)
+    local = dict(args, **{k: v for k, v in zip(keys, inputs) if k in args})
+    return fn(**local, tp=(group, global_vocab))
+
+
 def _fsdp_module(weight_name: str):
     """``remit_ext.fsdp``: the FSDP2 / ZeRO-3 sharded-head path (DTensor parameters, plain
     activations). Imported on first use; a missing module is a NotImplementedError, not an
@@ -943,6 +955,7 @@ def remit_linear_loss(
     loss is then a plain replicated tensor, the gradients DTensors of the inputs' placements.
     A DTensor head with plain ``hidden`` is FSDP2's layout: ``remit_ext.fsdp``.
     """
+    args = dict(locals())  # the arguments, for the paths below
     if tp_group is None and not _is_dtensor(hidden) and (
             _is_dtensor(lm_head_weight) or _is_dtensor(scorer_weight)):
         return _fsdp_module("lm_head_weight").remit_linear_loss(
@@ -953,14 +966,17 @@ def remit_linear_loss(
             reduction=reduction, num_items_in_batch=num_items_in_batch, chunk_size=chunk_size,
             memory_budget=memory_budget, grad_weight_fp32=grad_weight_fp32,
             return_details=return_details, backend=backend)
-    tp = None
     if tp_group is not None or _is_dtensor(lm_head_weight) or _is_dtensor(hidden):
-        # Vocab parallel: local shards from here on; the group and a DTensor's global vocab.
-        inputs, group, global_vocab = _parallel.unshard_linear(
-            hidden, lm_head_weight, bias, scorer_hidden, scorer_weight, scorer_bias, tp_group,
-            "lm_head_weight")
-        hidden, lm_head_weight, bias, scorer_hidden, scorer_weight, scorer_bias = inputs
-        tp = (group, global_vocab)
+        return _vocab_parallel(_remit_linear_loss, "lm_head_weight", args)
+    return _remit_linear_loss(**args, tp=None)
+
+
+def _remit_linear_loss(hidden, lm_head_weight, targets, *, bias, scorer_hidden, scorer_weight,
+                       scorer_bias, scorer_logprobs, method, cu_seqlens, ignore_index, eps,
+                       keep_ratio, temperature, reduction, num_items_in_batch, chunk_size,
+                       memory_budget, grad_weight_fp32, return_details, backend, tp_group, tp):
+    """remit_linear_loss on plain tensors; ``tp``: None, or (group, global vocab or None) with
+    this rank's shards of the heads."""
     vocab = _check_inputs(hidden, lm_head_weight, targets, bias, scorer_hidden, scorer_weight,
                           scorer_bias, scorer_logprobs, method)
     eps = chk.check_eps(eps)
@@ -1068,16 +1084,20 @@ def linear_token_stats(
     the outputs are the unsharded ones, replicated. That path is an autograd.Function with
     collectives: ``torch.compile`` graph-breaks on it.
     """
+    args = dict(locals())  # the arguments, for the paths below
     if tp_group is None and _is_dtensor(weight) and not _is_dtensor(hidden):
         return _fsdp_module("weight").linear_token_stats(
             hidden=hidden, weight=weight, targets=targets, bias=bias, ignore_index=ignore_index,
             temperature=temperature, entropy=entropy, chunk_size=chunk_size,
             memory_budget=memory_budget, backend=backend)
-    tp = None
     if tp_group is not None or _is_dtensor(weight) or _is_dtensor(hidden):
-        (hidden, weight, bias, *_), group, global_vocab = _parallel.unshard_linear(
-            hidden, weight, bias, None, None, None, tp_group, "weight")
-        tp = (group, global_vocab)
+        return _vocab_parallel(_linear_token_stats, "weight", args)
+    return _linear_token_stats(**args, tp=None)
+
+
+def _linear_token_stats(hidden, weight, targets, *, bias, ignore_index, temperature, entropy,
+                        chunk_size, memory_budget, backend, tp_group, tp) -> LinearTokenStats:
+    """linear_token_stats on plain tensors; ``tp`` as in ``_remit_linear_loss``."""
     vocab = _check_head(hidden, weight, "weight")
     chk._tensor(targets, "targets")
     if targets.shape != hidden.shape[:-1]:
