@@ -58,7 +58,8 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sc
 
 class _Layout(NamedTuple):
     """Where a DTensor head lives: its mesh, placements and global shape; the mesh dim it is
-    sharded along (rows, Shard(0)) and the mesh dims it is replicated along (HSDP)."""
+    sharded along (rows, Shard(0)) and the mesh dims it is replicated along (HSDP); its dtype
+    and the dtype it is gathered and computed in (its activations')."""
 
     mesh: object
     placements: tuple
@@ -66,11 +67,15 @@ class _Layout(NamedTuple):
     stride: tuple
     shard_dim: Optional[int]
     replicate_dims: tuple
+    dtype: torch.dtype
+    compute: torch.dtype
 
 
-def _layout(t: Optional[Tensor], name: str) -> Optional[_Layout]:
+def _layout(t: Optional[Tensor], name: str, like: Optional[Tensor]) -> Optional[_Layout]:
     """The layout of a DTensor head, None for a plain tensor (used as it is). Refuses any
-    placement other than Shard(0) (FSDP2) and Replicate (HSDP's replicate dim)."""
+    placement other than Shard(0) (FSDP2) and Replicate (HSDP's replicate dim). A floating
+    head is computed in the dtype of its activations ``like`` (FSDP2's mixed precision: fp32
+    shards, bf16 compute)."""
     if t is None or not _is_dtensor(t):
         return None
     from torch.distributed.tensor import Replicate, Shard
@@ -90,8 +95,19 @@ def _layout(t: Optional[Tensor], name: str) -> Optional[_Layout]:
     if len(shard) > 1:
         raise ValueError(f"{name}: expected at most one Shard(0) mesh dim, got placements "
                          f"{t.placements}")
+    compute = t.dtype
+    if like is not None and t.dtype.is_floating_point and like.dtype.is_floating_point:
+        compute = like.dtype
     return _Layout(t.device_mesh, tuple(t.placements), t.shape, t.stride(),
-                   shard[0] if shard else None, tuple(rep))
+                   shard[0] if shard else None, tuple(rep), t.dtype, compute)
+
+
+def _stand_in(t: Optional[Tensor], lay: Optional[_Layout]) -> Optional[Tensor]:
+    """What the argument checks see of a head: a zero-stride plain tensor of its global shape
+    and compute dtype for a DTensor (the checks read only metadata), the tensor otherwise."""
+    if lay is None:
+        return t
+    return torch.empty((), dtype=lay.compute, device=t.device).expand(lay.shape)
 
 
 def _rows(v: int, world: int) -> int:
@@ -105,7 +121,8 @@ def _gather(t: Optional[Tensor], lay: Optional[_Layout]) -> Optional[Tensor]:
     shards padded to equal rows, the padding cut off after)."""
     if t is None or lay is None:
         return t
-    local = t.to_local()
+    # Cast before the gather, as FSDP2 does: the bytes moved are the compute dtype's.
+    local = t.to_local().to(lay.compute)
     if lay.shard_dim is None:
         return local
     group = lay.mesh.get_group(lay.shard_dim)
@@ -125,7 +142,8 @@ def _reduce(grad: Tensor, lay: _Layout, factor: Optional[float]) -> Tensor:
     layout. Sum then divide: gloo and NCCL alike, and FSDP2's own order for fp16 / fp64."""
     from torch.distributed.tensor import DTensor
 
-    out = grad
+    # Reduced in the parameter's dtype (FSDP2 with reduce_dtype = the parameter's, e.g. fp32).
+    out = grad = grad.to(lay.dtype)
     if lay.shard_dim is not None:
         group = lay.mesh.get_group(lay.shard_dim)
         world, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -230,13 +248,15 @@ def _linear_loss(hidden, weight, targets, bias, scorer_hidden, scorer_weight, sc
                  gradient_divide_factor, kw):
     _check_hidden(hidden)
     _check_hidden(scorer_hidden, "scorer_hidden")
-    lays = (_layout(weight, "lm_head_weight"), _layout(bias, "bias"),
-            _layout(scorer_weight, "scorer_weight"), _layout(scorer_bias, "scorer_bias"))
+    lays = (_layout(weight, "lm_head_weight", hidden), _layout(bias, "bias", hidden),
+            _layout(scorer_weight, "scorer_weight", scorer_hidden),
+            _layout(scorer_bias, "scorer_bias", scorer_hidden))
     # Every check that can fail on one rank alone runs before the first collective (a rank
     # raising after it would leave its peers waiting in the next one). DTensors carry their
     # global shape, dtype and device, which is all these checks read.
-    vocab = _lin._check_inputs(hidden, weight, targets, bias, scorer_hidden, scorer_weight,
-                               scorer_bias, scorer_logprobs, kw["method"])
+    vocab = _lin._check_inputs(hidden, *(_stand_in(t, lay) for t, lay in zip(
+        (weight, targets, bias, scorer_hidden, scorer_weight, scorer_bias),
+        (lays[0], None, lays[1], None, lays[2], lays[3]))), scorer_logprobs, kw["method"])
     _check_num_items(num_items_in_batch, kw["reduction"], hidden.device)
     y = targets.reshape(-1)
     chk.check_targets(y, hidden.new_empty(()).expand(y.numel(), vocab), kw["ignore_index"])
@@ -372,14 +392,16 @@ def linear_token_stats(
     and divided by ``gradient_divide_factor`` (default the mesh size, FSDP2's average), as in
     ``remit_linear_loss`` above (gathered in the forward, gathered again in the backward)."""
     _check_hidden(hidden)
-    lays = (_layout(weight, "weight"), _layout(bias, "bias"))
+    lays = (_layout(weight, "weight", hidden), _layout(bias, "bias", hidden))
     # The rank-local checks before the first collective (see _linear_loss).
-    vocab = _lin._check_head(hidden, weight, "weight")
+    vocab = _lin._check_head(hidden, _stand_in(weight, lays[0]), "weight")
     chk._tensor(targets, "targets")
     if targets.shape != hidden.shape[:-1]:
         raise ValueError(f"targets: expected shape {tuple(hidden.shape[:-1])} (hidden without "
                          f"the hidden dim), got {tuple(targets.shape)}")
-    if bias is not None and (bias.shape != (vocab,) or bias.dtype != weight.dtype):
+    w_dtype = weight.dtype if lays[0] is None else lays[0].compute
+    b_dtype = None if bias is None else bias.dtype if lays[1] is None else lays[1].compute
+    if bias is not None and (bias.shape != (vocab,) or b_dtype != w_dtype):
         raise ValueError(f"bias: expected shape ({vocab},) and dtype {weight.dtype}, got "
                          f"{tuple(bias.shape)} {bias.dtype}")
     if not isinstance(entropy, bool):
