@@ -249,6 +249,23 @@ def dtensor_shard_tp(rank, world, groups):
 
 
 @case(CASES_2)
+def compile_tp(rank, world, groups):
+    """torch.compile runs the distributed entry points eagerly (a graph break each)."""
+    z, s, y = _inputs()
+    g = groups["world"]
+
+    def step(q):
+        return (remit_ext.weighted_cross_entropy(q, y, tp_group=g)
+                + remit_ext.remit_loss(q, y, scorer_logits=_shard(s, rank, world), tp_group=g))
+
+    compiled = torch.compile(step, backend="aot_eager")
+    ze, zc = _shard(z, rank, world).requires_grad_(True), _shard(z, rank, world).requires_grad_(True)
+    step(ze).backward()
+    compiled(zc).backward()
+    _close(zc.grad, ze.grad, "compiled grad")
+
+
+@case(CASES_2)
 def bad_inputs_tp(rank, world, groups):
     z, s, y = _inputs()
     zl = _shard(z, rank, world)

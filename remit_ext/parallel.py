@@ -35,7 +35,11 @@ formed from the replicated statistics. The backward recomputes each chunk's loca
 forms their gradient with the global lse: dW_r and db_r stay local, and d hidden, a partial
 sum over the shard's columns, is all-reduced once (Megatron's vocab-parallel cross-entropy).
 So a call costs the handshake and one gather forward and one all_reduce backward, whatever
-the number of chunks. It is an autograd.Function: ``torch.compile`` graph-breaks on it.
+the number of chunks.
+
+torch.compile: every distributed entry point here runs eagerly, a graph break (they check
+process groups and meshes, read the handshake on the host and issue collectives from
+autograd.Functions); the compiled model around them is unaffected.
 
 Context parallel. Every rank of ``cp_group`` holds a different slice of the same sequences
 (the same rows of ``[B, T_r]`` targets, or the same count of ``cu_seqlens`` documents, document
@@ -79,6 +83,12 @@ __all__ = [
 # Local ids for the shard ops: an ignored position, and a valid target another shard owns.
 # Both negative, so no owned id (>= 0) can collide with them whatever ignore_index is.
 _LOCAL_IGNORE, _NOT_OWNED = -2, -1
+
+
+# torch.compile: the distributed entry points run eagerly, one graph break each (dynamo
+# cannot trace the ProcessGroup / DeviceMesh checks, the handshake's host reads or the
+# autograd.Functions that issue collectives).
+_eager = torch.compiler.disable
 
 
 # ----------------------------------------------------------------------------- groups
@@ -285,6 +295,7 @@ class _VocabParallelStats(torch.autograd.Function):
         return grad, None, None, None, None, None, None
 
 
+@_eager
 def vocab_parallel_token_stats(logits: Tensor, targets: Tensor, tp_group=None, *,
                                scorer_logits: Optional[Tensor] = None, ignore_index: int = -100,
                                temperature: float = 1.0, entropy: bool = False,
@@ -361,6 +372,7 @@ class _VocabParallelKD(torch.autograd.Function):
 # ------------------------------------------------------------- ReMiT weights, sharded
 
 
+@_eager
 def _remit_weights(a: Tensor, b: Tensor, valid: Tensor, offsets: Tensor, eps: float,
                    cp_group=None, dp_group=None):
     """(w, delta_hat, diagnostics) as ``remit_weights_ref`` (detached), with the per-sequence
@@ -406,6 +418,7 @@ def _diag_from_sums(s: Tensor, dt: torch.dtype) -> ReMiTDiagnostics:
                                                   s[5] * inv, s[6] * inv)))
 
 
+@_eager
 def reduce_diagnostics(diagnostics: ReMiTDiagnostics, targets: Tensor, group, *,
                        ignore_index: int = -100) -> ReMiTDiagnostics:
     """Per-rank ReMiT diagnostics (over this rank's valid ``targets``) combined into those of
@@ -419,6 +432,7 @@ def reduce_diagnostics(diagnostics: ReMiTDiagnostics, targets: Tensor, group, *,
     return _diag_from_sums(_gather(local, group, world).sum(0), diagnostics.w_mean.dtype)
 
 
+@_eager
 def global_num_items(targets: Tensor, group=None, *, ignore_index: int = -100,
                      per_rank: bool = False) -> Tensor:
     """The valid-token count over every rank of ``group`` (default: the world), a 0-d tensor on
@@ -442,6 +456,7 @@ def global_num_items(targets: Tensor, group=None, *, ignore_index: int = -100,
 # Called by functional.py once the group-independent arguments are checked; inputs flat.
 
 
+@_eager
 def weighted_cross_entropy(logits, targets, weights, tp_group, ignore_index, reduction,
                            num_items, backend):
     _, a, _, _, _ = vocab_parallel_token_stats(logits, targets, tp_group,
@@ -452,6 +467,7 @@ def weighted_cross_entropy(logits, targets, weights, tp_group, ignore_index, red
     return loss.reshape(targets.shape) if reduction == "none" else loss
 
 
+@_eager
 def remit_loss(logits, targets, scorer_logits, scorer_logprobs, offsets, eps, ignore_index,
                reduction, num_items, tp_group, cp_group, dp_group, backend):
     """(per-token or reduced loss, w [N], diagnostics)."""
@@ -474,6 +490,7 @@ def remit_loss(logits, targets, scorer_logits, scorer_logprobs, offsets, eps, ig
     return (loss.reshape(targets.shape) if reduction == "none" else loss), w, diag
 
 
+@_eager
 def rho1_loss(logits, targets, ref_logits, ref_logprobs, keep_ratio, ignore_index, reduction,
               num_items, tp_group, backend):
     _, a, _, _, b = vocab_parallel_token_stats(logits, targets, tp_group,
@@ -487,6 +504,7 @@ def rho1_loss(logits, targets, ref_logits, ref_logprobs, keep_ratio, ignore_inde
     return loss.reshape(targets.shape) if reduction == "none" else loss
 
 
+@_eager
 def kd_loss(logits, teacher_logits, targets, temperature, ignore_index, reduction, num_items,
             tp_group):
     logits, tp_group = _unshard(logits, tp_group, "logits")
