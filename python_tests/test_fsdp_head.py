@@ -440,6 +440,30 @@ def token_stats_functional(rank, world, mesh):
 
 
 @case(CASES_2)
+def gradient_accumulation(rank, world, mesh):
+    """Two micro-batches, backward after each, one step: the DTensor gradients accumulate on the
+    parameters (each backward reduce-scatters its own; the sum is the one reduction of both)."""
+    ref, scorer = Tiny(0), Tiny(1).requires_grad_(False)
+    sh_model, sh_scorer = _shard_model(ref, mesh), _shard_model(scorer, mesh)
+    for seed in (3, 4):
+        ids_all, y_all = _data(world, seed)
+        ids, y = _rows(ids_all, rank), _rows(y_all, rank)
+        with torch.no_grad():
+            s_h, s_all = sh_scorer(ids), scorer(ids_all)
+        remit_ext.remit_linear_loss(
+            sh_model(ids), sh_model.lm_head.weight, y, bias=sh_model.lm_head.bias,
+            scorer_hidden=s_h, scorer_weight=sh_scorer.lm_head.weight,
+            scorer_bias=sh_scorer.lm_head.bias, backend="cpu").backward()
+        h_all = ref(ids_all)
+        sum(remit_ext.remit_linear_loss(
+            _rows(h_all, r), ref.lm_head.weight, _rows(y_all, r), bias=ref.lm_head.bias,
+            scorer_hidden=_rows(s_all, r), scorer_weight=scorer.lm_head.weight,
+            scorer_bias=scorer.lm_head.bias, backend="cpu") / world
+            for r in range(world)).backward()
+    _check_grads(sh_model, ref, "two micro-batches")
+
+
+@case(CASES_2)
 def mixed_precision(rank, world, mesh):
     """FSDP2 MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): fp32 shards, bf16
     activations. The heads are gathered and computed in bf16, their gradients reduced in fp32
@@ -588,3 +612,56 @@ def test_two_ranks(results2, name):
 @pytest.mark.parametrize("name", list(CASES_4))
 def test_four_ranks(results4, name):
     _assert_case(results4, name)
+
+
+# ------------------------------------------------------------- one process, plain heads
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_head_module_plain_matches_remit_linear_loss(recompute):
+    """ReMiTLinearHead without FSDP2: the loss and gradients of remit_linear_loss on the same
+    parameters (the recompute path is remit_ext.fsdp's, with plain heads used as they are), and
+    without targets the logits of the nn.Linear it took."""
+    torch.manual_seed(0)
+    lin, s_lin = nn.Linear(D, V, dtype=F64), nn.Linear(D, V, dtype=F64)
+    head = rfsdp.ReMiTLinearHead(lin, scorer_head=copy.deepcopy(s_lin), backend="cpu",
+                                 return_details=True, recompute=recompute)
+    assert head.weight is lin.weight and not head.scorer_head.weight.requires_grad
+    h = torch.randn(B, T, D, dtype=F64, requires_grad=True)
+    sh = torch.randn(B, T, D, dtype=F64)
+    _, y = _data(1)
+    torch.testing.assert_close(head(h), lin(h))
+    out = head(h, y, scorer_hidden=sh)
+    g = torch.autograd.grad(out.loss, (h, lin.weight, lin.bias))
+    want = remit_ext.remit_linear_loss(h, lin.weight, y, bias=lin.bias, scorer_hidden=sh,
+                                       scorer_weight=s_lin.weight, scorer_bias=s_lin.bias,
+                                       backend="cpu", return_details=True)
+    g_want = torch.autograd.grad(want.loss, (h, lin.weight, lin.bias))
+    _close(out.loss, want.loss, "loss")
+    _close(out.weights, want.weights, "weights")
+    for got, exp, name in zip(g, g_want, ("hidden", "weight", "bias")):
+        _close(got, exp, f"grad {name}")
+
+
+def test_functions_without_dtensors_match_linear():
+    """remit_ext.fsdp's functions on plain tensors: remit_ext's (no process group needed)."""
+    torch.manual_seed(1)
+    h = torch.randn(B, T, D, dtype=F64, requires_grad=True)
+    w = torch.randn(V, D, dtype=F64, requires_grad=True)
+    _, y = _data(1)
+    for fn_fsdp, fn in ((rfsdp.linear_token_stats, remit_ext.linear_token_stats),
+                        (rfsdp.remit_linear_loss, remit_ext.remit_linear_loss)):
+        kw = {"entropy": True} if fn is remit_ext.linear_token_stats else {"method": "ntp"}
+        got, want = fn_fsdp(h, w, y, backend="cpu", **kw), fn(h, w, y, backend="cpu", **kw)
+        obj = (lambda o: o.logprob.sum() + o.entropy.sum()) if "entropy" in kw else (lambda o: o)
+        _close(obj(got), obj(want), fn.__name__)
+        for a, b in zip(torch.autograd.grad(obj(got), (h, w)),
+                        torch.autograd.grad(obj(want), (h, w))):
+            _close(a, b, f"{fn.__name__} grad")
+
+
+def test_head_module_refuses():
+    with pytest.raises(TypeError, match="lm_head"):
+        rfsdp.ReMiTLinearHead(torch.zeros(V, D))
+    with pytest.raises(TypeError, match="scorer_head"):
+        rfsdp.ReMiTLinearHead(nn.Linear(D, V), scorer_head=nn.Parameter(torch.zeros(V, D)))

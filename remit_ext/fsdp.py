@@ -243,6 +243,9 @@ def _loss_kwargs(method, ignore_index, eps, keep_ratio, temperature, reduction, 
                 memory_budget=memory_budget, grad_weight_fp32=grad_weight_fp32, backend=backend)
 
 
+# Collectives inside an autograd.Function are not traceable: a compiled model breaks its graph
+# here and runs this part eagerly (the plain-tensor path stays one opaque registered op).
+@torch.compiler.disable
 def _linear_loss(hidden, weight, targets, bias, scorer_hidden, scorer_weight, scorer_bias,
                  scorer_logprobs, cu_seqlens, num_items_in_batch, return_details,
                  gradient_divide_factor, kw):
@@ -372,6 +375,11 @@ class _ShardedTokenStats(torch.autograd.Function):
         return None, gh, _grad_for(gw, lays[0], factor), _grad_for(gb, lays[1], factor), None
 
 
+@torch.compiler.disable  # see _linear_loss
+def _apply_stats(cfg, hidden, weight, bias, targets):
+    return _ShardedTokenStats.apply(cfg, hidden, weight, bias, targets)
+
+
 def linear_token_stats(
     hidden: Tensor,
     weight: Tensor,
@@ -411,7 +419,7 @@ def linear_token_stats(
     kw = dict(ignore_index=ignore_index, temperature=temperature, entropy=entropy,
               chunk_size=chunk_size, memory_budget=memory_budget, backend=backend)
     cfg = {"kw": kw, "lays": lays, "factor": gradient_divide_factor}
-    logprob, ent, lse = _ShardedTokenStats.apply(cfg, hidden, weight, bias, targets)
+    logprob, ent, lse = _apply_stats(cfg, hidden, weight, bias, targets)
     return LinearTokenStats(logprob, ent if entropy else None, lse)
 
 
