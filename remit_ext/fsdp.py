@@ -117,7 +117,7 @@ def _rows(v: int, world: int) -> int:
 
 @torch.no_grad()
 def _gather(t: Optional[Tensor], lay: Optional[_Layout]) -> Optional[Tensor]:
-    """The full head as a plain tensor: one all_gather_into_tensor over the shard dim (uneven
+    """The full head as a plain tensor: one all-gather over the shard dim (uneven
     shards padded to equal rows, the padding cut off after)."""
     if t is None or lay is None:
         return t
