@@ -9,6 +9,8 @@ heads (torch.chunk's split)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -193,6 +195,30 @@ def remit_linear_loss_tp_pairs(rank, world, groups):
             h, wt, x["y"], bias=b, method=method, chunk_size=3, tp_group=g,
             **({} if method == "ntp" else _scorer(x, *((r, w) if g is not None else ())))),
             x, r, w, sub, f"pairs {method}")
+
+
+@case(CASES_2)
+def triton_tp(rank, world, groups):
+    """The Triton backend's kernels (the interpreter on CPU) on the shards; no KD kernel."""
+    if ("triton" not in remit_ext.available_backends()
+            or os.environ.get("TRITON_INTERPRET") != "1"):  # CPU tensors: the interpreter only
+        return
+    g = groups["world"]
+    x = _inputs()
+    for ent, temp in ((True, 0.7), (False, 1.0)):
+        for field in ("logprob", "lse") + (("entropy",) if ent else ()):
+            _compare(lambda h, w, b, grp: getattr(remit_ext.linear_token_stats(
+                h, w, x["y"], bias=b, entropy=ent, temperature=temp, chunk_size=3,
+                backend="triton", tp_group=grp), field), x, rank, world, g,
+                f"triton stats T={temp} {field}")
+    for method in ("ntp", "remit", "rho1"):
+        def loss(h, w, b, grp):
+            sc = {} if method == "ntp" else _scorer(x, *(() if grp is None else (rank, world)))
+            return remit_ext.remit_linear_loss(h, w, x["y"], bias=b, method=method,
+                                               chunk_size=4, backend="triton", tp_group=grp,
+                                               **sc)
+
+        _compare(loss, x, rank, world, g, f"triton {method}")
 
 
 @case(CASES_2)
