@@ -236,6 +236,9 @@ def bf16_tp(rank, world, groups):
     _compare(lambda h, w, b, grp: remit_ext.linear_token_stats(
         h, w, x["y"], bias=b, entropy=True, chunk_size=5, tp_group=grp).entropy,
         x, rank, world, g, "bf16 entropy", **tol)
+    _compare(lambda h, w, b, grp: remit_ext.remit_linear_loss(
+        h, w, x["y"], bias=b, method="ntp", chunk_size=5, grad_weight_fp32=False,
+        tp_group=grp), x, rank, world, g, "bf16 grad_weight_fp32=False", **tol)
 
 
 # --------------------------------------------------------------------------- DTensor
@@ -292,6 +295,44 @@ def dtensor_colwise_tp(rank, world, groups):
                              shape=(x["w"].shape[0] + 1, x["w"].shape[1]), stride=(6, 1))
     _raises(lambda: remit_ext.remit_linear_loss(hd, bad, y, method="ntp"), ValueError,
             "lm_head_weight", "sum to the global size 12")
+
+
+@case(CASES_2)
+def collectives_per_call(rank, world, groups):
+    """A constant number of collectives per call, whatever the number of chunks: forward the
+    handshake and one gather, backward one all_reduce of grad hidden."""
+    import unittest.mock
+
+    g = groups["world"]
+    x = _inputs()
+    calls = []
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls.append(name)
+            return fn(*args, **kwargs)
+        return wrapper
+
+    for method in ("ntp", "remit", "kd", "stats"):
+        for chunk in (1, 4, None):
+            h, w, b = _leaves(x, rank, world)
+            with unittest.mock.patch.object(dist, "all_gather",
+                                            counted("all_gather", dist.all_gather)), \
+                    unittest.mock.patch.object(dist, "all_reduce",
+                                               counted("all_reduce", dist.all_reduce)):
+                calls.clear()
+                if method == "stats":
+                    out = remit_ext.linear_token_stats(h, w, x["y"], bias=b, entropy=True,
+                                                       chunk_size=chunk, tp_group=g).entropy
+                else:
+                    out = remit_ext.remit_linear_loss(
+                        h, w, x["y"], bias=b, method=method, chunk_size=chunk, tp_group=g,
+                        **({} if method == "ntp" else _scorer(x, rank, world)))
+                fwd = list(calls)
+                out.sum().backward()
+                bwd = calls[len(fwd):]
+            assert fwd == ["all_gather", "all_gather"], (method, chunk, fwd)
+            assert bwd == ["all_reduce"], (method, chunk, bwd)
 
 
 @case(CASES_2)
