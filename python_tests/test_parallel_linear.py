@@ -271,8 +271,11 @@ def dtensor_colwise_tp(rank, world, groups):
             else:
                 sw = distribute_tensor(x["sw"], mesh, [Shard(0)])
                 sb = distribute_tensor(x["sbias"], mesh, [Shard(0)])
+                # The frozen scorer's hidden: plain, or (KD) a Replicate DTensor.
+                shd = (distribute_tensor(x["sh"], mesh, [Replicate()]) if method == "kd"
+                       else x["sh"])
                 part = remit_ext.remit_linear_loss(hd, wd, y, bias=bd, method=method,
-                                                   chunk_size=4, scorer_hidden=x["sh"],
+                                                   chunk_size=4, scorer_hidden=shd,
                                                    scorer_weight=sw, scorer_bias=sb)
             assert not isinstance(part, DTensor), "a plain, replicated result"
             part.sum().backward()
