@@ -234,7 +234,8 @@ class _Counts:
 
 def _run_case(rank, world, mesh, *, method="remit", scorer="live", global_mean=False,
               form="functional", reduction="mean", steps=2, divide_factor=None, counts=None,
-              extra=None, head_own_group=True, scorer_own_group=False):
+              extra=None, head_own_group=True, scorer_own_group=False, empty_rank=None,
+              scan=False):
     """One policy model and one frozen scorer, ``steps`` SGD steps, sharded vs the reference.
     ``form``: ``functional`` (the public remit_linear_loss, through linear.py's DTensor hook),
     ``direct`` (remit_ext.fsdp.remit_linear_loss) or ``module`` (ReMiTLinearHead, its own
@@ -242,9 +243,13 @@ def _run_case(rank, world, mesh, *, method="remit", scorer="live", global_mean=F
     set_gradient_divide_factor on every module and gradient_divide_factor= on the call (the
     reference divides the summed loss by it instead of by W). ``counts``: the expected
     (gathers, reduce-scatters) of remit_ext.fsdp per step. ``head_own_group=False``: the head
-    in the root's FSDP2 group; ``scorer_own_group``: the module's scorer head sharded apart."""
+    in the root's FSDP2 group; ``scorer_own_group``: the module's scorer head sharded apart.
+    ``empty_rank``: that rank's targets all ignored (loss 0, no gradient of its own; it still
+    joins every collective). ``scan``: also the gc scans for full-size storages (slow)."""
     extra = dict(extra or {})
     ids_all, y_all = _data(world)
+    if empty_rank is not None:
+        y_all[empty_rank * B:(empty_rank + 1) * B] = -100
     ids, y = _rows(ids_all, rank), _rows(y_all, rank)
     ref = Tiny(0)
     scorer_ref = Tiny(1).requires_grad_(False)
@@ -295,6 +300,8 @@ def _run_case(rank, world, mesh, *, method="remit", scorer="live", global_mean=F
                 # (and a head in the root's group is a plain, unsharded tensor after the root's
                 # forward: FSDP2 does not reshard the root, the call takes that one-pass path).
                 saved.check(f"{what} step {step}")
+                if scan and step == 0:  # ... nor anything else between forward and backward
+                    _no_full_size_storage(_ref_refs(ref, scorer_ref), f"{what} forward")
             objective(out.loss, _rows(cot, rank)).backward()
         if counts is not None:
             assert (counted.gathers, counted.reduces) == counts, (
@@ -331,7 +338,8 @@ def _run_case(rank, world, mesh, *, method="remit", scorer="live", global_mean=F
         _check_params(sh_model, ref, f"{what} after step {step}")
         del out, h, saved, kw_sh, kw_ref, h_all, total, mine
         per_rank = None
-        _no_full_size_storage(_ref_refs(ref, scorer_ref), f"{what} after step {step}")
+    if scan:
+        _no_full_size_storage(_ref_refs(ref, scorer_ref), f"{what} after the last step")
 
 
 # Per step with a bias on both heads: ReMiT / Rho-1 gather W, b, W_s, b_s in the forward and
@@ -341,12 +349,12 @@ def _run_case(rank, world, mesh, *, method="remit", scorer="live", global_mean=F
 
 @case(CASES_2, CASES_4)
 def functional_ntp(rank, world, mesh):
-    _run_case(rank, world, mesh, method="ntp", scorer=None, counts=(4, 2))
+    _run_case(rank, world, mesh, method="ntp", scorer=None, counts=(4, 2), scan=True)
 
 
 @case(CASES_2, CASES_4)
 def functional_remit_live_scorer(rank, world, mesh):
-    _run_case(rank, world, mesh, counts=(6, 2))
+    _run_case(rank, world, mesh, counts=(6, 2), scan=True)
 
 
 @case(CASES_2)
@@ -363,6 +371,10 @@ def functional_rho1_kd_sum_none(rank, world, mesh):
     _run_case(rank, world, mesh, method="remit", reduction="sum", steps=1)
     _run_case(rank, world, mesh, method="remit", reduction="none", steps=1,
               extra={"chunk_size": 3})
+    # Packed documents over each rank's 10 tokens, chunks shorter than a document (two passes).
+    _run_case(rank, world, mesh, steps=1, counts=(6, 2),
+              extra={"cu_seqlens": torch.tensor([0, 3, 7, 10]), "chunk_size": 3})
+    _run_case(rank, world, mesh, steps=1, empty_rank=0, counts=(6, 2))
 
 
 @case(CASES_2)
@@ -376,7 +388,7 @@ def direct_ntp_global_mean_divide_factor(rank, world, mesh):
 @case(CASES_2, CASES_4)
 def module_remit_live_scorer(rank, world, mesh):
     # FSDP2 gathers and reduces the module's heads itself: remit_ext.fsdp does no collective.
-    _run_case(rank, world, mesh, form="module", counts=(0, 0))
+    _run_case(rank, world, mesh, form="module", counts=(0, 0), scan=True)
 
 
 @case(CASES_2)
