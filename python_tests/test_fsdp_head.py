@@ -476,6 +476,27 @@ def gradient_accumulation(rank, world, mesh):
 
 
 @case(CASES_2)
+def full_tensor_pitfall_is_caught(rank, world, mesh):
+    """Test the tester: the naive ``weight.full_tensor()`` (its backward takes the gradient as
+    replicated and keeps this rank's rows of this rank's own gradient) must fail the gradient
+    comparison that remit_ext.fsdp passes."""
+    ids_all, y_all = _data(world)
+    ids, y = _rows(ids_all, rank), _rows(y_all, rank)
+    ref = Tiny(0)
+    sh_model = _shard_model(ref, mesh)
+    head = sh_model.lm_head
+    remit_ext.remit_linear_loss(sh_model(ids), head.weight.full_tensor(), y,
+                                bias=head.bias.full_tensor(), method="ntp",
+                                backend="cpu").backward()
+    h_all = ref(ids_all)
+    (sum(remit_ext.remit_linear_loss(_rows(h_all, r), ref.lm_head.weight, _rows(y_all, r),
+                                     bias=ref.lm_head.bias, method="ntp", backend="cpu")
+         for r in range(world)) / world).backward()
+    with pytest.raises(AssertionError, match="lm_head.weight.grad"):
+        _check_grads(sh_model, ref, "full_tensor()")
+
+
+@case(CASES_2)
 def mixed_precision(rank, world, mesh):
     """FSDP2 MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): fp32 shards, bf16
     activations. The heads are gathered and computed in bf16, their gradients reduced in fp32
