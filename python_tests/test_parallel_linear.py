@@ -385,6 +385,23 @@ def bad_inputs_linear_tp(rank, world, groups):
             ValueError, "scorer_weight")
     _raises(lambda: remit_ext.remit_linear_loss(h, wl, y, bias=x["bias"], method="ntp",
                                                 tp_group=g), ValueError, "bias")
+    # One rank alone refusing its inputs: the other raises too instead of waiting for it.
+    for fn in (lambda b: remit_ext.remit_linear_loss(h, wl, y, bias=b, method="ntp",
+                                                      tp_group=g),
+               lambda b: remit_ext.linear_token_stats(h, wl, y, bias=b, tp_group=g)):
+        if rank == 1:
+            _raises(lambda: fn(x["bias"]), ValueError, "bias")
+        else:
+            _raises(lambda: fn(bl), ValueError, "tp_group", "rank(s) [1]", "refused")
+    s_one = x["sw"][:wl.shape[0] - 1] if rank == 0 else _rows(x["sw"], rank, world)
+    if rank == 0:
+        _raises(lambda: remit_ext.remit_linear_loss(h, wl, y, scorer_hidden=x["sh"],
+                                                    scorer_weight=s_one, tp_group=g),
+                ValueError, "scorer_weight")
+    else:
+        _raises(lambda: remit_ext.remit_linear_loss(h, wl, y, scorer_hidden=x["sh"],
+                                                    scorer_weight=s_one, tp_group=g),
+                ValueError, "tp_group", "rank(s) [0]")
     _raises(lambda: remit_ext.linear_token_stats(h, wl, y, tp_group="world"), TypeError,
             "tp_group")
     _raises(lambda: remit_ext.remit_linear_loss(h, wl, y, method="ntp", reduction="sum",

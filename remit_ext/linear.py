@@ -859,8 +859,7 @@ def _tp_linear_loss(h, w, y, bias, sh, sw, s_bias, sb, targets, cu_seqlens, meth
                      if isinstance(num_items, int) else num_items.detach())
     loss, weights, diag = _parallel.vocab_parallel_linear_loss(
         h, w, y, bias, sh, sw, s_bias, sb, offsets, method, ignore_index, eps,
-        float(keep_ratio), temperature, reduction, num_items, chunk, s_chunk, w_fp32, impl,
-        tp[0], tp[1])
+        float(keep_ratio), temperature, reduction, num_items, chunk, s_chunk, w_fp32, impl, tp)
     if reduction == "none":
         loss = loss.reshape(targets.shape)
     if not return_details:
@@ -875,10 +874,15 @@ def _vocab_parallel(fn, weight_name: str, args: dict):
     of the heads. Eager: ``torch.compile`` graph-breaks here (process groups, DTensors and
     collectives inside an autograd.Function)."""
     keys = ("hidden", weight_name, "bias", "scorer_hidden", "scorer_weight", "scorer_bias")
-    inputs, group, global_vocab = _parallel.unshard_linear(
-        *(args.get(k) for k in keys), args["tp_group"], weight_name)
+    inputs, tp = _parallel.unshard_linear(*(args.get(k) for k in keys), args["tp_group"],
+                                          weight_name)
     local = dict(args, **{k: v for k, v in zip(keys, inputs) if k in args})
-    return fn(**local, tp=(group, global_vocab))
+    try:
+        return fn(**local, tp=tp)
+    except (ValueError, TypeError):
+        # Refused before the handshake (a local check): the peers must not wait for us.
+        tp.refuse(inputs[0].device)
+        raise
 
 
 def _fsdp_module(weight_name: str):
@@ -975,8 +979,8 @@ def _remit_linear_loss(hidden, lm_head_weight, targets, *, bias, scorer_hidden, 
                        scorer_bias, scorer_logprobs, method, cu_seqlens, ignore_index, eps,
                        keep_ratio, temperature, reduction, num_items_in_batch, chunk_size,
                        memory_budget, grad_weight_fp32, return_details, backend, tp_group, tp):
-    """remit_linear_loss on plain tensors; ``tp``: None, or (group, global vocab or None) with
-    this rank's shards of the heads."""
+    """remit_linear_loss on plain tensors; ``tp``: None, or the ``parallel.TPHead`` of a call
+    on this rank's shards of the heads."""
     vocab = _check_inputs(hidden, lm_head_weight, targets, bias, scorer_hidden, scorer_weight,
                           scorer_bias, scorer_logprobs, method)
     eps = chk.check_eps(eps)
@@ -1129,8 +1133,7 @@ def _linear_token_stats(hidden, weight, targets, *, bias, ignore_index, temperat
                                       device_type=h.device.type, memory_budget=memory_budget)
     if tp is not None:
         logprob, ent, lse = _parallel.vocab_parallel_linear_stats(
-            h, weight, y, bias, tp[0], tp[1], ignore_index, temperature, entropy, chunk_size,
-            impl.name)
+            h, weight, y, bias, tp, ignore_index, temperature, entropy, chunk_size, impl.name)
     else:
         logprob, ent, lse = _linear_token_stats_op(h, weight, y, bias, ignore_index,
                                                    temperature, entropy, chunk_size, impl.name)

@@ -182,21 +182,28 @@ class _VocabLayout:
 
     ``v_local``: this rank's vocab rows; ``agree``: (argument, what, value) facts every rank
     must share besides the number of positions; ``vocab``: the global size the shards must
-    sum to, where the caller knows it (a DTensor's global shape)."""
+    sum to, where the caller knows it (a DTensor's global shape); ``status``: a last column of
+    1s, 0 from a rank that refused its inputs before the handshake (``_refuse``)."""
 
     def __init__(self, v_local: int, device, targets: Tensor, group, ignore_index: int,
                  target_name: str = "targets", rows_name: str = "logits",
-                 vocab_name: str = "logits", agree=(), vocab: Optional[int] = None):
+                 vocab_name: str = "logits", agree=(), vocab: Optional[int] = None,
+                 status: bool = False):
         self.group, self.rank, self.world = _group(group, "tp_group")
         n = targets.numel()
-        table = _handshake([v_local, n] + [v for _, _, v in agree], device, self.group,
-                           self.world)
+        table = _handshake([v_local, n] + [v for _, _, v in agree] + [1] * status, device,
+                           self.group, self.world)
         sizes = table[:, 0]
         self.lo = sizes[:self.rank].sum()
         self.vocab = sizes.sum()
         valid = targets != ignore_index
         bad = (valid & ((targets < 0) | (targets >= self.vocab))).flatten()
         if _host_checks(device):
+            if status and not bool(table[:, -1].all()):
+                refused = (table[:, -1] == 0).nonzero().flatten().tolist()
+                raise ValueError(f"tp_group: rank(s) {refused} of tp_group refused their inputs "
+                                 f"(their own errors name the argument); this rank's passed "
+                                 f"its local checks")
             _check_agree(table, 1, "number of positions", rows_name, "tp_group")
             for i, (name, what, _) in enumerate(agree):
                 _check_agree(table, 2 + i, what, name, "tp_group")
@@ -559,12 +566,31 @@ def _replicated_local(x: Optional[Tensor], group, name: str) -> Optional[Tensor]
     return x.to_local()
 
 
+class TPHead:
+    """One vocab-parallel call's group, the global vocab where known (a DTensor head's global
+    rows) and whether this rank has joined the handshake yet (``refuse``)."""
+
+    # The handshake's row: [V_r, N, D, D_scorer or -1, status].
+    FACTS = 5
+
+    def __init__(self, group, vocab: Optional[int]):
+        self.group, self.vocab, self.joined = group, vocab, False
+
+    def refuse(self, device) -> None:
+        """This rank refused its inputs before the handshake: join the peers' handshake with
+        a status of 0, so that they raise too (in the host-checked modes) rather than wait
+        in a collective this rank never reaches."""
+        if not self.joined:
+            self.joined = True
+            _handshake([0] * self.FACTS, device, self.group, dist.get_world_size(self.group))
+
+
 def unshard_linear(hidden, weight, bias, scorer_hidden, scorer_weight, scorer_bias, tp_group,
                    weight_name: str):
     """Plain local tensors for a vocab-parallel head: (hidden, weight, bias, scorer_hidden,
-    scorer_weight, scorer_bias), the process group and the global vocab (a DTensor weight's
-    global rows, else None). Weights and biases: this rank's rows, or DTensors ``Shard(0)``
-    on a 1-D mesh; hidden: replicated, or a DTensor on that mesh."""
+    scorer_weight, scorer_bias) and the call's ``TPHead``. Weights and biases: this rank's
+    rows, or DTensors ``Shard(0)`` on a 1-D mesh; hidden: replicated, or a DTensor on that
+    mesh."""
     vocab = int(weight.shape[0]) if _is_dtensor(weight) else None
     weight, tp_group = _unshard(weight, tp_group, weight_name, dim=0)
     bias, tp_group = _unshard(bias, tp_group, "bias", dim=0)
@@ -579,18 +605,19 @@ def unshard_linear(hidden, weight, bias, scorer_hidden, scorer_weight, scorer_bi
     group = _group(tp_group, "tp_group")[0]
     hidden = _replicated_local(hidden, group, "hidden")
     scorer_hidden = _replicated_local(scorer_hidden, group, "scorer_hidden")
-    return (hidden, weight, bias, scorer_hidden, scorer_weight, scorer_bias), group, vocab
+    return (hidden, weight, bias, scorer_hidden, scorer_weight, scorer_bias), TPHead(group, vocab)
 
 
-def _linear_layout(h: Tensor, w: Tensor, targets: Tensor, group, ignore_index: int,
-                   weight_name: str, vocab: Optional[int],
-                   sh: Optional[Tensor] = None) -> _VocabLayout:
+def _linear_layout(h: Tensor, w: Tensor, targets: Tensor, tp: TPHead, ignore_index: int,
+                   weight_name: str, sh: Optional[Tensor] = None) -> _VocabLayout:
     # A scorer head's rows are checked against the policy head's on each rank (linear.py).
-    agree = [("hidden", "hidden size", h.shape[-1])]
-    if sh is not None:
-        agree.append(("scorer_hidden", "scorer hidden size", sh.shape[-1]))
-    return _VocabLayout(w.shape[0], h.device, targets, group, ignore_index, rows_name="hidden",
-                        vocab_name=weight_name, agree=agree, vocab=vocab)
+    agree = [("hidden", "hidden size", h.shape[-1]),
+             ("scorer_hidden", "scorer hidden size (or no scorer head)",
+              -1 if sh is None else sh.shape[-1])]
+    tp.joined = True
+    return _VocabLayout(w.shape[0], h.device, targets, tp.group, ignore_index,
+                        rows_name="hidden", vocab_name=weight_name, agree=agree, vocab=tp.vocab,
+                        status=True)
 
 
 class _VocabParallelLinearStats(torch.autograd.Function):
@@ -734,11 +761,11 @@ class _VocabParallelLinearKD(torch.autograd.Function):
                 gb.to(b.dtype) if need[2] else None, None, None, None)
 
 
-def vocab_parallel_linear_stats(h, w, y, b, group, vocab, ignore_index, temperature,
-                                with_entropy, chunk, backend, weight_name="weight"):
+def vocab_parallel_linear_stats(h, w, y, b, tp: TPHead, ignore_index, temperature,
+                                with_entropy, chunk, backend):
     """(logprob, entropy or None, lse), flat [N], replicated: ``linear_token_stats`` with
     ``tp_group`` (inputs flat and local, checked by the caller)."""
-    layout = _linear_layout(h, w, y, group, ignore_index, weight_name, vocab)
+    layout = _linear_layout(h, w, y, tp, ignore_index, "weight")
     logprob, ent, lse, _ = _VocabParallelLinearStats.apply(
         h, w, b, layout, (temperature, with_entropy, chunk, backend, True), None)
     return logprob, ent if with_entropy else None, lse
@@ -746,11 +773,11 @@ def vocab_parallel_linear_stats(h, w, y, b, group, vocab, ignore_index, temperat
 
 def vocab_parallel_linear_loss(h, w, y, b, sh, sw, sb, scorer_logprobs, offsets, method,
                                ignore_index, eps, keep_ratio, temperature, reduction, num_items,
-                               chunk, s_chunk, w_fp32, impl, group, vocab):
+                               chunk, s_chunk, w_fp32, impl, tp: TPHead):
     """(loss, weights [N], diagnostics [6]) of ``remit_linear_loss`` with ``tp_group``
     (inputs flat and local, checked by the caller; the loss differentiable w.r.t. h, w, b)."""
     lin = _linear()
-    layout = _linear_layout(h, w, y, group, ignore_index, "lm_head_weight", vocab, sh)
+    layout = _linear_layout(h, w, y, tp, ignore_index, "lm_head_weight", sh)
     valid = layout.valid
     acc = acc_dtype(h.dtype)
     diag = torch.zeros(6, dtype=acc, device=h.device)
