@@ -160,6 +160,42 @@ def test_group_advantages_by_hand():
     assert adv[1].tolist() == [0.0, 0.0, 0.0, 0.0]
 
 
+def test_group_advantages_centre_only():
+    r = torch.tensor([[0.9, 0.0, 0.0, 0.05]])
+    assert R.group_advantages(r, scale=False)[0].tolist() == pytest.approx(
+        [0.9 - 0.2375, -0.2375, -0.2375, 0.05 - 0.2375])
+
+
+def test_rmt_advantages_keep_the_length_term_from_deciding():
+    """The issue's case: a group with no correct prediction whose rewards differ only by the
+    length term. Whitening blows that up to O(1) advantages; centring keeps it within omega,
+    gating gives the group nothing."""
+    match = torch.zeros(1, 8, dtype=torch.bool)
+    ell = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 1]])
+    budget, omega = 35, 0.1
+    whiten = R.rmt_advantages(match, ell, budget, omega, "whiten")
+    assert float(whiten.max()) > 2.5  # 1 / 35 of the length reward: +2.65 after whitening
+    centre = R.rmt_advantages(match, ell, budget, omega, "centre")
+    assert float(centre.abs().max()) <= omega / budget + 1e-7
+    gate = R.rmt_advantages(match, ell, budget, omega, "gate")
+    assert torch.equal(gate, torch.zeros_like(gate))
+    # A mixed group: under every mode the correct rollouts get the larger advantages, and with
+    # the gate the length term ranks the correct ones only (an incorrect one's length is moot).
+    match = torch.tensor([[True, True, False, False]])
+    ell = torch.tensor([[10, 2, 10, 0]])
+    for mode in R.ADVANTAGE_MODES:
+        a = R.rmt_advantages(match, ell, 10, omega, mode)[0]
+        assert float(a[:2].min()) > float(a[2:].max())
+    g = R.rmt_advantages(match, ell, 10, omega, "gate")[0]
+    assert float(g[0]) > float(g[1]) and float(g[2]) == pytest.approx(float(g[3]))
+    # Independently: gate = whitening of (1 - omega) m + omega m r_len.
+    r = (1 - omega) * match.float() + omega * match.float() * torch.tensor([[1.0, 0.2, 1, 0]])
+    want = (r - r.mean()) / (r.std(unbiased=False) + 1e-6)
+    torch.testing.assert_close(g, want[0])
+    with pytest.raises(ValueError, match="mode: expected one of"):
+        R.rmt_advantages(match, ell, 10, omega, "rank")
+
+
 # ----------------------------------------------------------------------------- losses
 
 
@@ -226,6 +262,37 @@ def test_rmt_loss_is_the_sum_of_its_terms():
         R.rl_loss(logits, actions, adv[:5], group_size=4, n_positions=3)
 
 
+def test_rmt_loss_per_position_normalisation():
+    """normalize="position": (sum_C l_RL + lam sum_rest l_NTP) / N_valid, from an independent
+    fp64 computation."""
+    logits, actions, adv = _rollout_case(seed=7)  # 3 groups of 4
+    gen = torch.Generator().manual_seed(8)
+    lm = torch.randn(2, 5, 9, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 9, (2, 5), generator=gen)
+    y[1, 3:] = -100
+    pos = torch.tensor([1, 2, 6])
+    out = R.rmt_loss(logits, actions, adv, lm, y, pos, group_size=4, lam=0.1,
+                     token_mean=True, normalize="position")
+    n_valid = 8
+    logp = torch.log_softmax(logits, -1)
+    mask = actions != -100
+    tok = logp.gather(-1, actions.clamp(min=0)[..., None])[..., 0] * mask
+    per_rollout = tok.sum(1) / mask.sum(1).clamp(min=1)
+    rl_sum = -(adv * per_rollout).view(3, 4).mean(1).sum()  # sum over C of -(1/G) sum_i ...
+    nll = -torch.log_softmax(lm, -1).gather(-1, y.clamp(min=0)[..., None])[..., 0]
+    rest = (y != -100).flatten().clone()
+    rest[pos] = False
+    ntp_sum = (nll.flatten() * rest).sum()
+    torch.testing.assert_close(out.rl.double(), rl_sum / n_valid)
+    torch.testing.assert_close(out.ntp.double(), 0.1 * ntp_sum / n_valid)
+    # num_items_in_batch replaces N_valid (the global count under DDP).
+    other = R.rmt_loss(logits, actions, adv, lm, y, pos, group_size=4, lam=0.1,
+                       token_mean=True, normalize="position", num_items_in_batch=16)
+    torch.testing.assert_close(other.loss, out.loss / 2)
+    with pytest.raises(ValueError, match="normalize: expected one of"):
+        R.rmt_loss(logits, actions, adv, lm, y, pos, group_size=4, normalize="batch")
+
+
 def test_rollout_scale():
     mask = torch.tensor([[True, True, False], [True, False, False]])
     assert R.rollout_scale(mask, 2, 1).tolist() == [[0.5, 0.5, 0.0], [0.5, 0.0, 0.0]]
@@ -241,16 +308,31 @@ def _model(seed=0):
     return TinyGPT(TINY.model_config()).eval()
 
 
+class _ThinkHeavy(torch.nn.Module):
+    """A model whose logits for '<' (+3) and '>' (+2) are raised."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args, **kw):
+        z = self.inner(*args, **kw).clone()
+        z[..., D.THINK_OPEN_ID] += 3.0
+        z[..., D.THINK_CLOSE_ID] += 2.0
+        return z
+
+
+@pytest.mark.parametrize("text_only", [True, False])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_rollouts_have_the_format_and_match_a_full_forward(temperature):
-    model = _model()
+def test_rollouts_have_the_format_and_match_a_full_forward(temperature, text_only):
+    model = _ThinkHeavy(_model())  # favours '<' and '>', so that the ban below is tested
     inputs = torch.randint(2, D.VOCAB_SIZE, (3, 12))
     prefixes = rollout_prefixes(inputs, torch.tensor([4, 17, 35]), 2)
     assert [len(x) for x in prefixes] == [5, 5, 6, 6, 12, 12]
     assert torch.equal(prefixes[2], inputs[1, :6])
     cap = 5
     ro = rollout(model, prefixes, cap, temperature, torch.Generator().manual_seed(0),
-                 torch.device("cpu"))
+                 torch.device("cpu"), text_only=text_only)
     width = ro.prompt.shape[1]
     for i, x in enumerate(prefixes):
         assert torch.equal(ro.prompt[i, ro.pad[i]:], torch.cat([x, torch.tensor([D.THINK_OPEN_ID])]))
@@ -258,17 +340,28 @@ def test_rollouts_have_the_format_and_match_a_full_forward(temperature):
         ell = int(ro.thought_len[i])
         assert ell <= cap and D.THINK_CLOSE_ID not in gen[:ell]
         assert gen[ell] == D.THINK_CLOSE_ID and gen[ell + 1] == int(ro.pred[i])
+        think = (D.THINK_OPEN_ID, D.THINK_CLOSE_ID)
+        if text_only:  # the only think token after the opening '<' is the closing '>'
+            assert D.THINK_OPEN_ID not in gen[:ell + 2] and int(ro.pred[i]) not in think
+        elif temperature == 0:  # without the ban the greedy thought is '<' at once
+            assert ell == 0 or gen[0] == D.THINK_OPEN_ID
         # Sampled tokens are actions; a '>' forced at the cap and the padding are not.
         assert act[:ell] == [True] * ell and act[ell + 1] is True
         assert act[ell] == (not bool(ro.forced_close[i]))
         assert bool(ro.forced_close[i]) == (ell == cap and act[ell] is False)
         assert not any(act[ell + 2:])
     # The training forward (the whole sequences, left-padded) gives the cached decoding's
-    # choices back: greedy tokens are its argmax at every action slot.
+    # choices back: greedy tokens are its argmax at every action slot (with text_only, the
+    # argmax without '<', and at the prediction slot without '>' either).
     x, actions = ro.training_batch()
     assert x.shape[1] == actions.shape[1] == width + ro.gen.shape[1] - 1
     if temperature == 0:
         logits = model(x, pad=ro.pad)
+        if text_only:
+            logits[..., D.THINK_OPEN_ID] = float("-inf")
+            for i in range(len(prefixes)):
+                ell = int(ro.thought_len[i])
+                logits[i, width + ell, D.THINK_CLOSE_ID] = float("-inf")  # predicts gen[ell+1]
         chosen = logits.argmax(-1)
         sel = actions != D.IGNORE_INDEX
         assert sel.any() and torch.equal(chosen[sel], actions[sel])

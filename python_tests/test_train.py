@@ -411,12 +411,21 @@ def test_two_process_ddp_run(trained, tmp_path):
 def test_flywheel_writes_the_table_and_figures(tmp_path):
     out = tmp_path / "fw"
     done = subprocess.run(_cli("flywheel", "--preset", "tiny", "--out", str(out),
-                               "--no-progress"), env=ENV, capture_output=True, text=True)
+                               "--no-progress", "--scorer-cache-check"), env=ENV,
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     names = [r["name"] for r in results["rows"]]
-    assert names == ["Pre-trained", "RL scorer (reference)", "Vanilla NTP", "Rho-1", "ReMiT", "KD",
-                     "RMT"]
+    assert names == ["Pre-trained", "RL reference", "Vanilla NTP", "Rho-1", "ReMiT", "KD", "RMT"]
+    # The paper's order: the reference is RL on the NTP mid-trained model (the official
+    # anneal, the NTP row), which mid-trained from the pre-trained base like every method.
+    assert results["order"]["reference_from"] == "midtrain"
+    rl_cfg = json.loads((out / "rl" / "config.json").read_text())
+    assert rl_cfg["init"] == str(out / "midtrain-ntp" / "final.pt")
+    for m in ("ntp", "rho1", "remit", "kd", "rmt"):
+        cfg = json.loads((out / f"midtrain-{m}" / "config.json").read_text())
+        assert cfg["init"] == str(out / "pretrain" / "final.pt"), m
+    assert results["machine"]["threads"] == TINY.threads == 1
     probe = results["probe"]
     assert [r["name"] for r in probe["rows"]] == names
     assert all(0 <= r["probe"]["tok_acc"] <= 1 for r in probe["rows"])
@@ -429,6 +438,30 @@ def test_flywheel_writes_the_table_and_figures(tmp_path):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # A second run finds every stage done and only rebuilds the report.
     again = subprocess.run(_cli("flywheel", "--preset", "tiny", "--out", str(out),
-                                "--no-progress"), env=ENV, capture_output=True, text=True)
+                                "--no-progress", "--scorer-cache-check"), env=ENV,
+                           capture_output=True, text=True)
     assert again.returncode == 0 and "| ReMiT |" in again.stdout
     assert json.loads((out / "results.json").read_text())["rows"] == results["rows"]
+
+
+def test_flywheel_reference_ablation_order(tmp_path):
+    """--reference-from pretrain: the earlier order, the reference RL-tuned from the base."""
+    out = tmp_path / "fw"
+    done = subprocess.run(_cli("flywheel", "--preset", "tiny", "--out", str(out), "--no-progress",
+                               "--methods", "ntp", "remit", "--no-post-rl",
+                               "--reference-from", "pretrain"),
+                          env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rl_cfg = json.loads((out / "rl" / "config.json").read_text())
+    assert rl_cfg["init"] == str(out / "pretrain" / "final.pt")
+    assert json.loads((out / "results.json").read_text())["order"]["reference_from"] == "pretrain"
+
+
+def test_thread_count_is_fixed_per_run():
+    """A stage sets torch's thread count from the preset (a run's numbers depend on it)."""
+    code = ("import torch; torch.set_num_threads(2); from remit_ext.train.loop import "
+            "apply_threads; from remit_ext.train.presets import get_preset; "
+            "apply_threads(get_preset('tiny')); a = torch.get_num_threads(); "
+            "apply_threads(get_preset('tiny', ['threads=0'])); print(a, torch.get_num_threads())")
+    done = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True)
+    assert done.stdout.split() == ["1", "1"], done.stderr

@@ -42,10 +42,13 @@ __all__ = [
     "length_reward",
     "rmt_reward",
     "group_advantages",
+    "ADVANTAGE_MODES",
+    "rmt_advantages",
     "rollout_scale",
     "rl_loss",
     "ntp_rest_loss",
     "RMTLoss",
+    "NORMALIZATIONS",
     "rmt_loss",
 ]
 
@@ -218,28 +221,63 @@ def length_reward(lengths: Tensor, budget: int, r_max: float = 1.0) -> Tensor:
 
 
 def rmt_reward(match: Tensor, lengths: Tensor, budget: int, omega: float = 0.1,
-               r_max: float = 1.0) -> Tensor:
-    """``r = (1 - omega) * 1[prediction == next token] + omega * r_len(l)``."""
+               r_max: float = 1.0, gate: bool = False) -> Tensor:
+    """``r = (1 - omega) * 1[prediction == next token] + omega * r_len(l)``; with ``gate``
+    (ours) the length term counts only for a correct prediction:
+    ``r = (1 - omega) * m + omega * m * r_len(l)``."""
     chk._tensor(match, "match")
     if match.shape != lengths.shape:
         raise ValueError(f"lengths: expected shape {tuple(match.shape)} like match, got "
                          f"{tuple(lengths.shape)}")
     if not 0 <= omega <= 1:
         raise ValueError(f"omega: expected a number in [0, 1], got {omega!r}")
-    return (1 - omega) * match.to(torch.float32) + omega * length_reward(lengths, budget, r_max)
+    m = match.to(torch.float32)
+    r_len = length_reward(lengths, budget, r_max)
+    return (1 - omega) * m + omega * (m * r_len if gate else r_len)
 
 
-def group_advantages(rewards: Tensor, eps: float = 1e-6) -> Tensor:
+ADVANTAGE_MODES = ("whiten", "centre", "gate")
+
+
+def group_advantages(rewards: Tensor, eps: float = 1e-6, *, scale: bool = True) -> Tensor:
     """``A_i = (r_i - mean r) / (std r + eps)`` within each group (the last dim, ``[..., G]``);
-    population std, so a group of equal rewards gets advantage 0."""
+    population std, so a group of equal rewards gets advantage 0. ``scale=False`` centres
+    only: ``A_i = r_i - mean r``."""
     chk._tensor(rewards, "rewards")
     if rewards.dim() < 1 or rewards.shape[-1] < 1:
         raise ValueError(f"rewards: expected shape [..., G] with G >= 1, got "
                          f"{tuple(rewards.shape)}")
     r = rewards.to(torch.float32)
-    mean = r.mean(dim=-1, keepdim=True)
-    std = r.std(dim=-1, keepdim=True, unbiased=False)
-    return (r - mean) / (std + eps)
+    centred = r - r.mean(dim=-1, keepdim=True)
+    if not scale:
+        return centred
+    return centred / (r.std(dim=-1, keepdim=True, unbiased=False) + eps)
+
+
+def rmt_advantages(match: Tensor, lengths: Tensor, budget: int, omega: float = 0.1,
+                   mode: str = "whiten", r_max: float = 1.0, eps: float = 1e-6) -> Tensor:
+    """Rewards and advantages of ``[..., G]`` rollout groups under one of ``ADVANTAGE_MODES``:
+
+    - ``whiten`` (METHODS.md): ``rmt_reward`` whitened per group. Where a group's predictions
+      all match (or all miss), the length term alone sets the advantages at full scale.
+    - ``centre`` (ours): ``rmt_reward`` minus the group mean, no std division: the length
+      term moves an advantage by at most ``omega * r_max``.
+    - ``gate`` (ours): the length term counts only for correct predictions
+      (``rmt_reward(gate=True)``), whitened per group, and a group whose predictions all
+      match or all miss gets advantage 0 (it carries no correctness signal, so its length
+      differences set nothing).
+    """
+    if mode not in ADVANTAGE_MODES:
+        raise ValueError(f"mode: expected one of {ADVANTAGE_MODES}, got {mode!r}")
+    reward = rmt_reward(match, lengths, budget, omega, r_max, gate=mode == "gate")
+    if mode == "centre":
+        return group_advantages(reward, eps, scale=False)
+    adv = group_advantages(reward, eps)
+    if mode == "gate":
+        m = match.to(torch.float32)
+        mixed = m.amax(dim=-1, keepdim=True) > m.amin(dim=-1, keepdim=True)
+        adv = torch.where(mixed, adv, torch.zeros_like(adv))
+    return adv
 
 
 # ----------------------------------------------------------------------------- losses
@@ -289,16 +327,19 @@ def rl_loss(logits: Tensor, actions: Tensor, advantages: Tensor, *, group_size: 
 
 
 def ntp_rest_loss(logits: Tensor, targets: Tensor, rl_positions: Tensor, lam: float = 0.1, *,
-                  ignore_index: int = -100, backend: str = "auto") -> Tensor:
+                  ignore_index: int = -100, num_items_in_batch=None,
+                  backend: str = "auto") -> Tensor:
     """``lam * L_NTP``: the mean next-token loss over the valid positions *not* in the RL set
-    (``rl_positions``: flat indices into ``targets``), so no token is trained twice."""
+    (``rl_positions``: flat indices into ``targets``), so no token is trained twice.
+    ``num_items_in_batch`` replaces the count of those positions as the divisor."""
     chk._tensor(rl_positions, "rl_positions")
     if lam < 0:
         raise ValueError(f"lam: expected a number >= 0, got {lam!r}")
     rest = targets.reshape(-1).clone()
     rest[rl_positions.to(rest.device)] = ignore_index
     return lam * weighted_cross_entropy(logits, rest.view(targets.shape),
-                                        ignore_index=ignore_index, backend=backend)
+                                        ignore_index=ignore_index,
+                                        num_items_in_batch=num_items_in_batch, backend=backend)
 
 
 class RMTLoss(NamedTuple):
@@ -308,17 +349,34 @@ class RMTLoss(NamedTuple):
     logprobs: Tensor  # log pi of the rollout actions (detached)
 
 
+NORMALIZATIONS = ("term", "position")
+
+
 def rmt_loss(rollout_logits: Tensor, actions: Tensor, advantages: Tensor, logits: Tensor,
              targets: Tensor, rl_positions: Tensor, *, group_size: int, lam: float = 0.1,
-             token_mean: bool = False, ignore_index: int = -100,
-             backend: str = "auto") -> RMTLoss:
+             token_mean: bool = False, ignore_index: int = -100, normalize: str = "term",
+             num_items_in_batch=None, backend: str = "auto") -> RMTLoss:
     """The dual objective ``L = L_RL(C) + lam * L_NTP(rest)``: the RL term over the rollouts
     of the ``|C| = len(rl_positions)`` sampled positions, the NTP term over the batch's other
-    positions."""
+    positions.
+
+    ``normalize="term"`` (METHODS.md) takes each term's own mean: ``L_RL`` over ``|C|``,
+    ``L_NTP`` over the rest. ``normalize="position"`` (ours) divides both sums by the batch's
+    valid-position count ``N_valid`` (``num_items_in_batch`` overrides it, e.g. the global
+    count under DDP): ``(sum_C l_RL + lam * sum_rest l_NTP) / N_valid``, so a position weighs
+    the same whichever term trains it."""
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize: expected one of {NORMALIZATIONS}, got {normalize!r}")
     n = int(rl_positions.numel())
+    if normalize == "position":
+        n_valid = (num_items_in_batch if num_items_in_batch is not None
+                   else int((targets != ignore_index).sum()))
+        n_rl, n_ntp = max(float(n_valid), 1.0), n_valid
+    else:
+        n_rl, n_ntp = max(n, 1), None
     rl = rl_loss(rollout_logits, actions, advantages, group_size=group_size,
-                 n_positions=max(n, 1), token_mean=token_mean, ignore_index=ignore_index,
+                 n_positions=n_rl, token_mean=token_mean, ignore_index=ignore_index,
                  backend=backend)
     ntp = ntp_rest_loss(logits, targets, rl_positions, lam, ignore_index=ignore_index,
-                        backend=backend)
+                        num_items_in_batch=n_ntp, backend=backend)
     return RMTLoss(rl.loss + ntp, rl.loss, ntp, rl.logprobs)

@@ -156,11 +156,61 @@ class Flywheel(_Command):
         parser.add_argument("--post-rl", action=argparse.BooleanOptionalAction, default=True,
                             help="after mid-training, RL-tune each mid-trained model too and "
                                  "report its accuracy (default: on)")
+        parser.add_argument("--reference-from", default="midtrain",
+                            choices=["midtrain", "pretrain"],
+                            help="the RL reference is RL on the NTP mid-trained model (the "
+                                 "paper's order, default) or, as an ablation, on the "
+                                 "pre-trained base")
+        parser.add_argument("--scorer-cache-check", action="store_true",
+                            help="run ReMiT a second time with the scorer live at every step "
+                                 "and report the cache's speed-up (one more mid-training run)")
+        parser.add_argument("--seeds", type=int, default=None, metavar="K",
+                            help="run K seeds (--seed, --seed+1, ...; each in OUT/seed<s>) and "
+                                 "write OUT/seeds.json and OUT/seeds.md: per-seed results and "
+                                 "paired differences against NTP with 95%% CIs")
+        parser.add_argument("--jobs", type=int, default=None, metavar="J",
+                            help="with --seeds: seeds run at once, as separate processes "
+                                 "(default: min(K, CPU cores))")
 
     def run(self, args) -> int:
+        if args.seeds is not None:
+            return self._run_seeds(args)
         from .flywheel import flywheel
 
-        return flywheel(_common(args), args.methods, args.post_rl)
+        return flywheel(_common(args), args.methods, args.post_rl, args.reference_from,
+                        args.scorer_cache_check)
+
+    @staticmethod
+    def _run_seeds(args) -> int:
+        import os
+
+        from .seeds import run_seeds
+
+        if args.seeds < 1:
+            raise SystemExit(f"--seeds: expected a positive count, got {args.seeds}")
+        if args.overwrite and args.out.exists():
+            shutil.rmtree(args.out) if args.out.is_dir() else args.out.unlink()
+        first = args.seed if args.seed is not None else get_preset(args.preset,
+                                                                    args.overrides).seed
+        seeds = list(range(first, first + args.seeds))
+        jobs = args.jobs or min(args.seeds, os.cpu_count() or 1)
+
+        def argv(seed, sdir):
+            a = ["--out", str(sdir), "--preset", args.preset, "--seed", str(seed),
+                 "--backend", args.backend, "--no-progress", "--methods", *args.methods,
+                 "--reference-from", args.reference_from,
+                 "--post-rl" if args.post_rl else "--no-post-rl"]
+            for o in args.overrides:
+                a += ["--set", o]
+            if args.device:
+                a += ["--device", args.device]
+            if args.fused_linear:
+                a.append("--fused-linear")
+            if args.scorer_cache_check:
+                a.append("--scorer-cache-check")
+            return a
+
+        return run_seeds(argv, seeds, args.out, jobs)
 
 
 COMMANDS = {
@@ -170,6 +220,7 @@ COMMANDS = {
         Score("score", "cache a scorer's per-token log-probs on the mid-training data"),
         Midtrain("midtrain", "mid-train (anneal) a base model with ntp, remit, rho1, kd or rmt"),
         Eval("eval", "answer accuracy and NLL of a model on held-out problems"),
-        Flywheel("flywheel", "pretrain -> RL -> mid-train with every method -> results table"),
+        Flywheel("flywheel", "pretrain -> NTP anneal -> RL reference -> mid-train with "
+                             "every method -> RL -> results table (--seeds K: K seeds)"),
     )
 }

@@ -1,44 +1,62 @@
 """``remit-ext flywheel``: every stage on one preset, then the results table and figures.
 
-pretrain -> rl (the scorer) -> score (cache its log-probs) -> midtrain with each method from
-the same base (RMT needs no scorer) -> eval; optionally RL again on each mid-trained model
-(``--post-rl``). Every model is also measured on RMT's held-out next-token probe (accuracy per
-entropy tier of the base model, directly and after a greedy thought). Stages already finished
-are skipped, so an interrupted flywheel resumes where it stopped.
+The order is the ReMiT paper's (arXiv 2602.03075): pretrain -> NTP mid-training of the base
+(the "official" anneal) -> RL on that model = the frozen reference -> every method mid-trains
+from the *pre*-mid-training checkpoint steered by the reference (ReMiT, Rho-1 and KD through
+it; NTP is the official anneal itself; RMT needs no reference) -> RL on each mid-trained model
+(``--post-rl``) -> the table. ``--reference-from pretrain`` is the ablation of the earlier order,
+the reference RL-tuned from the pre-trained base instead. Every model is also measured on RMT's
+held-out next-token probe. Stages already finished are skipped, so an interrupted flywheel
+resumes where it stopped; ``--seeds K`` runs K seeds (``seeds.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import platform
 import time
 from pathlib import Path
+
+import torch
 
 from . import report
 from .runtime import atomic_write_text, get_dist, load
 from .stages import Common, midtrain, pretrain, rl, score
 
 NAMES = {"ntp": "Vanilla NTP", "rho1": "Rho-1", "remit": "ReMiT", "kd": "KD", "rmt": "RMT"}
+REFERENCE = "RL reference"
+REFERENCE_FROM = ("midtrain", "pretrain")
 
 
-def flywheel(c: Common, methods: list[str], post_rl: bool = False) -> int:
+def flywheel(c: Common, methods: list[str], post_rl: bool = False,
+             reference_from: str = "midtrain", scorer_cache_check: bool = False) -> int:
+    if reference_from not in REFERENCE_FROM:
+        raise ValueError(f"--reference-from: expected one of {REFERENCE_FROM}, got "
+                         f"{reference_from!r}")
     out, p, d = Path(c.out), c.preset, get_dist(c.device)
     t_start = time.perf_counter()
     stage = lambda sub: dataclasses.replace(c, out=out / sub)  # noqa: E731
     base = pretrain(stage("pretrain"))
-    scorer = rl(stage("rl"), base / "final.pt")
+    # The official anneal: NTP mid-training of the base (also the table's NTP row).
+    anneal = midtrain(stage("midtrain-ntp"), base / "final.pt", "ntp")
+    ref_init = anneal if reference_from == "midtrain" else base
+    scorer = rl(stage("rl"), ref_init / "final.pt")
     cache = out / "scorer_cache.pt"
     if not cache.exists():
         score(stage("scorer_cache.pt"), scorer / "final.pt")
     dirs = {}
     for m in methods:
+        if m == "ntp":
+            dirs[m] = anneal
+            continue
         uses_cache = m in ("remit", "rho1")
         dirs[m] = midtrain(stage(f"midtrain-{m}"), base / "final.pt", m,
                            scorer=None if uses_cache or m == "rmt" else scorer / "final.pt",
                            scorer_cache=cache if uses_cache else None)
-    # The scorer-cache speed-up: ReMiT once more with the scorer run live at every step.
+    # The scorer-cache speed-up (opt-in): ReMiT once more with the scorer run live.
     live = None
-    if "remit" in methods:
+    if "remit" in methods and scorer_cache_check:
         live = midtrain(stage("midtrain-remit-live"), base / "final.pt", "remit",
                         scorer=scorer / "final.pt")
     post = {}
@@ -50,15 +68,20 @@ def flywheel(c: Common, methods: list[str], post_rl: bool = False) -> int:
         return 0
 
     rows = [{"name": "Pre-trained", "eval": load(base / "final.pt")["eval"]},
-            {"name": "RL scorer (reference)", "eval": load(scorer / "final.pt")["eval"]}]
+            {"name": REFERENCE, "eval": load(scorer / "final.pt")["eval"]}]
     finals = {m: load(sdir / "final.pt") for m, sdir in dirs.items()}
     for m in methods:
         row = {"name": NAMES[m], "eval": finals[m]["eval"]}
         if m in post:
-            row["post_rl_acc"] = load(post[m] / "final.pt")["eval"]["acc"]
+            row["post_rl"] = load(post[m] / "final.pt")["eval"]
+            row["post_rl_acc"] = row["post_rl"]["acc"]
         rows.append(row)
-    results = {"preset": p.to_dict(), "rows": rows, "seconds_total": None,
-               "remit_weights": finals.get("remit", {}).get("weights")}
+    results = {"preset": p.to_dict(), "order": {"reference_from": reference_from,
+                                                "reference_init": str(ref_init)},
+               "rows": rows, "seconds_total": None,
+               "remit_weights": finals.get("remit", {}).get("weights"),
+               "remit_curve": _weight_curve(dirs.get("remit")),
+               "machine": machine_info(p)}
     if live is not None:
         cached_s, live_s = finals["remit"]["step_seconds"], load(live / "final.pt")["step_seconds"]
         results["scorer_cache"] = {
@@ -83,6 +106,32 @@ def flywheel(c: Common, methods: list[str], post_rl: bool = False) -> int:
     return 0
 
 
+def machine_info(p) -> dict:
+    """What a reader needs to reproduce a number: torch and Python versions, the CPU, the
+    thread count the run used."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for ln in Path("/proc/cpuinfo").read_text().splitlines():
+            if ln.startswith("model name"):
+                cpu = ln.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"torch": torch.__version__, "python": platform.python_version(), "cpu": cpu,
+            "threads": torch.get_num_threads(), "preset_threads": p.threads,
+            "cuda": torch.cuda.is_available()}
+
+
+def _weight_curve(stage_dir) -> list | None:
+    """ReMiT's mean weight on step results and answers at each logged step (``w_result``,
+    ``w_answer`` in the metrics), to see whether the critical tokens' weight fades as the
+    learner catches up with the reference."""
+    if stage_dir is None:
+        return None
+    return [{k: r[k] for k in ("step", "w_result", "w_answer") if k in r}
+            for r in report.read_metrics(stage_dir) if "w_result" in r]
+
+
 def _probe_rows(c: Common, base: Path, scorer: Path, dirs: dict, methods: list[str]) -> dict:
     """RMT's next-token probe (tiers fixed by the base model) on every model of the table."""
     from .loop import load_model
@@ -90,7 +139,7 @@ def _probe_rows(c: Common, base: Path, scorer: Path, dirs: dict, methods: list[s
 
     device = get_dist(c.device).device
     probe = TierProbe(c.preset, load_model(base / "final.pt", device), device, c.backend)
-    models = [("Pre-trained", base), ("RL scorer (reference)", scorer)]
+    models = [("Pre-trained", base), (REFERENCE, scorer)]
     models += [(NAMES[m], dirs[m]) for m in methods]
     rows = [{"name": name, "probe": probe(load_model(sdir / "final.pt", device))}
             for name, sdir in models]
@@ -121,5 +170,14 @@ def _markdown(results: dict, max_k: int) -> str:
                f"prediction after a greedy thought `<...>` of at most {pr['cap']} tokens "
                "(think); mean thought length in tokens.", "",
                report.probe_markdown(pr["rows"], pr["names"])]
-    md.append(f"Total time (every stage not already done): {results['seconds_total']:.0f} s.")
+    o = results.get("order", {})
+    md.append(f"Reference: RL on the {'NTP mid-trained model' if o.get('reference_from') == 'midtrain' else 'pre-trained base'} "
+              f"(`--reference-from {o.get('reference_from')}`). Greedy completions in the "
+              "think format (`<` or `>`), % of held-out problems: " + ", ".join(
+                  f"{r['name']} {100 * r['eval'].get('think_frac', float('nan')):.1f}"
+                  for r in results["rows"]) + ".")
+    md.append("")
+    m = results.get("machine", {})
+    md.append(f"Total time (every stage not already done): {results['seconds_total']:.0f} s "
+              f"(torch {m.get('torch')}, {m.get('threads')} thread(s), {m.get('cpu')}).")
     return "\n".join(md) + "\n"

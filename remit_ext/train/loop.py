@@ -38,6 +38,15 @@ class Common:
 # ----------------------------------------------------------------------------- helpers
 
 
+def apply_threads(p: Preset) -> None:
+    """Fix torch's intra-op thread count for this process (``p.threads``; 0 leaves torch's
+    default). CPU reductions split work by thread, so the thread count changes float rounding
+    and with it every trained number; fixing it makes a run reproduce bit for bit on the same
+    torch build and CPU kind, whatever the machine's core count."""
+    if p.threads > 0 and torch.get_num_threads() != p.threads:
+        torch.set_num_threads(p.threads)
+
+
 def new_model(p: Preset, device: torch.device) -> TinyGPT:
     torch.manual_seed(p.seed)
     return TinyGPT(p.model_config()).to(device)
@@ -116,17 +125,22 @@ def evaluate(model: TinyGPT, p: Preset, device: torch.device, backend: str = "au
     model.eval()
     problems = D.generate_problems("eval", p.n_eval, p.seed, p.max_k)
     out: dict = {}
-    correct = 0
+    correct = think = 0
     for k in range(1, p.max_k + 1):
         group = [q for q in problems if q.difficulty == k]
         prompts = torch.tensor([[D.NEWLINE_ID] + D.encode(q.prompt()) for q in group],
                                device=device)
         max_new = len(group[0].text()) - len(group[0].prompt())
         gen = model.generate(prompts, max_new).cpu()
-        hits = sum(D.parse_answer(D.decode(g)) == q.answer for g, q in zip(gen, group))
+        texts = [D.decode(g) for g in gen]
+        hits = sum(D.parse_answer(t) == q.answer for t, q in zip(texts, group))
+        think += sum(">" in t or "<" in t for t in texts)
         out[f"acc_k{k}"] = hits / len(group)
         correct += hits
     out["acc"] = correct / len(problems)
+    # Greedy completions that use the think format ('<' or '>'), which clean mid-training
+    # text never does: the measure of RMT's format leaking into ordinary text.
+    out["think_frac"] = think / len(problems)
     inputs, targets = D.pack_rows([q.text() for q in problems], p.seq_len)
     roles = D.token_roles(inputs)
     nll_sum = torch.zeros(2, dtype=torch.float64)  # all valid tokens, critical tokens

@@ -22,9 +22,9 @@ from remit_ext.parallel import global_num_items, reduce_diagnostics
 from remit_ext.rmt import group_advantages
 
 from . import data as D
-from .loop import (Common, batch_rows, clip_and_step, clock, dataset, evaluate, finish_stage,
-                   load_model, log_step, make_optimizer, median, midtrain_batch, new_model,
-                   set_lr)
+from .loop import (Common, apply_threads, batch_rows, clip_and_step, clock, dataset, evaluate,
+                   finish_stage, load_model, log_step, make_optimizer, median, midtrain_batch,
+                   new_model, set_lr)
 from .rmt_stage import midtrain_rmt
 from .runtime import StageRun, get_dist, atomic_save, load, step_generator, unwrap
 
@@ -40,6 +40,7 @@ METHODS = ("ntp", "remit", "rho1", "kd", "rmt")
 def pretrain(c: Common) -> Path:
     """Next-token prediction on the noisy pre-training split; warmup then a constant rate."""
     p, d = c.preset, get_dist(c.device)
+    apply_threads(p)
     run = StageRun(c.out, "pretrain", {"stage": "pretrain", **p.to_dict()}, d,
                    p.pretrain_steps, p.ckpt_every, c.progress)
     if run.done:
@@ -74,6 +75,7 @@ def rl(c: Common, init: Path) -> Path:
     loss is ``-(1/B) sum_groups (1/G) sum_i A_i mean_t log pi(token_t)``.
     """
     p, d = c.preset, get_dist(c.device)
+    apply_threads(p)
     run = StageRun(c.out, "rl", {"stage": "rl", "init": str(init), **p.to_dict()}, d,
                    p.rl_steps, p.ckpt_every, c.progress)
     if run.done:
@@ -141,6 +143,7 @@ def score(c: Common, scorer: Path) -> Path:
     """Precompute the scorer's log-prob of every mid-training target into ``c.out`` (a file),
     which ``midtrain --scorer-cache`` reads instead of running the scorer."""
     p, d = c.preset, get_dist(c.device)
+    apply_threads(p)
     if not d.is_main:  # one process scores; the others wait for its file
         d.barrier()
         return c.out
@@ -200,6 +203,7 @@ def midtrain(c: Common, init: Path, method: str, scorer: Optional[Path] = None,
         raise ValueError("--method kd: expected --scorer (distillation needs the teacher's full "
                          "distribution, which a log-prob cache does not hold)")
     p, d = c.preset, get_dist(c.device)
+    apply_threads(p)
     cfg = {"stage": "midtrain", "method": method, "init": str(init),
            "fused_linear": c.fused_linear,
            "scorer": None if scorer is None else str(scorer),
@@ -264,6 +268,11 @@ def midtrain(c: Common, init: Path, method: str, scorer: Optional[Path] = None,
                 hist += inc[:40]
                 role_sum += inc[40:40 + len(role_sum)]
                 role_n += inc[40 + len(role_sum):]
+                # This step's mean weight on step results and answers (the learning curve of
+                # the reference's steer: early up-weighting fading as the learner catches up).
+                step_sum, step_n = inc[40:40 + len(role_sum)], inc[40 + len(role_sum):]
+                metrics["w_result"] = step_sum[1] / step_n[1].clamp(min=1)
+                metrics["w_answer"] = step_sum[2] / step_n[2].clamp(min=1)
             loss.backward()
             norm = clip_and_step(ddp, opt)
             step_seconds.append(clock(d.device) - t0)

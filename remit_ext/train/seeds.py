@@ -1,0 +1,220 @@
+"""``remit-ext flywheel --seeds K``: K independent flywheels (seed, seed+1, ...), run as parallel
+processes (``--jobs``), then ``seeds.json`` and ``seeds.md`` beside the per-seed directories:
+each model's accuracy and NLL per seed, and the paired difference of every method against
+vanilla NTP (and against the pre-trained base) with a 95% confidence interval from the t
+distribution over seeds.
+
+Each seed is the plain single-seed run (``remit-ext flywheel --seed s``) in ``<out>/seed<s>``,
+so an interrupted multi-seed run resumes seed by seed, stage by stage. This is process-level
+parallelism of independent runs, not distributed training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .runtime import atomic_write_text
+
+METRICS = ("acc", "nll", "nll_critical", "post_rl_acc", "think_frac")
+BASELINES = ("Vanilla NTP", "Pre-trained")
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def _t_pdf(x: float, df: int) -> float:
+    c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    return math.exp(c - (df + 1) / 2 * math.log1p(x * x / df))
+
+
+def t_cdf(x: float, df: int) -> float:
+    """CDF of Student's t with ``df`` degrees of freedom: 1/2 plus the density's integral from
+    0 to ``x`` (composite Simpson's rule on 2,000 panels in ``atan`` coordinates, where the
+    integrand is smooth and the range finite; error below 1e-9 for df >= 1)."""
+    if df < 1:
+        raise ValueError(f"df: expected >= 1, got {df!r}")
+    if x == 0:
+        return 0.5
+    # x = tan(u): dx = (1 + x^2) du, u in [0, atan|x|].
+    n, top = 2000, math.atan(abs(x))
+    h = top / n
+    total = 0.0
+    for i in range(n + 1):
+        u = i * h
+        f = _t_pdf(math.tan(u), df) / math.cos(u) ** 2
+        total += f * (1 if i in (0, n) else 4 if i % 2 else 2)
+    area = total * h / 3
+    return 0.5 + area if x > 0 else 0.5 - area
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The ``p`` quantile of Student's t (bisection on ``t_cdf`` to 1e-10)."""
+    if not 0 < p < 1:
+        raise ValueError(f"p: expected a probability in (0, 1), got {p!r}")
+    if p == 0.5:
+        return 0.0
+    if p < 0.5:
+        return -t_quantile(1 - p, df)
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, df) < p:
+        hi *= 2
+    while hi - lo > 1e-10:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> dict:
+    """Mean of the per-seed differences ``a_s - b_s``, their sample standard deviation, and
+    the two-sided ``level`` confidence interval ``mean +- t_{(1+level)/2, n-1} sd / sqrt(n)``
+    (None for fewer than two seeds)."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"a, b: expected equally long non-empty sequences, got {len(a)} and "
+                         f"{len(b)}")
+    diff = [x - y for x, y in zip(a, b)]
+    n = len(diff)
+    mean = sum(diff) / n
+    out = {"n": n, "mean": mean, "per_seed": diff, "sd": None, "t": None, "ci95": None}
+    if n >= 2:
+        sd = math.sqrt(sum((x - mean) ** 2 for x in diff) / (n - 1))
+        t = t_quantile((1 + level) / 2, n - 1)
+        half = t * sd / math.sqrt(n)
+        out.update(sd=sd, t=t, ci95=[mean - half, mean + half])
+    return out
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+
+def aggregate(results: dict[int, dict]) -> dict:
+    """``seeds.json`` from each seed's ``results.json`` (seed -> parsed file)."""
+    seeds = sorted(results)
+    names = [r["name"] for r in results[seeds[0]]["rows"]]
+    per_model: dict = {}
+    for name in names:
+        vals: dict = {m: [] for m in METRICS}
+        for s in seeds:
+            row = next(r for r in results[s]["rows"] if r["name"] == name)
+            for m in METRICS:
+                v = row.get("post_rl", {}).get("acc") if m == "post_rl_acc" else row["eval"].get(m)
+                vals[m].append(v)
+        per_model[name] = {m: v for m, v in vals.items() if all(x is not None for x in v)}
+    diffs: dict = {}
+    for base in BASELINES:
+        if base not in per_model:
+            continue
+        diffs[base] = {}
+        for name in names:
+            if name == base:
+                continue
+            diffs[base][name] = {m: paired_difference(per_model[name][m], per_model[base][m])
+                                 for m in METRICS
+                                 if m in per_model[name] and m in per_model[base]}
+    mean = {name: {m: sum(v) / len(v) for m, v in d.items()} for name, d in per_model.items()}
+    sd = {name: {m: (math.sqrt(sum((x - mean[name][m]) ** 2 for x in v) / (len(v) - 1))
+                     if len(v) > 1 else None) for m, v in d.items()}
+          for name, d in per_model.items()}
+    r0 = results[seeds[0]]
+    return {"seeds": seeds, "models": names, "per_seed": per_model, "mean": mean, "sd": sd,
+            "paired": diffs, "preset": {k: v for k, v in r0["preset"].items() if k != "seed"},
+            "order": r0.get("order"), "machine": r0.get("machine"),
+            "seconds_per_seed": {s: results[s].get("seconds_total") for s in seeds}}
+
+
+def _pct(x: Optional[float]) -> str:
+    return "" if x is None else f"{100 * x:.1f}"
+
+
+def _ci(d: dict, scale: float, digits: int) -> str:
+    f = f"{{:+.{digits}f}}"
+    if d.get("ci95") is None:
+        return f.format(scale * d["mean"])
+    lo, hi = d["ci95"]
+    return f"{f.format(scale * d['mean'])} [{f.format(scale * lo)}, {f.format(scale * hi)}]"
+
+
+def markdown(agg: dict) -> str:
+    seeds, names = agg["seeds"], agg["models"]
+    pm, mean = agg["per_seed"], agg["mean"]
+    vs_ntp = agg["paired"].get("Vanilla NTP", {})
+    vs_base = agg["paired"].get("Pre-trained", {})
+    n = len(seeds)
+    md = [f"# Flywheel over {n} seeds ({', '.join(map(str, seeds))}), preset "
+          f"`{agg['preset']['name']}`", "",
+          "Average answer accuracy (%) on held-out problems, greedy decoding, per seed and "
+          "the mean; paired differences against vanilla NTP and against the pre-trained base "
+          "(same seed, so the same data, initialisation and base), mean [95% CI, t with "
+          f"{n - 1} degrees of freedom]; held-out NLL per token; accuracy after the post-RL "
+          "stage.", ""]
+    head = (["model"] + [f"seed {s}" for s in seeds]
+            + ["mean acc", "Δ acc vs NTP", "Δ acc vs base", "NLL", "Δ NLL vs NTP",
+               "acc after RL", "Δ after RL vs NTP"])
+    md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in names:
+        d = pm[name]
+        cells = [name] + [_pct(x) for x in d["acc"]] + [f"**{_pct(mean[name]['acc'])}**"]
+        cells.append(_ci(vs_ntp[name]["acc"], 100, 1) if name in vs_ntp else "")
+        cells.append(_ci(vs_base[name]["acc"], 100, 1) if name in vs_base else "")
+        cells.append(f"{mean[name]['nll']:.4f}")
+        cells.append(_ci(vs_ntp[name]["nll"], 1, 4) if name in vs_ntp else "")
+        cells.append(_pct(mean[name].get("post_rl_acc")))
+        cells.append(_ci(vs_ntp[name]["post_rl_acc"], 100, 1)
+                     if name in vs_ntp and "post_rl_acc" in vs_ntp[name] else "")
+        md.append("| " + " | ".join(cells) + " |")
+    m = agg.get("machine") or {}
+    secs = [v for v in agg["seconds_per_seed"].values() if v]
+    md += ["", f"Per-seed tables: `seed<s>/results.md`. torch {m.get('torch')}, "
+           f"{m.get('threads')} thread(s) per seed, {m.get('cpu')}; "
+           + (f"{min(secs) / 60:.1f}-{max(secs) / 60:.1f} min per seed." if secs else "")]
+    return "\n".join(md) + "\n"
+
+
+# ----------------------------------------------------------------------------- the runner
+
+
+def run_seeds(argv_for_seed, seeds: list[int], out: Path, jobs: int) -> int:
+    """Run ``remit-ext flywheel`` once per seed (``argv_for_seed(seed, seed_out)`` gives the
+    arguments), ``jobs`` at a time, each logging to ``<seed_out>/flywheel.log``; then write
+    ``seeds.json`` and ``seeds.md`` from the seeds that finished. Returns 0 if every seed did."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+
+    def one(seed: int) -> int:
+        sdir = out / f"seed{seed}"
+        sdir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "remit_ext", "flywheel", *argv_for_seed(seed, sdir)]
+        env = {**os.environ}
+        with open(sdir / "flywheel.log", "a") as log:
+            log.write(f"$ {' '.join(cmd)}\n")
+            log.flush()
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        print(f"seed {seed}: {'done' if rc == 0 else f'failed (rc {rc}), see {sdir}/flywheel.log'}",
+              flush=True)
+        return rc
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        rcs = dict(zip(seeds, pool.map(one, seeds)))
+    results = {s: json.loads((out / f"seed{s}" / "results.json").read_text())
+               for s in seeds if rcs[s] == 0 and (out / f"seed{s}" / "results.json").exists()}
+    if not results:
+        print("no seed finished; nothing to aggregate", file=sys.stderr)
+        return 1
+    agg = aggregate(results)
+    agg["wall_seconds"] = time.perf_counter() - t0
+    agg["jobs"] = jobs
+    agg["failed_seeds"] = [s for s in seeds if s not in results]
+    md = markdown(agg)
+    atomic_write_text(json.dumps(agg, indent=1) + "\n", out / "seeds.json")
+    atomic_write_text(md, out / "seeds.md")
+    print(md)
+    print(f"results: {out / 'seeds.md'}, {out / 'seeds.json'}")
+    return 0 if len(results) == len(seeds) else 1
