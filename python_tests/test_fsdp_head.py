@@ -66,7 +66,8 @@ class Tiny(nn.Module):
         return torch.tanh(self.proj(self.emb(ids)))
 
 
-def _shard_model(model, mesh, head_own_group=True, scorer_own_group=False, **fsdp_kw):
+def _shard_model(model, mesh, head_own_group=True, scorer_own_group=False, root_kw=None,
+                 **fsdp_kw):
     from torch.distributed.fsdp import fully_shard
 
     model = copy.deepcopy(model)
@@ -76,7 +77,7 @@ def _shard_model(model, mesh, head_own_group=True, scorer_own_group=False, **fsd
     fully_shard(model.proj, mesh=mesh, **fsdp_kw)
     if head_own_group:
         fully_shard(model.lm_head, mesh=mesh, **fsdp_kw)
-    fully_shard(model, mesh=mesh, **fsdp_kw)
+    fully_shard(model, mesh=mesh, **dict(fsdp_kw, **(root_kw or {})))
     return model
 
 
@@ -235,7 +236,7 @@ class _Counts:
 def _run_case(rank, world, mesh, *, method="remit", scorer="live", global_mean=False,
               form="functional", reduction="mean", steps=2, divide_factor=None, counts=None,
               extra=None, head_own_group=True, scorer_own_group=False, empty_rank=None,
-              scan=False):
+              scan=False, root_kw=None):
     """One policy model and one frozen scorer, ``steps`` SGD steps, sharded vs the reference.
     ``form``: ``functional`` (the public remit_linear_loss, through linear.py's DTensor hook),
     ``direct`` (remit_ext.fsdp.remit_linear_loss) or ``module`` (ReMiTLinearHead, its own
@@ -258,7 +259,7 @@ def _run_case(rank, world, mesh, *, method="remit", scorer="live", global_mean=F
             ref.lm_head, scorer_head=copy.deepcopy(scorer_ref.lm_head) if scorer == "live"
             else None, method=method, reduction=reduction, backend="cpu",
             return_details=True, **extra)
-    sh_model = _shard_model(ref, mesh, head_own_group, scorer_own_group)
+    sh_model = _shard_model(ref, mesh, head_own_group, scorer_own_group, root_kw)
     scorer_sh = _shard_model(scorer_ref, mesh)
     factor = world if divide_factor is None else divide_factor
     if divide_factor is not None:
@@ -403,6 +404,9 @@ def module_ntp_global_mean_and_one_pass(rank, world, mesh):
 def head_in_root_group_and_scorer_apart(rank, world, mesh):
     # The head in the root's group: the functional call after the root's forward.
     _run_case(rank, world, mesh, method="ntp", scorer=None, steps=1, head_own_group=False)
+    # ... with the root resharded after its forward: the head is a DTensor again, this path's.
+    _run_case(rank, world, mesh, scorer="live", steps=2, head_own_group=False,
+              root_kw={"reshard_after_forward": True}, counts=(6, 2))
     # The module's frozen scorer head in a group of its own, whose forward never runs: it stays
     # a DTensor inside the module's forward, gathered there once (W_s, b_s) and never reduced;
     # the policy head is FSDP2's (unsharded by the module's group).
@@ -597,7 +601,7 @@ def _worker(rank, world, init, out_dir, names):
     # A bounded timeout: a rank failing before a collective must not leave its peers waiting
     # for gloo's 30-minute default.
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+                            timeout=datetime.timedelta(seconds=120))
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (world,))
