@@ -427,6 +427,43 @@ def bad_group_linear_tp4(rank, world, groups):
             "weight", "not tp_group")
 
 
+@case(CASES_2)
+def module_and_independent_reference_tp(rank, world, groups):
+    """LinearReMiTLoss(tp_group=...) passes the group through, and the vocab-parallel call
+    matches an independent fp64 reference (full logits, F.cross_entropy / log_softmax, autograd),
+    not remit_ext's own unsharded path: loss, grad hidden (full, on every rank), this rank's
+    rows of grad W and grad b; ReMiT against remit_ext.reference on the full logits."""
+    from torch.nn import functional as F
+
+    from remit_ext import reference as ref
+
+    group = groups["world"]
+    x = _inputs()
+    y = x["y"]
+    for method in ("ntp", "remit"):
+        hf, wf, bf = _leaves(x)
+        hl, wl, bl = _leaves(x, rank, world)
+        kw_s = {} if method == "ntp" else _scorer(x, rank, world)
+        mod = remit_ext.LinearReMiTLoss(method=method, chunk_size=3, backend="cpu",
+                                        tp_group=group)
+        got = mod(hl, wl, y, bias=bl, **kw_s)
+        z = hf @ wf.T + bf
+        if method == "ntp":
+            want = F.cross_entropy(z.reshape(-1, z.shape[-1]), y.reshape(-1), ignore_index=-100)
+        else:
+            sz = (x["sh"] @ x["sw"].T + x["sbias"]).detach()
+            want = ref.remit_loss_ref(z.reshape(-1, z.shape[-1]), y.reshape(-1),
+                                      scorer_logits=sz.reshape(-1, sz.shape[-1]),
+                                      cu_seqlens=torch.tensor([0, 5, 10]))[0]
+        got.backward()
+        want.backward()
+        _close(got.detach(), want.detach(), f"module {method} loss")
+        _close(hl.grad, hf.grad, f"module {method} grad hidden")
+        _close(wl.grad, _rows(wf.grad, rank, world), f"module {method} grad weight")
+        _close(bl.grad, _rows(bf.grad, rank, world), f"module {method} grad bias")
+    assert "tp_group" in repr(mod)
+
+
 # -------------------------------------------------------------------------- the harness
 
 

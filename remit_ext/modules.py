@@ -51,15 +51,18 @@ class LinearReMiTLoss(nn.Module):
 
     ``method`` is ``"remit"``, ``"ntp"``, ``"rho1"`` or ``"kd"``; the LM heads are passed to
     ``forward`` rather than owned, so the module never duplicates a model's parameters.
+    ``tp_group``: a vocab-parallel head (this rank's rows of it; ``remit_linear_loss``), held
+    on the module and passed through on every call. FSDP2 DTensor heads need no argument.
     """
 
     def __init__(self, method: str = "remit", eps: float = 0.2, keep_ratio: float = 0.6,
                  temperature: float = 1.0, ignore_index: int = -100, reduction: str = "mean",
                  chunk_size: Optional[int] = None, memory_budget: Optional[int] = None,
                  grad_weight_fp32: bool = True, return_details: bool = False,
-                 backend: str = "auto"):
+                 backend: str = "auto", tp_group=None):
         super().__init__()
         self.method, self.eps, self.keep_ratio = method, eps, keep_ratio
+        self.tp_group = tp_group
         self.temperature, self.ignore_index, self.reduction = temperature, ignore_index, reduction
         self.chunk_size, self.memory_budget = chunk_size, memory_budget
         self.grad_weight_fp32, self.return_details = grad_weight_fp32, return_details
@@ -78,8 +81,9 @@ class LinearReMiTLoss(nn.Module):
             temperature=self.temperature, reduction=self.reduction,
             num_items_in_batch=num_items_in_batch, chunk_size=self.chunk_size,
             memory_budget=self.memory_budget, grad_weight_fp32=self.grad_weight_fp32,
-            return_details=self.return_details, backend=self.backend)
+            return_details=self.return_details, backend=self.backend, tp_group=self.tp_group)
 
     def extra_repr(self) -> str:
         return (f"method={self.method!r}, eps={self.eps}, reduction={self.reduction!r}, "
-                f"chunk_size={self.chunk_size}, backend={self.backend!r}")
+                f"chunk_size={self.chunk_size}, backend={self.backend!r}"
+                + (", tp_group=set" if self.tp_group is not None else ""))
