@@ -582,6 +582,99 @@ def refusals(rank, world, mesh):
                "targets")
 
 
+def _dshard(x, mesh, requires_grad=True):
+    """A Shard(0) DTensor leaf of ``x`` (the same full tensor on every rank)."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    return distribute_tensor(x.detach().clone(), mesh, [Shard(0)]).requires_grad_(requires_grad)
+
+
+@case(CASES_2)
+def independent_reference_and_partial_dtensors(rank, world, mesh):
+    """Against an fp64 reference that shares no code with remit_ext's kernels: full logits
+    h @ W.T + b, F.cross_entropy / log_softmax / remit_ext.reference, autograd, on every rank's
+    tokens; FSDP2's average (1/W) sum_r dL_r for each DTensor head, the local gradient for a
+    plain one. Any one head argument may be the DTensor: weight and bias, bias alone (the
+    weight plain), scorer_bias alone (the scorer weight plain); linear_token_stats with a
+    DTensor bias alone. Before the fix, the bias-only calls hit DTensor's mixed-tensor error."""
+    from torch.nn import functional as F
+
+    from remit_ext import reference as ref
+
+    g = torch.Generator().manual_seed(11)
+    h_all = torch.randn(world * B, T, D, dtype=F64, generator=g)
+    sh_all = torch.randn(world * B, T, D, dtype=F64, generator=g)
+    w0, b0 = torch.randn(V, D, dtype=F64, generator=g), torch.randn(V, dtype=F64, generator=g)
+    sw0, sb0 = torch.randn(V, D, dtype=F64, generator=g), torch.randn(V, dtype=F64, generator=g)
+    _, y_all = _data(world, seed=5)
+    h_loc, y, s_loc = _rows(h_all, rank), _rows(y_all, rank), _rows(sh_all, rank)
+
+    def reference(method, what):
+        """(per-rank losses, grads of (1/W) sum_r L_r) by plain autograd on full logits."""
+        w, b = w0.clone().requires_grad_(), b0.clone().requires_grad_()
+        h = h_all.clone().requires_grad_()
+        losses = []
+        for r in range(world):
+            z = (_rows(h, r) @ w.T + b).reshape(-1, V)
+            yr = _rows(y_all, r).reshape(-1)
+            if method == "ntp":
+                losses.append(F.cross_entropy(z, yr, ignore_index=-100))
+            elif method == "remit":
+                sz = (_rows(sh_all, r) @ sw0.T + sb0).reshape(-1, V)
+                losses.append(ref.remit_loss_ref(z, yr, scorer_logits=sz,
+                                                 cu_seqlens=torch.arange(0, B * T + 1, T))[0])
+            else:  # token stats: <logprob, 1> + <lse, 0.5>
+                lse, lp, _ = ref.token_stats_ref(z, yr, entropy=False)
+                losses.append(lp.sum() + 0.5 * lse.sum())
+        (sum(losses) / world).backward()
+        return losses[rank].detach(), _rows(h.grad, rank) * world, w.grad, b.grad
+
+    def check(got, want, grads, w_full, b_full, w_local, b_local, what):
+        loss, gh, gw, gb = want
+        _close(got.detach(), loss, f"{what} loss")
+        hg, wg, bg = grads
+        _close(hg, gh, f"{what} grad hidden")
+        for name, t, full, local in (("weight", wg, gw, w_local), ("bias", bg, gb, b_local)):
+            if hasattr(t, "full_tensor"):
+                _close(t.full_tensor(), full, f"{what} grad {name} (averaged)")
+            else:  # a plain head: this rank's own gradient, not reduced
+                _close(t, local, f"{what} grad {name} (local)")
+
+    def local_grads(method):
+        w, b = w0.clone().requires_grad_(), b0.clone().requires_grad_()
+        z = (h_loc @ w.T + b).reshape(-1, V)
+        if method == "ntp":
+            loss = F.cross_entropy(z, y.reshape(-1), ignore_index=-100)
+        elif method == "remit":
+            sz = (s_loc @ sw0.T + sb0).reshape(-1, V)
+            loss = ref.remit_loss_ref(z, y.reshape(-1), scorer_logits=sz,
+                                      cu_seqlens=torch.arange(0, B * T + 1, T))[0]
+        else:
+            lse, lp, _ = ref.token_stats_ref(z, y.reshape(-1), entropy=False)
+            loss = lp.sum() + 0.5 * lse.sum()
+        return torch.autograd.grad(loss, (w, b))
+
+    for method, layout in (("ntp", "both"), ("ntp", "bias"), ("remit", "both"),
+                           ("remit", "bias"), ("remit", "scorer_bias"), ("stats", "bias")):
+        what = f"{method} {layout}-DTensor"
+        want = reference(method, what)
+        lw, lb = local_grads(method)
+        h = h_loc.clone().requires_grad_()
+        w = _dshard(w0, mesh) if layout == "both" else w0.clone().requires_grad_()
+        b = _dshard(b0, mesh) if layout in ("both", "bias") else b0.clone().requires_grad_()
+        sb = _dshard(sb0, mesh, False) if layout == "scorer_bias" else sb0
+        if method == "stats":
+            st = remit_ext.linear_token_stats(h, w, y, bias=b, backend="cpu", chunk_size=3)
+            got = st.logprob.sum() + 0.5 * st.lse.sum()
+        else:
+            kw = ({} if method == "ntp" else
+                  {"scorer_hidden": s_loc, "scorer_weight": sw0, "scorer_bias": sb})
+            got = remit_ext.remit_linear_loss(h, w, y, bias=b, method=method, backend="cpu",
+                                              chunk_size=3, **kw)
+        got.backward()
+        check(got, want, (h.grad, w.grad, b.grad), None, None, lw, lb, what)
+
+
 @case(CASES_4)
 def hsdp_ntp(rank, world, mesh):
     """HSDP: a (2 replicas x 2 shards) mesh, heads [Replicate, Shard(0)]; the gradient is

@@ -960,8 +960,10 @@ def remit_linear_loss(
     A DTensor head with plain ``hidden`` is FSDP2's layout: ``remit_ext.fsdp``.
     """
     args = dict(locals())  # the arguments, for the paths below
-    if tp_group is None and not _is_dtensor(hidden) and (
-            _is_dtensor(lm_head_weight) or _is_dtensor(scorer_weight)):
+    # Any head argument a DTensor (bias / scorer_bias alone too) with plain activations: the
+    # FSDP2 layout. remit_ext.fsdp gathers each DTensor head and uses plain ones as they are.
+    if tp_group is None and not _is_dtensor(hidden) and any(
+            _is_dtensor(t) for t in (lm_head_weight, bias, scorer_weight, scorer_bias)):
         return _fsdp_module("lm_head_weight").remit_linear_loss(
             hidden=hidden, lm_head_weight=lm_head_weight, targets=targets, bias=bias,
             scorer_hidden=scorer_hidden, scorer_weight=scorer_weight, scorer_bias=scorer_bias,
@@ -1089,7 +1091,8 @@ def linear_token_stats(
     collectives: ``torch.compile`` graph-breaks on it.
     """
     args = dict(locals())  # the arguments, for the paths below
-    if tp_group is None and _is_dtensor(weight) and not _is_dtensor(hidden):
+    if tp_group is None and not _is_dtensor(hidden) and (_is_dtensor(weight)
+                                                         or _is_dtensor(bias)):
         return _fsdp_module("weight").linear_token_stats(
             hidden=hidden, weight=weight, targets=targets, bias=bias, ignore_index=ignore_index,
             temperature=temperature, entropy=entropy, chunk_size=chunk_size,
