@@ -573,13 +573,26 @@ def refusals(rank, world, mesh):
                "lm_head_weight", "Shard(0)")
     raises(lambda: rfsdp.linear_token_stats(dt(h, Shard(0)), dt(w, Shard(0)), y),
            "hidden", "plain tensor")
-    # A rank-local error (a target out of range on rank 0 only) is raised before any
-    # collective; had it come after the gather, rank 0 would wait there for its peer.
+    # A rank-local error (a target out of range on rank 0 only) is raised before any gather,
+    # and rank 0 joins the handshake refusing: its peers raise a ValueError too instead of
+    # waiting in the gather rank 0 never reaches (before the fix they hung until the timeout).
+    bad = y.clone()
     if rank == 0:
-        bad = y.clone()
         bad[0, 0] = V
-        raises(lambda: rfsdp.remit_linear_loss(h, dt(w, Shard(0)), bad, method="ntp"),
-               "targets")
+    for fn, kw in ((rfsdp.remit_linear_loss, {"method": "ntp"}), (rfsdp.linear_token_stats, {}),
+                   (remit_ext.remit_linear_loss, {"method": "ntp"})):
+        raises(lambda: fn(h, dt(w, Shard(0)), bad, **kw),
+               *(("targets",) if rank == 0 else ("peer rank", "refused")))
+    # Ranks whose calls would issue different gathers (rank 0: precomputed scorer log-probs,
+    # the others a live scorer head of the policy's shape: their scorer gather would pair
+    # with rank 0's policy gather) all raise instead.
+    if rank == 0:
+        kw = {"scorer_logprobs": torch.randn(B, T, dtype=F64)}
+    else:
+        kw = {"scorer_hidden": h, "scorer_weight": dt(w, Shard(0))}
+    raises(lambda: remit_ext.remit_linear_loss(h, dt(w, Shard(0)), y, **kw), "same call")
+    # The same call on every rank passes the handshake.
+    remit_ext.remit_linear_loss(h, dt(w, Shard(0)), y, method="ntp")
 
 
 def _dshard(x, mesh, requires_grad=True):

@@ -174,6 +174,57 @@ def _check_hidden(hidden, name: str = "hidden") -> None:
                          "layout), got a DTensor; a vocab-parallel head goes through tp_group=")
 
 
+def _meshes(lays) -> list:
+    """The distinct meshes of the DTensor heads (usually one)."""
+    out = []
+    for lay in lays:
+        if lay is not None and all(m is not lay.mesh for m in out):
+            out.append(lay.mesh)
+    return out
+
+
+def _handshake(lays, facts: list[int], refused: bool, device) -> None:
+    """One tiny all-reduce per mesh dim before the first gather (host-checked validation modes
+    only: it reads the result on the host): a rank that refused its inputs (``refused``)
+    joins with status 0, so that its peers raise a ValueError too rather than wait in a gather
+    it never reaches; ranks whose calls differ in ``facts`` (which heads are DTensors, V, D,
+    method, a live scorer) would issue different gathers, so they all raise instead of pairing
+    one rank's policy head with another's scorer head."""
+    if chk._value_check(device) != "host":
+        return
+    meshes = _meshes(lays)
+    if not meshes:
+        return
+    dev = torch.device(meshes[0].device_type, torch.cuda.current_device()) if (
+        meshes[0].device_type == "cuda") else torch.device(meshes[0].device_type)
+    mine = torch.tensor([0 if refused else 1] + facts + [-f for f in facts], dtype=torch.long,
+                        device=dev)
+    for mesh in meshes:
+        for d in range(mesh.ndim):
+            dist.all_reduce(mine, op=dist.ReduceOp.MIN, group=mesh.get_group(d))
+    if refused:
+        return  # this rank raises its own error
+    vals = mine.tolist()
+    k = len(facts)
+    if vals[0] == 0:
+        raise ValueError("remit_ext.fsdp: a peer rank of the heads' mesh refused its inputs (its "
+                         "own error names the argument); this rank's passed its local checks")
+    lo, hi = vals[1:1 + k], [-v for v in vals[1 + k:]]
+    if lo != hi:
+        raise ValueError(
+            "remit_ext.fsdp: expected the same call on every rank of the heads' mesh (which "
+            "heads are DTensors, their global shape, method, a live scorer), got calls that "
+            f"differ (facts min {lo}, max {hi}); the ranks' gathers would not pair up")
+
+
+def _facts(lays, method: str, live: bool) -> list[int]:
+    bits = sum(1 << i for i, lay in enumerate(lays) if lay is not None)
+    shape = next(lay.shape for lay in lays if lay is not None) if bits else (0,)
+    d = int(shape[1]) if len(shape) > 1 else -1
+    return [bits, int(shape[0]), d, _lin.METHODS.index(method) if method in _lin.METHODS else -1,
+            int(live)]
+
+
 # ------------------------------------------------------------------------ the loss path
 
 
@@ -254,19 +305,27 @@ def _linear_loss(hidden, weight, targets, bias, scorer_hidden, scorer_weight, sc
     lays = (_layout(weight, "lm_head_weight", hidden), _layout(bias, "bias", hidden),
             _layout(scorer_weight, "scorer_weight", scorer_hidden),
             _layout(scorer_bias, "scorer_bias", scorer_hidden))
-    # Every check that can fail on one rank alone runs before the first collective (a rank
-    # raising after it would leave its peers waiting in the next one). DTensors carry their
-    # global shape, dtype and device, which is all these checks read.
-    vocab = _lin._check_inputs(hidden, *(_stand_in(t, lay) for t, lay in zip(
-        (weight, targets, bias, scorer_hidden, scorer_weight, scorer_bias),
-        (lays[0], None, lays[1], None, lays[2], lays[3]))), scorer_logprobs, kw["method"])
-    _check_num_items(num_items_in_batch, kw["reduction"], hidden.device)
-    y = targets.reshape(-1)
-    chk.check_targets(y, hidden.new_empty(()).expand(y.numel(), vocab), kw["ignore_index"])
-    chk.check_cu_seqlens(cu_seqlens, y.numel(), hidden.device)
-    if gradient_divide_factor is not None and not gradient_divide_factor > 0:
-        raise ValueError(f"gradient_divide_factor: expected a number > 0 or None, got "
-                         f"{gradient_divide_factor!r}")
+    # Every check that can fail on one rank alone runs before the first collective, then the
+    # handshake: a rank that refused joins it with status 0, so its peers raise too instead of
+    # waiting in the gather. DTensors carry their global shape, dtype and device, which is all
+    # these checks read.
+    live = scorer_hidden is not None and kw["method"] in ("remit", "rho1")
+    facts = _facts(lays, kw["method"], live)
+    try:
+        vocab = _lin._check_inputs(hidden, *(_stand_in(t, lay) for t, lay in zip(
+            (weight, targets, bias, scorer_hidden, scorer_weight, scorer_bias),
+            (lays[0], None, lays[1], None, lays[2], lays[3]))), scorer_logprobs, kw["method"])
+        _check_num_items(num_items_in_batch, kw["reduction"], hidden.device)
+        y = targets.reshape(-1)
+        chk.check_targets(y, hidden.new_empty(()).expand(y.numel(), vocab), kw["ignore_index"])
+        chk.check_cu_seqlens(cu_seqlens, y.numel(), hidden.device)
+        if gradient_divide_factor is not None and not gradient_divide_factor > 0:
+            raise ValueError(f"gradient_divide_factor: expected a number > 0 or None, got "
+                             f"{gradient_divide_factor!r}")
+    except (ValueError, TypeError):
+        _handshake(lays, facts, True, hidden.device)
+        raise
+    _handshake(lays, facts, False, hidden.device)
     ni_tensor = num_items_in_batch if isinstance(num_items_in_batch, Tensor) else None
     cfg = {"kw": kw, "lays": lays, "factor": gradient_divide_factor,
            "num_items": None if ni_tensor is not None else num_items_in_batch}
@@ -401,21 +460,27 @@ def linear_token_stats(
     ``remit_linear_loss`` above (gathered in the forward, gathered again in the backward)."""
     _check_hidden(hidden)
     lays = (_layout(weight, "weight", hidden), _layout(bias, "bias", hidden))
-    # The rank-local checks before the first collective (see _linear_loss).
-    vocab = _lin._check_head(hidden, _stand_in(weight, lays[0]), "weight")
-    chk._tensor(targets, "targets")
-    if targets.shape != hidden.shape[:-1]:
-        raise ValueError(f"targets: expected shape {tuple(hidden.shape[:-1])} (hidden without "
-                         f"the hidden dim), got {tuple(targets.shape)}")
-    w_dtype = weight.dtype if lays[0] is None else lays[0].compute
-    b_dtype = None if bias is None else bias.dtype if lays[1] is None else lays[1].compute
-    if bias is not None and (bias.shape != (vocab,) or b_dtype != w_dtype):
-        raise ValueError(f"bias: expected shape ({vocab},) and dtype {weight.dtype}, got "
-                         f"{tuple(bias.shape)} {bias.dtype}")
-    if not isinstance(entropy, bool):
-        raise TypeError(f"entropy: expected a bool, got {type(entropy).__name__}")
-    y = targets.reshape(-1)
-    chk.check_targets(y, hidden.new_empty(()).expand(y.numel(), vocab), ignore_index)
+    # The rank-local checks before the first collective, then the handshake (see _linear_loss).
+    facts = _facts(lays, "ntp", False)
+    try:
+        vocab = _lin._check_head(hidden, _stand_in(weight, lays[0]), "weight")
+        chk._tensor(targets, "targets")
+        if targets.shape != hidden.shape[:-1]:
+            raise ValueError(f"targets: expected shape {tuple(hidden.shape[:-1])} (hidden "
+                             f"without the hidden dim), got {tuple(targets.shape)}")
+        w_dtype = weight.dtype if lays[0] is None else lays[0].compute
+        b_dtype = None if bias is None else bias.dtype if lays[1] is None else lays[1].compute
+        if bias is not None and (bias.shape != (vocab,) or b_dtype != w_dtype):
+            raise ValueError(f"bias: expected shape ({vocab},) and dtype {w_dtype}, got "
+                             f"{tuple(bias.shape)} {bias.dtype}")
+        if not isinstance(entropy, bool):
+            raise TypeError(f"entropy: expected a bool, got {type(entropy).__name__}")
+        y = targets.reshape(-1)
+        chk.check_targets(y, hidden.new_empty(()).expand(y.numel(), vocab), ignore_index)
+    except (ValueError, TypeError):
+        _handshake(lays, facts, True, hidden.device)
+        raise
+    _handshake(lays, facts, False, hidden.device)
     kw = dict(ignore_index=ignore_index, temperature=temperature, entropy=entropy,
               chunk_size=chunk_size, memory_budget=memory_budget, backend=backend)
     cfg = {"kw": kw, "lays": lays, "factor": gradient_divide_factor}
