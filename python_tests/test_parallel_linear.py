@@ -533,5 +533,19 @@ def test_fsdp_layout_dispatch(tmp_path, monkeypatch):
             remit_ext.remit_linear_loss(x["h"], wd, x["y"], method="ntp")
         with pytest.raises(NotImplementedError, match="weight: .*remit_ext.fsdp"):
             remit_ext.linear_token_stats(x["h"], wd, x["y"])
+        with pytest.raises(NotImplementedError, match="lm_head_weight: .*remit_ext.fsdp"):
+            bd = distribute_tensor(x["bias"], wd.device_mesh, [Shard(0)])  # the bias alone
+            remit_ext.remit_linear_loss(x["h"], x["w"], x["y"], bias=bd, method="ntp")
+        with pytest.raises(NotImplementedError, match="weight: .*remit_ext.fsdp"):
+            remit_ext.linear_token_stats(x["h"], x["w"], x["y"], bias=bd)
+        # A DTensor scorer_hidden with everything else plain: a ValueError naming it, not
+        # DTensor's mixed-tensor RuntimeError from inside the op.
+        from torch.distributed.tensor import Replicate
+
+        shd = distribute_tensor(x["sh"], wd.device_mesh, [Replicate()])
+        for method in ("remit", "kd"):
+            with pytest.raises(ValueError, match="scorer_hidden: a DTensor"):
+                remit_ext.remit_linear_loss(x["h"], x["w"], x["y"], method=method,
+                                            scorer_hidden=shd, scorer_weight=x["sw"])
     finally:
         dist.destroy_process_group()

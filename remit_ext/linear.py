@@ -974,6 +974,11 @@ def remit_linear_loss(
             return_details=return_details, backend=backend)
     if tp_group is not None or _is_dtensor(lm_head_weight) or _is_dtensor(hidden):
         return _vocab_parallel(_remit_linear_loss, "lm_head_weight", args)
+    if _is_dtensor(scorer_hidden):
+        # Else DTensor's "mixed torch.Tensor and DTensor" error from inside the op.
+        raise ValueError("scorer_hidden: a DTensor with plain hidden and plain heads (no "
+                         "tp_group): expected a plain tensor like hidden (scorer_hidden."
+                         "full_tensor() or .to_local()), or DTensor heads / tp_group=")
     return _remit_linear_loss(**args, tp=None)
 
 
