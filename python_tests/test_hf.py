@@ -434,3 +434,108 @@ def test_gradient_checkpointing_same_gradients():
     assert set(plain) == set(ckpt)
     for name, g in plain.items():
         torch.testing.assert_close(ckpt[name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+# ------------------------------------------------------------ FSDP2-sharded LM heads
+
+
+def _fsdp_worker(rank, world, init, out_dir):
+    """2 gloo ranks: a tiny llama patched (before sharding: the probe runs unsharded), its
+    decoder layers, LM head and root fully_shard'd; the head's own forward never runs, so the
+    fused path gets its Shard(0) DTensor weight (remit_ext.fsdp). Every parameter's gradient
+    against the fp64 reference of this file on all ranks' rows: FSDP2 averages over ranks, so
+    (1/W) sum_r L_r; the loss against this rank's own. NTP and ReMiT with a live frozen scorer
+    (its decoder and head sharded apart)."""
+    import datetime
+    import json
+    import os
+    import traceback
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from remit_ext.hf.testing import tiny_model as tiny
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    mesh = init_device_mesh("cpu", (world,))
+    errors = {}
+    for method in ("ntp", "remit"):
+        try:
+            policy = tiny("llama", dtype=torch.float64)
+            ref = copy.deepcopy(policy)
+            scorer = scorer_ref = None
+            if method == "remit":
+                scorer = tiny("llama", seed=1, scorer_size=True, dtype=torch.float64)
+                scorer_ref = copy.deepcopy(scorer)
+            apply_remit(policy, scorer=scorer, method=method)
+            for layer in policy.model.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(policy.lm_head, mesh=mesh)
+            fully_shard(policy, mesh=mesh)
+            if scorer is not None:
+                fully_shard(scorer.model, mesh=mesh)
+                fully_shard(scorer.lm_head, mesh=mesh)
+            policy.train()
+            batches = [make_batch(seed=10 + r, pad=(r, 3)) for r in range(world)]
+            out = policy(**batches[rank])
+            assert out.logits is None
+            out.loss.backward()
+            losses = [reference_loss(ref, b, method=method, scorer=scorer_ref) for b in batches]
+            (sum(losses) / world).backward()
+            torch.testing.assert_close(out.loss.detach(), losses[rank].detach(), atol=1e-10,
+                                       rtol=1e-9)
+            head_grad = None
+            for (name, p), (_, q) in zip(policy.named_parameters(), ref.named_parameters()):
+                assert type(p.grad).__name__ == "DTensor", name
+                torch.testing.assert_close(p.grad.full_tensor(), q.grad, atol=1e-10, rtol=1e-9,
+                                           msg=lambda m, name=name: f"{name}: {m}")
+                if name.endswith("lm_head.weight"):
+                    head_grad = p.grad
+            assert head_grad is not None
+            if scorer is not None:
+                assert all(p.grad is None for p in scorer.parameters())
+            errors[method] = None
+        except Exception:  # noqa: BLE001  (reported by the test)
+            errors[method] = traceback.format_exc()
+        dist.barrier()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(errors, f)
+    dist.destroy_process_group()
+
+
+def test_fsdp2_sharded_lm_head(tmp_path):
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_fsdp_worker, args=(2, f"file://{tmp_path}/rdv", str(tmp_path)), nprocs=2,
+             join=True)
+    for r in range(2):
+        res = json.loads((tmp_path / f"rank{r}.json").read_text())
+        bad = {k: v for k, v in res.items() if v}
+        assert not bad, f"rank {r}:\n" + "\n".join(bad.values())
+
+
+def test_sharded_head_probe_and_tp_layout_refused(tmp_path):
+    """apply_remit on an already-sharded head: the probe cannot run it (a clear ValueError);
+    a tensor-parallel (Shard(1)) head weight is refused."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rdv", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        for placement, match in ((Shard(0), "apply_remit before fully_shard"),
+                                 (Shard(1), "FSDP2's Shard\\(0\\)")):
+            model = tiny_model("llama")
+            head = model.get_output_embeddings()
+            head.weight = torch.nn.Parameter(distribute_tensor(head.weight.detach(), mesh,
+                                                               [placement]))
+            with pytest.raises(ValueError, match=match):
+                apply_remit(model, method="ntp")
+    finally:
+        dist.destroy_process_group()

@@ -153,10 +153,24 @@ def _head(model, role: str):
                          "remit_ext's fused head would train the base weight only. Merge the "
                          "adapter, or leave lm_head out of the adapter's target modules")
     if type(head.weight).__name__ == "DTensor" or type(head.weight.data).__name__ == "DTensor":
-        raise ValueError(f"{role}: the LM head weight is a DTensor (FSDP2 or tensor parallel): "
-                         "not supported by remit_ext.hf yet (remit_ext.parallel has the "
-                         "vocab-parallel losses)")
+        # FSDP2 (fully_shard(model.lm_head), whose forward the fused path never runs): the
+        # weight stays a Shard(0) DTensor over the data-parallel mesh (Replicate dims: HSDP);
+        # remit_linear_loss sends it to remit_ext.fsdp (gathered, the gradient reduce-scattered
+        # and averaged like FSDP2's). Any other layout (tensor parallel) is refused.
+        from torch.distributed.tensor import Replicate, Shard
+
+        placements = getattr(head.weight, "placements", None) or head.weight.data.placements
+        if not all((type(p) is Shard and p.dim == 0) or isinstance(p, Replicate)
+                   for p in placements):
+            raise ValueError(f"{role}: the LM head weight is a DTensor with placements "
+                             f"{tuple(placements)}: remit_ext.hf supports FSDP2's Shard(0) "
+                             "(Replicate dims for HSDP) only; a tensor-parallel head is not "
+                             "supported (remit_ext.parallel has the vocab-parallel losses)")
     return head
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor" or type(getattr(t, "data", None)).__name__ == "DTensor"
 
 
 def _refuse_unsupported(model, role: str) -> None:
@@ -175,6 +189,10 @@ def _probe(model, original_forward, scale: float, role: str) -> None:
     """The model's own logits against decoder + head (x scale) on 8 tokens: a model whose
     forward transforms the logits in a way the config does not say is refused."""
     head = _head(model, role)
+    if _is_dtensor(head.weight):
+        raise ValueError(f"{role}: the LM head is already sharded (a DTensor weight): call "
+                         "apply_remit before fully_shard (the probe runs the unsharded model), "
+                         "or pass verify=False")
     vocab = head.weight.shape[0]
     ids = (torch.arange(8, device=head.weight.device) * 7 + 1) % vocab
     ids = ids.unsqueeze(0)
@@ -261,6 +279,12 @@ def _head_operands(hidden: Tensor, head, scale: float):
     if scale != 1.0:
         hidden = hidden * scale
     dev = hidden.device.type
+    if _is_dtensor(w):
+        # An FSDP2-sharded head stays as it is: remit_ext.fsdp gathers it in the activations'
+        # dtype (FSDP2's mixed precision: fp32 shards, param_dtype activations).
+        if torch.is_autocast_enabled(dev):
+            hidden = hidden.to(torch.get_autocast_dtype(dev))
+        return hidden, w, b
     if torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
         hidden, w = hidden.to(dt), w.to(dt)
