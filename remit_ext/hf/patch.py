@@ -499,6 +499,12 @@ def apply_remit(model, *, scorer=None, method: str = "remit", eps: float = 0.2,
     - ``chunk_size`` / ``memory_budget``: the fused head's chunking (``remit_linear_loss``).
     - ``verify``: a probe forward on 8 tokens checks that decoder + head reproduce the model's
       (and the scorer's) logits; a mismatch is refused.
+    - FSDP2: call ``apply_remit`` before ``fully_shard`` (the probe runs the unsharded model).
+      A head sharded in its own group (``fully_shard(model.lm_head)``: its forward never runs,
+      its weight stays a ``Shard(0)`` DTensor) goes through ``remit_ext.fsdp`` (gathered, its
+      gradient reduce-scattered and averaged like FSDP2's); a live scorer's decoder and head
+      are sharded as groups of their own (its decoder is called directly). Tensor-parallel
+      head layouts are refused.
 
     Evaluation mode and forwards without labels run the model's own forward (logits, its own
     loss); ``skip_logits=True|False`` in a call overrides the choice. The forward returns a
