@@ -225,6 +225,14 @@ def test_pretrain_and_rl_stages(trained):
             pretrain(Common(TINY.override(["lr=0.5"]), base, progress=False))
         finally:
             (base / "final.bak").rename(base / "final.pt")
+    # A *finished* stage of another configuration is refused too, never reused under the new
+    # configuration's name (a re-run into an old --out would otherwise relabel old models).
+    before = (base / "final.pt").stat().st_mtime_ns
+    with pytest.raises(ValueError, match="holds a pretrain run with another configuration"):
+        pretrain(Common(TINY.override(["lr=0.5"]), base, progress=False))
+    with pytest.raises(ValueError, match=r"holds a rl run with another configuration.*'init'"):
+        rl(Common(TINY, scorer, progress=False), root / "not-the-init")
+    assert (base / "final.pt").stat().st_mtime_ns == before
 
 
 def test_score_matches_the_reference(trained):

@@ -172,21 +172,34 @@ class StageRun:
 
     @property
     def done(self) -> bool:
-        return (self.dir / FINAL).exists()
+        """Whether the stage has finished in this directory *with this configuration*: a
+        finished stage of another configuration (another preset field, another init) is
+        refused, never reused under the new one's name."""
+        if not (self.dir / FINAL).exists():
+            return False
+        self._check_config()
+        return True
+
+    def _check_config(self) -> bool:
+        """Refuse a directory whose saved configuration differs from this run's; returns
+        whether a configuration was saved there."""
+        cfg_path = self.dir / CONFIG
+        if not cfg_path.exists():
+            return False
+        saved = json.loads(cfg_path.read_text())
+        mine = json.loads(json.dumps(self.config))
+        if saved != mine:
+            changed = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+            raise ValueError(
+                f"out: {self.dir} holds a {saved.get('stage', '?')} run with another "
+                f"configuration (differs in {changed}); use a new --out directory or "
+                f"--overwrite")
+        return True
 
     def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
         """Load the latest checkpoint if there is one; returns the first step to run."""
         cfg_path = self.dir / CONFIG
-        if cfg_path.exists():
-            saved = json.loads(cfg_path.read_text())
-            if saved != json.loads(json.dumps(self.config)):
-                changed = sorted(k for k in set(saved) | set(self.config)
-                                 if saved.get(k) != json.loads(json.dumps(self.config)).get(k))
-                raise ValueError(
-                    f"out: {self.dir} holds a {saved.get('stage', '?')} run with another "
-                    f"configuration (differs in {changed}); use a new --out directory or "
-                    f"--overwrite")
-        elif self.d.is_main:
+        if not self._check_config() and self.d.is_main:
             atomic_write_text(json.dumps(self.config, indent=2, sort_keys=True), cfg_path)
         start = 0
         ckpt = self.dir / CHECKPOINT
