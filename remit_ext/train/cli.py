@@ -37,16 +37,31 @@ def _common_args(parser: argparse.ArgumentParser, out_help: str,
     parser.add_argument("--fused-linear", action="store_true",
                         help="mid-training losses through remit_linear_loss (hidden states and "
                              "LM heads in; no [tokens x vocab] logits held)")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="midtrain under torchrun: FSDP2 fully_shard of the blocks, the LM "
+                             "head and the model over the data-parallel mesh, instead of DDP")
+    parser.add_argument("--tp", type=int, default=1, metavar="N",
+                        help="midtrain under torchrun: the LM head vocab-parallel over N ranks "
+                             "(the rest of the model replicated)")
+    parser.add_argument("--cp", type=int, default=1, metavar="N",
+                        help="midtrain under torchrun: loss-level context parallelism over N "
+                             "ranks (each computes the loss on its 1/N of the positions after "
+                             "the full forward; not ring attention)")
 
 
-def _common(args):
+def _common(args, parallel: bool = False):
     from .stages import Common
+
+    if not parallel and (args.fsdp or args.tp != 1 or args.cp != 1):
+        raise SystemExit("--fsdp / --tp / --cp: only `midtrain` takes them (ntp, remit, rho1, "
+                         "kd)")
 
     overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
     if args.overwrite and args.out.exists():
         shutil.rmtree(args.out) if args.out.is_dir() else args.out.unlink()
     return Common(get_preset(args.preset, overrides), args.out, args.backend, args.device,
-                  progress=not args.no_progress, fused_linear=args.fused_linear)
+                  progress=not args.no_progress, fused_linear=args.fused_linear,
+                  fsdp=args.fsdp, tp=args.tp, cp=args.cp)
 
 
 def _print_eval(stage_dir: Path) -> None:
@@ -115,7 +130,7 @@ class Midtrain(_Command):
     def run(self, args) -> int:
         from .stages import midtrain
 
-        _print_eval(midtrain(_common(args), args.init, args.method, args.scorer,
+        _print_eval(midtrain(_common(args, parallel=True), args.init, args.method, args.scorer,
                              args.scorer_cache))
         return 0
 

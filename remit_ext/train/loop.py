@@ -33,6 +33,11 @@ class Common:
     device: Optional[str] = None
     progress: bool = True
     fused_linear: bool = False  # midtrain: hidden states + LM head into remit_linear_loss
+    # midtrain under torchrun: FSDP2 instead of DDP, vocab-parallel head, loss-level context
+    # parallelism (remit_ext.train.parallel_setup)
+    fsdp: bool = False
+    tp: int = 1
+    cp: int = 1
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -167,18 +172,21 @@ def log_step(run, d, step, every, metrics, model, p, c, probe=None) -> None:
     if (step + 1) % 10 and not last and not (every and (step + 1) % every == 0):
         return
     rec = {"step": step + 1, **{k: d.mean(float(v)) for k, v in metrics.items()}}
-    if every and ((step + 1) % every == 0 or last) and d.is_main:
-        rec.update({f"eval_{k}": v for k, v in evaluate(model, p, d.device, c.backend).items()})
-        if probe is not None:
-            rec.update({f"probe_{k}": v for k, v in probe(model).items()})
+    if every and ((step + 1) % every == 0 or last):
+        m = d.eval_model(model)  # every rank: a sharded model is gathered
+        if d.is_main:
+            rec.update({f"eval_{k}": v for k, v in evaluate(m, p, d.device, c.backend).items()})
+            if probe is not None:
+                rec.update({f"probe_{k}": v for k, v in probe(m).items()})
     run.log(rec)
     d.barrier()
 
 
 def finish_stage(run, d, model, p, c, extra: Optional[dict] = None) -> None:
     result = None
+    m = d.eval_model(model)  # every rank: a sharded model is gathered
     if d.is_main:
-        result = evaluate(model, p, d.device, c.backend)
+        result = evaluate(m, p, d.device, c.backend)
     run.finish(model, {"eval": result, "world_size": d.world, **(extra or {})})
 
 

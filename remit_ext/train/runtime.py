@@ -83,6 +83,20 @@ class Dist:
         dist.all_reduce(t)
         return float(t) / self.world
 
+    # Hooks for a sharded model (remit_ext.train.parallel_setup.ParallelDist overrides them;
+    # there every rank must call them: they gather).
+    def full_state(self, model: nn.Module) -> Optional[dict]:
+        """The model's full state dict (rank 0 writes it)."""
+        return unwrap(model).state_dict()
+
+    def eval_model(self, model: nn.Module) -> Optional[nn.Module]:
+        """The model rank 0 evaluates."""
+        return unwrap(model)
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> Optional[dict]:
+        """The optimizer state a checkpoint holds (None: a sharded run, not resumable)."""
+        return optimizer.state_dict()
+
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -205,6 +219,10 @@ class StageRun:
         ckpt = self.dir / CHECKPOINT
         if ckpt.exists():
             state = load(ckpt)
+            if state.get("optimizer") is None:
+                raise ValueError(f"out: {ckpt} was written by a --fsdp / --tp run, which "
+                                 f"cannot resume (its optimizer state was sharded); use "
+                                 f"--overwrite")
             unwrap(model).load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             for k, v in state.get("extra_state", {}).items():
@@ -232,16 +250,19 @@ class StageRun:
             f.write(json.dumps(record) + "\n")
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        model_state = self.d.full_state(model)
+        optim_state = self.d.optimizer_state(optimizer)
         if self.d.is_main:
-            atomic_save({"stage": self.stage, "step": step, "model": unwrap(model).state_dict(),
-                         "optimizer": optimizer.state_dict(), "config": self.config,
+            atomic_save({"stage": self.stage, "step": step, "model": model_state,
+                         "optimizer": optim_state, "config": self.config,
                          "extra_state": self.extra_state},
                         self.dir / CHECKPOINT)
         self.d.barrier()
 
     def finish(self, model: nn.Module, extra: Optional[dict] = None) -> None:
+        model_state = self.d.full_state(model)
         if self.d.is_main:
-            atomic_save({"stage": self.stage, "model": unwrap(model).state_dict(),
+            atomic_save({"stage": self.stage, "model": model_state,
                          "model_config": unwrap(model).cfg.to_dict(), "config": self.config,
                          **(extra or {})}, self.dir / FINAL)
             # The finished model supersedes the training state (final.pt exists first).

@@ -25,6 +25,7 @@ from . import data as D
 from .loop import (Common, apply_threads, batch_rows, clip_and_step, clock, dataset, evaluate,
                    finish_stage, load_model, log_step, make_optimizer, median, midtrain_batch,
                    new_model, set_lr)
+from .parallel_setup import ParallelDist, parallel_dist
 from .rmt_stage import midtrain_rmt
 from .runtime import StageRun, get_dist, atomic_save, load, step_generator, unwrap
 
@@ -193,6 +194,8 @@ def midtrain(c: Common, init: Path, method: str, scorer: Optional[Path] = None,
     if method not in METHODS:
         raise ValueError(f"--method: expected one of {METHODS}, got {method!r}")
     if method == "rmt":
+        if c.fsdp or c.tp != 1 or c.cp != 1:
+            raise ValueError("--method rmt: takes no --fsdp / --tp / --cp")
         if scorer is not None or scorer_cache is not None:
             raise ValueError("--method rmt: takes no --scorer or --scorer-cache (its reward is "
                              "the text's own next token)")
@@ -202,10 +205,16 @@ def midtrain(c: Common, init: Path, method: str, scorer: Optional[Path] = None,
     if method == "kd" and scorer is None:
         raise ValueError("--method kd: expected --scorer (distillation needs the teacher's full "
                          "distribution, which a log-prob cache does not hold)")
-    p, d = c.preset, get_dist(c.device)
+    p = c.preset
+    # --fsdp / --tp / --cp: the (dp, cp, tp) mesh (parallel_setup); else the plain Dist (DDP).
+    d = parallel_dist(get_dist(c.device), c.fsdp, c.tp, c.cp)
+    par = d if isinstance(d, ParallelDist) else None
+    if par is not None:
+        par.check_method(method, c.fused_linear)
     apply_threads(p)
     cfg = {"stage": "midtrain", "method": method, "init": str(init),
            "fused_linear": c.fused_linear,
+           **({"fsdp": c.fsdp, "tp": c.tp, "cp": c.cp} if par is not None else {}),
            "scorer": None if scorer is None else str(scorer),
            "scorer_cache": None if scorer_cache is None else str(scorer_cache), **p.to_dict()}
     run = StageRun(c.out, f"midtrain-{method}", cfg, d, p.midtrain_steps, p.ckpt_every,
@@ -231,7 +240,7 @@ def midtrain(c: Common, init: Path, method: str, scorer: Optional[Path] = None,
     role_n = torch.zeros(len(D.ROLES), dtype=torch.float64, device=d.device)
     run.extra_state.update(hist=hist, role_sum=role_sum, role_n=role_n)
     start = run.resume(model, opt)
-    ddp = d.wrap(model)
+    ddp = d.wrap(model) if par is None else par.wrap(model, opt)
     step_seconds = []
     with run.steps(start, model, opt) as steps:
         for step in steps:
@@ -243,12 +252,19 @@ def midtrain(c: Common, init: Path, method: str, scorer: Optional[Path] = None,
             # Under DDP: the global valid-token count over the world size, so that the averaged
             # gradients are those of the global batch's mean whatever each shard's count (Rho-1
             # divides by the number kept, per call: left local).
-            num_items = (global_num_items(y, ignore_index=D.IGNORE_INDEX, per_rank=True)
-                         if d.world > 1 and method != "rho1" else None)
-            loss, out = loss_fn(ddp, model, teacher, x, y, b, method, p, c.backend, num_items)
+            cols = slice(None)
+            if par is not None:
+                # This rank's positions (cp), vocab shard (tp); reduced diagnostics.
+                loss, out, y, cols = par.midtrain_loss(ddp, model, teacher, x, y, b, method, p,
+                                                       c.backend, c.fused_linear)
+            else:
+                num_items = (global_num_items(y, ignore_index=D.IGNORE_INDEX, per_rank=True)
+                             if d.world > 1 and method != "rho1" else None)
+                loss, out = loss_fn(ddp, model, teacher, x, y, b, method, p, c.backend,
+                                    num_items)
             if method == "remit":
                 diag = out.diagnostics
-                if d.world > 1:
+                if d.world > 1 and par is None:
                     # Over every rank's tokens, not a mean of per-rank means (issue 17).
                     diag = reduce_diagnostics(diag, y, dist.group.WORLD,
                                               ignore_index=D.IGNORE_INDEX)
@@ -258,12 +274,14 @@ def midtrain(c: Common, init: Path, method: str, scorer: Optional[Path] = None,
                 # checkpoint and report, hold the totals of the whole global batch.
                 valid = y != D.IGNORE_INDEX
                 w = out.weights.detach().double()
-                r = torch.where(valid, roles[rows].to(d.device), 0).flatten()
+                r = torch.where(valid, roles[rows][:, cols].to(d.device), 0).flatten()
                 inc = torch.cat([
                     torch.histc(w[valid], 40, 1 - p.eps, 1 + p.eps),
                     torch.zeros_like(role_sum).index_add_(0, r, (w * valid).flatten()),
                     torch.zeros_like(role_n).index_add_(0, r, valid.flatten().double())])
-                if d.world > 1:
+                if par is not None:
+                    par.reduce_counts(inc)  # over dp x cp (tp ranks hold the same tokens)
+                elif d.world > 1:
                     dist.all_reduce(inc)
                 hist += inc[:40]
                 role_sum += inc[40:40 + len(role_sum)]
@@ -274,7 +292,7 @@ def midtrain(c: Common, init: Path, method: str, scorer: Optional[Path] = None,
                 metrics["w_result"] = step_sum[1] / step_n[1].clamp(min=1)
                 metrics["w_answer"] = step_sum[2] / step_n[2].clamp(min=1)
             loss.backward()
-            norm = clip_and_step(ddp, opt)
+            norm = clip_and_step(ddp, opt) if par is None else par.clip_and_step(ddp, opt)
             step_seconds.append(clock(d.device) - t0)
             log_step(run, d, step, p.eval_every,
                       {"loss": loss.detach(), "grad_norm": norm, **metrics}, model, p, c)
