@@ -69,6 +69,7 @@ CASES = [  # (processes, flags, method, fused)
     (2, ["--tp", "2"], "remit", True),
     (2, ["--cp", "2"], "remit", False),
     (2, ["--cp", "2"], "ntp", True),
+    (2, ["--fsdp", "--cp", "2"], "ntp", False),
     (4, ["--tp", "2", "--cp", "2"], "remit", False),
 ]
 
