@@ -116,3 +116,22 @@ def test_parallel_flags_only_for_midtrain(tmp_path):
                            "--out", str(tmp_path / "x"), "--fsdp"], env=ENV, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode != 0 and "only `midtrain` takes them" in done.stderr
+
+
+def test_parallel_flags_need_torchrun_and_sharded_checkpoints_do_not_resume(setup, tmp_path):
+    root, base, cache, _ = setup
+    with pytest.raises(ValueError, match="launch with torchrun"):
+        midtrain(Common(P, tmp_path / "one", progress=False, device="cpu", tp=2), base, "ntp")
+    with pytest.raises(ValueError, match="takes no --fsdp"):
+        midtrain(Common(P, tmp_path / "rmt", progress=False, device="cpu", fsdp=True), base,
+                 "rmt")
+    # A --fsdp / --tp checkpoint holds the gathered model but no optimizer state.
+    out = tmp_path / "resume"
+    c = Common(P, out, progress=False, device="cpu")
+    midtrain(c, base, "ntp")
+    state = load(out / "final.pt")
+    (out / "final.pt").unlink()
+    torch.save({"stage": "midtrain-ntp", "step": 2, "model": state["model"], "optimizer": None,
+                "extra_state": {}}, out / "checkpoint.pt")
+    with pytest.raises(ValueError, match="cannot resume"):
+        midtrain(c, base, "ntp")

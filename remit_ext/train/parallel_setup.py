@@ -104,6 +104,9 @@ class ParallelDist(Dist):
 
         self.__dict__.update(base.__dict__)
         self.owns_group = False
+        if self.world == 1:
+            raise ValueError("--fsdp / --tp / --cp: launch with torchrun --nproc_per_node N "
+                             "(N > 1)")
         if tp < 1 or cp < 1:
             raise ValueError(f"--tp / --cp: expected sizes >= 1, got {tp} / {cp}")
         if self.world % (tp * cp):
@@ -112,9 +115,6 @@ class ParallelDist(Dist):
         if fsdp and tp > 1:
             raise ValueError("--fsdp with --tp: not supported (shard the head over tp or the "
                              "model over dp, not both)")
-        if self.world == 1:
-            raise ValueError("--fsdp / --tp / --cp: launch with torchrun --nproc_per_node N "
-                             "(N > 1)")
         self.fsdp, self.tp, self.cp = fsdp, tp, cp
         self.dp = self.world // (tp * cp)
         self.mesh = init_device_mesh(self.device.type, (self.dp, cp, tp),

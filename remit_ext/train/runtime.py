@@ -10,7 +10,8 @@ A stage writes into its own directory::
 
 Launched by ``torchrun`` (``WORLD_SIZE`` > 1), a stage runs under DistributedDataParallel
 (gloo on CPU, nccl on GPU): every rank computes its shard of each global batch, rank 0 alone
-writes files.
+writes files. ``midtrain --fsdp / --tp N / --cp N`` runs on a (dp, cp, tp) device mesh instead
+(``parallel_setup.ParallelDist``, which overrides the sharded-model hooks below).
 """
 
 from __future__ import annotations
