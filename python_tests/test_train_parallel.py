@@ -90,10 +90,7 @@ def test_parallel_midtrain_matches_one_process(setup, tmp_path, n, flags, method
     for step in a:
         for k in keys:
             x, y = a[step][k], b[step][k]
-            # w_std under tp / cp is sqrt(E[w^2] - E[w]^2) from sums that remit_ext.parallel
-            # accumulates in fp32 (then fp64): near w = 1 (the first steps) it carries
-            # ~sqrt(fp32 eps) of cancellation noise; everything else is compared tightly.
-            tol = dict(abs=5e-4) if k == "w_std" else dict(rel=2e-6, abs=1e-7)
+            tol = dict(rel=2e-6, abs=1e-7)
             assert y == pytest.approx(x, **tol), (step, k, x, y)
             exact[k] += x == y
     fa, fb = load(ref / "final.pt"), load(tmp_path / "par" / "final.pt")
