@@ -19,21 +19,17 @@ second step's loss and gradients.
 from __future__ import annotations
 
 import copy
-import datetime
 import gc
-import json
-import os
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import remit_ext
 from remit_ext import fsdp as rfsdp
 from remit_ext import parallel
+from test_parallel import _assert_case, _run
 
 F64 = torch.float64
 V, D, B, T = 13, 6, 2, 5  # V = 13: uneven shards over 2 (7 + 6) and 4 (4 + 4 + 4 + 1) ranks
@@ -702,49 +698,21 @@ def hsdp_ntp(rank, world, mesh):
 # ------------------------------------------------------------------------------ harness
 
 
-def _worker(rank, world, init, out_dir, names):
-    torch.set_num_threads(1)
-    # A bounded timeout: a rank failing before a collective must not leave its peers waiting
-    # for gloo's 30-minute default.
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
+def _mesh(rank, world):
+    """This file's per-process context: a 1-D device mesh over every rank."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh("cpu", (world,))
-    registry = CASES_4 if world == 4 else CASES_2
-    results = {}
-    for name in names:
-        try:
-            registry[name](rank, world, mesh)
-            results[name] = None
-        except Exception:  # noqa: BLE001  (reported per case by the tests)
-            results[name] = traceback.format_exc()
-        dist.barrier()  # a failing case must not leave a peer waiting in a collective
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
-    dist.destroy_process_group()
-
-
-def _run(world, registry, tmp_path_factory):
-    out = tmp_path_factory.mktemp(f"fsdp{world}")
-    init = f"file://{out}/rendezvous"
-    mp.spawn(_worker, args=(world, init, str(out), list(registry)), nprocs=world, join=True)
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+    return init_device_mesh("cpu", (world,))
 
 
 @pytest.fixture(scope="module")
 def results2(tmp_path_factory):
-    return _run(2, CASES_2, tmp_path_factory)
+    return _run(2, CASES_2, tmp_path_factory, setup=_mesh)
 
 
 @pytest.fixture(scope="module")
 def results4(tmp_path_factory):
-    return _run(4, CASES_4, tmp_path_factory)
-
-
-def _assert_case(results, name):
-    errors = [f"rank {r}:\n{res[name]}" for r, res in enumerate(results) if res[name]]
-    assert not errors, "\n".join(errors)
+    return _run(4, CASES_4, tmp_path_factory, setup=_mesh)
 
 
 @pytest.mark.parametrize("name", list(CASES_2))

@@ -447,13 +447,8 @@ def token_stats_tp_4(rank, world, groups):
 # -------------------------------------------------------------------------- the harness
 
 
-def _worker(rank, world, init, out_dir, registry):
-    os.environ.setdefault("TRITON_INTERPRET", "0")
-    torch.set_num_threads(1)
-    # A bounded timeout: a rank failing before a collective must not leave its peers waiting
-    # for gloo's 30-minute default.
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
+def _groups(rank, world):
+    """This file's per-process context: the world group and, on 4 ranks, tp and cp pairs."""
     groups = {"world": dist.group.WORLD}
     if world == 4:
         # tp pairs {0, 1}, {2, 3}; cp pairs {0, 2}, {1, 3}. Every rank creates every group.
@@ -461,10 +456,21 @@ def _worker(rank, world, init, out_dir, registry):
         cps = [dist.new_group([0, 2]), dist.new_group([1, 3])]
         groups["tp"], groups["other_tp"] = tps[rank // 2], tps[1 - rank // 2]
         groups["cp"] = cps[rank % 2]
+    return groups
+
+
+def _worker(rank, world, init, out_dir, registry, setup):
+    os.environ.setdefault("TRITON_INTERPRET", "0")
+    torch.set_num_threads(1)
+    # A bounded timeout: a rank failing before a collective must not leave its peers waiting
+    # for gloo's 30-minute default.
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    context = setup(rank, world)
     results = {}
     for name in registry:
         try:
-            registry[name](rank, world, groups)
+            registry[name](rank, world, context)
             results[name] = None
         except Exception:  # noqa: BLE001  (reported per case by the tests)
             results[name] = traceback.format_exc()
@@ -480,12 +486,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(world, registry, tmp_path_factory):
+def _run(world, registry, tmp_path_factory, setup=_groups):
     """Every case of ``registry`` (name -> module-level function, pickled by reference: other
-    test files run theirs through this harness too) on ``world`` gloo processes."""
+    test files run theirs through this harness too) on ``world`` gloo processes; each case is
+    called as ``case(rank, world, setup(rank, world))``."""
     out = tmp_path_factory.mktemp(f"parallel{world}")
     init = f"file://{out}/rendezvous"
-    mp.spawn(_worker, args=(world, init, str(out), registry), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, init, str(out), registry, setup), nprocs=world, join=True)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
 
 
