@@ -8,9 +8,12 @@ then a thought of at most ``2 B_t`` tokens closed by ``>`` (forced at the cap), 
 predicted token.
 
 The reward is ``(1 - omega) * [prediction == the text's next token] + omega * r_len(thought
-length)``. Advantages are whitened per group. The loss is the dual objective
-``L_RL(C) + lambda * L_NTP(the other positions)`` (``remit_ext.rmt``), with the policy
-gradient computed by the fused ``policy_gradient_loss``.
+length)``. Advantages follow ``rmt_advantage`` (``centre`` in the presets: ``r - mean`` per
+group, no std division; ``whiten`` is METHODS.md's). The loss is the dual objective
+``L_RL(C) + lambda * L_NTP(the other positions)`` (``remit_ext.rmt``; ``rmt_normalize =
+"position"`` in the presets: both sums over the valid positions), with the policy gradient
+computed by the fused ``policy_gradient_loss`` and, with ``rmt_rl_lr > 0``, stepped by its own
+optimizer.
 
 The held-out ``TierProbe`` measures next-token accuracy per entropy tier. The tiers are fixed
 by the base model, as the paper's splits are fixed by a proxy model. Accuracy is measured both

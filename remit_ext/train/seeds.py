@@ -151,9 +151,10 @@ def markdown(agg: dict) -> str:
           f"`{agg['preset']['name']}`", "",
           "Average answer accuracy (%) on held-out problems, greedy decoding, per seed and "
           "the mean; paired differences against vanilla NTP and against the pre-trained base "
-          "(same seed, so the same data, initialisation and base), mean [95% CI, t with "
-          f"{n - 1} degrees of freedom]; held-out NLL per token; accuracy after the post-RL "
-          "stage.", ""]
+          "(same seed, so the same data, initialisation and base), "
+          + (f"mean [95% CI, t with {n - 1} degrees of freedom]" if n > 1
+             else "one seed: no interval")
+          + "; held-out NLL per token; accuracy after the post-RL stage.", ""]
     head = (["model"] + [f"seed {s}" for s in seeds]
             + ["mean acc", "Δ acc vs NTP", "Δ acc vs base", "NLL", "Δ NLL vs NTP",
                "acc after RL", "Δ after RL vs NTP"])
