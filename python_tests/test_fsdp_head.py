@@ -29,20 +29,12 @@ from torch import nn
 import remit_ext
 from remit_ext import fsdp as rfsdp
 from remit_ext import parallel
-from test_parallel import _assert_case, _run
+from test_parallel import _assert_case, _run, case
 
 F64 = torch.float64
 V, D, B, T = 13, 6, 2, 5  # V = 13: uneven shards over 2 (7 + 6) and 4 (4 + 4 + 4 + 1) ranks
 CASES_2: dict = {}
 CASES_4: dict = {}
-
-
-def case(*registries):
-    def deco(fn):
-        for reg in registries:
-            reg[fn.__name__] = fn
-        return fn
-    return deco
 
 
 # ------------------------------------------------------------------------------- helpers

@@ -860,12 +860,7 @@ def _tp_linear_loss(h, w, y, bias, sh, sw, s_bias, sb, targets, cu_seqlens, meth
     loss, weights, diag = _parallel.vocab_parallel_linear_loss(
         h, w, y, bias, sh, sw, s_bias, sb, offsets, method, ignore_index, eps,
         float(keep_ratio), temperature, reduction, num_items, chunk, s_chunk, w_fp32, impl, tp)
-    if reduction == "none":
-        loss = loss.reshape(targets.shape)
-    if not return_details:
-        return loss
-    return LinearLossOutput(loss, weights.reshape(targets.shape),
-                            ReMiTDiagnostics.from_tensor(diag) if method == "remit" else None)
+    return _loss_output(loss, weights, diag, targets, method, reduction, return_details)
 
 
 @torch.compiler.disable
@@ -900,6 +895,17 @@ def _fsdp_module(weight_name: str):
             "weight.full_tensor() or a tensor-parallel tp_group=") from None
     return fsdp
 
+
+
+def _loss_output(loss, weights, diag, targets, method, reduction, return_details):
+    """The public return value of ``remit_linear_loss``: the loss (per token in ``targets``'
+    shape for ``reduction="none"``), or with ``return_details`` a ``LinearLossOutput``."""
+    if reduction == "none":
+        loss = loss.reshape(targets.shape)
+    if not return_details:
+        return loss
+    return LinearLossOutput(loss, weights.reshape(targets.shape),
+                            ReMiTDiagnostics.from_tensor(diag) if method == "remit" else None)
 
 def remit_linear_loss(
     hidden: Tensor,
@@ -1050,12 +1056,7 @@ def _remit_linear_loss(hidden, lm_head_weight, targets, *, bias, scorer_hidden, 
         grad_on and hidden.requires_grad, grad_on and lm_head_weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad, grad_weight_fp32, impl.name,
         num_items)
-    if reduction == "none":
-        loss = loss.reshape(targets.shape)
-    if not return_details:
-        return loss
-    return LinearLossOutput(loss, weights.reshape(targets.shape),
-                            ReMiTDiagnostics.from_tensor(diag) if method == "remit" else None)
+    return _loss_output(loss, weights, diag, targets, method, reduction, return_details)
 
 
 def linear_token_stats(
