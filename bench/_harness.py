@@ -28,6 +28,12 @@ REPO = Path(__file__).resolve().parent.parent
 # clean checkout without touching its tracked files).
 RESULTS = Path(os.environ.get("REMIT_BENCH_RESULTS") or REPO / "bench" / "results")
 MB = 1024 * 1024
+# The columns of a suite ledger (bench/results/<device>.csv): bench.runner writes its rows,
+# bench.report reads them.
+COLUMNS = ["op", "provider", "shape", "dtype", "ms_p50", "ms_p20", "ms_p80", "throughput",
+           "unit", "floor_frac", "floor_ms", "floor", "vs_best", "best_ms", "best",
+           "peak_mem_MB", "speedup_vs_eager", "device", "torch_version", "triton_version",
+           "provider_version", "git_sha", "date", "thp"]
 
 
 # ------------------------------------------------------------------------------------ timing

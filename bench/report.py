@@ -175,12 +175,10 @@ def plot(rows: Sequence[dict], out_dir: Path, stem: str) -> list:
 
 def _default_csv() -> Optional[Path]:
     """The most recently modified ledger in bench/results (None if there is none)."""
-    from bench.runner import COLUMNS
-
     ledgers = []
     for path in H.RESULTS.glob("*.csv"):
         with open(path, newline="") as f:
-            if next(csv.reader(f), []) == COLUMNS:
+            if next(csv.reader(f), []) == H.COLUMNS:
                 ledgers.append(path)
     return max(ledgers, key=lambda p: p.stat().st_mtime) if ledgers else None
 

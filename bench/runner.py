@@ -66,10 +66,7 @@ AUTO_OPS = {"token_stats": ("token_stats",), "remit_weights": ("remit_weights",)
             "remit_loss": ("remit_loss",), "pg_loss": ("pg_loss",)}
 AUTO_KERNELS = ("cuda", "triton")
 AUTO_TABLE = H.REPO / "remit_ext" / "data" / "auto_table.json"
-COLUMNS = ["op", "provider", "shape", "dtype", "ms_p50", "ms_p20", "ms_p80", "throughput",
-           "unit", "floor_frac", "floor_ms", "floor", "vs_best", "best_ms", "best",
-           "peak_mem_MB", "speedup_vs_eager", "device", "torch_version", "triton_version",
-           "provider_version", "git_sha", "date", "thp"]
+COLUMNS = H.COLUMNS  # the ledger's columns (bench/_harness.py)
 THIRD_PARTY = P.THIRD_PARTY
 CPU_REPEATS = 5  # timed calls per CPU case (after one untimed)
 # A provider's result must match the reference's to atol = rtol = this (x (1 + |ref|)).

@@ -194,3 +194,52 @@ def check_exactly_one(a, b, name_a: str, name_b: str, op: str) -> None:
     if (a is None) == (b is None):
         given = "both" if a is not None else "neither"
         raise ValueError(f"{op}: expected exactly one of {name_a} and {name_b}, got {given}")
+
+
+def check_num_items(num_items, reduction: str, device: torch.device):
+    """num_items_in_batch validated: None, an int > 0 or a 0-d real tensor on ``device`` or the
+    CPU (its value is not read: no host sync); only with reduction='mean'."""
+    if num_items is None:
+        return None
+    if isinstance(num_items, bool) or not isinstance(num_items, (int, Tensor)):
+        raise TypeError(f"num_items_in_batch: expected an int or a 0-d tensor, got "
+                        f"{type(num_items).__name__}")
+    if isinstance(num_items, int):
+        if num_items < 1:
+            raise ValueError(f"num_items_in_batch: expected an int > 0 (the number of tokens "
+                             f"the mean divides by), got {num_items}")
+    else:
+        if num_items.dtype == torch.bool or num_items.is_complex():
+            raise TypeError(f"num_items_in_batch: expected an integer or floating tensor, got "
+                            f"{num_items.dtype}")
+        if num_items.dim() != 0:
+            raise ValueError(f"num_items_in_batch: expected a 0-d tensor, got shape "
+                             f"{tuple(num_items.shape)}")
+        if num_items.device != device and num_items.device.type != "cpu":
+            raise ValueError(f"num_items_in_batch: expected a tensor on {device} (or the CPU), "
+                             f"got one on {num_items.device}")
+    if reduction != "mean":
+        raise ValueError(f"num_items_in_batch: only reduction='mean' divides by a token count, "
+                         f"got reduction={reduction!r}")
+    return num_items
+
+
+def check_positions(targets, logits: Tensor, name: str) -> None:
+    """check_targets without the range check (a vocab-parallel call checks the range against
+    the global vocab, in its layout handshake)."""
+    _tensor(targets, name)
+    if targets.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name}: expected dtype int64 or int32, got {targets.dtype}")
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"{name}: expected shape {tuple(logits.shape[:-1])} (logits without "
+                         f"the vocab dim), got {tuple(targets.shape)}")
+    check_same_device(logits, targets, name)
+
+
+def is_dtensor(x) -> bool:
+    """A DTensor (False where torch has no torch.distributed.tensor)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(x, DTensor)

@@ -41,9 +41,7 @@ from torch.nn import functional as F
 
 from . import _checks as chk
 from . import linear as _lin
-from .functional import _check_num_items
 from .linear import LinearLossOutput, LinearTokenStats
-from .parallel import _is_dtensor
 from .reference import ReMiTDiagnostics
 
 __all__ = ["ReMiTLinearHead", "linear_token_stats", "remit_linear_loss"]
@@ -76,7 +74,7 @@ def _layout(t: Optional[Tensor], name: str, like: Optional[Tensor]) -> Optional[
     placement other than Shard(0) (FSDP2) and Replicate (HSDP's replicate dim). A floating
     head is computed in the dtype of its activations ``like`` (FSDP2's mixed precision: fp32
     shards, bf16 compute)."""
-    if t is None or not _is_dtensor(t):
+    if t is None or not chk.is_dtensor(t):
         return None
     from torch.distributed.tensor import Replicate, Shard
 
@@ -169,7 +167,7 @@ def _grad_for(grad: Optional[Tensor], lay: Optional[_Layout], factor) -> Optiona
 
 
 def _check_hidden(hidden, name: str = "hidden") -> None:
-    if _is_dtensor(hidden):
+    if chk.is_dtensor(hidden):
         raise ValueError(f"{name}: expected a plain tensor (this rank's own tokens, the FSDP2 "
                          "layout), got a DTensor; a vocab-parallel head goes through tp_group=")
 
@@ -315,7 +313,7 @@ def _linear_loss(hidden, weight, targets, bias, scorer_hidden, scorer_weight, sc
         vocab = _lin._check_inputs(hidden, *(_stand_in(t, lay) for t, lay in zip(
             (weight, targets, bias, scorer_hidden, scorer_weight, scorer_bias),
             (lays[0], None, lays[1], None, lays[2], lays[3]))), scorer_logprobs, kw["method"])
-        _check_num_items(num_items_in_batch, kw["reduction"], hidden.device)
+        chk.check_num_items(num_items_in_batch, kw["reduction"], hidden.device)
         y = targets.reshape(-1)
         chk.check_targets(y, hidden.new_empty(()).expand(y.numel(), vocab), kw["ignore_index"])
         chk.check_cu_seqlens(cu_seqlens, y.numel(), hidden.device)

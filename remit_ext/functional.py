@@ -97,34 +97,6 @@ def _offsets(targets: Tensor, cu_seqlens: Optional[Tensor]) -> Tensor:
     return torch.arange(2, device=targets.device, dtype=torch.long) * n
 
 
-def _check_num_items(num_items, reduction: str, device: torch.device):
-    """num_items_in_batch validated: None, an int > 0 or a 0-d real tensor on ``device`` or the
-    CPU (its value is not read: no host sync); only with reduction='mean'."""
-    if num_items is None:
-        return None
-    if isinstance(num_items, bool) or not isinstance(num_items, (int, Tensor)):
-        raise TypeError(f"num_items_in_batch: expected an int or a 0-d tensor, got "
-                        f"{type(num_items).__name__}")
-    if isinstance(num_items, int):
-        if num_items < 1:
-            raise ValueError(f"num_items_in_batch: expected an int > 0 (the number of tokens "
-                             f"the mean divides by), got {num_items}")
-    else:
-        if num_items.dtype == torch.bool or num_items.is_complex():
-            raise TypeError(f"num_items_in_batch: expected an integer or floating tensor, got "
-                            f"{num_items.dtype}")
-        if num_items.dim() != 0:
-            raise ValueError(f"num_items_in_batch: expected a 0-d tensor, got shape "
-                             f"{tuple(num_items.shape)}")
-        if num_items.device != device and num_items.device.type != "cpu":
-            raise ValueError(f"num_items_in_batch: expected a tensor on {device} (or the CPU), "
-                             f"got one on {num_items.device}")
-    if reduction != "mean":
-        raise ValueError(f"num_items_in_batch: only reduction='mean' divides by a token count, "
-                         f"got reduction={reduction!r}")
-    return num_items
-
-
 def _shaped(per_token: Tensor, targets: Tensor, reduction: str) -> Tensor:
     return per_token.reshape(targets.shape) if reduction == "none" else per_token
 
@@ -153,7 +125,7 @@ def token_stats(
     ``tp_group``: ``logits`` (and ``scorer_logits``) are this rank's vocab shard (module
     docstring); every rank gets the statistics of the whole vocab. No top-k entropy then.
     """
-    if tp_group is not None or _parallel._is_dtensor(logits):
+    if tp_group is not None or chk.is_dtensor(logits):
         if topk is not None:
             raise ValueError(f"topk: the top-k entropy is not computed from vocab-sharded "
                              f"logits (tp_group), got topk={topk!r}")
@@ -260,11 +232,11 @@ def weighted_cross_entropy(
     ``weights``. ``num_items_in_batch`` replaces the valid-token count (module docstring).
     ``tp_group``: vocab-sharded logits (module docstring).
     """
-    if tp_group is not None or _parallel._is_dtensor(logits):
+    if tp_group is not None or chk.is_dtensor(logits):
         if weights is not None:
             chk.check_per_token(weights, targets, "weights")
         chk.check_reduction(reduction)
-        num_items = _check_num_items(num_items_in_batch, reduction, targets.device)
+        num_items = chk.check_num_items(num_items_in_batch, reduction, targets.device)
         return _parallel.weighted_cross_entropy(logits, targets, weights, tp_group, ignore_index,
                                                 reduction, num_items, backend)
     chk.check_logits(logits)
@@ -272,7 +244,7 @@ def weighted_cross_entropy(
     if weights is not None:
         chk.check_per_token(weights, targets, "weights")
     chk.check_reduction(reduction)
-    num_items = _check_num_items(num_items_in_batch, reduction, logits.device)
+    num_items = chk.check_num_items(num_items_in_batch, reduction, logits.device)
     impl = select_backend("weighted_cross_entropy", backend, (logits, targets, weights))
     z, y = _flat(logits, targets)
     w = None if weights is None else weights.reshape(-1)
@@ -316,14 +288,14 @@ def remit_loss(
     ranks' batches (module docstring; ``remit_ext.parallel``). With a tp or cp group the
     weights are detached and the backend serves the token statistics only.
     """
-    if tp_group is not None or cp_group is not None or _parallel._is_dtensor(logits):
+    if tp_group is not None or cp_group is not None or chk.is_dtensor(logits):
         chk.check_exactly_one(scorer_logits, scorer_logprobs, "scorer_logits", "scorer_logprobs",
                               "remit_loss")
         if scorer_logprobs is not None:
             chk.check_per_token(scorer_logprobs, targets, "scorer_logprobs")
         eps = chk.check_eps(eps)
         chk.check_reduction(reduction)
-        num_items = _check_num_items(num_items_in_batch, reduction, targets.device)
+        num_items = chk.check_num_items(num_items_in_batch, reduction, targets.device)
         if not detach_weights:
             raise ValueError("detach_weights: tp_group / cp_group compute detached weights "
                              "only, got detach_weights=False")
@@ -345,7 +317,7 @@ def remit_loss(
         chk.check_per_token(scorer_logprobs, targets, "scorer_logprobs")
     eps = chk.check_eps(eps)
     chk.check_reduction(reduction)
-    num_items = _check_num_items(num_items_in_batch, reduction, logits.device)
+    num_items = chk.check_num_items(num_items_in_batch, reduction, logits.device)
     z, y = _flat(logits, targets)
     chk.check_cu_seqlens(cu_seqlens, y.numel(), y.device)
     impl = select_backend("remit_loss", backend,
@@ -384,7 +356,7 @@ def rho1_loss(
     ``num_items_in_batch`` replaces the number kept as the divisor (module docstring: pass the
     number kept over the global batch); the selection itself stays per call. ``tp_group``:
     vocab-sharded logits and reference logits (module docstring)."""
-    if tp_group is not None or _parallel._is_dtensor(logits):
+    if tp_group is not None or chk.is_dtensor(logits):
         chk.check_exactly_one(ref_logits, ref_logprobs, "ref_logits", "ref_logprobs",
                               "rho1_loss")
         if ref_logprobs is not None:
@@ -392,7 +364,7 @@ def rho1_loss(
         if not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
             raise ValueError(f"keep_ratio: expected a number in (0, 1], got {keep_ratio!r}")
         chk.check_reduction(reduction)
-        num_items = _check_num_items(num_items_in_batch, reduction, targets.device)
+        num_items = chk.check_num_items(num_items_in_batch, reduction, targets.device)
         return _parallel.rho1_loss(logits, targets, ref_logits, ref_logprobs, keep_ratio,
                                    ignore_index, reduction, num_items, tp_group, backend)
     chk.check_logits(logits)
@@ -405,7 +377,7 @@ def rho1_loss(
     if not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
         raise ValueError(f"keep_ratio: expected a number in (0, 1], got {keep_ratio!r}")
     chk.check_reduction(reduction)
-    num_items = _check_num_items(num_items_in_batch, reduction, logits.device)
+    num_items = chk.check_num_items(num_items_in_batch, reduction, logits.device)
     impl = select_backend("rho1_loss", backend, (logits, targets, ref_logits, ref_logprobs))
     z, y = _flat(logits, targets)
     if ref_logits is not None:
@@ -438,10 +410,10 @@ def kd_loss(
     valid positions. No T^2 factor is applied. ``num_items_in_batch`` replaces the valid-token
     count (module docstring). ``tp_group``: vocab-sharded logits and teacher logits (module
     docstring; computed in torch ops, whatever ``backend``)."""
-    if tp_group is not None or _parallel._is_dtensor(logits):
+    if tp_group is not None or chk.is_dtensor(logits):
         temperature = chk.check_positive(temperature, "temperature")
         chk.check_reduction(reduction)
-        num_items = _check_num_items(num_items_in_batch, reduction, targets.device)
+        num_items = chk.check_num_items(num_items_in_batch, reduction, targets.device)
         return _parallel.kd_loss(logits, teacher_logits, targets, temperature, ignore_index,
                                  reduction, num_items, tp_group)
     chk.check_logits(logits)
@@ -449,7 +421,7 @@ def kd_loss(
     chk.check_targets(targets, logits, ignore_index)
     temperature = chk.check_positive(temperature, "temperature")
     chk.check_reduction(reduction)
-    num_items = _check_num_items(num_items_in_batch, reduction, logits.device)
+    num_items = chk.check_num_items(num_items_in_batch, reduction, logits.device)
     impl = select_backend("kd_loss", backend, (logits, teacher_logits, targets))
     z, y = _flat(logits, targets)
     tz = teacher_logits.reshape(z.shape)
@@ -498,7 +470,7 @@ def policy_gradient_loss(
     ``num_items_in_batch`` replaces the valid-token count of 'mean' (module docstring).
     ``tp_group``: vocab-sharded logits (module docstring).
     """
-    sharded = tp_group is not None or _parallel._is_dtensor(logits)
+    sharded = tp_group is not None or chk.is_dtensor(logits)
     if not sharded:
         chk.check_logits(logits)
         chk.check_targets(actions, logits, ignore_index, "actions")
@@ -518,7 +490,7 @@ def policy_gradient_loss(
         raise ValueError(f"kl_beta: {kl_beta} > 0 needs ref_logprobs (the reference model's "
                          f"log-probs of the actions), got None")
     chk.check_reduction(reduction)
-    num_items = _check_num_items(num_items_in_batch, reduction, actions.device)
+    num_items = chk.check_num_items(num_items_in_batch, reduction, actions.device)
 
     def flat(x):
         return None if x is None else x.reshape(-1)

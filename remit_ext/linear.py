@@ -64,9 +64,7 @@ from . import _checks as chk
 from . import reference as ref
 from ._backends import OpsBackend, select_backend, BACKENDS
 from ._meta import _token_stats_input_grad
-from .functional import _check_num_items
 from . import parallel as _parallel
-from .parallel import _is_dtensor
 from .reference import ReMiTDiagnostics, acc_dtype, rho1_keep_mask
 
 __all__ = ["LinearLossOutput", "LinearTokenStats", "METHODS", "remit_linear_loss",
@@ -968,8 +966,8 @@ def remit_linear_loss(
     args = dict(locals())  # the arguments, for the paths below
     # Any head argument a DTensor (bias / scorer_bias alone too) with plain activations: the
     # FSDP2 layout. remit_ext.fsdp gathers each DTensor head and uses plain ones as they are.
-    if tp_group is None and not _is_dtensor(hidden) and any(
-            _is_dtensor(t) for t in (lm_head_weight, bias, scorer_weight, scorer_bias)):
+    if tp_group is None and not chk.is_dtensor(hidden) and any(
+            chk.is_dtensor(t) for t in (lm_head_weight, bias, scorer_weight, scorer_bias)):
         return _fsdp_module("lm_head_weight").remit_linear_loss(
             hidden=hidden, lm_head_weight=lm_head_weight, targets=targets, bias=bias,
             scorer_hidden=scorer_hidden, scorer_weight=scorer_weight, scorer_bias=scorer_bias,
@@ -978,9 +976,9 @@ def remit_linear_loss(
             reduction=reduction, num_items_in_batch=num_items_in_batch, chunk_size=chunk_size,
             memory_budget=memory_budget, grad_weight_fp32=grad_weight_fp32,
             return_details=return_details, backend=backend)
-    if tp_group is not None or _is_dtensor(lm_head_weight) or _is_dtensor(hidden):
+    if tp_group is not None or chk.is_dtensor(lm_head_weight) or chk.is_dtensor(hidden):
         return _vocab_parallel(_remit_linear_loss, "lm_head_weight", args)
-    if _is_dtensor(scorer_hidden):
+    if chk.is_dtensor(scorer_hidden):
         # Else DTensor's "mixed torch.Tensor and DTensor" error from inside the op.
         raise ValueError("scorer_hidden: a DTensor with plain hidden and plain heads (no "
                          "tp_group): expected a plain tensor like hidden (scorer_hidden."
@@ -1005,7 +1003,7 @@ def _remit_linear_loss(hidden, lm_head_weight, targets, *, bias, scorer_hidden, 
     if not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
         raise ValueError(f"keep_ratio: expected a number in (0, 1], got {keep_ratio!r}")
     _check_chunking(chunk_size, memory_budget)
-    num_items = _check_num_items(num_items_in_batch, reduction, hidden.device)
+    num_items = chk.check_num_items(num_items_in_batch, reduction, hidden.device)
     h = hidden.reshape(-1, hidden.shape[-1])
     y = targets.reshape(-1)
     n = y.numel()
@@ -1013,7 +1011,7 @@ def _remit_linear_loss(hidden, lm_head_weight, targets, *, bias, scorer_hidden, 
         # Values of targets are checked against V through a zero-stride stand-in for the logits.
         chk.check_targets(y, h.new_empty(()).expand(n, vocab), ignore_index)
     else:  # global ids: their range is checked against the shards together
-        _parallel._check_positions(targets, hidden, "targets")
+        chk.check_positions(targets, hidden, "targets")
     chk.check_cu_seqlens(cu_seqlens, n, h.device)
     op = "kd_loss" if method == "kd" else "remit_loss"
     if torch.compiler.is_compiling():
@@ -1097,13 +1095,13 @@ def linear_token_stats(
     collectives: ``torch.compile`` graph-breaks on it.
     """
     args = dict(locals())  # the arguments, for the paths below
-    if tp_group is None and not _is_dtensor(hidden) and (_is_dtensor(weight)
-                                                         or _is_dtensor(bias)):
+    if tp_group is None and not chk.is_dtensor(hidden) and (chk.is_dtensor(weight)
+                                                         or chk.is_dtensor(bias)):
         return _fsdp_module("weight").linear_token_stats(
             hidden=hidden, weight=weight, targets=targets, bias=bias, ignore_index=ignore_index,
             temperature=temperature, entropy=entropy, chunk_size=chunk_size,
             memory_budget=memory_budget, backend=backend)
-    if tp_group is not None or _is_dtensor(weight) or _is_dtensor(hidden):
+    if tp_group is not None or chk.is_dtensor(weight) or chk.is_dtensor(hidden):
         return _vocab_parallel(_linear_token_stats, "weight", args)
     return _linear_token_stats(**args, tp=None)
 
@@ -1132,7 +1130,7 @@ def _linear_token_stats(hidden, weight, targets, *, bias, ignore_index, temperat
     if tp is None:
         chk.check_targets(y, h.new_empty(()).expand(n, vocab), ignore_index)
     else:
-        _parallel._check_positions(targets, hidden, "targets")
+        chk.check_positions(targets, hidden, "targets")
     if torch.compiler.is_compiling():
         impl = BACKENDS[_traced_backend("token_stats", backend, str(h.device))]
     else:

@@ -315,7 +315,7 @@ def vocab_parallel_token_stats(logits: Tensor, targets: Tensor, tp_group=None, *
     if tp_group is None:
         raise ValueError("tp_group: expected a process group for vocab-sharded logits, got None")
     chk.check_logits(logits)
-    _check_positions(targets, logits, target_name)
+    chk.check_positions(targets, logits, target_name)
     if scorer_logits is not None:
         chk.check_like_logits(scorer_logits, logits, "scorer_logits")
     temperature = chk.check_positive(temperature, "temperature")
@@ -329,18 +329,6 @@ def vocab_parallel_token_stats(logits: Tensor, targets: Tensor, tp_group=None, *
     if scorer_logits is None:
         s_lse = s_logprob = None
     return lse, logprob, ent if entropy else None, s_lse, s_logprob
-
-
-def _check_positions(targets, logits: Tensor, name: str) -> None:
-    """check_targets without the range check (the range is the global vocab, checked in the
-    layout handshake)."""
-    chk._tensor(targets, name)
-    if targets.dtype not in chk.INDEX_DTYPES:
-        raise TypeError(f"{name}: expected dtype int64 or int32, got {targets.dtype}")
-    if targets.shape != logits.shape[:-1]:
-        raise ValueError(f"{name}: expected shape {tuple(logits.shape[:-1])} (logits without "
-                         f"the vocab dim), got {tuple(targets.shape)}")
-    chk.check_same_device(logits, targets, name)
 
 
 class _VocabParallelKD(torch.autograd.Function):
@@ -479,21 +467,31 @@ def weighted_cross_entropy(logits, targets, weights, tp_group, ignore_index, red
     return loss.reshape(targets.shape) if reduction == "none" else loss
 
 
+def _local_logprobs(logits, targets, scorer_logits, ignore_index, backend):
+    """(log-prob, scorer log-prob or None), flat, of plain logits: ``token_stats``'s
+    single-process path (its checks, then the backend's op), for context parallelism alone."""
+    chk.check_logits(logits)
+    chk.check_targets(targets, logits, ignore_index)
+    if scorer_logits is not None:
+        chk.check_like_logits(scorer_logits, logits, "scorer_logits")
+    impl = select_backend("token_stats", backend, (logits, targets, scorer_logits), topk=None)
+    z = logits.reshape(-1, logits.shape[-1])
+    sz = None if scorer_logits is None else scorer_logits.reshape(z.shape)
+    _, a, _, _, _, b = impl.token_stats(z, targets.reshape(-1), sz, ignore_index, 1.0, False,
+                                        0, False)
+    return a, b
+
+
 @_eager
 def remit_loss(logits, targets, scorer_logits, scorer_logprobs, offsets, eps, ignore_index,
                reduction, num_items, tp_group, cp_group, dp_group, backend):
     """(per-token or reduced loss, w [N], diagnostics)."""
-    if tp_group is not None or _is_dtensor(logits):
+    if tp_group is not None or chk.is_dtensor(logits):
         _, a, _, _, b = vocab_parallel_token_stats(logits, targets, tp_group,
                                                    scorer_logits=scorer_logits,
                                                    ignore_index=ignore_index, backend=backend)
     else:
-        from .functional import token_stats
-
-        st = token_stats(logits, targets, scorer_logits=scorer_logits,
-                         ignore_index=ignore_index, backend=backend)
-        a, b = st.logprob.reshape(-1), st.scorer_logprob
-        b = None if b is None else b.reshape(-1)
+        a, b = _local_logprobs(logits, targets, scorer_logits, ignore_index, backend)
     if scorer_logprobs is not None:
         b = scorer_logprobs.reshape(-1).detach()
     valid = targets.reshape(-1) != ignore_index
@@ -525,21 +523,13 @@ def kd_loss(logits, teacher_logits, targets, temperature, ignore_index, reductio
         raise ValueError("tp_group: expected a process group for vocab-sharded logits, got None")
     chk.check_logits(logits)
     chk.check_like_logits(teacher_logits, logits, "teacher_logits")
-    _check_positions(targets, logits, "targets")
+    chk.check_positions(targets, logits, "targets")
     layout = _VocabLayout(logits.shape[-1], logits.device, targets, tp_group, ignore_index)
     z = logits.reshape(-1, logits.shape[-1])
     tz = teacher_logits.detach().reshape(z.shape)
     per_token = _VocabParallelKD.apply(z, tz, layout, temperature)
     loss = reduce_tokens(per_token, layout.valid.sum(), reduction, num_items)
     return loss.reshape(targets.shape) if reduction == "none" else loss
-
-
-def _is_dtensor(x) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(x, DTensor)
 
 
 # ------------------------------------------------------ fused linear heads, vocab parallel
@@ -558,7 +548,7 @@ def _replicated_local(x: Optional[Tensor], group, name: str) -> Optional[Tensor]
     """Hidden states as a plain tensor: a DTensor on the tp mesh is redistributed to
     Replicate (what ColwiseParallel does to its input; a no-op when it is replicated) and its
     local copy returned, its gradient going back as a Replicate DTensor."""
-    if not _is_dtensor(x):
+    if not chk.is_dtensor(x):
         return x
     from torch.distributed.tensor import Replicate
 
@@ -596,13 +586,13 @@ def unshard_linear(hidden, weight, bias, scorer_hidden, scorer_weight, scorer_bi
     scorer_weight, scorer_bias) and the call's ``TPHead``. Weights and biases: this rank's
     rows, or DTensors ``Shard(0)`` on a 1-D mesh; hidden: replicated, or a DTensor on that
     mesh."""
-    vocab = int(weight.shape[0]) if _is_dtensor(weight) else None
+    vocab = int(weight.shape[0]) if chk.is_dtensor(weight) else None
     weight, tp_group = _unshard(weight, tp_group, weight_name, dim=0)
     bias, tp_group = _unshard(bias, tp_group, "bias", dim=0)
     scorer_weight, tp_group = _unshard(scorer_weight, tp_group, "scorer_weight", dim=0)
     scorer_bias, tp_group = _unshard(scorer_bias, tp_group, "scorer_bias", dim=0)
     if tp_group is None:
-        if _is_dtensor(hidden):
+        if chk.is_dtensor(hidden):
             raise ValueError(f"{weight_name}: a DTensor hidden needs a vocab-sharded head: "
                              f"expected a DTensor {weight_name} Shard(0) or tp_group=, got "
                              f"neither")

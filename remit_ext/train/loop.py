@@ -164,6 +164,17 @@ def evaluate(model: TinyGPT, p: Preset, device: torch.device, backend: str = "au
     return out
 
 
+def frozen_logprobs(model, x: Tensor, y: Tensor, backend: str = "auto") -> Tensor:
+    """log p(y_t) ``[B, T]`` of a frozen model (the scorer / reference) from its hidden states
+    and LM head through ``linear_token_stats`` under no_grad: the ``[B, T, V]`` logits are never
+    held and the head gets no gradient buffer."""
+    model = unwrap(model)
+    with torch.no_grad():
+        h = model(x, hidden_only=True)
+        return remit_ext.linear_token_stats(h, model.head.weight, y, bias=model.head.bias,
+                                            backend=backend).logprob
+
+
 def log_step(run, d, step, every, metrics, model, p, c, probe=None) -> None:
     """Log every 10th step (and the last); evaluate every ``every`` steps on rank 0 (and run
     ``probe(model)``, RMT's per-tier next-token accuracy, when given). Metric values may be

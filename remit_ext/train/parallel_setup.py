@@ -50,6 +50,7 @@ import remit_ext
 from remit_ext.parallel import global_num_items, reduce_diagnostics
 
 from . import data as D
+from .loop import frozen_logprobs
 from .model import TinyGPT
 from .runtime import Dist, unwrap
 
@@ -263,8 +264,6 @@ class ParallelDist(Dist):
     def midtrain_loss(self, ddp, model, teacher, x, y, b, method, p, backend, fused):
         """(loss, ReMiT details or None, this rank's targets [B, T/cp], their column slice):
         the full forward, the loss on this rank's positions, divided by the global count."""
-        from .stages import frozen_logprobs
-
         cols = self.cols(y.shape[1])
         ys = y[:, cols].contiguous()
         bs = None if b is None else b[:, cols].contiguous()

@@ -23,8 +23,8 @@ from remit_ext.rmt import group_advantages
 
 from . import data as D
 from .loop import (Common, apply_threads, batch_rows, clip_and_step, clock, dataset, evaluate,
-                   finish_stage, load_model, log_step, make_optimizer, median, midtrain_batch,
-                   new_model, set_lr)
+                   finish_stage, frozen_logprobs, load_model, log_step, make_optimizer,
+                   median, midtrain_batch, new_model, set_lr)
 from .parallel_setup import ParallelDist, parallel_dist
 from .rmt_stage import midtrain_rmt
 from .runtime import StageRun, get_dist, atomic_save, load, step_generator, unwrap
@@ -161,17 +161,6 @@ def score(c: Common, scorer: Path) -> Path:
                  "seconds": seconds, "preset": p.to_dict()}, c.out)
     d.barrier()
     return c.out
-
-
-def frozen_logprobs(model, x: Tensor, y: Tensor, backend: str = "auto") -> Tensor:
-    """log p(y_t) ``[B, T]`` of a frozen model (the scorer / reference) from its hidden states
-    and LM head through ``linear_token_stats`` under no_grad: the ``[B, T, V]`` logits are never
-    held and the head gets no gradient buffer."""
-    model = unwrap(model)
-    with torch.no_grad():
-        h = model(x, hidden_only=True)
-        return remit_ext.linear_token_stats(h, model.head.weight, y, bias=model.head.bias,
-                                            backend=backend).logprob
 
 
 def load_scorer_cache(path: Path, targets: Tensor) -> Tensor:
