@@ -30,7 +30,7 @@ __global__ void __launch_bounds__(kPgThreads) pg_terms_kernel(const PgParams<A> 
 template <typename A>
 cudaError_t launch_pg_terms(const PgParams<A>& p, cudaStream_t stream) {
   const int64_t blocks = (p.N + kPgThreads - 1) / kPgThreads;
-  pg_terms_kernel<A><<<static_cast<unsigned>(blocks), kPgThreads, 0, stream>>>(p);
+  REMIT_LAUNCH(pg_terms_kernel<A>, static_cast<unsigned>(blocks), kPgThreads, stream)(p);
   return cudaGetLastError();
 }
 

@@ -103,10 +103,10 @@ __global__ void __launch_bounds__(kWeightsThreads) remit_diag_kernel(const Weigh
 
 template <typename A>
 cudaError_t launch_remit_weights(const WeightsParams<A>& p, cudaStream_t stream) {
-  remit_weights_kernel<A><<<static_cast<unsigned>(p.S), kWeightsThreads, 0, stream>>>(p);
+  REMIT_LAUNCH(remit_weights_kernel<A>, static_cast<unsigned>(p.S), kWeightsThreads, stream)(p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  remit_diag_kernel<A><<<1, kWeightsThreads, 0, stream>>>(p);
+  REMIT_LAUNCH(remit_diag_kernel<A>, 1, kWeightsThreads, stream)(p);
   return cudaGetLastError();
 }
 

@@ -16,6 +16,15 @@
 
 #include "cuda/launch.h"
 
+// The two constructs host C++ cannot parse, behind macros so that tools/cuda_emu/emu.h (forced in
+// with -include when the kernels are built as host code for the emulation tests) can supply
+// host versions; nvcc always takes these definitions. A `<<<` launch or an `asm` statement written
+// outside them fails the emulation build (g++ rejects both), so none slips through untranslated.
+#ifndef REMIT_CUDA_EMU
+// kernel<<<grid, block, 0, stream>>>: REMIT_LAUNCH(kernel, grid, block, stream)(args...).
+#define REMIT_LAUNCH(kernel, grid, block, stream) kernel<<<grid, block, 0, stream>>>
+#endif
+
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -78,12 +87,18 @@ __device__ __forceinline__ acc_t<T> scaled(T v, acc_t<T> scale) {
 // bf16/fp16 rows use the hardware ex2 (2 ulp): their inputs carry 2^-8 / 2^-11 relative error,
 // and the exp is what bounds these kernels on H100 once memory is saturated. fp32 rows keep the
 // libm-grade expf so that fp32 results stay as close to fp64 as PyTorch's own fp32 math.
+#ifndef REMIT_CUDA_EMU
+// 2^x by the MUFU unit (ex2.approx.ftz: subnormal input and output flushed to 0).
+__device__ __forceinline__ float ex2_approx_ftz(float x) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
+#endif
 template <typename T>
 struct RowExp {
   __device__ __forceinline__ static float eval(float d) {
-    float r;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(d * 1.4426950408889634f));
-    return r;
+    return ex2_approx_ftz(d * 1.4426950408889634f);
   }
 };
 template <>
@@ -328,7 +343,7 @@ cudaError_t launch_rows(const Params& p, cudaStream_t stream, KernelFor kernel_f
   auto go = [&](auto group) {
     using Shape = GroupShape<decltype(group)::value, T>;
     const int64_t blocks = (p.N + Shape::kRowsPerBlock - 1) / Shape::kRowsPerBlock;
-    kernel_for(group)<<<static_cast<unsigned>(blocks), Shape::kThreads, 0, stream>>>(p);
+    REMIT_LAUNCH(kernel_for(group), static_cast<unsigned>(blocks), Shape::kThreads, stream)(p);
     return cudaGetLastError();
   };
   switch (group_size(p.V, sizeof(T))) {
