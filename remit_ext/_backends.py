@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from . import reference as ref
+from ._meta import _token_stats_input_grad
 
 # Order in which backend="auto" tries backends, by the inputs' device type (names not
 # registered are skipped). Triton is never auto-picked for CPU tensors: its CPU interpreter is a
@@ -147,6 +148,33 @@ class TorchBackend(Backend):
         return ref.kd_loss_ref(logits, teacher_logits, targets, temperature=temperature,
                                ignore_index=ignore_index, reduction="none")
 
+    # The fused-linear engine's chunk primitives (remit_ext._linear_engine): the same
+    # statistics and gradients as the ops backends', from the eager reference formulas.
+
+    def chunk_logprob(self, z, y, ii):
+        lse, a, _ = ref.token_stats_ref(z, y, ignore_index=ii, entropy=False)
+        return lse, a
+
+    def chunk_stats(self, z, y, ii, temperature, with_entropy):
+        return ref.token_stats_ref(z, y, ignore_index=ii, temperature=temperature,
+                                   entropy=with_entropy)
+
+    def chunk_ce_grad_(self, z, y, lse, a, coef, ii):
+        # d(-coef * a)/dz = coef * (softmax(z) - onehot(y)), masked at invalid rows.
+        return z.copy_(_token_stats_input_grad(z, y, lse, None, None, -coef, None, 1.0, ii))
+
+    def chunk_kd(self, z, tz, y, ii, temperature):
+        loss = ref.kd_loss_ref(z, tz, y, temperature=temperature, ignore_index=ii,
+                               reduction="none")
+        return loss, None, None
+
+    def chunk_kd_grad(self, z, tz, y, lse, tlse, coef, ii, temperature):
+        dt = ref.acc_dtype(z.dtype)
+        p = torch.softmax(z.to(dt) / temperature, dim=-1)
+        q = torch.softmax(tz.to(dt) / temperature, dim=-1)
+        scale = torch.where(y != ii, coef / temperature, 0).unsqueeze(-1)
+        return ((p - q) * scale).to(z.dtype)
+
 
 class OpsBackend(Backend):
     """A backend made of registered ops with the schemas of csrc/registration.cpp (the C++
@@ -205,6 +233,28 @@ class OpsBackend(Backend):
         loss, _, _ = self.ops.kd_loss_fwd(logits, teacher_logits.detach(), targets,
                                           ignore_index, temperature)
         return loss
+
+    # The fused-linear engine's chunk primitives (remit_ext._linear_engine): statistics and
+    # gradients straight from the registered ops, the CE gradient written in place.
+
+    def chunk_logprob(self, z, y, ii):
+        lse, a = self.ops.token_stats(z, y, None, ii, 1.0, False, 0, False)[:2]
+        return lse, a
+
+    def chunk_stats(self, z, y, ii, temperature, with_entropy):
+        lse, a, ent = self.ops.token_stats(z, y, None, ii, temperature, with_entropy, 0,
+                                           False)[:3]
+        return lse, a, ent
+
+    def chunk_ce_grad_(self, z, y, lse, a, coef, ii):
+        self.ops.weighted_ce_bwd_(z, y, lse, a, coef, ii)
+        return z
+
+    def chunk_kd(self, z, tz, y, ii, temperature):
+        return self.ops.kd_loss_fwd(z, tz, y, ii, temperature)
+
+    def chunk_kd_grad(self, z, tz, y, lse, tlse, coef, ii, temperature):
+        return self.ops.kd_loss_bwd(z, tz, y, lse, tlse, coef, ii, temperature)
 
 
 class CpuBackend(OpsBackend):

@@ -41,7 +41,8 @@ from torch.nn import functional as F
 
 from . import _checks as chk
 from . import linear as _lin
-from .linear import LinearLossOutput, LinearTokenStats
+from . import _linear_local as _local
+from ._linear_local import LinearLossOutput, LinearTokenStats
 from .reference import ReMiTDiagnostics
 
 __all__ = ["ReMiTLinearHead", "linear_token_stats", "remit_linear_loss"]
@@ -219,7 +220,7 @@ def _facts(lays, method: str, live: bool) -> list[int]:
     bits = sum(1 << i for i, lay in enumerate(lays) if lay is not None)
     shape = next(lay.shape for lay in lays if lay is not None) if bits else (0,)
     d = int(shape[1]) if len(shape) > 1 else -1
-    return [bits, int(shape[0]), d, _lin.METHODS.index(method) if method in _lin.METHODS else -1,
+    return [bits, int(shape[0]), d, _local.METHODS.index(method) if method in _local.METHODS else -1,
             int(live)]
 
 
@@ -310,7 +311,7 @@ def _linear_loss(hidden, weight, targets, bias, scorer_hidden, scorer_weight, sc
     live = scorer_hidden is not None and kw["method"] in ("remit", "rho1")
     facts = _facts(lays, kw["method"], live)
     try:
-        vocab = _lin._check_inputs(hidden, *(_stand_in(t, lay) for t, lay in zip(
+        vocab = _local._check_inputs(hidden, *(_stand_in(t, lay) for t, lay in zip(
             (weight, targets, bias, scorer_hidden, scorer_weight, scorer_bias),
             (lays[0], None, lays[1], None, lays[2], lays[3]))), scorer_logprobs, kw["method"])
         chk.check_num_items(num_items_in_batch, kw["reduction"], hidden.device)
@@ -464,7 +465,7 @@ def linear_token_stats(
     # The rank-local checks before the first collective, then the handshake (see _linear_loss).
     facts = _facts(lays, "ntp", False)
     try:
-        vocab = _lin._check_head(hidden, _stand_in(weight, lays[0]), "weight")
+        vocab = _local._check_head(hidden, _stand_in(weight, lays[0]), "weight")
         chk._tensor(targets, "targets")
         if targets.shape != hidden.shape[:-1]:
             raise ValueError(f"targets: expected shape {tuple(hidden.shape[:-1])} (hidden "

@@ -70,7 +70,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _checks as chk
-from ._backends import select_backend
+from ._backends import OpsBackend, select_backend
+from ._linear_engine import _Engine, _Grads, _inv_norm, _token_stats_bwd, _token_stats_fwd
+from ._linear_local import _loss_output
+from ._linear_plan import _free_chunks, _offsets, linear_chunk_size, stats_chunk_size
 from ._meta import _token_stats_input_grad
 from .reference import ReMiTDiagnostics, acc_dtype, reduce_tokens, rho1_keep_mask, segment_ids
 
@@ -538,12 +541,6 @@ def kd_loss(logits, teacher_logits, targets, temperature, ignore_index, reductio
 # once the inputs are local and checked; inputs flat.
 
 
-def _linear():
-    from . import linear  # linear.py imports this module
-
-    return linear
-
-
 def _replicated_local(x: Optional[Tensor], group, name: str) -> Optional[Tensor]:
     """Hidden states as a plain tensor: a DTensor on the tp mesh is redistributed to
     Replicate (what ColwiseParallel does to its input; a no-op when it is replicated) and its
@@ -578,6 +575,16 @@ class TPHead:
         if not self.joined:
             self.joined = True
             _handshake([0] * self.FACTS, device, self.group, dist.get_world_size(self.group))
+
+    def linear_loss(self, *args):
+        """``remit_linear_loss`` on this rank's shards: what ``_linear_local._remit_linear_loss``
+        calls with its checked, flat inputs (``_tp_linear_loss``)."""
+        return _tp_linear_loss(*args, self)
+
+    def linear_stats(self, h, w, y, b, ignore_index, temperature, with_entropy, chunk, backend):
+        """``linear_token_stats`` on this rank's shards (``vocab_parallel_linear_stats``)."""
+        return vocab_parallel_linear_stats(h, w, y, b, self, ignore_index, temperature,
+                                           with_entropy, chunk, backend)
 
 
 def unshard_linear(hidden, weight, bias, scorer_hidden, scorer_weight, scorer_bias, tp_group,
@@ -622,15 +629,14 @@ class _VocabParallelLinearStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, w, b, layout, cfg, scorer):
-        lin = _linear()
         temperature, with_entropy, chunk, backend, w_fp32 = cfg
         with torch.no_grad():
-            a_l, ent_l, lse_l = lin._token_stats_fwd(h, w, layout.y_fwd, b, _LOCAL_IGNORE,
+            a_l, ent_l, lse_l = _token_stats_fwd(h, w, layout.y_fwd, b, _LOCAL_IGNORE,
                                                      temperature, with_entropy, chunk, backend)
             s_stats = None
             if scorer is not None:
                 sh, sw, sb, s_chunk = scorer
-                s_a_l, _, s_lse_l = lin._token_stats_fwd(sh, sw, layout.y_fwd, sb,
+                s_a_l, _, s_lse_l = _token_stats_fwd(sh, sw, layout.y_fwd, sb,
                                                          _LOCAL_IGNORE, 1.0, False, s_chunk,
                                                          backend)
                 s_stats = (s_lse_l, s_a_l)
@@ -657,7 +663,7 @@ class _VocabParallelLinearStats(torch.autograd.Function):
             g_ent = None
         if not any(need) or (g_lp is None and g_ent is None and g_lse is None):
             return None, None, None, None, None, None
-        gh, gw, gb = _linear()._token_stats_bwd(
+        gh, gw, gb = _token_stats_bwd(
             h, w, layout.y_fwd, b, logprob, lse, ent, g_lp, g_ent, g_lse, _LOCAL_IGNORE,
             temperature, chunk, *need, backend, not_owned=layout.valid & ~layout.owned,
             w_fp32=w_fp32)
@@ -671,9 +677,8 @@ class _VocabParallelLinearStats(torch.autograd.Function):
 def _kd_chunk_stats(k, z, tz, y, temperature):
     """(lse, teacher lse, E_q[z]) of one chunk's local logits at temperature T, all in the
     local shard's terms: q = softmax(tz/T) over the shard, E_q[z] = sum_v q_v z_v / T."""
-    lin = _linear()
-    if isinstance(k, lin._OpsKernels):
-        loss, lse, tlse = k.kd(z, tz, y, _LOCAL_IGNORE, temperature)
+    if isinstance(k, OpsBackend):
+        loss, lse, tlse = k.chunk_kd(z, tz, y, _LOCAL_IGNORE, temperature)
         return lse, tlse, lse - loss  # the op's loss is lse - E_q[z]
     dt = acc_dtype(z.dtype)
     zt, tzt = z.to(dt) / temperature, tz.to(dt) / temperature
@@ -685,9 +690,8 @@ def _kd_chunk_stats(k, z, tz, y, temperature):
 
 def _kd_chunk_grad(k, z, tz, y, lse, tlse, coef, temperature):
     """coef_t (p - q) / T on the shard's columns, with the global lse's (p, q global)."""
-    lin = _linear()
-    if isinstance(k, lin._OpsKernels):
-        return k.kd_grad(z, tz, y, lse, tlse, coef, _LOCAL_IGNORE, temperature)
+    if isinstance(k, OpsBackend):
+        return k.chunk_kd_grad(z, tz, y, lse, tlse, coef, _LOCAL_IGNORE, temperature)
     dt = lse.dtype
     p = torch.exp(z.to(dt) / temperature - lse.unsqueeze(-1))
     q = torch.exp(tz.to(dt) / temperature - tlse.unsqueeze(-1))
@@ -703,17 +707,16 @@ class _VocabParallelLinearKD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, w, b, layout, cfg, scorer):
-        lin = _linear()
         temperature, chunk, backend, w_fp32 = cfg
         sh, sw, sb = scorer
         # The KD ops read the targets for the ignore mask only: any in-shard id will do.
         y = torch.where(layout.valid, 0, _LOCAL_IGNORE)
-        eng = lin._Engine(h, w, y, b, sh, sw, sb, "kd", _LOCAL_IGNORE, temperature, chunk,
+        eng = _Engine(h, w, y, b, sh, sw, sb, "kd", _LOCAL_IGNORE, temperature, chunk,
                           backend)
         n = h.shape[0]
         parts = torch.zeros(3, n, dtype=eng.acc, device=h.device)
         with torch.no_grad():
-            for s, e in lin._free_chunks(n, chunk):
+            for s, e in _free_chunks(n, chunk):
                 z = eng.logits(s, e)
                 tz = eng.scorer_logits(s, e).to(z.dtype)
                 for i, x in enumerate(_kd_chunk_stats(eng.k, z, tz, y[s:e], temperature)):
@@ -731,7 +734,6 @@ class _VocabParallelLinearKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        lin = _linear()
         h, w, b, sh, sw, sb, y, lse, tlse = ctx.saved_tensors
         temperature, chunk, backend, w_fp32 = ctx.cfg
         layout = ctx.layout
@@ -739,11 +741,11 @@ class _VocabParallelLinearKD(torch.autograd.Function):
                 b is not None and ctx.needs_input_grad[2])
         if not any(need) or g is None:
             return None, None, None, None, None, None
-        eng = lin._Engine(h, w, y, b, sh, sw, sb, "kd", _LOCAL_IGNORE, temperature, chunk,
+        eng = _Engine(h, w, y, b, sh, sw, sb, "kd", _LOCAL_IGNORE, temperature, chunk,
                           backend)
-        grads = lin._Grads(eng, *need, w_fp32)
+        grads = _Grads(eng, *need, w_fp32)
         coef = torch.where(layout.valid, g.to(eng.acc), 0)
-        for s, e in lin._free_chunks(eng.n, chunk):
+        for s, e in _free_chunks(eng.n, chunk):
             z = eng.logits(s, e)
             tz = eng.scorer_logits(s, e).to(z.dtype)
             grads.add(_kd_chunk_grad(eng.k, z, tz, y[s:e], lse[s:e], tlse[s:e],
@@ -771,7 +773,6 @@ def vocab_parallel_linear_loss(h, w, y, b, sh, sw, sb, scorer_logprobs, offsets,
                                chunk, s_chunk, w_fp32, impl, tp: TPHead):
     """(loss, weights [N], diagnostics [6]) of ``remit_linear_loss`` with ``tp_group``
     (inputs flat and local, checked by the caller; the loss differentiable w.r.t. h, w, b)."""
-    lin = _linear()
     layout = _linear_layout(h, w, y, tp, ignore_index, "lm_head_weight", sh)
     valid = layout.valid
     acc = acc_dtype(h.dtype)
@@ -799,5 +800,48 @@ def vocab_parallel_linear_loss(h, w, y, b, sh, sw, sb, scorer_logprobs, offsets,
         per_token = -weights * a
     if reduction == "none":
         return per_token, weights, diag
-    loss = per_token.sum() * lin._inv_norm(count, reduction, num_items, acc, h.device)
+    loss = per_token.sum() * _inv_norm(count, reduction, num_items, acc, h.device)
     return loss, weights, diag
+
+
+def _tp_linear_loss(h, w, y, bias, sh, sw, s_bias, sb, targets, cu_seqlens, method,
+                    ignore_index, eps, keep_ratio, temperature, reduction, num_items, chunk_size,
+                    memory_budget, w_fp32, return_details, impl, tp):
+    """``remit_linear_loss`` over a vocab-sharded head: inputs flat, local and checked. The
+    chunk sizes are planned for this rank's vocab rows."""
+    n, v_local = y.numel(), w.shape[0]
+    kw = dict(backend=impl.name, device_type=h.device.type, memory_budget=memory_budget)
+    if method == "kd":
+        chunk = chunk_size or linear_chunk_size(n, v_local, h.dtype, scorer_dtype=sh.dtype,
+                                                method="kd", **kw)
+        s_chunk = chunk
+    else:
+        # The statistics pass and the backward's recompute: the primitive's chunk buffers.
+        chunk = chunk_size or stats_chunk_size(n, v_local, h.dtype, **kw)
+        s_chunk = None if sh is None else (chunk_size or stats_chunk_size(n, v_local, sh.dtype,
+                                                                          **kw))
+    row_len = max(targets.shape[-1] if targets.dim() >= 2 else n, 1)
+    offsets = _offsets(row_len, n, cu_seqlens, h.device) if method == "remit" else None
+    if num_items is not None:
+        num_items = (torch.full((), num_items, dtype=acc_dtype(h.dtype), device=h.device)
+                     if isinstance(num_items, int) else num_items.detach())
+    loss, weights, diag = vocab_parallel_linear_loss(
+        h, w, y, bias, sh, sw, s_bias, sb, offsets, method, ignore_index, eps,
+        float(keep_ratio), temperature, reduction, num_items, chunk, s_chunk, w_fp32, impl, tp)
+    return _loss_output(loss, weights, diag, targets, method, reduction, return_details)
+
+
+@torch.compiler.disable
+def vocab_parallel_linear(fn, weight_name: str, args: dict):
+    """``fn`` (``_linear_local._remit_linear_loss`` or ``_linear_token_stats``) on this rank's
+    local shards of the heads. Eager: ``torch.compile`` graph-breaks here (process groups,
+    DTensors and collectives inside an autograd.Function)."""
+    keys = ("hidden", weight_name, "bias", "scorer_hidden", "scorer_weight", "scorer_bias")
+    inputs, tp = unshard_linear(*(args.get(k) for k in keys), args["tp_group"], weight_name)
+    local = dict(args, **{k: v for k, v in zip(keys, inputs) if k in args})
+    try:
+        return fn(**local, tp=tp)
+    except (ValueError, TypeError):
+        # Refused before the handshake (a local check): the peers must not wait for us.
+        tp.refuse(inputs[0].device)
+        raise

@@ -1,0 +1,361 @@
+"""The fused-linear chunk engine (``remit_ext.linear``'s docstring, "How a step runs"): one
+call's inputs and per-chunk steps (``_Engine``), the gradient accumulators (``_Grads``),
+the loss schedules (fused, two-pass, ``reduction="none"``) and the token-statistics
+primitive's chunked forward and backward. The per-chunk statistics and gradients come
+from the dispatcher's backend (``_backends``: ``chunk_*`` methods). The registered ops
+around it are in ``_linear_ops``; vocab-parallel heads drive the same steps from
+``remit_ext.parallel``."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._backends import BACKENDS, OpsBackend
+from ._linear_plan import _aligned_chunks, _free_chunks, _host_bounds, _offsets
+from .reference import acc_dtype, rho1_keep_mask
+
+
+def _head_logits(h: Tensor, w: Tensor, b: Optional[Tensor], s: int, e: int) -> Tensor:
+    """The logits of rows [s, e): ``h[s:e] @ w.T (+ b)``, one [C, V] buffer."""
+    if b is None:
+        return h[s:e] @ w.T
+    return torch.addmm(b, h[s:e], w.T)
+
+
+def _chunk_stats(k, h, w, b, y, s, e, ii, temperature, with_entropy):
+    """(lse, logprob, entropy) of rows [s, e) of ``h @ w.T (+ b)``: the chunk step of the
+    token-statistics primitive, shared by ``linear_token_stats`` and the frozen scorer of
+    ``remit_linear_loss``. The chunk's logits are freed on return."""
+    return k.chunk_stats(_head_logits(h, w, b, s, e), y[s:e], ii, temperature, with_entropy)
+
+
+
+# --------------------------------------------------------------------------------- engine
+
+
+class _Engine:
+    """One call's inputs (flattened) and the per-chunk steps shared by all schedules."""
+
+    def __init__(self, hidden, weight, targets, bias, scorer_hidden, scorer_weight, scorer_bias,
+                 method, ignore_index, temperature, chunk_size, backend):
+        self.h, self.w, self.y, self.b = hidden, weight, targets, bias
+        self.sh, self.sw, self.sb = scorer_hidden, scorer_weight, scorer_bias
+        self.method, self.ii, self.temperature = method, ignore_index, temperature
+        self.chunk, self.k = chunk_size, BACKENDS[backend]
+        self.n, self.vocab = hidden.shape[0], weight.shape[0]
+        self.acc = acc_dtype(hidden.dtype)
+
+    def logits(self, s, e):
+        return _head_logits(self.h, self.w, self.b, s, e)
+
+    def scorer_logits(self, s, e):
+        return _head_logits(self.sh, self.sw, self.sb, s, e)
+
+    def frozen_logprob(self, s, e):
+        """b_t of the scorer / reference for rows [s, e): the token-statistics primitive's chunk
+        step (``linear_token_stats``), its logits dropped at once."""
+        _, b, _ = _chunk_stats(self.k, self.sh, self.sw, self.sb, self.y, s, e, self.ii, 1.0,
+                               False)
+        return b.to(self.acc)
+
+    def stats(self, s, e, z=None):
+        """(lse, a) of the policy rows [s, e), computing their logits unless given."""
+        z = self.logits(s, e) if z is None else z
+        return z, *self.k.chunk_logprob(z, self.y[s:e], self.ii)
+
+    def ce_grad_(self, z, s, e, lse, a, coef):
+        """coef_t * (softmax(z_t) - onehot(y_t)) for rows [s, e), written into z's buffer."""
+        return self.k.chunk_ce_grad_(z, self.y[s:e], lse, a, coef, self.ii)
+
+    def kd_forward(self, s, e):
+        """Policy and teacher logits of rows [s, e) and the per-token KD loss, lse, teacher lse."""
+        z = self.logits(s, e)
+        tz = self.scorer_logits(s, e).to(z.dtype)
+        loss, lse, tlse = self.k.chunk_kd(z, tz, self.y[s:e], self.ii, self.temperature)
+        return z, tz, loss, lse, tlse
+
+    def kd_grad(self, z, tz, s, e, lse, tlse, coef):
+        return self.k.chunk_kd_grad(z, tz, self.y[s:e], lse, tlse, coef, self.ii, self.temperature)
+
+
+class _Grads:
+    """Accumulators for grad_hidden (input dtype), grad_W and grad_bias (fp32 by default)."""
+
+    def __init__(self, eng: _Engine, need_h: bool, need_w: bool, need_b: bool, w_fp32: bool):
+        h, w = eng.h, eng.w
+        wdt = torch.float32 if (w_fp32 and w.dtype != torch.float64) else w.dtype
+        self.gh = torch.empty_like(h) if need_h else h.new_empty(0)
+        self.gw = torch.zeros(w.shape, dtype=wdt, device=w.device) if need_w else w.new_empty(0)
+        self.gb = (torch.zeros(w.shape[0], dtype=wdt, device=w.device) if need_b
+                   else w.new_empty(0))
+        self.need_h, self.need_w, self.need_b = need_h, need_w, need_b
+        self.h, self.w = h, w
+
+    def add(self, g, s, e):
+        if self.need_h:
+            torch.mm(g, self.w, out=self.gh[s:e])
+        if self.need_w:
+            if self.gw.dtype == g.dtype:
+                self.gw.addmm_(g.T, self.h[s:e])
+            else:
+                # The product comes out of the matmul in the input dtype (fp32 accumulation
+                # inside it); summing chunks in fp32 keeps the rounding from compounding.
+                self.gw.add_(g.T @ self.h[s:e])
+        if self.need_b:
+            self.gb.add_(g.sum(0, dtype=self.gb.dtype))
+
+    def empty(self):
+        return self.gh, self.gw, self.gb
+
+
+
+def _linear_loss_impl(hidden, weight, targets, bias, scorer_hidden, scorer_weight, scorer_bias,
+                      scorer_logprobs, cu_seqlens, row_len, method, ignore_index, eps,
+                      keep_ratio, temperature, reduction, chunk_size, need_h, need_w, need_b,
+                      w_fp32, backend, num_items=None):
+    eng = _Engine(hidden, weight, targets, bias, scorer_hidden, scorer_weight, scorer_bias,
+                  method, ignore_index, temperature, chunk_size, backend)
+    n, acc, ii, y = eng.n, eng.acc, ignore_index, targets
+    impl = BACKENDS[backend]
+    valid = y != ii
+    n_valid = valid.sum()
+    grads = _Grads(eng, need_h and reduction != "none", need_w and reduction != "none",
+                   need_b and reduction != "none", w_fp32)
+    with_grad = grads.need_h or grads.need_w or grads.need_b
+    per_token = torch.zeros(n, dtype=acc, device=hidden.device)
+    weights = valid.to(acc)
+    diag = torch.zeros(6, dtype=acc, device=hidden.device)
+    offsets = None
+    if method == "remit":
+        offsets = _offsets(row_len, n, cu_seqlens, hidden.device)
+
+    def inv_norm(count):
+        return _inv_norm(count, reduction, num_items, acc, y.device)
+
+    aligned = None
+    if method == "remit" and reduction != "none":
+        aligned = _aligned_chunks(_host_bounds(n, row_len, cu_seqlens), chunk_size)
+    fused = reduction != "none" and (method in ("ntp", "kd") or aligned is not None)
+
+    count = n_valid
+    scale = inv_norm(count)
+    if fused and method == "kd":
+        for s, e in _free_chunks(n, chunk_size):
+            z, tz, loss, lse, tlse = eng.kd_forward(s, e)
+            per_token[s:e] = loss
+            if with_grad:
+                coef = scale.expand(e - s).contiguous()
+                grads.add(eng.kd_grad(z, tz, s, e, lse, tlse, coef), s, e)
+            # Drop this chunk's buffers before the next chunk's matmul allocates its own
+            # (otherwise the peak holds two chunks).
+            del z, tz
+    elif fused and method == "ntp":
+        for s, e in _free_chunks(n, chunk_size):
+            z, lse, a = eng.stats(s, e)
+            per_token[s:e] = -a
+            if with_grad:
+                grads.add(eng.ce_grad_(z, s, e, lse, a, scale.expand(e - s).contiguous()), s, e)
+            del z
+    elif fused:  # remit, whole sequences per chunk
+        a_all = torch.zeros(n, dtype=acc, device=y.device)
+        b_all = torch.zeros(n, dtype=acc, device=y.device)
+        for s, e, q0, q1 in aligned:
+            if e == s:
+                continue
+            z, lse, a = eng.stats(s, e)
+            b = (scorer_logprobs[s:e].to(acc) if scorer_logprobs is not None
+                 else eng.frozen_logprob(s, e))
+            local = offsets[q0:q1 + 1] - s
+            w, _, _ = impl.remit_weights(a, b, y[s:e], local, ii, eps)
+            a_all[s:e], b_all[s:e], weights[s:e] = a, b, w
+            per_token[s:e] = -w * a
+            if with_grad:
+                grads.add(eng.ce_grad_(z, s, e, lse, a, w * scale), s, e)
+            del z
+        # The weights are already final; this O(N) call only gives batch-wide diagnostics.
+        diag = impl.remit_weights(a_all, b_all, y, offsets, ii, eps)[2]
+    else:
+        # Statistics pass: a_t (and b_t, or the KD loss) for every token; logits dropped.
+        a_all = torch.zeros(n, dtype=acc, device=y.device)
+        b_all = None
+        if method in ("remit", "rho1"):
+            b_all = (scorer_logprobs.to(acc) if scorer_logprobs is not None
+                     else torch.zeros(n, dtype=acc, device=y.device))
+        for s, e in _free_chunks(n, chunk_size):
+            if method == "kd":
+                per_token[s:e] = eng.kd_forward(s, e)[2]
+                continue
+            a_all[s:e] = eng.stats(s, e)[2]
+            if b_all is not None and scorer_logprobs is None:
+                b_all[s:e] = eng.frozen_logprob(s, e)
+        if method == "remit":
+            weights, _, diag = impl.remit_weights(a_all, b_all, y, offsets, ii, eps)
+        elif method == "rho1":
+            weights = rho1_keep_mask(b_all - a_all, valid, float(keep_ratio)).to(acc)
+            count = weights.sum()  # Rho-1 averages over the kept tokens
+        if method != "kd":
+            per_token = -weights * a_all
+        if with_grad:  # recompute pass
+            _grad_pass(eng, grads, weights * inv_norm(count))
+
+    loss = per_token if reduction == "none" else per_token.sum() * inv_norm(count)
+    return (loss, weights, diag) + grads.empty()
+
+
+def _inv_norm(count: Tensor, reduction: str, num_items: Optional[Tensor], acc: torch.dtype,
+              device) -> Tensor:
+    """1 / the normaliser of the loss and of the gradient coefficients: the local count
+    (valid tokens; Rho-1: kept tokens), or num_items_in_batch when given."""
+    if reduction != "mean":
+        return torch.ones((), dtype=acc, device=device)
+    if num_items is not None:
+        if num_items.device != device:
+            # A CPU count with GPU tokens: read from host memory (no device sync) and
+            # filled on the device; .to(device) would be a blocking host-to-device copy.
+            count = torch.full((), float(num_items), dtype=acc, device=device)
+            return 1 / _nonzero(count)
+        return 1 / _nonzero(num_items.to(dtype=acc))
+    return 1 / count.clamp(min=1).to(acc)
+
+
+def _nonzero(count: Tensor) -> Tensor:
+    """count, with 0 replaced by 1: a batch with no counted token has loss 0, not NaN."""
+    return torch.where(count == 0, torch.ones_like(count), count)
+
+
+def _grad_pass(eng: _Engine, grads: _Grads, coef: Tensor) -> None:
+    """Recompute each chunk's logits and fold coef_t * d(loss_t)/d(logits_t) into the grads."""
+    for s, e in _free_chunks(eng.n, eng.chunk):
+        if eng.method == "kd":
+            z, tz, _, lse, tlse = eng.kd_forward(s, e)
+            g = eng.kd_grad(z, tz, s, e, lse, tlse, coef[s:e])
+        else:
+            z, lse, a = eng.stats(s, e)
+            g = eng.ce_grad_(z, s, e, lse, a, coef[s:e])
+        grads.add(g, s, e)
+        del z, g
+
+
+
+# ------------------------------------------------------------- the token-statistics primitive
+#
+# linear_token_stats: hidden states + LM head -> per-token (logprob, entropy, lse), never
+# holding [N, V]. Forward: one chunk of logits at a time through the backend's token_stats op.
+# Backward: recompute each chunk's logits, form d(sum_t g_t . stats_t)/d logits for the
+# incoming per-token cotangents in that chunk's buffer, and fold it into grad_hidden,
+# grad_W (fp32) and grad_bias, exactly like the loss engine's gradient pass.
+
+
+def _token_stats_fwd(hidden, weight, targets, bias, ignore_index, temperature, with_entropy,
+                     chunk_size, backend):
+    k = BACKENDS[backend]
+    n, acc = hidden.shape[0], acc_dtype(hidden.dtype)
+    logprob = hidden.new_empty(n, dtype=acc)
+    lse = hidden.new_empty(n, dtype=acc)
+    entropy = hidden.new_empty(n if with_entropy else 0, dtype=acc)
+    for s, e in _free_chunks(n, chunk_size):
+        c_lse, c_a, c_ent = _chunk_stats(k, hidden, weight, bias, targets, s, e, ignore_index,
+                                         temperature, with_entropy)
+        lse[s:e], logprob[s:e] = c_lse, c_a
+        if with_entropy:
+            entropy[s:e] = c_ent
+    return logprob, entropy, lse
+
+
+def _stats_logits_grad(z: Tensor, y: Tensor, logprob: Tensor, lse: Tensor,
+                       entropy: Optional[Tensor], g_lp: Optional[Tensor],
+                       g_ent: Optional[Tensor], g_lse: Optional[Tensor], temperature: float,
+                       ignore_index: int) -> Tensor:
+    """d(sum_t g_lp a_t + g_ent H_t + g_lse lse_t) / dz for one chunk, in z's dtype.
+
+    With x = z / T, p = softmax(x), a = log p_y, H = -sum p log p:
+    d lse/dx = p, d a/dx = onehot(y) - p, d H/dx = -p (log p + H), so
+    dx = p * (alpha - g_ent log p) + g_lp onehot(y),  alpha = g_lse - g_lp - g_ent H,  dz = dx / T.
+    The target column is formed from a (``expm1``) rather than from a rounded p (METHODS.md
+    section 5). Works in two fp32 [C, V] buffers; the first (log p) receives the gradient.
+    """
+    dt = lse.dtype
+    valid = y != ignore_index
+    zero = torch.zeros_like(lse)
+    g_lp = zero if g_lp is None else g_lp.to(dt)
+    base = zero if g_lse is None else g_lse.to(dt)  # alpha + g_lp
+    if g_ent is not None:
+        g_ent = g_ent.to(dt)
+        base = base - g_ent * entropy
+    alpha = base - g_lp
+    logp = z.to(dt)  # z itself when it is already fp32: the chunk buffer is ours to overwrite
+    if temperature != 1.0:
+        logp.div_(temperature)
+    logp.sub_(lse.unsqueeze(-1))
+    p = logp.exp()
+    if g_ent is not None:
+        grad = logp.mul_(-g_ent.unsqueeze(-1)).add_(alpha.unsqueeze(-1)).mul_(p)
+        # p = 0 (a -inf logit or an underflow): 0, not 0 * inf. NaN (NaN input) stays NaN.
+        grad.masked_fill_(p == 0, 0)
+    else:
+        grad = torch.mul(p, alpha.unsqueeze(-1), out=logp)
+    del p
+    # Target column: p_y (alpha - g_ent a) + g_lp = p_y base - g_lp expm1(a) - g_ent p_y a.
+    a = torch.where(valid, logprob.to(dt), zero)
+    p_y = a.exp()
+    col = p_y * base - g_lp * torch.expm1(a)
+    if g_ent is not None:
+        col = col - g_ent * torch.where(p_y == 0, zero, p_y * a)
+    # A target outside [0, V) (value checks off, or skipped under torch.compile): no one-hot,
+    # as in the kernels' backward, and no out-of-bounds index (its forward log-prob is NaN).
+    hit = valid & (y >= 0) & (y < grad.shape[-1])
+    idx = torch.where(hit, y, 0).long().unsqueeze(-1)
+    col = torch.where(hit, col, grad.gather(-1, idx).squeeze(-1))
+    grad.scatter_(-1, idx, col.unsqueeze(-1))
+    if temperature != 1.0:
+        grad.div_(temperature)
+    grad.masked_fill_(~valid.unsqueeze(-1), 0)
+    return grad.to(z.dtype)
+
+
+def _token_stats_bwd(hidden, weight, targets, bias, logprob, lse, entropy, g_lp, g_ent, g_lse,
+                     ignore_index, temperature, chunk_size, need_h, need_w, need_b, backend,
+                     not_owned: Optional[Tensor] = None, w_fp32: bool = True):
+    """The chunked gradient pass of the primitive. ``not_owned`` (vocab parallel): rows whose
+    valid target lies on another shard (their ``targets`` entry is any local id, their
+    ``logprob`` and ``lse`` the global ones): they get ``p`` and no one-hot."""
+    eng = _Engine(hidden, weight, targets, bias, None, None, None, "ntp", ignore_index,
+                  temperature, chunk_size, backend)
+    # A head that needs no gradient (a frozen scorer) gets no dW buffer at all.
+    grads = _Grads(eng, need_h, need_w, need_b, w_fp32)
+    # Log-prob cotangents alone at T = 1 are the weighted-CE gradient, coef = -g: the
+    # backend's in-place op writes it into the chunk buffer (no fp32 temporaries).
+    fast = (isinstance(eng.k, OpsBackend) and temperature == 1.0 and g_ent is None
+            and g_lse is None and g_lp is not None)
+    coef = None if g_lp is None else (-g_lp.to(eng.acc) if fast else g_lp)
+    y_slow = targets
+    if not_owned is not None and not fast:
+        y_slow = torch.where(not_owned, -1, targets)  # outside [0, V): no one-hot
+    for s, e in _free_chunks(eng.n, chunk_size):
+        z = eng.logits(s, e)
+        if fast:
+            z0 = None
+            if not_owned is not None:
+                # The kernels' one-hot sits at the target id, which must be in [0, V): the
+                # rows of another shard's target put it at column 0 and get that column back
+                # as coef * p_0 (from a copy taken before the in-place op).
+                z0 = z[:, 0].to(eng.acc, copy=True)
+            c = coef[s:e].contiguous()
+            g = eng.ce_grad_(z, s, e, lse[s:e], logprob[s:e], c)
+            if z0 is not None:
+                fix = (c * torch.exp(z0 - lse[s:e])).to(g.dtype)
+                g[:, 0] = torch.where(not_owned[s:e], fix, g[:, 0])
+        else:
+            g = _stats_logits_grad(z, y_slow[s:e], logprob[s:e], lse[s:e],
+                                   None if g_ent is None else entropy[s:e],
+                                   None if g_lp is None else g_lp[s:e],
+                                   None if g_ent is None else g_ent[s:e],
+                                   None if g_lse is None else g_lse[s:e], temperature,
+                                   ignore_index)
+        grads.add(g, s, e)
+        del z, g
+    return grads.empty()
+
