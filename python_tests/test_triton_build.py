@@ -89,3 +89,34 @@ def test_compile_check_catches_fma_contraction(tmp_path):
     assert out["launch_options"] is None
     assert out["fused"] is not None and "fma.rn.f32" in out["fused"], out["fused"]
     assert out["fp64"] is None
+
+
+VECTOR_SCRIPT = textwrap.dedent('''
+    import json, sys
+    sys.path.insert(0, sys.argv[1])
+    import triton_check as tc
+    K = tc.load_kernels()
+    configs = {label: cfg for label, *cfg in tc.configurations(K)}
+    fn, sig, consts, warps = configs["ce_bwd bf16 block 4096 stride i64"]
+    out = {}
+    for aligned in (False, True):
+        out[str(aligned)] = tc.compile_one(fn, dict(sig), consts, 90, warps, K.LAUNCH_OPTIONS,
+                                           aligned=aligned, need_vectors=True)
+    out["attrs"] = sorted(n for (i,) in tc.alignment_attrs(fn, sig) for n in [fn.arg_names[i]])
+    print(json.dumps(out))
+''')
+
+
+def test_aligned_build_gets_128_bit_loads(tmp_path):
+    """With the divisibility a launch at V = 128256 gets (pointers, V and strides multiples of
+    16), the bf16 gradient kernel loads 128 bits at a time; compiled without it, it loads 16-bit
+    scalars, and the check's vector test says so (so a build that lost its hints fails)."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-c", VECTOR_SCRIPT, str(REPO / "tools")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["True"] is None
+    assert out["False"] is not None and "128-bit" in out["False"]
+    assert "V" in out["attrs"] and "stride_logits" in out["attrs"]
+    assert "ignore_index" not in out["attrs"]

@@ -11,6 +11,12 @@ variant, large and small blocks, each with the compiler options the launches pas
 so does fp32 FMA contraction in the PTX of a configuration that accumulates in fp32 (see
 ``fma_finding``): the interpreter never contracts, so the tests cannot see it.
 
+Each configuration is compiled twice: as written (no specialisation: scalar 16-bit loads for
+bf16 rows), and with the specialisation Triton's JIT gives a real launch on the hot shapes
+(``aligned``: every pointer, V and the row strides divisible by 16, as at V = 128256 with
+16-byte aligned allocations), which is the code a GPU actually runs. In the aligned build of a
+row kernel at the largest block, the loads of the logits must be 128-bit (``vector_finding``).
+
     python tools/triton_check.py            # all configurations (about a minute on 2 cores)
     python tools/triton_check.py --arch 90  # one architecture
 """
@@ -72,20 +78,53 @@ def fma_finding(ptx: str):
             f"kernels.LAUNCH_OPTIONS (enable_fp_fusion=False)")
 
 
-def compile_one(fn, signature: dict, constexprs: dict, arch: int, num_warps: int = 4,
-                options: dict | None = None, forbid_fma: bool = False):
-    """Compile ``fn`` for sm_<arch> with the compiler ``options`` (Triton's defaults if None);
-    returns the error text, or None when it compiled (and, with ``forbid_fma``, its PTX holds no
-    fp32 FMA)."""
+# Integer arguments a real launch on the hot shapes passes as multiples of 16 (V = 128256 and
+# the row strides of contiguous [N, V] logits): Triton's JIT specialises them, and pointers to
+# 16-byte aligned storage, as ``tt.divisibility = 16``.
+ALIGNED_INTS = ("V", "stride_logits", "stride_scorer", "stride_grad")
+
+
+def alignment_attrs(fn, signature: dict) -> dict:
+    """The ``attrs`` of ASTSource a launch with every pointer and ALIGNED_INTS divisible by 16
+    gets (what the JIT derives from the actual arguments)."""
+    names = fn.arg_names
+    return {(names.index(n),): [["tt.divisibility", 16]] for n, ty in signature.items()
+            if ty != "constexpr" and (ty.startswith("*") or n in ALIGNED_INTS)}
+
+
+def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, num_warps: int = 4,
+                   options: dict | None = None, aligned: bool = False):
+    """``fn`` compiled for sm_<arch> (Triton's CompiledKernel: asm["ptx"], asm["cubin"],
+    metadata); raises the compiler's error."""
+    signature = dict(signature)
     for name in constexprs:
         signature[name] = "constexpr"
-    src = ASTSource(fn, signature, constexprs=constexprs)
+    attrs = alignment_attrs(fn, signature) if aligned else None
+    src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={
+        "num_warps": num_warps, "num_stages": 3, **(options or {})})
+
+
+def vector_finding(ptx: str):
+    """The finding for an aligned row kernel whose loads are not 128-bit, or None."""
+    if "ld.global.v4.b32" in ptx or "ld.global.v2.b64" in ptx or "ld.global.v4.f32" in ptx:
+        return None
+    return "no 128-bit global load in the aligned build: the divisibility hints were lost"
+
+
+def compile_one(fn, signature: dict, constexprs: dict, arch: int, num_warps: int = 4,
+                options: dict | None = None, forbid_fma: bool = False, aligned: bool = False,
+                need_vectors: bool = False):
+    """Compile ``fn`` for sm_<arch> with the compiler ``options`` (Triton's defaults if None);
+    returns the error text, or None when it compiled (and, with ``forbid_fma``, its PTX holds no
+    fp32 FMA; with ``need_vectors``, it loads 128 bits at a time)."""
     try:
-        kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={
-            "num_warps": num_warps, "num_stages": 3, **(options or {})})
+        kernel = compile_kernel(fn, signature, constexprs, arch, num_warps, options, aligned)
     except Exception as err:  # any compiler error is the finding
         return f"{type(err).__name__}: {err}"
-    return fma_finding(kernel.asm["ptx"]) if forbid_fma else None
+    ptx = kernel.asm["ptx"]
+    return ((fma_finding(ptx) if forbid_fma else None)
+            or (vector_finding(ptx) if need_vectors else None))
 
 
 def configurations(K):
@@ -138,18 +177,22 @@ def configurations(K):
                                                  "HAS_REF": ref, "BLOCK": block, "ACC": acc}, 4)
 
 
-def check_config(K, fn, sig, consts, arch, warps, options=None):
+def check_config(K, fn, sig, consts, arch, warps, options=None, aligned=False):
     """compile_one for one of ``configurations(K)``, with ``K.LAUNCH_OPTIONS`` unless told
-    otherwise; the PTX of every fp32-accumulating configuration is inspected for FMA."""
+    otherwise; the PTX of every fp32-accumulating configuration is inspected for FMA, and that
+    of an aligned row kernel at the largest block for 128-bit loads."""
+    row_kernel = "V" in sig and consts.get("BLOCK_V") == max(BLOCKS)
     return compile_one(fn, dict(sig), consts, arch, warps,
                        K.LAUNCH_OPTIONS if options is None else options,
-                       forbid_fma=consts["ACC"] == tl.float32)
+                       forbid_fma=consts["ACC"] == tl.float32, aligned=aligned,
+                       need_vectors=aligned and row_kernel)
 
 
 def _compile_job(job):
-    kernels, label, name, sig, consts, warps, arch = job
+    kernels, label, name, sig, consts, warps, arch, aligned = job
     K = load_kernels(kernels)
-    return label, arch, check_config(K, getattr(K, name), sig, consts, arch, warps)
+    err = check_config(K, getattr(K, name), sig, consts, arch, warps, aligned=aligned)
+    return label + (" aligned" if aligned else ""), arch, err
 
 
 def main(argv=None) -> int:
@@ -160,9 +203,9 @@ def main(argv=None) -> int:
                     help="the kernels module to check (default remit_ext/triton/kernels.py)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     args = ap.parse_args(argv)
-    jobs = [(str(args.kernels), label, fn.__name__, sig, consts, warps, arch)
+    jobs = [(str(args.kernels), label, fn.__name__, sig, consts, warps, arch, aligned)
             for label, fn, sig, consts, warps in configurations(load_kernels(args.kernels))
-            for arch in args.arch]
+            for arch in args.arch for aligned in (False, True)]
     t0 = time.perf_counter()
     with concurrent.futures.ProcessPoolExecutor(max(1, args.jobs)) as pool:
         results = list(pool.map(_compile_job, jobs))
@@ -170,7 +213,8 @@ def main(argv=None) -> int:
     for label, arch, err in failures:
         print(f"FAIL sm_{arch} {label}\n  {err[:2000]}", file=sys.stderr)
     print(f"triton_check: {len(jobs) - len(failures)}/{len(jobs)} kernel configurations "
-          f"compiled for sm_{', sm_'.join(map(str, args.arch))}, no fp32 FMA contraction "
+          f"compiled for sm_{', sm_'.join(map(str, args.arch))} (each unspecialised and "
+          f"aligned), no fp32 FMA contraction, 128-bit loads where aligned "
           f"(triton {triton.__version__}, {time.perf_counter() - t0:.0f} s)")
     return 1 if failures else 0
 

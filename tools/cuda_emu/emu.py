@@ -8,13 +8,14 @@ fault, and returns the artefact:
   ``Kernels`` and called on torch CPU tensors with ctypes, as the torch glue calls them on GPU
   tensors;
 - ``"tsan"``: the sanitizer driver (driver.cpp) built with ``-fsanitize=thread``, the race check;
-- ``"asan"``: the same driver with ``-fsanitize=address,undefined``, the bounds check.
+- ``"asan"``: the same driver with ``-fsanitize=address,undefined``, the bounds check;
+- ``"selftest"``: small kernels of selftest.cpp that pin down the emulator's own semantics.
 
 ``fault=`` builds from a copy of ``csrc/`` with one of ``FAULTS`` planted (an exact text
 replacement that must match once, so a changed kernel source fails loudly instead of planting
 nothing): the tests show that each check rejects its fault.
 
-    python tools/cuda_emu/emu.py lib|tsan|asan [--fault NAME]   # build, print the path
+    python tools/cuda_emu/emu.py lib|selftest|tsan|asan [--fault NAME]  # build, print the path
     python tools/cuda_emu/emu.py check                           # run both sanitizer drivers
 """
 
@@ -40,12 +41,14 @@ CACHE = REPO / "build" / "cuda_emu"
 COMMON = ["-std=c++20", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror",
           "-Wno-unknown-pragmas", "-pthread"]
 FLAGS = {
-    "lib": ["-O2", "-fPIC", "-shared"],
+    "lib": ["-O2", "-fPIC", "-shared", "-fvisibility=hidden"],
+    "selftest": ["-O2", "-fPIC", "-shared", "-fvisibility=hidden"],
     "tsan": ["-O1", "-g", "-fsanitize=thread"],
     "asan": ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
              "-fno-sanitize-recover=all"],
 }
-SOURCES = {"lib": "harness.cpp", "tsan": "driver.cpp", "asan": "driver.cpp"}
+SOURCES = {"lib": "harness.cpp", "selftest": "selftest.cpp", "tsan": "driver.cpp",
+           "asan": "driver.cpp"}
 
 # name -> (file under csrc/, text, replacement): each a bug of the kind its check exists for.
 FAULTS = {
@@ -121,7 +124,7 @@ def build(kind: str = "lib", fault: str | None = None, *, verbose: bool = False)
         for f in [HERE / "emu.h", src, *_source_files(root)]:
             key.update(f.name.encode() + f.read_bytes())
         out = CACHE / f"{kind}-{fault or 'clean'}-{key.hexdigest()[:16]}"
-        out = out / ("libremit_cuda_emu.so" if kind == "lib" else "driver")
+        out = out / ("driver" if kind in ("tsan", "asan") else f"lib{kind}.so")
         if out.is_file():
             return out
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -36,15 +36,20 @@ int by_acc_dtype(int dtype, F&& f) {
 
 }  // namespace
 
+// Only these entry points are exported (the build uses -fvisibility=hidden): two builds loaded
+// into one process (a clean one and one with a planted fault) then never share a kernel
+// instantiation or a function-local static.
+#define EMU_API __attribute__((visibility("default")))
+
 extern "C" {
 
 // The message of the last failed launch ("" after a good one).
-const char* emu_last_error_message() { return emu::error_state().message.c_str(); }
+EMU_API const char* emu_last_error_message() { return emu::error_state().message.c_str(); }
 
 // The threads per row launch_rows picks for a row of V elements of elem_size bytes.
-int emu_group_size(long long V, int elem_size) { return group_size(V, elem_size); }
+EMU_API int emu_group_size(long long V, int elem_size) { return group_size(V, elem_size); }
 
-int emu_token_stats(int dtype, const void* x, int64_t x_stride, const void* s, int64_t s_stride,
+EMU_API int emu_token_stats(int dtype, const void* x, int64_t x_stride, const void* s, int64_t s_stride,
                     const void* targets, int targets_i32, void* lse, void* logprob,
                     void* entropy, void* s_lse, void* s_logprob, int64_t N, int V,
                     int64_t ignore_index, double temperature) {
@@ -71,7 +76,7 @@ int emu_token_stats(int dtype, const void* x, int64_t x_stride, const void* s, i
   });
 }
 
-int emu_ce_grad(int dtype, const void* x, int64_t x_stride, void* g, int64_t g_stride,
+EMU_API int emu_ce_grad(int dtype, const void* x, int64_t x_stride, void* g, int64_t g_stride,
                 const void* targets, int targets_i32, const void* lse, const void* logprob,
                 const void* coef, int64_t N, int V, int64_t ignore_index) {
   return by_row_dtype(dtype, [&](auto zero) {
@@ -94,7 +99,7 @@ int emu_ce_grad(int dtype, const void* x, int64_t x_stride, void* g, int64_t g_s
   });
 }
 
-int emu_remit_weights(int dtype, const void* a, const void* b, const void* targets,
+EMU_API int emu_remit_weights(int dtype, const void* a, const void* b, const void* targets,
                       int targets_i32, const int64_t* cu_seqlens, int64_t S, int64_t N,
                       int64_t ignore_index, double eps, void* w, void* dhat, void* loss,
                       double* partial, void* diag) {
@@ -120,7 +125,7 @@ int emu_remit_weights(int dtype, const void* a, const void* b, const void* targe
   });
 }
 
-int emu_pg_terms(int dtype, const void* logprob, const void* targets, int targets_i32,
+EMU_API int emu_pg_terms(int dtype, const void* logprob, const void* targets, int targets_i32,
                  const void* adv, const void* scale, const void* old, const void* ref,
                  double clip_low, double clip_high, double kl_beta, void* loss, void* dlogprob,
                  int64_t N, int64_t ignore_index) {
