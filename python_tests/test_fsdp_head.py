@@ -28,6 +28,7 @@ from torch import nn
 
 import remit_ext
 from remit_ext import fsdp as rfsdp
+from remit_ext.distributed import fsdp as dfsdp  # the module that issues the collectives
 from remit_ext import parallel
 from test_parallel import _assert_case, _run, case
 
@@ -199,11 +200,11 @@ def _slice_kw(kw, rank):
 
 
 class _Counts:
-    """Counts remit_ext.fsdp's all-gathers and reduce-scatters of DTensor heads."""
+    """Counts remit_ext.distributed.fsdp's all-gathers and reduce-scatters of DTensor heads."""
 
     def __enter__(self):
         self.gathers = self.reduces = 0
-        self.saved = rfsdp._gather, rfsdp._reduce
+        self.saved = dfsdp._gather, dfsdp._reduce
         gather, reduce = self.saved
 
         def counting_gather(t, lay):
@@ -214,11 +215,11 @@ class _Counts:
             self.reduces += 1
             return reduce(*args)
 
-        rfsdp._gather, rfsdp._reduce = counting_gather, counting_reduce
+        dfsdp._gather, dfsdp._reduce = counting_gather, counting_reduce
         return self
 
     def __exit__(self, *exc):
-        rfsdp._gather, rfsdp._reduce = self.saved
+        dfsdp._gather, dfsdp._reduce = self.saved
 
 
 def _run_case(rank, world, mesh, *, method="remit", scorer="live", global_mean=False,

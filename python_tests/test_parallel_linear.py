@@ -496,9 +496,9 @@ def test_without_process_group():
 
 
 def test_fsdp_layout_dispatch(tmp_path, monkeypatch):
-    """A DTensor head with plain hidden (FSDP2's layout, no tp_group) goes to remit_ext.fsdp
-    with every argument but tp_group, as keywords; without that module, a NotImplementedError
-    naming the weight rather than DTensor's mixed-tensor error."""
+    """A DTensor head (or bias alone) with plain hidden (FSDP2's layout, no tp_group) goes to
+    remit_ext.distributed.fsdp with every argument but tp_group, as keywords; a DTensor
+    scorer_hidden alone is a ValueError naming it rather than DTensor's mixed-tensor error."""
     import inspect
     import types
 
@@ -515,7 +515,7 @@ def test_fsdp_layout_dispatch(tmp_path, monkeypatch):
         x = _inputs()
         wd = distribute_tensor(x["w"], init_device_mesh("cpu", (1,)), [Shard(0)])
         with monkeypatch.context() as m:
-            m.setattr(linear, "_fsdp_module", lambda name: stub)
+            m.setattr(linear, "_fsdp", stub)
             remit_ext.remit_linear_loss(x["h"], wd, x["y"], method="ntp", chunk_size=3)
             remit_ext.linear_token_stats(x["h"], wd, x["y"], entropy=True)
         for key, fn in (("loss", remit_ext.remit_linear_loss),
@@ -525,19 +525,14 @@ def test_fsdp_layout_dispatch(tmp_path, monkeypatch):
         assert seen["loss"]["lm_head_weight"] is wd and seen["loss"]["chunk_size"] == 3
         assert seen["stats"]["weight"] is wd and seen["stats"]["entropy"] is True
 
-        def missing(name, package=None):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-
-        monkeypatch.setattr(linear.importlib, "import_module", missing)
-        with pytest.raises(NotImplementedError, match="lm_head_weight: .*remit_ext.fsdp"):
-            remit_ext.remit_linear_loss(x["h"], wd, x["y"], method="ntp")
-        with pytest.raises(NotImplementedError, match="weight: .*remit_ext.fsdp"):
-            remit_ext.linear_token_stats(x["h"], wd, x["y"])
-        with pytest.raises(NotImplementedError, match="lm_head_weight: .*remit_ext.fsdp"):
-            bd = distribute_tensor(x["bias"], wd.device_mesh, [Shard(0)])  # the bias alone
+        # The bias alone a DTensor: the FSDP2 layout too.
+        bd = distribute_tensor(x["bias"], wd.device_mesh, [Shard(0)])
+        seen.clear()
+        with monkeypatch.context() as m:
+            m.setattr(linear, "_fsdp", stub)
             remit_ext.remit_linear_loss(x["h"], x["w"], x["y"], bias=bd, method="ntp")
-        with pytest.raises(NotImplementedError, match="weight: .*remit_ext.fsdp"):
             remit_ext.linear_token_stats(x["h"], x["w"], x["y"], bias=bd)
+        assert seen["loss"]["bias"] is bd and seen["stats"]["bias"] is bd
         # A DTensor scorer_hidden with everything else plain: a ValueError naming it, not
         # DTensor's mixed-tensor RuntimeError from inside the op.
         from torch.distributed.tensor import Replicate

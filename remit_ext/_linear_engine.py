@@ -4,7 +4,7 @@ the loss schedules (fused, two-pass, ``reduction="none"``) and the token-statist
 primitive's chunked forward and backward. The per-chunk statistics and gradients come
 from the dispatcher's backend (``_backends``: ``chunk_*`` methods). The registered ops
 around it are in ``_linear_ops``; vocab-parallel heads drive the same steps from
-``remit_ext.parallel``."""
+``remit_ext.distributed.vocab_parallel_linear``."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The fused-linear functions on plain tensors: argument checks, the dispatcher's choice
 (also under ``torch.compile``), chunk sizes, then the registered ops (``_linear_ops``);
-the output types. ``remit_ext.linear`` routes plain calls here, ``remit_ext.fsdp`` its
-gathered heads; a vocab-parallel call passes its ``TPHead``, which runs the sharded
+the output types. ``remit_ext.linear`` routes plain calls here, ``remit_ext.distributed.fsdp``
+its gathered heads; a vocab-parallel call passes its ``TPHead``, which runs the sharded
 engine on the checked inputs."""
 
 from __future__ import annotations
@@ -137,8 +137,9 @@ def _remit_linear_loss(hidden, lm_head_weight, targets, *, bias=None, scorer_hid
                        grad_weight_fp32=True, return_details=False, backend="auto",
                        tp_group=None, tp=None):
     """remit_linear_loss on plain tensors (the public defaults); ``tp``: None, or the
-    ``parallel.TPHead`` of a call on this rank's shards of the heads, whose ``linear_loss``
-    then runs the checked, flattened inputs (this module imports no distributed code)."""
+    ``distributed.vocab_parallel_linear.TPHead`` of a call on this rank's shards of the heads,
+    whose ``linear_loss`` then runs the checked, flattened inputs (this module imports no
+    distributed code)."""
     vocab = _check_inputs(hidden, lm_head_weight, targets, bias, scorer_hidden, scorer_weight,
                           scorer_bias, scorer_logprobs, method)
     eps = chk.check_eps(eps)

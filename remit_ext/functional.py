@@ -31,7 +31,9 @@ import torch
 from torch import Tensor
 
 from . import _checks as chk
-from . import parallel as _parallel
+from .distributed import context_parallel as _cp
+from .distributed import data_parallel as _dp
+from .distributed import vocab_parallel as _vp
 from ._backends import select_backend
 from .reference import ReMiTDiagnostics, pg_from_logprob_ref, reduce_tokens, rho1_keep_mask
 
@@ -129,7 +131,7 @@ def token_stats(
         if topk is not None:
             raise ValueError(f"topk: the top-k entropy is not computed from vocab-sharded "
                              f"logits (tp_group), got topk={topk!r}")
-        lse, logprob, ent, s_lse, s_logprob = _parallel.vocab_parallel_token_stats(
+        lse, logprob, ent, s_lse, s_logprob = _vp.vocab_parallel_token_stats(
             logits, targets, tp_group, scorer_logits=scorer_logits, ignore_index=ignore_index,
             temperature=temperature, entropy=entropy, backend=backend)
 
@@ -194,7 +196,7 @@ def remit_weights(
         if not detach:
             raise ValueError("detach: cp_group computes detached weights only, got "
                              "detach=False")
-        w, delta_hat, diag = _parallel._remit_weights(
+        w, delta_hat, diag = _cp.remit_weights(
             logprobs.reshape(-1), scorer_logprobs.reshape(-1), targets.reshape(-1) != ignore_index,
             _offsets(targets, cu_seqlens), eps, cp_group, dp_group)
         return ReMiTWeights(w.reshape(targets.shape), delta_hat.reshape(targets.shape), diag)
@@ -208,7 +210,7 @@ def remit_weights(
                                             _offsets(targets, cu_seqlens), ignore_index, eps)
     diag = ReMiTDiagnostics.from_tensor(diag)
     if dp_group is not None:
-        diag = _parallel.reduce_diagnostics(diag, targets, dp_group, ignore_index=ignore_index)
+        diag = _dp.reduce_diagnostics(diag, targets, dp_group, ignore_index=ignore_index)
     return ReMiTWeights(w.reshape(targets.shape), delta_hat.reshape(targets.shape), diag)
 
 
@@ -237,7 +239,7 @@ def weighted_cross_entropy(
             chk.check_per_token(weights, targets, "weights")
         chk.check_reduction(reduction)
         num_items = chk.check_num_items(num_items_in_batch, reduction, targets.device)
-        return _parallel.weighted_cross_entropy(logits, targets, weights, tp_group, ignore_index,
+        return _vp.weighted_cross_entropy(logits, targets, weights, tp_group, ignore_index,
                                                 reduction, num_items, backend)
     chk.check_logits(logits)
     chk.check_targets(targets, logits, ignore_index)
@@ -301,7 +303,7 @@ def remit_loss(
                              "only, got detach_weights=False")
         chk._tensor(targets, "targets")
         chk.check_cu_seqlens(cu_seqlens, targets.numel(), targets.device)
-        loss, w, diag = _parallel.remit_loss(
+        loss, w, diag = _cp.remit_loss(
             logits, targets, scorer_logits, scorer_logprobs, _offsets(targets, cu_seqlens), eps,
             ignore_index, reduction, num_items, tp_group, cp_group, dp_group, backend)
         if not return_details:
@@ -332,7 +334,7 @@ def remit_loss(
         return loss
     diag = ReMiTDiagnostics.from_tensor(diag)
     if dp_group is not None:
-        diag = _parallel.reduce_diagnostics(diag, targets, dp_group, ignore_index=ignore_index)
+        diag = _dp.reduce_diagnostics(diag, targets, dp_group, ignore_index=ignore_index)
     return ReMiTOutput(loss, w.detach().reshape(targets.shape), diag)
 
 
@@ -365,7 +367,7 @@ def rho1_loss(
             raise ValueError(f"keep_ratio: expected a number in (0, 1], got {keep_ratio!r}")
         chk.check_reduction(reduction)
         num_items = chk.check_num_items(num_items_in_batch, reduction, targets.device)
-        return _parallel.rho1_loss(logits, targets, ref_logits, ref_logprobs, keep_ratio,
+        return _vp.rho1_loss(logits, targets, ref_logits, ref_logprobs, keep_ratio,
                                    ignore_index, reduction, num_items, tp_group, backend)
     chk.check_logits(logits)
     chk.check_targets(targets, logits, ignore_index)
@@ -414,7 +416,7 @@ def kd_loss(
         temperature = chk.check_positive(temperature, "temperature")
         chk.check_reduction(reduction)
         num_items = chk.check_num_items(num_items_in_batch, reduction, targets.device)
-        return _parallel.kd_loss(logits, teacher_logits, targets, temperature, ignore_index,
+        return _vp.kd_loss(logits, teacher_logits, targets, temperature, ignore_index,
                                  reduction, num_items, tp_group)
     chk.check_logits(logits)
     chk.check_like_logits(teacher_logits, logits, "teacher_logits")
@@ -497,7 +499,7 @@ def policy_gradient_loss(
 
     y = actions.reshape(-1)
     if sharded:
-        _, a, _, _, _ = _parallel.vocab_parallel_token_stats(
+        _, a, _, _, _ = _vp.vocab_parallel_token_stats(
             logits, actions, tp_group, ignore_index=ignore_index, backend=backend,
             target_name="actions")
         per_token = pg_from_logprob_ref(a, y != ignore_index, flat(advantages), scale=flat(scale),

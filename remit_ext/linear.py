@@ -39,34 +39,36 @@ from one ``cu_seqlens.tolist()`` per call (a device sync on GPU; pass a CPU copy
 to the model's data loader and keep this one per step).
 
 torch.compile: the engine is one registered op, ``torch.ops.remit_ext_linear.linear_loss``
-(schema, fake and autograd in ``_linear_ops``), opaque to the compiler, so a compiled model traces through
-the loss without a graph break. The backward of ``reduction="none"`` is a second op,
-``linear_loss_grad``; the primitive's backward is ``linear_token_stats_grad``.
+(schema, fake and autograd in ``_linear_ops``), opaque to the compiler, so a compiled model
+traces through the loss without a graph break. The backward of ``reduction="none"`` is a second
+op, ``linear_loss_grad``; the primitive's backward is ``linear_token_stats_grad``.
 
 Vocab parallel (``tp_group=``, or a DTensor head ``Shard(0)`` with DTensor hidden): the same
-chunk steps on this rank's rows of the head, driven from ``remit_ext.parallel`` (its
-docstring): a statistics pass, one gather of the per-row statistics, the loss; the backward
-recomputes the chunks and all-reduces grad hidden. It is an autograd.Function issuing
-collectives, so ``torch.compile`` graph-breaks there. A DTensor head with plain hidden (FSDP2)
-goes to ``remit_ext.fsdp``.
+chunk steps on this rank's rows of the head, driven from
+``remit_ext.distributed.vocab_parallel_linear`` (its docstring): a statistics pass, one gather
+of the per-row statistics, the loss; the backward recomputes the chunks and all-reduces grad
+hidden. It is an autograd.Function issuing collectives, so ``torch.compile`` graph-breaks there.
+A DTensor head with plain hidden (FSDP2) goes to ``remit_ext.distributed.fsdp``
+(``remit_ext.fsdp``).
 
-Where the pieces live. This module holds this record and the two public routers (plain,
-vocab parallel, FSDP2). Below it: ``_linear_local`` (argument checks, the dispatcher's choice,
-the plain-tensor entry points and output types), ``_linear_ops`` (the registered ops: schema,
-fake, autograd), ``_linear_engine`` (``_Engine``, ``_Grads``, the schedules, the primitive's
-chunked forward and backward), ``_linear_plan`` (chunk sizes, chunks, offsets); the per-chunk
-kernels are the backends' ``chunk_*`` methods (``_backends``).
+Where the pieces live. This module holds this record and the two public routers (plain, vocab
+parallel: ``distributed.vocab_parallel_linear``, FSDP2: ``distributed.fsdp``). Below it:
+``_linear_local`` (argument checks, the dispatcher's choice, the plain-tensor entry points and
+output types), ``_linear_ops`` (the registered ops: schema, fake, autograd), ``_linear_engine``
+(``_Engine``, ``_Grads``, the schedules, the primitive's chunked forward and backward),
+``_linear_plan`` (chunk sizes, chunks, offsets); the per-chunk kernels are the backends'
+``chunk_*`` methods (``_backends``).
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Optional
 
 from torch import Tensor
 
 from . import _checks as chk
-from . import parallel as _parallel
+from .distributed import fsdp as _fsdp
+from .distributed import vocab_parallel_linear as _vpl
 from ._linear_engine import _linear_loss_impl  # noqa: F401  (tests reach the engine here)
 from ._linear_local import (METHODS, LinearLossOutput, LinearTokenStats, _linear_token_stats,
                             _remit_linear_loss)
@@ -76,22 +78,6 @@ from ._linear_plan import (DEFAULT_MEMORY_BUDGET, _aligned_chunks,  # noqa: F401
 
 __all__ = ["LinearLossOutput", "LinearTokenStats", "METHODS", "remit_linear_loss",
            "linear_chunk_size", "linear_token_stats", "stats_chunk_size"]
-
-
-def _fsdp_module(weight_name: str):
-    """``remit_ext.fsdp``: the FSDP2 / ZeRO-3 sharded-head path (DTensor parameters, plain
-    activations). Imported on first use; a missing module is a NotImplementedError, not an
-    ImportError from deep inside a training step."""
-    try:
-        fsdp = importlib.import_module(f"{__package__}.fsdp")
-    except ModuleNotFoundError as e:
-        if e.name != f"{__package__}.fsdp":
-            raise
-        raise NotImplementedError(
-            f"{weight_name}: a DTensor weight with a plain-tensor hidden (the FSDP2 / ZeRO-3 "
-            "layout) needs remit_ext.fsdp, which this build does not have; pass "
-            "weight.full_tensor() or a tensor-parallel tp_group=") from None
-    return fsdp
 
 
 def remit_linear_loss(
@@ -157,7 +143,7 @@ def remit_linear_loss(
     # FSDP2 layout. remit_ext.fsdp gathers each DTensor head and uses plain ones as they are.
     if tp_group is None and not chk.is_dtensor(hidden) and any(
             chk.is_dtensor(t) for t in (lm_head_weight, bias, scorer_weight, scorer_bias)):
-        return _fsdp_module("lm_head_weight").remit_linear_loss(
+        return _fsdp.remit_linear_loss(
             hidden=hidden, lm_head_weight=lm_head_weight, targets=targets, bias=bias,
             scorer_hidden=scorer_hidden, scorer_weight=scorer_weight, scorer_bias=scorer_bias,
             scorer_logprobs=scorer_logprobs, method=method, cu_seqlens=cu_seqlens,
@@ -166,7 +152,7 @@ def remit_linear_loss(
             memory_budget=memory_budget, grad_weight_fp32=grad_weight_fp32,
             return_details=return_details, backend=backend)
     if tp_group is not None or chk.is_dtensor(lm_head_weight) or chk.is_dtensor(hidden):
-        return _parallel.vocab_parallel_linear(_remit_linear_loss, "lm_head_weight", args)
+        return _vpl.vocab_parallel_linear(_remit_linear_loss, "lm_head_weight", args)
     if chk.is_dtensor(scorer_hidden):
         # Else DTensor's "mixed torch.Tensor and DTensor" error from inside the op.
         raise ValueError("scorer_hidden: a DTensor with plain hidden and plain heads (no "
@@ -216,11 +202,11 @@ def linear_token_stats(
     args = dict(locals())  # the arguments, for the paths below
     if tp_group is None and not chk.is_dtensor(hidden) and (chk.is_dtensor(weight)
                                                          or chk.is_dtensor(bias)):
-        return _fsdp_module("weight").linear_token_stats(
+        return _fsdp.linear_token_stats(
             hidden=hidden, weight=weight, targets=targets, bias=bias, ignore_index=ignore_index,
             temperature=temperature, entropy=entropy, chunk_size=chunk_size,
             memory_budget=memory_budget, backend=backend)
     if tp_group is not None or chk.is_dtensor(weight) or chk.is_dtensor(hidden):
-        return _parallel.vocab_parallel_linear(_linear_token_stats, "weight", args)
+        return _vpl.vocab_parallel_linear(_linear_token_stats, "weight", args)
     return _linear_token_stats(**args, tp=None)
 

@@ -1,0 +1,37 @@
+"""Distributed forms of the losses, one module per parallelism: vocab parallel (``tp_group``),
+context parallel ReMiT centring (``cp_group``), data-parallel diagnostics and token counts
+(``dp_group``), and sharded fused-linear heads (vocab rows over ``tp_group``; FSDP2).
+
+The public functions (``remit_ext.functional``, ``remit_ext.linear``) route here when given a
+group or a DTensor; this package imports only the layers below the public API (checks,
+backends, the fused-linear engine), never the public modules.
+
+Package layout:
+
+- ``_groups``: ProcessGroup / 1-D DeviceMesh parsing, the rank-ordered all_gather, the
+  handshake table.
+- ``vocab_parallel``: vocab-sharded logits (``tp_group=``): shard statistics, their
+  combination, the TP forms of weighted CE, Rho-1 and KD.
+- ``context_parallel``: ReMiT's centring over ``cp_group``; ``remit_loss`` with tp / cp groups.
+- ``data_parallel``: ``global_num_items``, ``reduce_diagnostics`` (``dp_group=``).
+- ``vocab_parallel_linear``: fused-linear heads sharded over vocab rows (``tp_group=``, or a
+  DTensor ``Shard(0)`` head with DTensor hidden).
+- ``fsdp``: fused-linear heads sharded by FSDP2 / HSDP (DTensor heads, plain hidden).
+
+Two handshakes stand for one idea (a rank that refuses its inputs still joins, so its peers
+raise instead of waiting): the tp one (``_groups._handshake``: an all_gather of a fact table,
+``vocab_parallel._VocabLayout``, ``vocab_parallel_linear.TPHead.refuse``) and the FSDP one
+(``fsdp._handshake``: an all_reduce MIN of +/- facts over every mesh dim). Merging them changes
+the collectives issued, so it is not part of this move.
+
+torch.compile: every distributed entry point here runs eagerly, a graph break (they check
+process groups and meshes, read the handshake on the host and issue collectives from
+autograd.Functions); the compiled model around them is unaffected.
+"""
+
+from __future__ import annotations
+
+from .data_parallel import global_num_items, reduce_diagnostics
+from .vocab_parallel import vocab_parallel_token_stats
+
+__all__ = ["global_num_items", "reduce_diagnostics", "vocab_parallel_token_stats"]
