@@ -7,7 +7,7 @@ are in ``remit_ext.reference``.
 import torch  # noqa: F401  (the extension has no RUNPATH: libtorch must be loaded first)
 
 from ._build import build_info
-from . import _meta  # noqa: F401  (fakes + autograd; also loaded by the C++ library)
+from . import _meta  # noqa: F401  (registers _fakes_autograd; also loaded by the C++ library)
 from ._backends import BackendUnavailableError, available_backends
 from ._checks import get_validation, set_validation, validation
 from .functional import (

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import reference as ref
-from ._meta import _token_stats_input_grad
+from ._fakes_autograd import _token_stats_input_grad
 
 # Order in which backend="auto" tries backends, by the inputs' device type (names not
 # registered are skipped). Triton is never auto-picked for CPU tensors: its CPU interpreter is a

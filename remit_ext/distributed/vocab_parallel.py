@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .. import _checks as chk
 from .._backends import select_backend
-from .._meta import _token_stats_input_grad
+from .._fakes_autograd import _token_stats_input_grad
 from ..reference import acc_dtype, reduce_tokens, rho1_keep_mask
 from ._groups import _check_agree, _eager, _gather, _group, _handshake, _host_checks
 

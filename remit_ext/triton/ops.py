@@ -1,7 +1,7 @@
 """The Triton backend's ops: ``torch.ops.remit_ext_triton.*``, with the very schemas of the C++
 ops (read from them, so the two cannot drift), the same fakes and the same autograd
-(``remit_ext._meta.register_meta``). Each op is opaque to torch.compile and runs on CUDA tensors,
-or on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
+(``remit_ext._fakes_autograd.register_fakes_autograd``). Each op is opaque to torch.compile and
+runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests it).
 
 Launch sizes: one program per row with a loop over the vocabulary in BLOCK_V chunks; on the CPU
 interpreter a smaller BLOCK_V keeps each program cheap. Every launch passes
@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _meta
+from .. import _fakes_autograd
 from ..reference import acc_dtype
 from . import kernels as K
 
@@ -395,6 +395,6 @@ for _name, _fn in _IMPLS.items():
     _lib.impl(_name, _fn, "CUDA")
     _lib.impl(_name, _fn, "CPU")
 
-_meta.register_meta(NAMESPACE, OPS)
+_fakes_autograd.register_fakes_autograd(NAMESPACE, OPS)
 
 ops = getattr(torch.ops, NAMESPACE)

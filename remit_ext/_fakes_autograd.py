@@ -1,0 +1,306 @@
+"""The Python side of the registered ops of ``csrc/registration.cpp``: a fake (meta) kernel
+for each op, giving ``torch.compile`` and ``opcheck`` the output shapes, and the autograd of each
+differentiable op (setup + backward), registered on the op itself so that every backend (the C++
+library, and the Triton namespace that mirrors its schemas) shares one backward; each backward
+runs its own namespace's gradient kernels. ``_meta`` registers these on ``remit_ext::*`` (the
+module the C++ library names); ``triton/ops.py`` on ``remit_ext_triton::*``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .reference import acc_dtype, segment_ids
+
+
+def _vec(like: Tensor, n: int) -> Tensor:
+    """A per-token output of n elements in the accumulation dtype of `like`."""
+    return like.new_empty((n,), dtype=acc_dtype(like.dtype))
+
+
+# ---------------------------------------------------------------------------- fakes
+
+
+def _token_stats_fake(logits, targets, scorer_logits, ignore_index, temperature, with_entropy,
+                      topk, topk_renormalize):
+    n = logits.shape[0]
+    has_scorer = scorer_logits is not None
+    return (
+        _vec(logits, n),
+        _vec(logits, n),
+        _vec(logits, n if with_entropy else 0),
+        _vec(logits, n if topk > 0 else 0),
+        _vec(logits, n if has_scorer else 0),
+        _vec(logits, n if has_scorer else 0),
+    )
+
+
+def _remit_weights_fake(logprob, scorer_logprob, targets, cu_seqlens, ignore_index, eps):
+    return torch.empty_like(logprob), torch.empty_like(logprob), logprob.new_empty((6,))
+
+
+def _weighted_ce_fwd_fake(logits, targets, weights, ignore_index, inplace_backward):
+    n = logits.shape[0]
+    return _vec(logits, n), _vec(logits, n), _vec(logits, n)
+
+
+def _weighted_ce_bwd_fake(logits, targets, lse, logprob, coef, ignore_index):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _weighted_ce_bwd_inplace_fake(logits, targets, lse, logprob, coef, ignore_index):
+    return None
+
+
+def _remit_loss_fake(
+    logits, targets, scorer_logits, scorer_logprob, cu_seqlens, ignore_index, eps,
+    detach_weights, inplace_backward,
+):
+    n = logits.shape[0]
+    return tuple(_vec(logits, n) for _ in range(5)) + (_vec(logits, 6),)
+
+
+def _pg_loss_fwd_fake(logits, actions, advantages, scale, old_logprob, ref_logprob, ignore_index,
+                      clip_low, clip_high, kl_beta, inplace_backward):
+    n = logits.shape[0]
+    return tuple(_vec(logits, n) for _ in range(4))
+
+
+def _kd_loss_fwd_fake(logits, teacher_logits, targets, ignore_index, temperature):
+    n = logits.shape[0]
+    return _vec(logits, n), _vec(logits, n), _vec(logits, n)
+
+
+def _kd_loss_bwd_fake(logits, teacher_logits, targets, lse, teacher_lse, coef, ignore_index,
+                      temperature):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+# ---------------------------------------------------------------------------- autograd
+#
+# Every logits gradient below has the form coef_t * (softmax(z_t) - onehot(y_t)), so the backward
+# of each loss reduces to forming the per-token coefficient (O(N)) and one weighted_ce_bwd pass.
+
+
+def _ce_grad(ops, logits: Tensor, targets: Tensor, lse: Tensor, logprob: Tensor, coef: Tensor,
+             ignore_index: int, inplace: bool) -> Tensor:
+    """One gradient pass with the backend's own weighted_ce_bwd (`ops` is its op namespace)."""
+    if inplace:
+        ops.weighted_ce_bwd_(logits, targets, lse, logprob, coef, ignore_index)
+        return logits
+    return ops.weighted_ce_bwd(logits, targets, lse, logprob, coef, ignore_index)
+
+
+def _token_stats_input_grad(z, y, lse, entropy, g_lse, g_logprob, g_entropy, temperature,
+                            ignore_index):
+    """d lse/dx = p;  d a/dx = onehot - p;  d H/dx = -p (log p + H);  x = z / temperature."""
+    valid = (y != ignore_index).unsqueeze(-1)
+    logp = z.to(lse.dtype) / temperature - lse.unsqueeze(-1)
+    p = logp.exp()
+    g_lse = torch.zeros_like(lse) if g_lse is None else g_lse
+    g_logprob = torch.zeros_like(lse) if g_logprob is None else g_logprob
+    grad = p * (g_lse - g_logprob).unsqueeze(-1)
+    # A target outside [0, V) (value checks off, or skipped under torch.compile) gets no
+    # one-hot, as in the kernels' backward, and forms no out-of-bounds index.
+    hit = valid.squeeze(-1) & (y >= 0) & (y < z.shape[-1])
+    grad = grad.scatter_add(-1, torch.where(hit, y, 0).long().unsqueeze(-1),
+                            torch.where(hit, g_logprob, 0).unsqueeze(-1))
+    if g_entropy is not None and entropy.numel() > 0:
+        # p = 0 (a -inf logit, or an underflow) contributes 0, not 0 * -inf.
+        dH = torch.where(p > 0, p * (logp + entropy.unsqueeze(-1)), 0)
+        grad = grad - dH * g_entropy.unsqueeze(-1)
+    return torch.where(valid, grad / temperature, 0).to(z.dtype)
+
+
+def _token_stats_setup(ctx, inputs, output):
+    (logits, targets, scorer_logits, ignore_index, temperature, _with_entropy, _topk,
+     _topk_renormalize) = inputs
+    lse, _, entropy, topk_entropy, scorer_lse, _ = output
+    ctx.save_for_backward(logits, targets, scorer_logits, lse, entropy, scorer_lse)
+    ctx.ignore_index, ctx.temperature = ignore_index, temperature
+    ctx.mark_non_differentiable(topk_entropy)  # a token-difficulty score, not a training signal
+
+
+def _token_stats_backward(ctx, g_lse, g_logprob, g_entropy, g_topk_entropy, g_scorer_lse,
+                          g_scorer_logprob):
+    logits, targets, scorer_logits, lse, entropy, scorer_lse = ctx.saved_tensors
+    grad = scorer_grad = None
+    if ctx.needs_input_grad[0]:
+        grad = _token_stats_input_grad(logits, targets, lse, entropy, g_lse, g_logprob, g_entropy,
+                                       ctx.temperature, ctx.ignore_index)
+    if scorer_logits is not None and ctx.needs_input_grad[2]:
+        scorer_grad = _token_stats_input_grad(scorer_logits, targets, scorer_lse, entropy[:0],
+                                              g_scorer_lse, g_scorer_logprob, None,
+                                              ctx.temperature, ctx.ignore_index)
+    return grad, None, scorer_grad, None, None, None, None, None
+
+
+def _segment_centered(values: Tensor, valid: Tensor, cu_seqlens: Tensor) -> Tensor:
+    """values_t - mean of values over the valid positions of t's sequence (0 where invalid)."""
+    seg, num_seg = segment_ids(cu_seqlens, values.shape[0], values.device)
+    vf = valid.to(values.dtype)
+    total = values.new_zeros(num_seg).index_add(0, seg, values * vf)
+    count = values.new_zeros(num_seg).index_add(0, seg, vf)
+    return (values - (total / count.clamp(min=1))[seg]) * vf
+
+
+def _weight_slope(delta_hat: Tensor, eps: float) -> Tensor:
+    """w' = dw/d delta_hat = w (2 - w) / 2 inside the clip band, 0 where the clip binds."""
+    raw = 1 + torch.tanh(delta_hat / 2)
+    inside = (raw > 1 - eps) & (raw < 1 + eps)
+    return torch.where(inside, raw * (2 - raw) / 2, 0)
+
+
+def _remit_weights_setup(ctx, inputs, output):
+    logprob, scorer_logprob, targets, cu_seqlens, ignore_index, eps = inputs
+    _, delta_hat, _ = output
+    ctx.save_for_backward(targets, cu_seqlens, delta_hat)
+    ctx.ignore_index, ctx.eps = ignore_index, eps
+    ctx.mark_non_differentiable(output[2])
+
+
+def _remit_weights_backward(ctx, g_w, g_delta_hat, g_diag):
+    # delta_hat_t = (b_t - a_t) - mu_s(t):  d delta_hat / d(b - a) is the centering projection.
+    targets, cu_seqlens, delta_hat = ctx.saved_tensors
+    valid = targets != ctx.ignore_index
+    g = torch.zeros_like(delta_hat)
+    if g_w is not None:
+        g = g + g_w * _weight_slope(delta_hat, ctx.eps)
+    if g_delta_hat is not None:
+        g = g + g_delta_hat
+    g_delta = _segment_centered(g, valid, cu_seqlens)
+    return -g_delta, g_delta, None, None, None, None
+
+
+def _weighted_ce_setup(ctx, inputs, output):
+    logits, targets, weights, ignore_index, inplace_backward = inputs
+    _, lse, logprob = output
+    ctx.save_for_backward(logits, targets, weights, lse, logprob)
+    ctx.ignore_index, ctx.inplace = ignore_index, inplace_backward
+    ctx.mark_non_differentiable(lse, logprob)
+
+
+def _weighted_ce_backward(ctx, g_loss, g_lse, g_logprob):
+    logits, targets, weights, lse, logprob = ctx.saved_tensors
+    grad = grad_w = None
+    if ctx.needs_input_grad[0]:
+        coef = g_loss if weights is None else g_loss * weights.to(g_loss.dtype)
+        grad = _ce_grad(ctx.ops, logits, targets, lse, logprob, coef, ctx.ignore_index,
+                        ctx.inplace)
+    if weights is not None and ctx.needs_input_grad[2]:
+        grad_w = (-logprob * g_loss).to(weights.dtype)
+    return grad, None, grad_w, None, None
+
+
+def _remit_loss_setup(ctx, inputs, output):
+    (logits, targets, _scorer_logits, _scorer_logprob, cu_seqlens, ignore_index, eps,
+     detach_weights, inplace_backward) = inputs
+    _, w, logprob, lse, delta_hat, diag = output
+    ctx.save_for_backward(logits, targets, cu_seqlens, w, logprob, lse, delta_hat)
+    ctx.ignore_index, ctx.eps = ignore_index, eps
+    ctx.detach, ctx.inplace = detach_weights, inplace_backward
+    ctx.mark_non_differentiable(w, logprob, lse, delta_hat, diag)
+
+
+def _remit_loss_backward(ctx, g_loss, *_unused):
+    logits, targets, cu_seqlens, w, logprob, lse, delta_hat = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return (None,) * 9
+    coef = g_loss * w
+    if not ctx.detach:
+        # METHODS.md section 2, non-detached: coef_t = g_t w_t + g_t w'_t l_t - mean_s(g w' l)
+        # with l = -a; the mean runs over the valid positions of t's sequence.
+        valid = targets != ctx.ignore_index
+        through_w = g_loss * _weight_slope(delta_hat, ctx.eps) * -logprob
+        coef = coef + _segment_centered(through_w, valid, cu_seqlens)
+    grad = _ce_grad(ctx.ops, logits, targets, lse, logprob, coef, ctx.ignore_index,
+                    ctx.inplace)
+    return (grad,) + (None,) * 8
+
+
+def _pg_loss_setup(ctx, inputs, output):
+    (logits, actions, _advantages, _scale, _old_logprob, _ref_logprob, ignore_index, _clip_low,
+     _clip_high, _kl_beta, inplace_backward) = inputs
+    _, lse, logprob, dlogprob = output
+    ctx.save_for_backward(logits, actions, lse, logprob, dlogprob)
+    ctx.ignore_index, ctx.inplace = ignore_index, inplace_backward
+    ctx.mark_non_differentiable(lse, logprob, dlogprob)
+
+
+def _pg_loss_backward(ctx, g_loss, *_unused):
+    # d loss_t / dz = dlogprob_t * (onehot - p) = -dlogprob_t * (p - onehot).
+    logits, actions, lse, logprob, dlogprob = ctx.saved_tensors
+    grad = None
+    if ctx.needs_input_grad[0]:
+        grad = _ce_grad(ctx.ops, logits, actions, lse, logprob, -g_loss * dlogprob,
+                        ctx.ignore_index, ctx.inplace)
+    return (grad,) + (None,) * 10
+
+
+def _kd_setup(ctx, inputs, output):
+    logits, teacher_logits, targets, ignore_index, temperature = inputs
+    _, lse, teacher_lse = output
+    ctx.save_for_backward(logits, teacher_logits, targets, lse, teacher_lse)
+    ctx.ignore_index, ctx.temperature = ignore_index, temperature
+    ctx.mark_non_differentiable(lse, teacher_lse)
+
+
+def _kd_backward(ctx, g_loss, *_unused):
+    logits, teacher_logits, targets, lse, teacher_lse = ctx.saved_tensors
+    grad = None
+    if ctx.needs_input_grad[0]:
+        grad = ctx.ops.kd_loss_bwd(logits, teacher_logits, targets, lse, teacher_lse, g_loss,
+                                   ctx.ignore_index, ctx.temperature)
+    return grad, None, None, None, None
+
+
+FAKES = {
+    "token_stats": _token_stats_fake,
+    "remit_weights": _remit_weights_fake,
+    "weighted_ce_fwd": _weighted_ce_fwd_fake,
+    "weighted_ce_bwd": _weighted_ce_bwd_fake,
+    "weighted_ce_bwd_": _weighted_ce_bwd_inplace_fake,
+    "remit_loss": _remit_loss_fake,
+    "kd_loss_fwd": _kd_loss_fwd_fake,
+    "kd_loss_bwd": _kd_loss_bwd_fake,
+    "pg_loss_fwd": _pg_loss_fwd_fake,
+}
+
+AUTOGRAD = {
+    "token_stats": (_token_stats_setup, _token_stats_backward),
+    "remit_weights": (_remit_weights_setup, _remit_weights_backward),
+    "weighted_ce_fwd": (_weighted_ce_setup, _weighted_ce_backward),
+    "remit_loss": (_remit_loss_setup, _remit_loss_backward),
+    "kd_loss_fwd": (_kd_setup, _kd_backward),
+    "pg_loss_fwd": (_pg_loss_setup, _pg_loss_backward),
+}
+
+
+def _setup_with_ops(setup, ops):
+    def setup_context(ctx, inputs, output):
+        ctx.ops = ops
+        setup(ctx, inputs, output)
+
+    return setup_context
+
+
+def register_autograd(namespace: str, names) -> None:
+    """Register the autograd above on the differentiable ops ``namespace::name``; each backward
+    runs that namespace's own gradient kernels."""
+    ops = getattr(torch.ops, namespace)
+    for name in names:
+        if name in AUTOGRAD:
+            setup, backward = AUTOGRAD[name]
+            torch.library.register_autograd(f"{namespace}::{name}", backward,
+                                            setup_context=_setup_with_ops(setup, ops))
+
+
+def register_fakes_autograd(namespace: str, names) -> None:
+    """Register the fakes and the autograd above on ops ``namespace::name`` that share the
+    schemas of csrc/registration.cpp, defined in Python (the Triton backend). The C++ library's
+    own ops are registered from ``_meta``, the module its ``impl_abstract_pystub`` names (torch
+    checks that a C++ op's fake comes from there)."""
+    for name in names:
+        torch.library.register_fake(f"{namespace}::{name}")(FAKES[name])
+    register_autograd(namespace, names)
