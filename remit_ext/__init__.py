@@ -2,6 +2,21 @@
 
 The semantics every backend follows are in METHODS.md (shared/spec); the readable references
 are in ``remit_ext.reference``.
+
+Layers: a module imports only its own layer and those above it here, never below, and no
+import circle (``python_tests/test_layers.py`` walks every import, function-level ones too):
+
+- L0 ``reference``, ``_checks``, ``_build`` (+ the compiled ``_C``), ``testing``: leaves.
+- L1 ``_fakes_autograd`` (+ ``_meta``, where the C++ library registers it), ``triton/``: the
+  registered ops' Python side (fakes, autograd) and the Triton kernels and ops.
+- L2 ``_backends``: the dispatcher; each backend's logits ops and fused-linear chunk primitives.
+- L3 ``_linear_plan``, ``_linear_engine``, ``_linear_ops``, ``_linear_local``: the fused-linear
+  chunk planning, engine, registered ops and plain-tensor entry points.
+- L4 ``distributed/``: one module per parallelism (vocab, context, data, vocab-parallel
+  fused-linear heads, FSDP2 heads).
+- L5 ``functional``, ``linear``, ``modules`` (+ the ``parallel`` / ``fsdp`` re-export shims and
+  this package): the public API, checking and routing plain / distributed.
+- L6 ``rmt``, ``demo``, ``hf/``, ``train/``, ``bench_cmd``, ``__main__``: users of the API.
 """
 
 import torch  # noqa: F401  (the extension has no RUNPATH: libtorch must be loaded first)
