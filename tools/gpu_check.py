@@ -310,6 +310,15 @@ class Check:
         out_dir = self.work / STAGES[stage]
         out_dir.mkdir(exist_ok=True)
         t_end = time.monotonic() + cap
+        if stage == 4:
+            # One measured bandwidth first: it replaces the static ledger's assumed one
+            # (python tools/gpu_static.py --bandwidth-tbs <read_tbs>).
+            bw = out_dir / "bandwidth.json"
+            cmd = [sys.executable, str(REPO / "tools" / "gpu_bandwidth.py"), "--out", bw]
+            if self.dry:
+                cmd += ["--device", "cpu", "--gib", "0.01", "--repeats", "3"]
+            rc, text, _ = self.run(cmd, 60)
+            res["bandwidth"] = _tail(text, 1) if rc == 0 else f"exit {rc}: {_tail(text, 3)}"
         if self.dry:  # tiny CPU shapes through the same runner, ledger written
             shape = "32x16x256" if shape.count("x") == 2 else "32x256"
             extra = ["--device", "cpu", "--seq-len", "16", "--dtypes", "float32",
@@ -341,6 +350,8 @@ class Check:
         self.archive(out_dir)
         res["ledgers"] = [str(p.relative_to(self.work)) for p in ledgers]
         res["goals"] = goal_lines(ledgers)
+        if "bandwidth" in res:
+            res["goals"].insert(0, res["bandwidth"])
         return res
 
     def stage_bench(self, cap: float) -> dict:

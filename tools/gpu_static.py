@@ -24,6 +24,8 @@ the predicted ones.
 
     python tools/gpu_static.py                        # writes bench/results/gpu_static.{md,csv}
     python tools/gpu_static.py --out-dir /tmp/x       # elsewhere (CI: a check that it builds)
+    python tools/gpu_static.py --bandwidth-tbs 3.1 --bandwidth-source "measured on ..."
+                                  # after a GPU run: tools/gpu_bandwidth.py's read number
 """
 
 from __future__ import annotations
@@ -506,7 +508,8 @@ def write(records: list[dict], out_dir: Path, provenance: str) -> None:
         f"  {h['schedulers_per_sm']} warp schedulers per SM issuing one warp instruction per "
         "clock;",
         f"  {h['mufu_per_sm_clk']} MUFU.EX2 results per SM per clock.",
-        f"- Bandwidth **{h['bandwidth_tbs']} TB/s assumed** (~90% of the 3.35 TB/s HBM3 peak),",
+        f"- Bandwidth **{h['bandwidth_tbs']} TB/s** "
+        f"{h.get('bandwidth_note', 'assumed (~90% of the 3.35 TB/s HBM3 peak)')},",
         "  for every byte: a kernel streaming a [N, V] tensor never fits it in the 50 MB L2.",
         f"- Launch overhead {h['launch_us']} us per kernel; the bound is multiplied by the tail",
         "  of the last wave (ceil(waves) / waves, waves = blocks / (SMs x blocks per SM)).",
@@ -552,7 +555,17 @@ def write(records: list[dict], out_dir: Path, provenance: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out-dir", type=Path, default=OUT_DIR)
+    ap.add_argument("--bandwidth-tbs", type=float,
+                    help="a measured bandwidth (tools/gpu_bandwidth.py's read_tbs) in place of "
+                         f"the assumed {H100['bandwidth_tbs']} TB/s")
+    ap.add_argument("--bandwidth-source", default="",
+                    help="where --bandwidth-tbs was measured (device, date, commit)")
     args = ap.parse_args(argv)
+    if args.bandwidth_tbs is not None:
+        if not args.bandwidth_source:
+            ap.error("--bandwidth-source: say where the bandwidth was measured")
+        H100["bandwidth_tbs"] = args.bandwidth_tbs
+        H100["bandwidth_note"] = f"**measured**: {args.bandwidth_source}"
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu_static_") as tmp:
         tmp = Path(tmp)
