@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from remit_ext.train.seeds import aggregate, markdown, paired_difference, t_cdf, t_quantile
+from remit_ext.train.runtime import load
+from remit_ext.train.seeds import (aggregate, markdown, mcnemar, paired_difference, t_cdf,
+                                   t_quantile)
 
 from test_train import ENV
 
@@ -92,7 +94,7 @@ def test_flywheel_seeds_on_the_tiny_preset(tmp_path):
     out = tmp_path / "fw"
     done = subprocess.run([sys.executable, "-m", "remit_ext", "flywheel", "--preset", "tiny",
                            "--seeds", "2", "--jobs", "2", "--out", str(out), "--no-progress",
-                           "--methods", "ntp", "remit", "rmt"],
+                           "--methods", "ntp", "remit", "rmt", "--turns", "2"],
                           env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     agg = json.loads((out / "seeds.json").read_text())
@@ -102,7 +104,27 @@ def test_flywheel_seeds_on_the_tiny_preset(tmp_path):
     assert per[0]["machine"]["threads"] == 1
     names = [r["name"] for r in per[0]["rows"]]
     assert agg["models"] == names == ["Pre-trained", "RL reference", "Vanilla NTP", "ReMiT",
-                                      "RMT"]
+                                      "RMT", "RL reference (turn 2)",
+                                      "ReMiT, NTP as reference (no RL)", "ReMiT² (turn 2)"]
+    # The second turn: RL on the ReMiT model is the next reference; ReMiT² mid-trains the same
+    # base steered by its cached log-probs; post-RL tunes it too.
+    sdir = out / "seed0"
+    turn2 = json.loads((sdir / "rl-turn2" / "config.json").read_text())
+    assert turn2["init"] == str(sdir / "midtrain-remit" / "final.pt")
+    assert turn2["rl_steps"] == per[0]["preset"]["rl_steps"]  # the reference's length
+    assert load(sdir / "scorer_cache_turn2.pt")["scorer"] == str(sdir / "rl-turn2" / "final.pt")
+    assert json.loads((sdir / "midtrain-remit2" / "config.json").read_text())["init"] == str(
+        sdir / "pretrain" / "final.pt")
+    assert "post_rl_acc" in agg["per_seed"]["ReMiT² (turn 2)"]
+    # Per-problem paired tests pooled over seeds, before and after RL, against NTP and ReMiT.
+    n_eval = 2 * per[0]["preset"]["n_eval"]
+    mc = agg["mcnemar"]["Vanilla NTP"]["ReMiT"]
+    assert set(mc) == {"before_rl", "after_rl"}
+    assert mc["before_rl"]["gained"] + mc["before_rl"]["lost"] <= n_eval
+    assert "ReMiT² (turn 2)" in agg["mcnemar"]["ReMiT"]
+    assert set(agg["rl_change"]) >= {"Vanilla NTP", "ReMiT", "ReMiT² (turn 2)"}
+    assert all(len(next(r for r in per[0]["rows"] if r["name"] == nm)["eval"]["correct"])
+               == n_eval // 2 for nm in names)
     for name in names:
         accs = [next(r for r in per[s]["rows"] if r["name"] == name)["eval"]["acc"]
                 for s in (0, 1)]
@@ -114,3 +136,22 @@ def test_flywheel_seeds_on_the_tiny_preset(tmp_path):
     assert d["ci95"][0] <= d["mean"] <= d["ci95"][1]
     md = (out / "seeds.md").read_text()
     assert "| ReMiT |" in md and "Δ acc vs NTP" in md and md in done.stdout
+
+
+def test_mcnemar_exact_against_binomial_enumeration():
+    """The exact two-sided test: twice the smaller binomial tail of the discordant split,
+    checked against an enumeration of every split with p = 1/2 (probabilities of splits no
+    more likely than the observed one, the other textbook form; equal for p = 1/2)."""
+    a = "1" * 10 + "0" * 2 + "1" * 30 + "0" * 8
+    b = "0" * 10 + "1" * 2 + "1" * 30 + "0" * 8
+    got = mcnemar(a, b)
+    assert (got["gained"], got["lost"]) == (10, 2)
+    n = 12
+    probs = [math.comb(n, i) / 2 ** n for i in range(n + 1)]
+    want = sum(q for q in probs if q <= probs[2] * (1 + 1e-12))
+    assert got["p"] == pytest.approx(want) and got["p"] == pytest.approx(158 / 4096)
+    assert mcnemar(b, a)["p"] == got["p"]  # symmetric
+    assert mcnemar("1100", "1100") == {"gained": 0, "lost": 0, "p": 1.0}
+    assert mcnemar("10", "01")["p"] == 1.0
+    with pytest.raises(ValueError, match="same problems"):
+        mcnemar("101", "10")

@@ -187,6 +187,39 @@ def test_policy_gradient_is_a_weighted_cross_entropy():
     torch.testing.assert_close(grad, truth_grad)
 
 
+def test_rl_rate_schedule():
+    """Ours (issue 24): linear warm-up, then linear decay to 0 at the last step; or constant."""
+    from remit_ext.train.stages import rl_lr
+
+    p = get_preset("default", ["rl_steps=110", "rl_warmup=10", "rl_lr=1e-4"])
+    lrs = [rl_lr(p, s) for s in range(110)]
+    assert lrs[0] == pytest.approx(1e-5) and lrs[9] == pytest.approx(1e-4)
+    assert lrs[10] == pytest.approx(1e-4) and lrs[60] == pytest.approx(0.5e-4)
+    assert lrs[109] == pytest.approx(1e-6) and all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    const = get_preset("default", ["rl_warmup=0", "rl_decay=0", "rl_lr=2e-4"])
+    assert {rl_lr(const, s) for s in range(150)} == {2e-4}
+
+
+def test_rl_token_weights():
+    """The old recipe (whitened +/- advantages over G L_i, the weight the RL stage used) and
+    ours (clipped at 0, over B G max_new), from the rewards of two groups."""
+    from remit_ext.train.stages import rl_token_weights
+
+    reward = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    lengths = torch.tensor([6, 3, 1, 5, 2, 2, 2, 2])
+    adv = group_advantages(reward.view(-1, 4)).view(-1)
+    old = rl_token_weights(reward, lengths, 4, 7, "whiten", "length")
+    torch.testing.assert_close(old, adv / (8 * lengths))
+    ours = rl_token_weights(reward, lengths, 4, 7)
+    torch.testing.assert_close(ours, adv.clamp(min=0) / (8 * 7))
+    assert bool((ours >= 0).all()) and bool((ours[[1, 2]] == 0).all())
+    assert bool((ours[4:] == 0).all())  # a group of equal rewards carries no signal
+    with pytest.raises(ValueError, match="rl_advantage"):
+        rl_token_weights(reward, lengths, 4, 7, "clip")
+    with pytest.raises(ValueError, match="rl_normalize"):
+        rl_token_weights(reward, lengths, 4, 7, normalize="mean")
+
+
 # ----------------------------------------------------------------------------- stages
 
 
@@ -271,6 +304,8 @@ def test_evaluate_counts_correct_answers():
 
     result = evaluate(Oracle(), TINY, torch.device("cpu"))
     assert result["acc"] == 1.0 and all(result[f"acc_k{k}"] == 1.0 for k in (1, 2, 3))
+    # Per-problem outcomes (for paired tests) and the sampled accuracy (TINY: 2 samples).
+    assert result["correct"] == "1" * TINY.n_eval and result["acc_sampled"] == 1.0
     assert result["nll"] == pytest.approx(float(torch.log(torch.tensor(float(D.VOCAB_SIZE)))))
 
 
@@ -424,7 +459,8 @@ def test_flywheel_writes_the_table_and_figures(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     names = [r["name"] for r in results["rows"]]
-    assert names == ["Pre-trained", "RL reference", "Vanilla NTP", "Rho-1", "ReMiT", "KD", "RMT"]
+    assert names == ["Pre-trained", "RL reference", "Vanilla NTP", "Rho-1", "ReMiT", "KD", "RMT",
+                     "ReMiT, NTP as reference (no RL)"]
     # The paper's order: the reference is RL on the NTP mid-trained model (the official
     # anneal, the NTP row), which mid-trained from the pre-trained base like every method.
     assert results["order"]["reference_from"] == "midtrain"
@@ -439,6 +475,13 @@ def test_flywheel_writes_the_table_and_figures(tmp_path):
     assert all(0 <= r["probe"]["tok_acc"] <= 1 for r in probe["rows"])
     assert results["scorer_cache"]["speedup"] > 0
     assert all(0 <= r["post_rl_acc"] <= 1 for r in results["rows"][2:])
+    # The control: ReMiT from the base, steered by a cache of the NTP anneal's log-probs.
+    ctl = json.loads((out / "midtrain-remit-ntpref" / "config.json").read_text())
+    assert ctl["init"] == str(out / "pretrain" / "final.pt")
+    assert load(out / "scorer_cache_ntp.pt")["scorer"] == str(out / "midtrain-ntp" / "final.pt")
+    # Post-RL draws from its own stream: NTP's "after RL" is not the reference's first steps.
+    post = json.loads((out / "post-rl-ntp" / "config.json").read_text())
+    assert post["stream"] == "post-rl" and "stream" not in rl_cfg
     md = (out / "results.md").read_text()
     assert "| ReMiT |" in md and md in done.stdout
     assert "| RMT |" in md and "direct / think" in md

@@ -179,6 +179,12 @@ class Flywheel(_Command):
         parser.add_argument("--scorer-cache-check", action="store_true",
                             help="run ReMiT a second time with the scorer live at every step "
                                  "and report the cache's speed-up (one more mid-training run)")
+        parser.add_argument("--turns", type=int, default=1, choices=[1, 2],
+                            help="2: the flywheel's second turn, RL on the ReMiT model as the "
+                                 "next reference and ReMiT steered by it (ReMiT²)")
+        parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
+                            help="with remit: the control row, ReMiT steered by the NTP model "
+                                 "itself (no RL) (default: on)")
         parser.add_argument("--seeds", type=int, default=None, metavar="K",
                             help="run K seeds (--seed, --seed+1, ...; each in OUT/seed<s>) and "
                                  "write OUT/seeds.json and OUT/seeds.md: per-seed results and "
@@ -193,7 +199,7 @@ class Flywheel(_Command):
         from .flywheel import flywheel
 
         return flywheel(_common(args), args.methods, args.post_rl, args.reference_from,
-                        args.scorer_cache_check)
+                        args.scorer_cache_check, args.turns, args.control)
 
     @staticmethod
     def _run_seeds(args) -> int:
@@ -213,7 +219,8 @@ class Flywheel(_Command):
         def argv(seed, sdir):
             a = ["--out", str(sdir), "--preset", args.preset, "--seed", str(seed),
                  "--backend", args.backend, "--no-progress", "--methods", *args.methods,
-                 "--reference-from", args.reference_from,
+                 "--reference-from", args.reference_from, "--turns", str(args.turns),
+                 "--control" if args.control else "--no-control",
                  "--post-rl" if args.post_rl else "--no-post-rl"]
             for o in args.overrides:
                 a += ["--set", o]

@@ -8,6 +8,12 @@ it; NTP is the official anneal itself; RMT needs no reference) -> RL on each mid
 the reference RL-tuned from the pre-trained base instead. Every model is also measured on RMT's
 held-out next-token probe. Stages already finished are skipped, so an interrupted flywheel
 resumes where it stopped; ``--seeds K`` runs K seeds (``seeds.py``).
+
+With ReMiT among the methods (issue 24) the table also holds the control "ReMiT steered by
+the NTP model itself (no RL)", so that a gain can be attributed to what RL changed, and with
+``--turns 2`` the flywheel's second turn: RL on the ReMiT model (the reference's recipe and
+length) is the next reference, ReMiT mid-trains the same base steered by it (ReMiT²), and
+post-RL tunes that too. Post-RL runs draw from their own random stream.
 """
 
 from __future__ import annotations
@@ -26,14 +32,23 @@ from .stages import Common, midtrain, pretrain, rl, score
 
 NAMES = {"ntp": "Vanilla NTP", "rho1": "Rho-1", "remit": "ReMiT", "kd": "KD", "rmt": "RMT"}
 REFERENCE = "RL reference"
+CONTROL = "ReMiT, NTP as reference (no RL)"
+REFERENCE2 = "RL reference (turn 2)"
+REMIT2 = "ReMiT² (turn 2)"
 REFERENCE_FROM = ("midtrain", "pretrain")
 
 
 def flywheel(c: Common, methods: list[str], post_rl: bool = False,
-             reference_from: str = "midtrain", scorer_cache_check: bool = False) -> int:
+             reference_from: str = "midtrain", scorer_cache_check: bool = False,
+             turns: int = 1, control: bool = True) -> int:
     if reference_from not in REFERENCE_FROM:
         raise ValueError(f"--reference-from: expected one of {REFERENCE_FROM}, got "
                          f"{reference_from!r}")
+    if turns not in (1, 2):
+        raise ValueError(f"--turns: expected 1 or 2, got {turns!r}")
+    if turns == 2 and "remit" not in methods:
+        raise ValueError("--turns 2: the second turn RL-tunes the ReMiT model; add remit to "
+                         "--methods")
     out, p, d = Path(c.out), c.preset, get_dist(c.device)
     t_start = time.perf_counter()
     stage = lambda sub: dataclasses.replace(c, out=out / sub)  # noqa: E731
@@ -54,6 +69,22 @@ def flywheel(c: Common, methods: list[str], post_rl: bool = False,
         dirs[m] = midtrain(stage(f"midtrain-{m}"), base / "final.pt", m,
                            scorer=None if uses_cache or m == "rmt" else scorer / "final.pt",
                            scorer_cache=cache if uses_cache else None)
+    # Named rows beyond the methods: the no-RL control and the second turn.
+    extra: dict = {}
+    if "remit" in methods and control:
+        ntp_cache = out / "scorer_cache_ntp.pt"
+        if not ntp_cache.exists():
+            score(stage("scorer_cache_ntp.pt"), anneal / "final.pt")
+        extra[CONTROL] = midtrain(stage("midtrain-remit-ntpref"), base / "final.pt", "remit",
+                                  scorer_cache=ntp_cache)
+    scorer2 = None
+    if turns == 2:
+        scorer2 = rl(stage("rl-turn2"), dirs["remit"] / "final.pt", stream="rl-turn2")
+        cache2 = out / "scorer_cache_turn2.pt"
+        if not cache2.exists():
+            score(stage("scorer_cache_turn2.pt"), scorer2 / "final.pt")
+        extra[REMIT2] = midtrain(stage("midtrain-remit2"), base / "final.pt", "remit",
+                                 scorer_cache=cache2)
     # The scorer-cache speed-up (opt-in): ReMiT once more with the scorer run live.
     live = None
     if "remit" in methods and scorer_cache_check:
@@ -63,7 +94,12 @@ def flywheel(c: Common, methods: list[str], post_rl: bool = False,
     if post_rl:
         post_c = dataclasses.replace(c, preset=dataclasses.replace(p, rl_steps=p.post_rl_steps))
         for m, sdir in dirs.items():
-            post[m] = rl(dataclasses.replace(post_c, out=out / f"post-rl-{m}"), sdir / "final.pt")
+            post[m] = rl(dataclasses.replace(post_c, out=out / f"post-rl-{m}"), sdir / "final.pt",
+                         stream="post-rl")
+        for name, sdir in extra.items():
+            sub = "post-rl-remit-ntpref" if name == CONTROL else "post-rl-remit2"
+            post[name] = rl(dataclasses.replace(post_c, out=out / sub), sdir / "final.pt",
+                            stream="post-rl")
     if not d.is_main:
         return 0
 
@@ -76,11 +112,22 @@ def flywheel(c: Common, methods: list[str], post_rl: bool = False,
             row["post_rl"] = load(post[m] / "final.pt")["eval"]
             row["post_rl_acc"] = row["post_rl"]["acc"]
         rows.append(row)
+    if scorer2 is not None:
+        rows.append({"name": REFERENCE2, "eval": load(scorer2 / "final.pt")["eval"]})
+    for name, sdir in extra.items():
+        row = {"name": name, "eval": load(sdir / "final.pt")["eval"]}
+        if name in post:
+            row["post_rl"] = load(post[name] / "final.pt")["eval"]
+            row["post_rl_acc"] = row["post_rl"]["acc"]
+        rows.append(row)
     results = {"preset": p.to_dict(), "order": {"reference_from": reference_from,
                                                 "reference_init": str(ref_init)},
                "rows": rows, "seconds_total": None,
                "remit_weights": finals.get("remit", {}).get("weights"),
                "remit_curve": _weight_curve(dirs.get("remit")),
+               "remit_weights_by_reference": {
+                   name: load(sdir / "final.pt").get("weights")
+                   for name, sdir in [("ReMiT", dirs.get("remit")), *extra.items()] if sdir},
                "machine": machine_info(p)}
     if live is not None:
         cached_s, live_s = finals["remit"]["step_seconds"], load(live / "final.pt")["step_seconds"]
@@ -92,7 +139,8 @@ def flywheel(c: Common, methods: list[str], post_rl: bool = False,
             "acc_cached": finals["remit"]["eval"]["acc"],
             "acc_live": load(live / "final.pt")["eval"]["acc"],
         }
-    results["probe"] = _probe_rows(c, base, scorer, dirs, methods)
+    more = ([(REFERENCE2, scorer2)] if scorer2 is not None else []) + list(extra.items())
+    results["probe"] = _probe_rows(c, base, scorer, dirs, methods, more)
     results["seconds_total"] = time.perf_counter() - t_start
     md = _markdown(results, p.max_k)
     atomic_write_text(json.dumps(results, indent=1) + "\n", out / "results.json")
@@ -132,7 +180,8 @@ def _weight_curve(stage_dir) -> list | None:
             for r in report.read_metrics(stage_dir) if "w_result" in r]
 
 
-def _probe_rows(c: Common, base: Path, scorer: Path, dirs: dict, methods: list[str]) -> dict:
+def _probe_rows(c: Common, base: Path, scorer: Path, dirs: dict, methods: list[str],
+                more: list = ()) -> dict:
     """RMT's next-token probe (tiers fixed by the base model) on every model of the table."""
     from .loop import load_model
     from .rmt_stage import TierProbe
@@ -140,7 +189,7 @@ def _probe_rows(c: Common, base: Path, scorer: Path, dirs: dict, methods: list[s
     device = get_dist(c.device).device
     probe = TierProbe(c.preset, load_model(base / "final.pt", device), device, c.backend)
     models = [("Pre-trained", base), (REFERENCE, scorer)]
-    models += [(NAMES[m], dirs[m]) for m in methods]
+    models += [(NAMES[m], dirs[m]) for m in methods] + list(more)
     rows = [{"name": name, "probe": probe(load_model(sdir / "final.pt", device))}
             for name, sdir in models]
     return {"names": list(probe.names), "cap": probe.cap, "rows": rows}

@@ -124,25 +124,47 @@ def clock(device: torch.device) -> float:
 @torch.no_grad()
 def evaluate(model: TinyGPT, p: Preset, device: torch.device, backend: str = "auto") -> dict:
     """Answer accuracy (greedy decoding) per difficulty and overall, NLL per token on held-out
-    worked solutions, and NLL on the reasoning-critical tokens (step results and answers)."""
+    worked solutions, and NLL on the reasoning-critical tokens (step results and answers).
+
+    Also (issue 24) ``correct``, the greedy outcome of every held-out problem as a string of
+    0/1 in a fixed order (for per-problem paired tests between models), and, with
+    ``eval_samples`` > 0, ``acc_sampled``: the mean over that many completions per problem at
+    ``rl_temperature``, drawn from a stream fixed by the seed alone (every model of a seed sees
+    the same random numbers), the metric RL optimises."""
     model = unwrap(model)
     was_training = model.training
     model.eval()
     problems = D.generate_problems("eval", p.n_eval, p.seed, p.max_k)
     out: dict = {}
     correct = think = 0
+    outcome = {}  # problem index -> greedy hit
+    sampled_hits = 0
+    n_samples = getattr(p, "eval_samples", 0)
     for k in range(1, p.max_k + 1):
-        group = [q for q in problems if q.difficulty == k]
+        idx = [i for i, q in enumerate(problems) if q.difficulty == k]
+        group = [problems[i] for i in idx]
         prompts = torch.tensor([[D.NEWLINE_ID] + D.encode(q.prompt()) for q in group],
                                device=device)
         max_new = len(group[0].text()) - len(group[0].prompt())
         gen = model.generate(prompts, max_new).cpu()
         texts = [D.decode(g) for g in gen]
-        hits = sum(D.parse_answer(t) == q.answer for t, q in zip(texts, group))
+        hit = [D.parse_answer(t) == q.answer for t, q in zip(texts, group)]
+        outcome.update(zip(idx, hit))
+        hits = sum(hit)
         think += sum(">" in t or "<" in t for t in texts)
         out[f"acc_k{k}"] = hits / len(group)
         correct += hits
+        if n_samples > 0:
+            gen = model.generate(prompts.repeat_interleave(n_samples, dim=0), max_new,
+                                 temperature=p.rl_temperature,
+                                 generator=step_generator(p.seed, "eval-sample", k, 0, device))
+            answers = [D.parse_answer(D.decode(g)) for g in gen.cpu()]
+            sampled_hits += sum(a == group[i // n_samples].answer
+                                for i, a in enumerate(answers))
     out["acc"] = correct / len(problems)
+    out["correct"] = "".join("1" if outcome[i] else "0" for i in range(len(problems)))
+    if n_samples > 0:
+        out["acc_sampled"] = sampled_hits / (n_samples * len(problems))
     # Greedy completions that use the think format ('<' or '>'), which clean mid-training
     # text never does: the measure of RMT's format leaking into ordinary text.
     out["think_frac"] = think / len(problems)
@@ -186,7 +208,8 @@ def log_step(run, d, step, every, metrics, model, p, c, probe=None) -> None:
     if every and ((step + 1) % every == 0 or last):
         m = d.eval_model(model)  # every rank: a sharded model is gathered
         if d.is_main:
-            rec.update({f"eval_{k}": v for k, v in evaluate(m, p, d.device, c.backend).items()})
+            rec.update({f"eval_{k}": v for k, v in evaluate(m, p, d.device, c.backend).items()
+                        if k != "correct"})
             if probe is not None:
                 rec.update({f"probe_{k}": v for k, v in probe(m).items()})
     run.log(rec)

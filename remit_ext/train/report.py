@@ -19,16 +19,23 @@ def table_markdown(rows: list[dict], max_k: int) -> str:
     cols = [f"acc_k{k}" for k in range(1, max_k + 1)]
     head = (["model"] + [f"acc k={k}" for k in range(1, max_k + 1)]
             + ["acc avg", "NLL", "NLL results+answers"])
+    has_sampled = any("acc_sampled" in r["eval"] for r in rows)
+    if has_sampled:
+        head.append("acc sampled")
     has_post = any("post_rl_acc" in r for r in rows)
     if has_post:
-        head.append("acc after RL")
+        head += ["acc after RL", "NLL r+a after RL"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         e = r["eval"]
         cells = [r["name"]] + [f"{100 * e[c]:.1f}" for c in cols]
         cells += [f"**{100 * e['acc']:.1f}**", f"{e['nll']:.4f}", f"{e['nll_critical']:.4f}"]
+        if has_sampled:
+            cells.append(f"{100 * e['acc_sampled']:.1f}" if "acc_sampled" in e else "")
         if has_post:
+            post = r.get("post_rl", {})
             cells.append(f"{100 * r['post_rl_acc']:.1f}" if "post_rl_acc" in r else "")
+            cells.append(f"{post['nll_critical']:.4f}" if "nll_critical" in post else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -23,7 +23,8 @@ from typing import Optional, Sequence
 
 from .runtime import atomic_write_text
 
-METRICS = ("acc", "nll", "nll_critical", "post_rl_acc", "think_frac")
+METRICS = ("acc", "acc_sampled", "nll", "nll_critical", "post_rl_acc", "post_rl_acc_sampled",
+           "post_rl_nll_critical", "think_frac")
 BASELINES = ("Vanilla NTP", "Pre-trained")
 
 
@@ -72,6 +73,22 @@ def t_quantile(p: float, df: int) -> float:
     return (lo + hi) / 2
 
 
+def mcnemar(a: str, b: str) -> dict:
+    """Exact two-sided McNemar test of two models' per-problem outcomes (strings of 0/1 over
+    the same problems): ``gained`` problems only ``a`` solves, ``lost`` only ``b`` solves, and
+    the probability of a split at least this uneven when either model is equally likely to win
+    each discordant problem (binomial, p = 1/2)."""
+    if len(a) != len(b):
+        raise ValueError(f"a, b: expected outcomes over the same problems, got {len(a)} and "
+                         f"{len(b)}")
+    gained = sum(x == "1" and y == "0" for x, y in zip(a, b))
+    lost = sum(x == "0" and y == "1" for x, y in zip(a, b))
+    n, k = gained + lost, min(gained, lost)
+    tail = sum(math.comb(n, i) for i in range(k + 1))
+    p = min(1.0, 2 * tail / 2 ** n) if n else 1.0
+    return {"gained": gained, "lost": lost, "p": p}
+
+
 def paired_difference(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> dict:
     """Mean of the per-seed differences ``a_s - b_s``, their sample standard deviation, and
     the two-sided ``level`` confidence interval ``mean +- t_{(1+level)/2, n-1} sd / sqrt(n)``
@@ -104,8 +121,8 @@ def aggregate(results: dict[int, dict]) -> dict:
         for s in seeds:
             row = next(r for r in results[s]["rows"] if r["name"] == name)
             for m in METRICS:
-                v = row.get("post_rl", {}).get("acc") if m == "post_rl_acc" else row["eval"].get(m)
-                vals[m].append(v)
+                src = row.get("post_rl", {}) if m.startswith("post_rl_") else row["eval"]
+                vals[m].append(src.get(m.removeprefix("post_rl_")))
         per_model[name] = {m: v for m, v in vals.items() if all(x is not None for x in v)}
     diffs: dict = {}
     for base in BASELINES:
@@ -118,13 +135,35 @@ def aggregate(results: dict[int, dict]) -> dict:
             diffs[base][name] = {m: paired_difference(per_model[name][m], per_model[base][m])
                                  for m in METRICS
                                  if m in per_model[name] and m in per_model[base]}
+    # Each model's change by its own post-RL stage, and per-problem paired tests pooled over
+    # seeds (problems treated as independent: training noise between runs is not in them; the
+    # seed-level intervals are the conservative reading).
+    rl_change = {name: paired_difference(d["post_rl_acc"], d["acc"])
+                 for name, d in per_model.items() if "post_rl_acc" in d}
+    def _outcomes(name: str, key: str) -> str:
+        rows = [next(r for r in results[s]["rows"] if r["name"] == name) for s in seeds]
+        parts = [r.get(key, {}).get("correct", "") for r in rows]
+        return "".join(parts) if all(parts) else ""
+
+    outcomes = {name: [_outcomes(name, "eval"), _outcomes(name, "post_rl")] for name in names}
+    pooled: dict = {}
+    for base in ("Vanilla NTP", "ReMiT"):
+        if base not in outcomes or not outcomes[base][0]:
+            continue
+        pooled[base] = {}
+        for name in names:
+            if name == base or not outcomes[name][0]:
+                continue
+            pooled[base][name] = {"before_rl": mcnemar(outcomes[name][0], outcomes[base][0])}
+            if outcomes[name][1] and outcomes[base][1]:
+                pooled[base][name]["after_rl"] = mcnemar(outcomes[name][1], outcomes[base][1])
     mean = {name: {m: sum(v) / len(v) for m, v in d.items()} for name, d in per_model.items()}
     sd = {name: {m: (math.sqrt(sum((x - mean[name][m]) ** 2 for x in v) / (len(v) - 1))
                      if len(v) > 1 else None) for m, v in d.items()}
           for name, d in per_model.items()}
     r0 = results[seeds[0]]
     return {"seeds": seeds, "models": names, "per_seed": per_model, "mean": mean, "sd": sd,
-            "paired": diffs, "preset": {k: v for k, v in r0["preset"].items() if k != "seed"},
+            "paired": diffs, "rl_change": rl_change, "mcnemar": pooled, "preset": {k: v for k, v in r0["preset"].items() if k != "seed"},
             "order": r0.get("order"), "machine": r0.get("machine"),
             "seconds_per_seed": {s: results[s].get("seconds_total") for s in seeds}}
 
@@ -141,35 +180,76 @@ def _ci(d: dict, scale: float, digits: int) -> str:
     return f"{f.format(scale * d['mean'])} [{f.format(scale * lo)}, {f.format(scale * hi)}]"
 
 
+def _mc(d: Optional[dict]) -> str:
+    if not d:
+        return ""
+    return f"+{d['gained']}/−{d['lost']}, p={d['p']:.2g}"
+
+
 def markdown(agg: dict) -> str:
     seeds, names = agg["seeds"], agg["models"]
     pm, mean = agg["per_seed"], agg["mean"]
     vs_ntp = agg["paired"].get("Vanilla NTP", {})
     vs_base = agg["paired"].get("Pre-trained", {})
+    mc = agg.get("mcnemar", {})
+    mc_ntp = mc.get("Vanilla NTP", {})
     n = len(seeds)
+    ci = (f"mean [95% CI, t with {n - 1} degrees of freedom]" if n > 1 else
+          "one seed: no interval")
     md = [f"# Flywheel over {n} seeds ({', '.join(map(str, seeds))}), preset "
           f"`{agg['preset']['name']}`", "",
-          "Average answer accuracy (%) on held-out problems, greedy decoding, per seed and "
-          "the mean; paired differences against vanilla NTP and against the pre-trained base "
-          "(same seed, so the same data, initialisation and base), "
-          + (f"mean [95% CI, t with {n - 1} degrees of freedom]" if n > 1
-             else "one seed: no interval")
-          + "; held-out NLL per token; accuracy after the post-RL stage.", ""]
+          "Answer accuracy (%) on held-out problems, greedy decoding, per seed and the mean; "
+          "paired differences against vanilla NTP and against the pre-trained base (same seed, "
+          f"so the same data, initialisation and base), {ci}; the exact McNemar test of the "
+          "per-problem outcomes against NTP, pooled over seeds (problems gained/lost; it "
+          "treats problems as independent and ignores run-to-run training noise, so the "
+          "seed-level interval is the conservative reading); sampled accuracy (the mean over "
+          "samples per problem at the RL temperature); held-out NLL on the step results and "
+          "answers (critical tokens).", ""]
     head = (["model"] + [f"seed {s}" for s in seeds]
-            + ["mean acc", "Δ acc vs NTP", "Δ acc vs base", "NLL", "Δ NLL vs NTP",
-               "acc after RL", "Δ after RL vs NTP"])
+            + ["mean acc", "Δ acc vs NTP", "McNemar vs NTP", "Δ acc vs base", "sampled acc",
+               "NLL critical", "Δ NLL crit. vs NTP"])
     md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in names:
         d = pm[name]
         cells = [name] + [_pct(x) for x in d["acc"]] + [f"**{_pct(mean[name]['acc'])}**"]
         cells.append(_ci(vs_ntp[name]["acc"], 100, 1) if name in vs_ntp else "")
+        cells.append(_mc(mc_ntp.get(name, {}).get("before_rl")))
         cells.append(_ci(vs_base[name]["acc"], 100, 1) if name in vs_base else "")
-        cells.append(f"{mean[name]['nll']:.4f}")
-        cells.append(_ci(vs_ntp[name]["nll"], 1, 4) if name in vs_ntp else "")
-        cells.append(_pct(mean[name].get("post_rl_acc")))
-        cells.append(_ci(vs_ntp[name]["post_rl_acc"], 100, 1)
-                     if name in vs_ntp and "post_rl_acc" in vs_ntp[name] else "")
+        cells.append(_pct(mean[name].get("acc_sampled")))
+        cells.append(f"{mean[name]['nll_critical']:.4f}" if "nll_critical" in mean[name] else "")
+        cells.append(_ci(vs_ntp[name]["nll_critical"], 1, 4)
+                     if name in vs_ntp and "nll_critical" in vs_ntp[name] else "")
         md.append("| " + " | ".join(cells) + " |")
+    after = [name for name in names if "post_rl_acc" in pm[name]]
+    if after:
+        md += ["", "After each model's own post-RL stage: accuracy, the change its RL made "
+               f"({ci}), and the paired comparison with NTP after RL.", ""]
+        head = ["model", "acc after RL", "Δ by its RL", "Δ after RL vs NTP",
+                "McNemar after RL vs NTP", "sampled after RL", "NLL crit. after RL"]
+        md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name in after:
+            cells = [name, f"**{_pct(mean[name]['post_rl_acc'])}**",
+                     _ci(agg["rl_change"][name], 100, 1),
+                     _ci(vs_ntp[name]["post_rl_acc"], 100, 1)
+                     if name in vs_ntp and "post_rl_acc" in vs_ntp[name] else "",
+                     _mc(mc_ntp.get(name, {}).get("after_rl")),
+                     _pct(mean[name].get("post_rl_acc_sampled")),
+                     f"{mean[name]['post_rl_nll_critical']:.4f}"
+                     if "post_rl_nll_critical" in mean[name] else ""]
+            md.append("| " + " | ".join(cells) + " |")
+    second = [nm for nm in names if "²" in nm]
+    for name in second:
+        if "ReMiT" not in pm:
+            continue
+        d = paired_difference(pm[name]["acc"], pm["ReMiT"]["acc"])
+        line = (f"{name} vs ReMiT (turn 1): {_ci(d, 100, 1)} points, McNemar "
+                f"{_mc(mc.get('ReMiT', {}).get(name, {}).get('before_rl'))}")
+        if "post_rl_acc" in pm[name] and "post_rl_acc" in pm["ReMiT"]:
+            d2 = paired_difference(pm[name]["post_rl_acc"], pm["ReMiT"]["post_rl_acc"])
+            line += (f"; after RL {_ci(d2, 100, 1)}, McNemar "
+                     f"{_mc(mc.get('ReMiT', {}).get(name, {}).get('after_rl'))}")
+        md += ["", line + "."]
     m = agg.get("machine") or {}
     secs = [v for v in agg["seconds_per_seed"].values() if v]
     md += ["", f"Per-seed tables: `seed<s>/results.md`. torch {m.get('torch')}, "

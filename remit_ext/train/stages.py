@@ -3,7 +3,9 @@
 Every loss below is one of remit_ext's own (``weighted_cross_entropy``, ``remit_loss``,
 ``rho1_loss``, ``kd_loss``): the training loop is a user of the library, not a second
 implementation of it. The RL policy gradient is a weighted cross-entropy over the sampled
-tokens with weight ``A_i / (G * L_i)`` (group-whitened advantage over the rollout's length).
+tokens with weight ``A_i / (B G max_new)`` (the group-whitened advantage clipped at 0 over a
+constant; ours, issue 24: ``rl_advantage`` / ``rl_normalize`` give GRPO's ``A_i / (G L_i)``
+with +/- advantages back).
 """
 
 from __future__ import annotations
@@ -68,17 +70,54 @@ def pretrain(c: Common) -> Path:
 # ----------------------------------------------------------------------------- RL
 
 
-def rl(c: Common, init: Path) -> Path:
+RL_ADVANTAGES = ("positive", "whiten")
+RL_NORMALIZE = ("constant", "length")
+
+
+def rl_lr(p, step: int) -> float:
+    """The RL rate at ``step``: a linear warm-up over ``rl_warmup`` steps, then constant
+    (``rl_decay=0``) or a linear decay to 0 at the last step (ours, issue 24)."""
+    warm = min(1.0, (step + 1) / p.rl_warmup) if p.rl_warmup > 0 else 1.0
+    if not p.rl_decay or step < p.rl_warmup:
+        return p.rl_lr * warm
+    span = max(1, p.rl_steps - p.rl_warmup)
+    return p.rl_lr * max(0.0, 1 - (step - p.rl_warmup) / span)
+
+
+def rl_token_weights(reward: Tensor, lengths: Tensor, g_size: int, max_new: int,
+                     advantage: str = "positive", normalize: str = "constant") -> Tensor:
+    """Per-rollout token weight of the policy gradient ``[B * G]``: the group-whitened
+    advantage (``positive``: clipped at 0) over ``B G max_new`` (``constant``) or ``B G L_i``
+    (``length``, GRPO's per-rollout mean)."""
+    if advantage not in RL_ADVANTAGES:
+        raise ValueError(f"rl_advantage: expected one of {RL_ADVANTAGES}, got {advantage!r}")
+    if normalize not in RL_NORMALIZE:
+        raise ValueError(f"rl_normalize: expected one of {RL_NORMALIZE}, got {normalize!r}")
+    adv = group_advantages(reward.view(-1, g_size)).view(-1)
+    if advantage == "positive":
+        adv = adv.clamp(min=0)
+    n = reward.numel()
+    denom = (lengths.clamp(min=1).to(adv.dtype) if normalize == "length"
+             else torch.full_like(adv, float(max_new)))
+    return adv / (n * denom)
+
+
+def rl(c: Common, init: Path, stream: str = "rl") -> Path:
     """Group-relative policy gradient on exact-answer reward (the scorer for mid-training).
 
     Each step draws one difficulty, ``rl_prompts`` questions of it (split over ranks) and
-    ``rl_group`` sampled completions per question; advantages are whitened per group and the
-    loss is ``-(1/B) sum_groups (1/G) sum_i A_i mean_t log pi(token_t)``.
+    ``rl_group`` sampled completions per question; the loss is ``-sum_i w_i sum_t
+    log pi(token_t)`` over the completion tokens with ``rl_token_weights``, at ``rl_lr``'s
+    schedule. ``stream`` names the random stream of prompts and samples: the post-RL runs
+    take their own, so that NTP's "after RL" is not the reference's first steps.
     """
     p, d = c.preset, get_dist(c.device)
     apply_threads(p)
-    run = StageRun(c.out, "rl", {"stage": "rl", "init": str(init), **p.to_dict()}, d,
-                   p.rl_steps, p.ckpt_every, c.progress)
+    rl_token_weights(torch.zeros(1), torch.ones(1), 1, 1, p.rl_advantage, p.rl_normalize)
+    config = {"stage": "rl", "init": str(init), **p.to_dict()}
+    if stream != "rl":
+        config["stream"] = stream
+    run = StageRun(c.out, "rl", config, d, p.rl_steps, p.ckpt_every, c.progress)
     if run.done:
         return c.out
     problems = D.generate_problems("rl", p.n_rl, p.seed, p.max_k)
@@ -90,7 +129,8 @@ def rl(c: Common, init: Path) -> Path:
     g_size = p.rl_group
     with run.steps(start, model, opt) as steps:
         for step in steps:
-            gen = step_generator(p.seed, "rl", step)
+            set_lr(opt, rl_lr(p, step))
+            gen = step_generator(p.seed, stream, step)
             k = int(torch.randint(1, p.max_k + 1, (1,), generator=gen))
             pool = by_k[k]
             picks = torch.randint(0, len(pool), (p.rl_prompts,), generator=gen)
@@ -99,18 +139,18 @@ def rl(c: Common, init: Path) -> Path:
             prompt = torch.tensor([[D.NEWLINE_ID] + D.encode(q.prompt()) for q in group])
             prompt = prompt.repeat_interleave(g_size, dim=0).to(d.device)
             max_new = len(group[0].text()) - len(group[0].prompt())
-            sample_gen = step_generator(p.seed, "rl-sample", step, d.rank, d.device)
+            sample_gen = step_generator(p.seed, f"{stream}-sample", step, d.rank, d.device)
             completion = unwrap(ddp).generate(prompt, max_new, temperature=p.rl_temperature,
                                               generator=sample_gen)
             reward, lengths = _rewards(completion.cpu(), group, g_size)
-            adv = group_advantages(reward.view(-1, g_size)).view(-1)
             seq = torch.cat([prompt, completion.to(d.device)], dim=1)
             x, y = seq[:, :-1], seq[:, 1:].clone()
             pos = torch.arange(y.shape[1])
             p_len = prompt.shape[1]
             keep = (pos >= p_len - 1) & (pos < p_len - 1 + lengths[:, None])
             y[~keep.to(d.device)] = D.IGNORE_INDEX
-            w = (adv / (len(group) * g_size * lengths.clamp(min=1)))[:, None].expand_as(y)
+            w = rl_token_weights(reward, lengths, g_size, max_new, p.rl_advantage,
+                                 p.rl_normalize)[:, None].expand_as(y)
             loss = remit_ext.weighted_cross_entropy(ddp(x), y, w.to(d.device).contiguous(),
                                                     reduction="sum", backend=c.backend)
             loss.backward()
