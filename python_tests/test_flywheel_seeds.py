@@ -123,6 +123,9 @@ def test_flywheel_seeds_on_the_tiny_preset(tmp_path):
     assert mc["before_rl"]["gained"] + mc["before_rl"]["lost"] <= n_eval
     assert "ReMiT² (turn 2)" in agg["mcnemar"]["ReMiT"]
     assert set(agg["rl_change"]) >= {"Vanilla NTP", "ReMiT", "ReMiT² (turn 2)"}
+    assert set(agg["remit_weights_by_role"]) == {"ReMiT", "ReMiT, NTP as reference (no RL)",
+                                                  "ReMiT² (turn 2)"}
+    assert set(agg["remit_weights_by_role"]["ReMiT"]) >= {"result", "answer"}
     assert all(len(next(r for r in per[0]["rows"] if r["name"] == nm)["eval"]["correct"])
                == n_eval // 2 for nm in names)
     for name in names:

@@ -157,13 +157,23 @@ def aggregate(results: dict[int, dict]) -> dict:
             pooled[base][name] = {"before_rl": mcnemar(outcomes[name][0], outcomes[base][0])}
             if outcomes[name][1] and outcomes[base][1]:
                 pooled[base][name]["after_rl"] = mcnemar(outcomes[name][1], outcomes[base][1])
+    # ReMiT's mean weight by token role under each reference (seed mean): whether the
+    # reference up-weights the step results and answers it should.
+    by_ref: dict = {}
+    for s in seeds:
+        for ref, w in (results[s].get("remit_weights_by_reference") or {}).items():
+            for role, v in ((w or {}).get("role_mean") or {}).items():
+                by_ref.setdefault(ref, {}).setdefault(role, []).append(v)
+    weights_by_role = {ref: {role: sum(v) / len(v) for role, v in roles.items()
+                             if len(v) == len(seeds)} for ref, roles in by_ref.items()}
     mean = {name: {m: sum(v) / len(v) for m, v in d.items()} for name, d in per_model.items()}
     sd = {name: {m: (math.sqrt(sum((x - mean[name][m]) ** 2 for x in v) / (len(v) - 1))
                      if len(v) > 1 else None) for m, v in d.items()}
           for name, d in per_model.items()}
     r0 = results[seeds[0]]
     return {"seeds": seeds, "models": names, "per_seed": per_model, "mean": mean, "sd": sd,
-            "paired": diffs, "rl_change": rl_change, "mcnemar": pooled, "preset": {k: v for k, v in r0["preset"].items() if k != "seed"},
+            "paired": diffs, "rl_change": rl_change, "mcnemar": pooled,
+            "remit_weights_by_role": weights_by_role, "preset": {k: v for k, v in r0["preset"].items() if k != "seed"},
             "order": r0.get("order"), "machine": r0.get("machine"),
             "seconds_per_seed": {s: results[s].get("seconds_total") for s in seeds}}
 
@@ -238,6 +248,22 @@ def markdown(agg: dict) -> str:
                      f"{mean[name]['post_rl_nll_critical']:.4f}"
                      if "post_rl_nll_critical" in mean[name] else ""]
             md.append("| " + " | ".join(cells) + " |")
+    refs = [nm for nm in ("Vanilla NTP", "RL reference", "RL reference (turn 2)") if nm in pm]
+    if "RL reference" in refs:
+        md += ["", "The references against the model they start from, per seed: greedy accuracy "
+               "(%) and NLL on the held-out step results and answers.", ""]
+        head = ["seed"] + [f"{nm} acc / NLL r+a" for nm in refs]
+        md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for i, s in enumerate(seeds):
+            md.append("| " + " | ".join(
+                [str(s)] + [f"{_pct(pm[nm]['acc'][i])} / {pm[nm]['nll_critical'][i]:.4f}"
+                            for nm in refs]) + " |")
+    wbr = agg.get("remit_weights_by_role") or {}
+    if wbr:
+        md += ["", "ReMiT's mean token weight by role over the anneal (seed mean), by the "
+               "reference that steered it: " + "; ".join(
+                   f"{ref}: " + ", ".join(f"{role} {v:.4f}" for role, v in roles.items())
+                   for ref, roles in wbr.items()) + "."]
     second = [nm for nm in names if "²" in nm]
     for name in second:
         if "ReMiT" not in pm:
