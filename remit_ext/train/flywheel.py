@@ -50,7 +50,7 @@ def flywheel(c: Common, methods: list[str], post_rl: bool = False,
         raise ValueError("--turns 2: the second turn RL-tunes the ReMiT model; add remit to "
                          "--methods")
     out, p, d = Path(c.out), c.preset, get_dist(c.device)
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     stage = lambda sub: dataclasses.replace(c, out=out / sub)  # noqa: E731
     base = pretrain(stage("pretrain"))
     # The official anneal: NTP mid-training of the base (also the table's NTP row).
@@ -142,6 +142,9 @@ def flywheel(c: Common, methods: list[str], post_rl: bool = False,
     more = ([(REFERENCE2, scorer2)] if scorer2 is not None else []) + list(extra.items())
     results["probe"] = _probe_rows(c, base, scorer, dirs, methods, more)
     results["seconds_total"] = time.perf_counter() - t_start
+    # CPU seconds of this process (every stage not already done): the cost of a seed on one
+    # thread, whatever else the machine was running.
+    results["cpu_seconds_total"] = time.process_time() - cpu_start
     md = _markdown(results, p.max_k)
     atomic_write_text(json.dumps(results, indent=1) + "\n", out / "results.json")
     atomic_write_text(md, out / "results.md")

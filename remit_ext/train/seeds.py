@@ -175,7 +175,8 @@ def aggregate(results: dict[int, dict]) -> dict:
             "paired": diffs, "rl_change": rl_change, "mcnemar": pooled,
             "remit_weights_by_role": weights_by_role, "preset": {k: v for k, v in r0["preset"].items() if k != "seed"},
             "order": r0.get("order"), "machine": r0.get("machine"),
-            "seconds_per_seed": {s: results[s].get("seconds_total") for s in seeds}}
+            "seconds_per_seed": {s: results[s].get("seconds_total") for s in seeds},
+            "cpu_seconds_per_seed": {s: results[s].get("cpu_seconds_total") for s in seeds}}
 
 
 def _pct(x: Optional[float]) -> str:
@@ -278,9 +279,13 @@ def markdown(agg: dict) -> str:
         md += ["", line + "."]
     m = agg.get("machine") or {}
     secs = [v for v in agg["seconds_per_seed"].values() if v]
+    cpu = [v for v in (agg.get("cpu_seconds_per_seed") or {}).values() if v]
     md += ["", f"Per-seed tables: `seed<s>/results.md`. torch {m.get('torch')}, "
            f"{m.get('threads')} thread(s) per seed, {m.get('cpu')}; "
-           + (f"{min(secs) / 60:.1f}-{max(secs) / 60:.1f} min per seed." if secs else "")]
+           + (f"{min(secs) / 60:.1f}-{max(secs) / 60:.1f} min of wall clock per seed"
+              if secs else "")
+           + (f", {min(cpu) / 60:.1f}-{max(cpu) / 60:.1f} min of CPU time (stages run in "
+              "that call only)" if cpu else "") + "."]
     return "\n".join(md) + "\n"
 
 
