@@ -45,7 +45,9 @@ REMIT_HOST_DEVICE PgTerms<A> pg_terms(A a, A adv, const A* old, const A* ref, co
     const A plain_term = ratio * adv, clipped_term = clipped * adv;
     t.loss = -(clipped_term < plain_term ? clipped_term : plain_term);
     // The clipped branch is the minimum, with zero slope, exactly when the ratio left the band
-    // on the side the advantage's sign rewards.
+    // on the side the advantage's sign rewards. A = 0 has slope 0 on either branch; `>=` puts it
+    // on the clipped one so the slope stays an exact 0 when the ratio overflows to inf (where
+    // -ratio * 0 would be NaN). clip_frac counts A = 0 as not clipped (functional.py).
     const bool active = (adv >= A(0) && ratio > c.hi) || (adv < A(0) && ratio < c.lo);
     t.dlogprob = active ? A(0) : -ratio * adv;
   }

@@ -73,8 +73,9 @@ def make_inputs(shape, dtype, *, seed, form="clipped_kl", scaled=True, ignore_fr
 
 def _clip_counts(logits, actions, kwargs):
     """(# tokens clipped above the band, # clipped below it, # valid), by hand from the fp64
-    log-probs: the clip is active for A >= 0 and rho > 1 + clip_high, or A < 0 and rho < 1 -
-    clip_low."""
+    log-probs. A token's clip is active when the clipped branch is the minimum with zero slope:
+    A > 0 and rho > 1 + clip_high, or A < 0 and rho < 1 - clip_low. A = 0 makes both branches
+    0 with zero slope: nothing is clipped (TRL and Liger count it so too)."""
     v = logits.shape[-1]
     a = target_logprob_ref(logits.double().reshape(-1, v), actions.reshape(-1),
                            ignore_index=IGNORE).tolist()
@@ -86,7 +87,7 @@ def _clip_counts(logits, actions, kwargs):
             continue
         valid += 1
         rho = math.exp(a[t] - old[t])
-        above += adv[t] >= 0 and rho > 1 + CLIP_HIGH
+        above += adv[t] > 0 and rho > 1 + CLIP_HIGH
         below += adv[t] < 0 and rho < 1 - CLIP_LOW
     return above, below, valid
 
@@ -350,6 +351,30 @@ def test_return_details(backend, form):
         above, below, valid = _clip_counts(logits, actions, kwargs)
         assert above > 0 and below > 0
         assert float(out.clip_frac) == pytest.approx((above + below) / valid, abs=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clip_frac_zero_advantage_is_not_clipped(backend):
+    # GRPO groups whose rewards all tie give advantage exactly 0 to every token of the group:
+    # such a token has no gradient whichever branch is the minimum, so it is not clipped. Half
+    # of the tokens here have A = 0, with ratios on both sides of the band.
+    logits, actions, kwargs = make_inputs((3, 13, 65), torch.float32, seed=313, form="clipped")
+    adv = kwargs["advantages"].clone()
+    adv.reshape(-1)[::2] = 0
+    kwargs["advantages"] = adv
+    kw = dict(kwargs)
+    out = remit_ext.policy_gradient_loss(logits, actions, kw.pop("advantages"),
+                                         clip_eps=CLIP_LOW, clip_eps_high=CLIP_HIGH,
+                                         return_details=True, backend=backend, **kw)
+    above, below, valid = _clip_counts(logits, actions, kwargs)
+    assert above > 0 and below > 0
+    # Some A = 0 tokens lie above the band: the ones a ">= 0" test would count as clipped.
+    a = target_logprob_ref(logits.double().reshape(-1, 65), actions.reshape(-1),
+                           ignore_index=IGNORE)
+    rho = torch.exp(a - kwargs["old_logprobs"].reshape(-1).double())
+    zero_above = (adv.reshape(-1) == 0) & (actions.reshape(-1) != IGNORE) & (rho > 1 + CLIP_HIGH)
+    assert int(zero_above.sum()) > 0
+    assert float(out.clip_frac) == pytest.approx((above + below) / valid, abs=1e-7)
 
 
 # ------------------------------------------------------------------ registration

@@ -524,7 +524,9 @@ def policy_gradient_loss(
     else:
         ratio = torch.exp(logprob - flat(old_logprobs).detach().to(logprob.dtype))
         adv = flat(advantages).detach()
-        active = (((adv >= 0) & (ratio > 1 + clip_high)) | ((adv < 0) & (ratio < 1 - clip_low)))
+        # Active: the clipped branch is the minimum with zero slope. A = 0 has no gradient
+        # either way and is not clipped (TRL, Liger and first principles agree).
+        active = (((adv > 0) & (ratio > 1 + clip_high)) | ((adv < 0) & (ratio < 1 - clip_low)))
         clip_frac = (active & valid).sum() / valid.sum().clamp(min=1)
     return PolicyGradientOutput(loss, logprob.detach().reshape(actions.shape), clip_frac)
 

@@ -335,7 +335,8 @@ def _pg_terms_kernel(
         clipped_term = clipped * adv
         loss = -tl.where(clipped_term < plain_term, clipped_term, plain_term)
         # Zero slope where the clipped branch is the minimum: the ratio left the band on the side
-        # the advantage's sign rewards.
+        # the advantage's sign rewards. A = 0 has slope 0 either way; `>=` keeps it an exact 0
+        # for an overflowed ratio (csrc/pg_terms.h). clip_frac does not count A = 0 as clipped.
         active = ((adv >= 0) & (ratio > hi)) | ((adv < 0) & (ratio < lo))
         dlogprob = tl.where(active, 0.0, -ratio * adv)
     else:
