@@ -69,22 +69,21 @@ def flywheel(c: Common, methods: list[str], post_rl: bool = False,
         dirs[m] = midtrain(stage(f"midtrain-{m}"), base / "final.pt", m,
                            scorer=None if uses_cache or m == "rmt" else scorer / "final.pt",
                            scorer_cache=cache if uses_cache else None)
-    # Named rows beyond the methods: the no-RL control and the second turn.
+    # Named rows beyond the methods: the no-RL control and the second turn, each ReMiT from
+    # the base steered by a cache of another model's log-probs.
+    def remit_steered_by(model: Path, cache_name: str, sub: str) -> Path:
+        cache_path = out / cache_name
+        if not cache_path.exists():
+            score(stage(cache_name), model / "final.pt")
+        return midtrain(stage(sub), base / "final.pt", "remit", scorer_cache=cache_path)
+
     extra: dict = {}
     if "remit" in methods and control:
-        ntp_cache = out / "scorer_cache_ntp.pt"
-        if not ntp_cache.exists():
-            score(stage("scorer_cache_ntp.pt"), anneal / "final.pt")
-        extra[CONTROL] = midtrain(stage("midtrain-remit-ntpref"), base / "final.pt", "remit",
-                                  scorer_cache=ntp_cache)
+        extra[CONTROL] = remit_steered_by(anneal, "scorer_cache_ntp.pt", "midtrain-remit-ntpref")
     scorer2 = None
     if turns == 2:
         scorer2 = rl(stage("rl-turn2"), dirs["remit"] / "final.pt", stream="rl-turn2")
-        cache2 = out / "scorer_cache_turn2.pt"
-        if not cache2.exists():
-            score(stage("scorer_cache_turn2.pt"), scorer2 / "final.pt")
-        extra[REMIT2] = midtrain(stage("midtrain-remit2"), base / "final.pt", "remit",
-                                 scorer_cache=cache2)
+        extra[REMIT2] = remit_steered_by(scorer2, "scorer_cache_turn2.pt", "midtrain-remit2")
     # The scorer-cache speed-up (opt-in): ReMiT once more with the scorer run live.
     live = None
     if "remit" in methods and scorer_cache_check:
@@ -106,20 +105,18 @@ def flywheel(c: Common, methods: list[str], post_rl: bool = False,
     rows = [{"name": "Pre-trained", "eval": load(base / "final.pt")["eval"]},
             {"name": REFERENCE, "eval": load(scorer / "final.pt")["eval"]}]
     finals = {m: load(sdir / "final.pt") for m, sdir in dirs.items()}
-    for m in methods:
-        row = {"name": NAMES[m], "eval": finals[m]["eval"]}
-        if m in post:
-            row["post_rl"] = load(post[m] / "final.pt")["eval"]
-            row["post_rl_acc"] = row["post_rl"]["acc"]
-        rows.append(row)
+
+    def row(name: str, final: dict, post_dir=None) -> dict:
+        r = {"name": name, "eval": final["eval"]}
+        if post_dir is not None:
+            r["post_rl"] = load(post_dir / "final.pt")["eval"]
+            r["post_rl_acc"] = r["post_rl"]["acc"]
+        return r
+
+    rows += [row(NAMES[m], finals[m], post.get(m)) for m in methods]
     if scorer2 is not None:
-        rows.append({"name": REFERENCE2, "eval": load(scorer2 / "final.pt")["eval"]})
-    for name, sdir in extra.items():
-        row = {"name": name, "eval": load(sdir / "final.pt")["eval"]}
-        if name in post:
-            row["post_rl"] = load(post[name] / "final.pt")["eval"]
-            row["post_rl_acc"] = row["post_rl"]["acc"]
-        rows.append(row)
+        rows.append(row(REFERENCE2, load(scorer2 / "final.pt")))
+    rows += [row(name, load(sdir / "final.pt"), post.get(name)) for name, sdir in extra.items()]
     results = {"preset": p.to_dict(), "order": {"reference_from": reference_from,
                                                 "reference_init": str(ref_init)},
                "rows": rows, "seconds_total": None,
