@@ -220,11 +220,61 @@ def test_zero_tensor_count_gives_zero():
     assert float(lin.detach()) == 0 and bool((h.grad == 0).all())
 
 
+def _all_losses(data, backend):
+    """Every loss of the batch with its differentiable leaf: (name, fn(num_items), leaf)."""
+    losses = _logits_losses(backend)
+    out = [(name, (lambda n, f=f: f(data, slice(None), num_items_in_batch=n)), "logits")
+           for name, f in losses.items()]
+    out.append(("remit_linear_loss", lambda n: _linear("remit", backend=backend)(
+        data, slice(None), num_items_in_batch=n), "hidden"))
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", ["int", "tensor"])
+def test_zero_count_gives_zero_loss_and_grad(backend, form):
+    # A count of 0 (a global batch of padding only) is defined as a loss of 0 with a zero
+    # gradient, for the int and the tensor form alike, even where this call's own tokens are
+    # valid (the local sum is not 0): it was the local sum for a tensor and refused for an int.
+    data = _data(10)
+    assert int((data["targets"] != IGNORE).sum()) > 0
+    zero = 0 if form == "int" else torch.zeros((), dtype=torch.long, device=DEVICE)
+    for name, fn, leaf in _all_losses(data, backend):
+        data[leaf] = data[leaf].detach().requires_grad_()
+        loss = fn(zero)
+        loss.backward()
+        assert float(loss.detach()) == 0, name
+        assert bool((data[leaf].grad == 0).all()), name
+        data[leaf] = data[leaf].detach()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_negative_tensor_count(backend):
+    # A negative count has no meaning: a ValueError where the value can be read without a
+    # device sync (a CPU tensor, or validation "sync"), and a NaN loss otherwise ("off" here;
+    # "async" on an accelerator), never the sign-flipped loss it gave before.
+    data = _data(11)
+    neg = torch.tensor(-5, device=DEVICE)
+    for name, fn, _leaf in _all_losses(data, backend):
+        if DEVICE.type == "cpu":
+            with pytest.raises(ValueError, match=r"num_items_in_batch: expected a count >= 0 "
+                                                 r".*got -5"):
+                fn(neg)
+        with remit_ext.validation("sync"):
+            with pytest.raises(ValueError, match=r"num_items_in_batch: expected a count >= 0"):
+                fn(neg)
+        with remit_ext.validation("off"):
+            assert bool(torch.isnan(fn(neg)).item()), name
+        with remit_ext.validation("off"):
+            assert bool(torch.isnan(fn(neg.cpu())).item()), name
+
+
 @pytest.mark.parametrize("value, exc, match", [
     (True, TypeError, r"num_items_in_batch: expected an int or a 0-d tensor, got bool"),
     (2.0, TypeError, r"num_items_in_batch: expected an int or a 0-d tensor, got float"),
-    (0, ValueError, r"num_items_in_batch: expected an int > 0"),
-    (-3, ValueError, r"num_items_in_batch: expected an int > 0"),
+    (-3, ValueError, r"num_items_in_batch: expected an int in \[0, 2\*\*63\) .*got -3"),
+    (2 ** 70, ValueError, r"num_items_in_batch: expected an int in \[0, 2\*\*63\) .*got "
+                          r"1180591620717411303424"),
     (torch.tensor([4]), ValueError, r"num_items_in_batch: expected a 0-d tensor, got shape"),
     (torch.tensor(True), TypeError, r"num_items_in_batch: expected an integer or floating"),
 ])

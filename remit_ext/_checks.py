@@ -196,18 +196,24 @@ def check_exactly_one(a, b, name_a: str, name_b: str, op: str) -> None:
         raise ValueError(f"{op}: expected exactly one of {name_a} and {name_b}, got {given}")
 
 
+INT64_LIMIT = 2 ** 63
+
+
 def check_num_items(num_items, reduction: str, device: torch.device):
-    """num_items_in_batch validated: None, an int > 0 or a 0-d real tensor on ``device`` or the
-    CPU (its value is not read: no host sync); only with reduction='mean'."""
+    """num_items_in_batch validated: None, an int in [0, 2**63) or a 0-d real tensor on
+    ``device`` or the CPU; only with reduction='mean'. A count of 0 gives a loss of 0 (see
+    ``reference.reduce_tokens``). A negative tensor count raises here where its value can be
+    read without a device sync (a CPU tensor, or validation "sync"); elsewhere (an accelerator
+    under "async", or "off") it is not read and the loss comes out NaN."""
     if num_items is None:
         return None
     if isinstance(num_items, bool) or not isinstance(num_items, (int, Tensor)):
         raise TypeError(f"num_items_in_batch: expected an int or a 0-d tensor, got "
                         f"{type(num_items).__name__}")
     if isinstance(num_items, int):
-        if num_items < 1:
-            raise ValueError(f"num_items_in_batch: expected an int > 0 (the number of tokens "
-                             f"the mean divides by), got {num_items}")
+        if not 0 <= num_items < INT64_LIMIT:
+            raise ValueError(f"num_items_in_batch: expected an int in [0, 2**63) (the number of "
+                             f"tokens the mean divides by), got {num_items}")
     else:
         if num_items.dtype == torch.bool or num_items.is_complex():
             raise TypeError(f"num_items_in_batch: expected an integer or floating tensor, got "
@@ -218,6 +224,11 @@ def check_num_items(num_items, reduction: str, device: torch.device):
         if num_items.device != device and num_items.device.type != "cpu":
             raise ValueError(f"num_items_in_batch: expected a tensor on {device} (or the CPU), "
                              f"got one on {num_items.device}")
+        if _value_check(num_items.device) == "host":
+            value = num_items.item()
+            if not value >= 0:  # NaN too
+                raise ValueError(f"num_items_in_batch: expected a count >= 0 (the number of "
+                                 f"tokens the mean divides by), got {value}")
     if reduction != "mean":
         raise ValueError(f"num_items_in_batch: only reduction='mean' divides by a token count, "
                          f"got reduction={reduction!r}")

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ._backends import BACKENDS, OpsBackend
 from ._linear_plan import _aligned_chunks, _free_chunks, _host_bounds, _offsets
-from .reference import acc_dtype, rho1_keep_mask
+from .reference import acc_dtype, count_scale, rho1_keep_mask
 
 
 def _head_logits(h: Tensor, w: Tensor, b: Optional[Tensor], s: int, e: int) -> Tensor:
@@ -216,14 +216,16 @@ def _inv_norm(count: Tensor, reduction: str, num_items: Optional[Tensor], acc: t
             # A CPU count with GPU tokens: read from host memory (no device sync) and
             # filled on the device; .to(device) would be a blocking host-to-device copy.
             count = torch.full((), float(num_items), dtype=acc, device=device)
-            return 1 / _nonzero(count)
-        return 1 / _nonzero(num_items.to(dtype=acc))
+            return _inverse_count(count)
+        return _inverse_count(num_items.to(dtype=acc))
     return 1 / count.clamp(min=1).to(acc)
 
 
-def _nonzero(count: Tensor) -> Tensor:
-    """count, with 0 replaced by 1: a batch with no counted token has loss 0, not NaN."""
-    return torch.where(count == 0, torch.ones_like(count), count)
+def _inverse_count(count: Tensor) -> Tensor:
+    """1 / count for count > 0; 0 for count = 0 (a batch with no counted token has loss 0 and
+    gradient 0, not NaN); NaN for a negative count (reference.count_scale)."""
+    divisor, factor = count_scale(count)
+    return factor / divisor
 
 
 def _grad_pass(eng: _Engine, grads: _Grads, coef: Tensor) -> None:

@@ -6,14 +6,17 @@ centering are, by default, the rows of the batch (the last dim of ``targets``, w
 or more dims) or, for 2-D logits ``[N, V]``, the whole input; packed documents are given by
 ``cu_seqlens`` offsets over the flattened positions.
 
-Every loss takes ``num_items_in_batch``: an int > 0, or a 0-d tensor (on the logits' device or
-the CPU; its value is never read on the host, so no sync), that replaces the local count as the
-divisor of ``reduction="mean"``. Pass the count of the whole global batch (every micro-batch of
+Every loss takes ``num_items_in_batch``: an int in [0, 2**63), or a 0-d tensor (on the logits'
+device or the CPU), that replaces the local count as the divisor of ``reduction="mean"``. Pass the count of the whole global batch (every micro-batch of
 a gradient-accumulation step, every data-parallel rank) and the gradients summed over the
 micro-batches equal those of one big batch: the Hugging Face ``num_items_in_batch`` convention.
 DDP and FSDP average gradients over the W ranks, so with a count over all ranks multiply each
 rank's loss by W (as the Hugging Face Trainer does) or pass the count divided by W.
-A tensor count of 0 gives a loss of 0. ``"sum"`` and ``"none"`` divide by nothing and refuse it.
+A count of 0 (a global batch of padding only) gives a loss of 0 and a zero gradient, int or
+tensor alike, whatever this call's own tokens. A negative count raises a ValueError (an int
+always; a tensor where its value can be read without a device sync: a CPU tensor, or validation
+"sync"); a negative accelerator tensor under "async" (or any under "off") is never read on the
+host and makes the loss NaN. ``"sum"`` and ``"none"`` divide by nothing and refuse it.
 ``remit_ext.parallel.global_num_items(targets, group, per_rank=True)`` forms that count.
 
 Distributed (``remit_ext.parallel``): ``tp_group=`` takes vocab-sharded logits (each rank a

@@ -123,10 +123,10 @@ def remit_linear_loss(
 
     For ReMiT and Rho-1 a live scorer's log-probs come from ``linear_token_stats`` under
     ``no_grad`` (the same primitive, its own chunks), then enter like ``scorer_logprobs``.
-    ``num_items_in_batch`` (an int > 0 or a 0-d tensor, no host sync; ``reduction="mean"``
+    ``num_items_in_batch`` (an int >= 0 or a 0-d tensor, no host sync; ``reduction="mean"``
     only) replaces the local count (valid tokens; Rho-1: kept tokens) as the divisor, so that
     gradient accumulation matches one big batch (data parallel: see ``remit_ext.functional``,
-    DDP averages over ranks).
+    DDP averages over ranks; a count of 0 gives 0, a negative one an error or NaN).
 
     Vocab parallel (``remit_ext.parallel``): with ``tp_group`` every rank passes its contiguous
     rows of the head (rank order, uneven allowed) as ``lm_head_weight`` [V_r, D] (and ``bias``;
@@ -178,7 +178,8 @@ def linear_token_stats(
 ) -> LinearTokenStats:
     """Per-token log-prob (and entropy, and lse) of ``logits = hidden @ weight.T (+ bias)``,
     divided by ``temperature``, without holding the ``[N, V]`` logits: the composable primitive
-    that a trainer writes its own loss on top of (GRPO/PPO, ReMiT, entropy bonuses; README).
+    that a trainer writes its own loss on top of (GRPO/PPO, ReMiT, entropy bonuses;
+    docs/fused-linear.md).
 
     ``hidden`` is ``[..., D]``, ``weight`` ``[V, D]`` (its dtype), ``targets`` ``hidden``'s
     shape without ``D``. Returns ``LinearTokenStats(logprob, entropy, lse)`` shaped like

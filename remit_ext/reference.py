@@ -80,7 +80,9 @@ def reduce_tokens(per_token: Tensor, n_valid: Tensor, reduction: str,
 
     ``num_items`` (``num_items_in_batch`` of the losses: an int, or a 0-d tensor read without a
     host sync) replaces that count as the divisor, e.g. the valid tokens of the whole global
-    batch under gradient accumulation or data parallelism; a count of 0 gives 0, not NaN."""
+    batch under gradient accumulation or data parallelism. A count of 0 (a global batch of
+    padding only) gives a loss of 0 with a zero gradient, whatever the local sum; a negative
+    tensor count gives NaN (``count_scale``)."""
     if reduction == "none":
         return per_token
     total = per_token.sum()
@@ -89,9 +91,22 @@ def reduce_tokens(per_token: Tensor, n_valid: Tensor, reduction: str,
     if num_items is None:
         return total / n_valid.clamp(min=1).to(total.dtype)
     if isinstance(num_items, int):
-        return total / num_items
-    count = num_items.detach().to(total.dtype)
-    return total / torch.where(count == 0, torch.ones_like(count), count)
+        return total / num_items if num_items > 0 else total * 0
+    divisor, factor = count_scale(num_items.detach().to(total.dtype))
+    return total / divisor * factor
+
+
+def count_scale(count: Tensor) -> tuple[Tensor, Tensor]:
+    """(divisor, factor) for ``x / divisor * factor`` = x / count for count > 0, 0 * x for
+    count = 0 and NaN for a negative (or NaN) count, formed on count's device without reading
+    it: the divisor is count with non-positive values replaced by 1, the factor is 1, 0 or NaN
+    (x * 1 keeps x / count bit for bit)."""
+    positive = count > 0
+    divisor = torch.where(positive, count, torch.ones_like(count))
+    factor = torch.where(positive, torch.ones_like(count),
+                         torch.where(count == 0, torch.zeros_like(count),
+                                     torch.full_like(count, math.nan)))
+    return divisor, factor
 
 
 def target_logprob_ref(logits: Tensor, targets: Tensor, *, ignore_index: int = -100) -> Tensor:
