@@ -7,8 +7,8 @@
 - ``providers``: which implementations run on this machine, and why the others do not;
   ``eager``: the plain PyTorch every speed-up is measured against; ``targets``: today's best
   published results (the ``vs_best`` column);
-- ``report``: the ledger's latest run as a markdown table (and the README's copy of it) and as
-  PNG charts.
+- ``report``: the ledger's latest run as a markdown table (and its copy in
+  ``docs/benchmarks.md``) and as PNG charts.
 
 ``test_suite.py`` runs the same cases under pytest-benchmark (``python -m pytest bench
 --benchmark-only``). ``bench_remit_loss_cpu.py``, ``bench_linear_loss.py`` and

@@ -1,7 +1,7 @@
 """Reading the ledger (``bench/results/<device>.csv``): the latest run as markdown tables, the
-README's copy of them, and PNG charts.
+docs' copy of them (the bench-table block of ``docs/benchmarks.md``), and PNG charts.
 
-    python -m bench table [--csv PATH] [--readme README.md]
+    python -m bench table [--csv PATH] [--readme [docs/benchmarks.md]]
     python -m bench plot [--csv PATH] [--out-dir DIR]
 """
 
@@ -18,6 +18,8 @@ from bench import _harness as H
 
 README_START = "<!-- bench-table:start -->"
 README_END = "<!-- bench-table:end -->"
+# The page that holds the bench-table block (the README links to it).
+BENCH_DOC = H.REPO / "docs" / "benchmarks.md"
 PROVIDER_ORDER = ("eager", "compile", "cpu", "cpu_inplace", "triton", "triton_inplace", "cuda",
                   "cuda_inplace", "liger", "cce", "quack", "reference")
 
@@ -190,7 +192,9 @@ def main(command: str, argv: Optional[Sequence[str]] = None,
     if command == "plot":
         ap.add_argument("--out-dir", type=Path, help="default: <ledger dir>/plots")
     else:
-        ap.add_argument("--readme", type=Path, help="also fill this README's bench-table block")
+        ap.add_argument("--readme", type=Path, nargs="?", const=BENCH_DOC,
+                        help="also fill this page's bench-table block (without a path: "
+                             "docs/benchmarks.md)")
     args = ap.parse_args(argv)
     csv_path = args.csv or _default_csv()
     if csv_path is None or not csv_path.is_file():
@@ -207,7 +211,7 @@ def main(command: str, argv: Optional[Sequence[str]] = None,
     print(markdown(rows))
     if args.readme:
         if rows[0]["device"] == "cpu":
-            ap.error(f"--readme: the README's table shows GPU runs; {csv_path} was measured on "
+            ap.error(f"--readme: the docs' table shows GPU runs; {csv_path} was measured on "
                      f"the CPU")
         shown = csv_path.resolve()
         if shown.is_relative_to(H.REPO):

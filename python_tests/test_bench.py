@@ -175,7 +175,7 @@ def _row(op, provider, shape, dtype, ms, frac, date):
             "throughput": 1.0, "unit": "GB/s"}
 
 
-def test_report_reads_the_latest_run_and_fills_the_readme(tmp_path):
+def test_report_reads_the_latest_run_and_fills_the_readme(tmp_path, monkeypatch):
     old = [_row("remit_loss", "eager", "8x16", "bfloat16", 9.0, 0.1, "2026-01-01T00:00:00Z")]
     new = [_row("copy", "hardware", "8x16", "bfloat16", 0.5, "", "2026-02-01T00:00:00Z"),
            _row("remit_loss", "eager", "8x16", "bfloat16", 8.0, 0.125, "2026-02-01T00:00:00Z"),
@@ -193,6 +193,12 @@ def test_report_reads_the_latest_run_and_fills_the_readme(tmp_path):
     text = readme.read_text()
     assert "old table" not in text and "1.25 (0.80)" in text and "2026-02-01" in text
     assert text.startswith("intro\n") and text.endswith("rest\n")
+    # --readme without a path fills docs/benchmarks.md (here a stand-in), which holds the block.
+    assert report.README_START in report.BENCH_DOC.read_text()
+    readme.write_text(f"{report.README_START}\nold table\n{report.README_END}\n")
+    monkeypatch.setattr(report, "BENCH_DOC", readme)
+    assert report.main("table", ["--csv", str(path), "--readme"]) == 0
+    assert "1.25 (0.80)" in readme.read_text()
     readme.write_text("no markers")
     with pytest.raises(SystemExit, match="markers"):
         report.update_readme(readme, "x")

@@ -3,7 +3,7 @@
 Trainer's own checkpointing, resumed to the same final parameters as the uninterrupted run;
 a live scorer loaded by path that stays frozen, out of the optimizer and out of the
 checkpoints; the diagnostics in the Trainer's logs, pooled over micro-batches exactly; TRL
-(skipped when ``trl`` is not installed); and the README's example.
+(skipped when ``trl`` is not installed); and the example in ``docs/hf.md``.
 """
 
 import json
@@ -22,7 +22,7 @@ from remit_ext.hf import (DIAGNOSTIC_NAMES, ReMiTDataCollator, ReMiTTrainer,  # 
 from remit_ext.hf import patch as patch_mod  # noqa: E402
 from remit_ext.hf.testing import VOCAB, tiny_model  # noqa: E402
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "hf.md"
 
 
 def _sequences(n=12, seed=0):
@@ -209,11 +209,11 @@ def test_trl_sft_trainer_mixin(tmp_path, monkeypatch, mode):
 
 
 def test_readme_example(tmp_path, monkeypatch):
-    """The README's Hugging Face example, with its model names pointed at tiny local models
+    """The Hugging Face example of docs/hf.md, with its model names pointed at tiny local models
     and its data at a small token file (no downloads)."""
-    text = README.read_text()
+    text = DOCS.read_text()
     m = re.search(r"<!-- hf-example:start -->\s*```python\n(.*?)```", text, re.S)
-    assert m, "README: the hf-example block is missing"
+    assert m, "docs/hf.md: the hf-example block is missing"
     code = m.group(1)
     for name, seed, small in (("policy", 50, False), ("scorer", 51, True)):
         tiny_model("llama", seed=seed, scorer_size=small).save_pretrained(tmp_path / name)
@@ -228,6 +228,6 @@ def test_readme_example(tmp_path, monkeypatch):
         assert long in code
         code = code.replace(long, short)
     scope = {}
-    exec(compile(code, "README-hf-example", "exec"), scope)
+    exec(compile(code, "docs/hf.md-hf-example", "exec"), scope)
     assert (tmp_path / "scorer_cache" / "manifest.json").exists()
     assert any("remit/w_mean" in r for r in scope["trainer"].state.log_history)

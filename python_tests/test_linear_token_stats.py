@@ -4,8 +4,8 @@ gradients of hidden, the head and the bias under random per-token cotangents on 
 entropy and lse. The same eager math on the low-dtype inputs is the baseline
 (``assert_close_to_truth``). Ragged N (a short last chunk), V = 517 (a multiple of no block
 size), ignored positions, temperature, bf16 / fp32, frozen heads (no dW buffer), every backend,
-opcheck, torch.compile, the bound on intermediates, the README's losses written on top of it,
-and ``remit_linear_loss``'s scorer going through it.
+opcheck, torch.compile, the bound on intermediates, the losses of docs/fused-linear.md written on
+top of it, and ``remit_linear_loss``'s scorer going through it.
 """
 
 import re
@@ -22,7 +22,7 @@ from remit_ext.testing import assert_close_to_truth
 from cases import IGNORE
 from conftest import BACKENDS, DEVICE, KERNEL_BACKENDS
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "fused-linear.md"
 OPS = torch.ops.remit_ext_linear
 
 
@@ -378,16 +378,16 @@ def test_bad_inputs(change, exc, match):
                                      args.pop("targets"), **args)
 
 
-# ------------------------------------------------- the README's losses on top of the primitive
+# ------------------------------------ the losses of docs/fused-linear.md on top of the primitive
 
 
 def readme_examples() -> dict:
-    """The first python block of the README's token-statistics section, executed."""
-    text = README.read_text()
+    """The first python block of the token-statistics section of docs/fused-linear.md, executed."""
+    text = DOCS.read_text()
     section = text[text.index("## Token statistics from hidden states"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, "docs/fused-linear.md", "exec"), namespace)
     return namespace
 
 

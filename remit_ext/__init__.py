@@ -1,6 +1,6 @@
 """remit_ext: fused kernels for token-reweighted LLM training (ReMiT, Rho-1, KD).
 
-The semantics every backend follows are in METHODS.md (shared/spec); the readable references
+The semantics every backend follows are in docs/METHODS.md (a copy of shared/spec); the references
 are in ``remit_ext.reference``.
 
 Layers: a module imports only its own layer and those above it here, never below, and no

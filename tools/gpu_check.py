@@ -23,7 +23,7 @@ summary is made from). ``--dry-run`` rehearses every stage on a machine without 
 are replaced by a stated skip, test files and sanitizer selections are collected (not run),
 the benchmarks run at tiny CPU shapes; CI runs it so that the script is never debugged on GPU
 time. Wheels for the offline GPU machine (Liger-Kernel, Cut Cross-Entropy): ``--wheels DIR``
-or ``WHEELS=DIR`` (README, "GPU").
+or ``WHEELS=DIR`` (docs/gpu.md).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@
 #   bash tools/gpu_check.sh [--stages 1,2,3] [--dry-run] [--wheels DIR] OUT_DIR
 #   bash tools/gpu_check.sh --dry-run OUT_DIR    # rehearse on CPU (CI runs this)
 #
-# No network on the GPU machine: wheels (README, "GPU") come with --wheels DIR or WHEELS=DIR.
+# No network on the GPU machine: wheels (docs/gpu.md) come with --wheels DIR or WHEELS=DIR.
 # TORCH_CUDA_ARCH_LIST=8.0 builds for an A100 instead. Details: tools/gpu_check.py.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

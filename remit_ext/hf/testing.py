@@ -1,5 +1,5 @@
 """Tiny random-initialised Hugging Face causal LMs built from configs (no downloads): what the
-tests, the README example and ``python -m remit_ext.hf.example`` train.
+tests, the example in docs/hf.md and ``python -m remit_ext.hf.example`` train.
 
 ``tiny_model("llama")`` and friends: 2 layers, hidden 32, grouped-query attention, a vocabulary
 of 97 (a multiple of no block size). ``scorer_size=True`` gives a smaller, different model of

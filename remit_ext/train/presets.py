@@ -106,7 +106,7 @@ class Preset:
     # gives a group without a correctness signal advantage 0 (remit_ext.rmt.rmt_advantages).
     # Chosen by one seed-0 trial of each (mid-training from the same base, B_0 = 24, the
     # rest as here): centre 35.5% answer accuracy, NLL 0.5252, next-token accuracy after a
-    # thought 31.7%; gate 33.8%, 0.5334, 23.7% (README, RMT).
+    # thought 31.7%; gate 33.8%, 0.5334, 23.7% (docs/training.md, RMT).
     rmt_advantage: str = "centre"
     # Ours (issue 18): RL positions only where a thought can help, the step results and the
     # answer ("critical"; "all": any valid position, whose medium/hard tiers were 68-88%
