@@ -124,7 +124,10 @@ class TorchBackend(Backend):
 
     def weighted_ce(self, logits, targets, weights, ignore_index, inplace_backward):
         logprob = ref.target_logprob_ref(logits, targets, ignore_index=ignore_index)
-        loss = -logprob if weights is None else -logprob * weights.to(logprob.dtype)
+        loss = -logprob
+        if weights is not None:
+            # Selected: a NaN/inf weight at an ignored position counts nothing.
+            loss = torch.where(targets != ignore_index, loss * weights.to(logprob.dtype), 0)
         return loss, logprob.detach()
 
     def remit_loss(self, logits, targets, scorer_logits, scorer_logprobs, cu_seqlens,

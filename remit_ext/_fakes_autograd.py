@@ -185,7 +185,10 @@ def _weighted_ce_backward(ctx, g_loss, g_lse, g_logprob):
     logits, targets, weights, lse, logprob = ctx.saved_tensors
     grad = grad_w = None
     if ctx.needs_input_grad[0]:
-        coef = g_loss if weights is None else g_loss * weights.to(g_loss.dtype)
+        coef = g_loss
+        if weights is not None:
+            # Selected: a NaN/inf weight at an ignored position must not reach the kernel.
+            coef = torch.where(targets != ctx.ignore_index, g_loss * weights.to(g_loss.dtype), 0)
         grad = _ce_grad(ctx.ops, logits, targets, lse, logprob, coef, ctx.ignore_index,
                         ctx.inplace)
     if weights is not None and ctx.needs_input_grad[2]:

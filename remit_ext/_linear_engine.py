@@ -92,18 +92,22 @@ class _Grads:
         self.gb = (torch.zeros(w.shape[0], dtype=wdt, device=w.device) if need_b
                    else w.new_empty(0))
         self.need_h, self.need_w, self.need_b = need_h, need_w, need_b
-        self.h, self.w = h, w
+        self.h, self.w, self.y, self.ii = h, w, eng.y, eng.ii
 
     def add(self, g, s, e):
         if self.need_h:
             torch.mm(g, self.w, out=self.gh[s:e])
         if self.need_w:
+            # g's ignored rows are 0, but 0 * NaN is NaN in the GEMM: a padded position's
+            # hidden state (garbage after a padded attention, say) is selected away first.
+            # A [C, D] select beside the [C, V] x D products.
+            h = torch.where((self.y[s:e] != self.ii).unsqueeze(-1), self.h[s:e], 0)
             if self.gw.dtype == g.dtype:
-                self.gw.addmm_(g.T, self.h[s:e])
+                self.gw.addmm_(g.T, h)
             else:
                 # The product comes out of the matmul in the input dtype (fp32 accumulation
                 # inside it); summing chunks in fp32 keeps the rounding from compounding.
-                self.gw.add_(g.T @ self.h[s:e])
+                self.gw.add_(g.T @ h)
         if self.need_b:
             self.gb.add_(g.sum(0, dtype=self.gb.dtype))
 

@@ -109,11 +109,18 @@ def count_scale(count: Tensor) -> tuple[Tensor, Tensor]:
     return divisor, factor
 
 
+def _valid_rows(z: Tensor, valid: Tensor) -> Tensor:
+    """z with the rows of ignored positions replaced by 0: whatever they hold (NaN, inf) then
+    reaches neither a valid output nor, through softmax's backward, a gradient (selecting the
+    outputs alone leaves 0 * NaN in the backward)."""
+    return torch.where(valid.unsqueeze(-1), z, torch.zeros((), dtype=z.dtype, device=z.device))
+
+
 def target_logprob_ref(logits: Tensor, targets: Tensor, *, ignore_index: int = -100) -> Tensor:
     """a_t = log softmax(z_t)[y_t] (section 1), 0 at invalid positions: the one statistic the
     losses need, computed as eager PyTorch code would (log_softmax, then gather)."""
     valid = targets != ignore_index
-    logp = torch.log_softmax(logits.to(acc_dtype(logits.dtype)), dim=-1)
+    logp = torch.log_softmax(_valid_rows(logits.to(acc_dtype(logits.dtype)), valid), dim=-1)
     a = logp.gather(-1, torch.where(valid, targets, 0).long().unsqueeze(-1)).squeeze(-1)
     return torch.where(valid, a, torch.zeros((), dtype=a.dtype, device=a.device))
 
@@ -130,10 +137,10 @@ def token_stats_ref(
     log-prob and entropy, as ``log_softmax`` gives. ``entropy=False`` skips the entropy's
     passes over the logits and returns zeros in its place.
     """
-    z = logits.to(acc_dtype(logits.dtype))
+    valid = targets != ignore_index
+    z = _valid_rows(logits.to(acc_dtype(logits.dtype)), valid)
     if temperature != 1.0:
         z = z / temperature
-    valid = targets != ignore_index
     logp = torch.log_softmax(z, dim=-1)
     lse = torch.logsumexp(z, dim=-1)
     logprob = logp.gather(-1, torch.where(valid, targets, 0).long().unsqueeze(-1)).squeeze(-1)
@@ -201,7 +208,10 @@ def remit_weights_ref(
     n = a.shape[0]
     seg, num_seg = segment_ids(cu_seqlens, n, a.device)
     vf = valid.to(dt)
-    delta = (b - a) * vf
+    zero = torch.zeros((), dtype=dt, device=a.device)
+    # Selected, not multiplied by the mask: a NaN/inf log-prob at an ignored position must
+    # not reach its sequence's mean (0 * NaN = NaN).
+    delta = torch.where(valid, b - a, zero)
     if num_seg == 1:
         # The same sums without index_add: inductor (torch 2.13, CPU) fails an assertion
         # generating code for an index_add into one slot, so torch.compile of this reference
@@ -211,9 +221,9 @@ def remit_weights_ref(
         seg_sum = torch.zeros(num_seg, dtype=dt, device=a.device).index_add(0, seg, delta)
         seg_cnt = torch.zeros(num_seg, dtype=dt, device=a.device).index_add(0, seg, vf)
     mu = seg_sum / seg_cnt.clamp(min=1)
-    delta_hat = (delta - mu[seg]) * vf
+    delta_hat = torch.where(valid, delta - mu[seg], zero)
     raw = 2 * torch.sigmoid(delta_hat)
-    w = raw.clamp(1 - eps, 1 + eps) * vf
+    w = torch.where(valid, raw.clamp(1 - eps, 1 + eps), zero)
 
     with torch.no_grad():
         n_valid = vf.sum()
@@ -247,7 +257,10 @@ def weighted_ce_ref(
     valid = targets != ignore_index
     logprob = target_logprob_ref(logits, targets, ignore_index=ignore_index)
     per_token = -logprob if weights is None else -logprob * weights.to(logprob.dtype)
-    return reduce_tokens(per_token * valid, valid.sum(), reduction)
+    # Selected: a NaN/inf weight at an ignored position counts nothing (0 * NaN = NaN).
+    per_token = torch.where(valid, per_token, torch.zeros((), dtype=per_token.dtype,
+                                                           device=per_token.device))
+    return reduce_tokens(per_token, valid.sum(), reduction)
 
 
 def _frozen_logprob(other_logits: Optional[Tensor], other_logprobs: Optional[Tensor],
@@ -337,9 +350,9 @@ def kd_loss_ref(
     Gradient (p - p^T) / (T N_valid); the teacher gets none. No T^2 factor is applied.
     """
     dt = acc_dtype(logits.dtype)
-    z = logits.to(dt) / temperature
-    q = torch.softmax(teacher_logits.detach().to(dt) / temperature, dim=-1)
     valid = targets != ignore_index
+    z = _valid_rows(logits.to(dt), valid) / temperature
+    q = torch.softmax(_valid_rows(teacher_logits.detach().to(dt), valid) / temperature, dim=-1)
     # q_v z_v with q_v = 0 counts 0 even for z_v = -inf.
     cross = torch.where(q == 0, torch.zeros_like(z), q * z).sum(-1)
     per_token = torch.where(valid, torch.logsumexp(z, dim=-1) - cross, torch.zeros_like(cross))
@@ -395,18 +408,22 @@ def pg_from_logprob_ref(
     """The per-token policy-gradient term of ``pg_loss_ref`` from the log-probs ``a`` of the
     actions (0 where ``valid`` is False): shared with the vocab-parallel path, which forms
     ``a`` from sharded logits."""
-    adv = advantages.detach().to(a.dtype)
+    zero = torch.zeros((), dtype=a.dtype, device=a.device)
+
+    def per_token(x):  # no gradient, and a non-finite value at an ignored position counts 0
+        return torch.where(valid, x.detach().to(a.dtype), zero)
+
+    adv = per_token(advantages)
     if old_logprobs is None:
         pg = -adv * a
     else:
-        ratio = torch.exp(a - old_logprobs.detach().to(a.dtype))
+        ratio = torch.exp(a - per_token(old_logprobs))
         clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
         pg = -torch.minimum(ratio * adv, clipped * adv)
     if ref_logprobs is not None:
-        d = ref_logprobs.detach().to(a.dtype) - a
+        d = per_token(ref_logprobs) - a
         pg = pg + kl_beta * (torch.exp(d) - d - 1)
     if scale is not None:
-        pg = pg * scale.detach().to(a.dtype)
-    zero = torch.zeros((), dtype=a.dtype, device=a.device)
+        pg = pg * per_token(scale)
     return torch.where(valid, pg, zero)
 

@@ -75,7 +75,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weighted_ce_fwd_cpu(
   stats_pass(logits, targets, ignore_index, 1.0, 0, false, st);
   const at::Tensor &lse = st.lse, &logprob = st.logprob;
   at::Tensor loss = -logprob;  // invalid rows have logprob 0, hence loss 0
-  if (weights.has_value()) loss.mul_(weights->to(opts.dtype()));
+  // Selected, not multiplied: a NaN/inf weight at an invalid row must stay out (0 * NaN = NaN).
+  if (weights.has_value())
+    loss = at::where(targets != ignore_index, loss * weights->to(opts.dtype()), 0.0);
   return {loss, lse, logprob};
 }
 

@@ -61,7 +61,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weighted_ce_fwd_cuda(
   at::Tensor lse = at::empty({N}, opts), logprob = at::empty({N}, opts), none;
   stats_pass(logits, targets, c10::nullopt, ignore_index, 1.0, lse, logprob, none, none, none);
   at::Tensor loss = -logprob;  // invalid rows have logprob 0, hence loss 0
-  if (weights.has_value()) loss.mul_(weights->to(opts.dtype()));
+  // Selected, not multiplied: a NaN/inf weight at an invalid row must stay out (0 * NaN = NaN).
+  if (weights.has_value())
+    loss = at::where(targets != ignore_index, loss * weights->to(opts.dtype()), 0.0);
   return {loss, lse, logprob};
 }
 

@@ -312,7 +312,10 @@ def _weighted_ce_fwd(logits, targets, weights, ignore_index, inplace_backward):
     if weights is not None:
         _check_per_token(weights, logits, "weights")
     lse, logprob, _, _, _, _ = _stats_into(logits, targets, None, ignore_index, 1.0, False)
-    loss = -logprob if weights is None else -logprob * weights.to(logprob.dtype)
+    loss = -logprob
+    if weights is not None:
+        # Selected: a NaN/inf weight at an ignored position counts nothing (0 * NaN = NaN).
+        loss = torch.where(targets != ignore_index, loss * weights.to(logprob.dtype), 0)
     return loss, lse, logprob
 
 
