@@ -112,6 +112,34 @@ def test_auto_table_file_round_trip(tmp_path):
     assert B.load_auto_table(str(tmp_path / "missing.json")) == {}
 
 
+def test_auto_table_is_read_from_the_users_table_then_the_shipped_one(tmp_path, monkeypatch):
+    """backend="auto" reads the table the benchmark suite writes ($REMIT_AUTO_TABLE, else
+    $XDG_CACHE_HOME/remit_ext/auto_table.json, else ~/.cache/...), never one inside the
+    installed package, and falls back to the package's shipped table when there is none."""
+    monkeypatch.delenv("REMIT_AUTO_TABLE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert B.user_auto_table() == tmp_path / "cache" / "remit_ext" / "auto_table.json"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert B.user_auto_table() == tmp_path / "home" / ".cache" / "remit_ext" / "auto_table.json"
+    monkeypatch.setenv("REMIT_AUTO_TABLE", str(tmp_path / "mine.json"))
+    assert B.user_auto_table() == tmp_path / "mine.json"
+
+    shipped = tmp_path / "shipped.json"
+    shipped.write_text(json.dumps({"devices": {"GPU S": {"token_stats": ["cuda"]}}}))
+    monkeypatch.setattr(B, "AUTO_TABLE", shipped)
+    B.load_auto_table.cache_clear()
+    try:
+        assert B.load_auto_table() == {"GPU S": {"token_stats": ("cuda",)}}  # no user table
+        (tmp_path / "mine.json").write_text(
+            json.dumps({"devices": {"GPU U": {"remit_loss": ["cuda", "triton"]}}}))
+        B.load_auto_table.cache_clear()
+        assert B.load_auto_table() == {"GPU U": {"remit_loss": ("cuda", "triton")}}
+        assert B.auto_order("remit_loss", "cuda", "GPU U") == ("cuda", "triton", "torch")
+    finally:
+        B.load_auto_table.cache_clear()
+
+
 def test_shipped_auto_table_is_valid():
     data = json.loads(B.AUTO_TABLE.read_text())
     assert isinstance(data["devices"], dict)

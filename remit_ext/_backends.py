@@ -28,16 +28,29 @@ from ._fakes_autograd import _token_stats_input_grad
 # measurement yet, and an unmeasured kernel should not win by default.
 AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 
-# Per-device, per-op backend order measured by `python -m bench`, fastest first:
+# Per-device, per-op backend order measured by `remit-ext bench`, fastest first:
 # {"devices": {"<torch.cuda.get_device_name()>": {"<op>": ["cuda", "triton"], ...}}, ...}.
-# REMIT_AUTO_TABLE overrides the path; a missing or unreadable file means "no measurements".
+# Read from the user's table (user_auto_table(), where the suite writes it) when there is one,
+# else from the one shipped in the package (AUTO_TABLE); a missing or unreadable file means "no
+# measurements".
 AUTO_TABLE = Path(__file__).resolve().parent / "data" / "auto_table.json"
+
+
+def user_auto_table() -> Path:
+    """The measured table of this user: $REMIT_AUTO_TABLE, else auto_table.json under
+    $XDG_CACHE_HOME/remit_ext (default ~/.cache/remit_ext); never inside the installed package."""
+    if os.environ.get("REMIT_AUTO_TABLE"):
+        return Path(os.environ["REMIT_AUTO_TABLE"])
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(cache) / "remit_ext" / "auto_table.json"
 
 
 @functools.lru_cache(maxsize=None)
 def load_auto_table(path: Optional[str] = None) -> dict:
     """{device name: {op: [backend, ...]}} from the benchmark's table ({} if there is none)."""
-    path = path or os.environ.get("REMIT_AUTO_TABLE") or str(AUTO_TABLE)
+    if path is None:
+        user = user_auto_table()
+        path = str(user if user.is_file() else AUTO_TABLE)
     try:
         with open(path) as f:
             data = json.load(f)
