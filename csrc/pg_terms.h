@@ -39,16 +39,15 @@ REMIT_HOST_DEVICE PgTerms<A> pg_terms(A a, A adv, const A* old, const A* ref, co
     t.dlogprob = -adv;
   } else {
     const A ratio = std::exp(a - *old);
-    // torch.clamp and torch.minimum keep a NaN: the comparisons are false for it, so the
-    // unclipped operand (NaN whenever the clipped one is) is what survives.
-    const A clipped = ratio < c.lo ? c.lo : (ratio > c.hi ? c.hi : ratio);
-    const A plain_term = ratio * adv, clipped_term = clipped * adv;
-    t.loss = -(clipped_term < plain_term ? clipped_term : plain_term);
-    // The clipped branch is the minimum, with zero slope, exactly when the ratio left the band
-    // on the side the advantage's sign rewards. A = 0 has slope 0 on either branch; `>=` puts it
-    // on the clipped one so the slope stays an exact 0 when the ratio overflows to inf (where
-    // -ratio * 0 would be NaN). clip_frac counts A = 0 as not clipped (functional.py).
+    // -min(rho A, clip(rho) A) as a select: the clipped branch is the minimum, with zero
+    // slope, exactly when the ratio left the band on the side the advantage's sign rewards;
+    // elsewhere the minimum is rho A. A select, not min(): with pi_old = 0 (old = -inf) rho is
+    // inf, and rho * 0 = NaN would win min() for A = 0. A = 0 has slope 0 on either branch;
+    // `>=` puts it on the clipped one, an exact 0 then. clip_frac counts A = 0 as not clipped
+    // (functional.py). A NaN ratio fails every comparison and stays NaN (torch.clamp and
+    // torch.minimum keep a NaN too).
     const bool active = (adv >= A(0) && ratio > c.hi) || (adv < A(0) && ratio < c.lo);
+    t.loss = active ? -((ratio > c.hi ? c.hi : c.lo) * adv) : -(ratio * adv);
     t.dlogprob = active ? A(0) : -ratio * adv;
   }
   if (ref != nullptr) {

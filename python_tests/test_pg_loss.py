@@ -420,6 +420,40 @@ def test_compile_fullgraph(backend):
         torch.testing.assert_close(g, e)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_old_logprobs_minus_inf(backend):
+    # pi_old(action) = 0: rho = exp(a - old) = +inf. With A > 0 the clipped branch (1 + eps) A
+    # is the minimum, slope 0; with A = 0 both branches are 0, slope 0: a finite loss and a zero
+    # gradient for those tokens on every backend (the torch backend gave NaN gradients: the
+    # clamp's zero slope times exp's infinite one). With A < 0 the unclipped branch rho A =
+    # -inf is the minimum: PPO's pessimistic bound is unbounded, the loss +inf on every backend.
+    logits, actions, kwargs = make_inputs((1, 12, 17), torch.float32, seed=314, form="clipped",
+                                          scaled=False, ignore_frac=0.0)
+    adv = torch.tensor([1.0, 0.0, 0.5, 0.0, 2.0, 0.3] * 2, device=DEVICE).reshape(1, 12)
+    old = kwargs["old_logprobs"].clone()
+    old[0, :6] = -math.inf
+    z = logits.detach().clone().requires_grad_(True)
+    out = remit_ext.policy_gradient_loss(z, actions, adv, old_logprobs=old, clip_eps=CLIP_LOW,
+                                         clip_eps_high=CLIP_HIGH, reduction="none",
+                                         backend=backend)
+    (grad,) = torch.autograd.grad(out.sum(), z)
+    assert bool(torch.isfinite(out).all()) and bool(torch.isfinite(grad).all())
+    # Those tokens: loss -(1 + clip_high) A, gradient 0; the rest as the fp64 reference gives.
+    want = -(1 + CLIP_HIGH) * adv[0, :6].double()
+    torch.testing.assert_close(out[0, :6].double(), want, rtol=1e-6, atol=1e-7)
+    assert bool((grad[0, :6] == 0).all())
+    tail = dict(kwargs, advantages=adv[:, 6:], old_logprobs=old[:, 6:])
+    tail = {k: v.double() for k, v in tail.items()}
+    loss_t = _ref(logits[:, 6:].double(), actions[:, 6:], tail, "none")[0]
+    grad_t = _ref(logits[:, 6:].double(), actions[:, 6:], tail, "sum")[1]
+    torch.testing.assert_close(out[:, 6:].detach().double(), loss_t, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad[:, 6:].double(), grad_t, rtol=1e-5, atol=1e-6)
+    neg = remit_ext.policy_gradient_loss(
+        logits, actions, -adv.abs() - 0.1, old_logprobs=old, clip_eps=CLIP_LOW,
+        clip_eps_high=CLIP_HIGH, reduction="none", backend=backend)
+    assert bool((neg[0, :6] == math.inf).all()) and bool(torch.isfinite(neg[0, 6:]).all())
+
+
 # ------------------------------------------------------------------ argument checks
 
 
@@ -432,7 +466,11 @@ def test_compile_fullgraph(backend):
      ValueError, r"actions: expected values in \[0, 11\) or ignore_index=-100"),
     (lambda a: dict(ref_logprobs=None), ValueError, r"kl_beta: 0.05 > 0 needs ref_logprobs"),
     (lambda a: dict(clip_eps=1.0), ValueError, r"clip_eps: expected a number in \(0, 1\)"),
-    (lambda a: dict(kl_beta=-0.1), ValueError, r"kl_beta: expected a number >= 0"),
+    (lambda a: dict(kl_beta=-0.1), ValueError, r"kl_beta: expected a finite number >= 0"),
+    (lambda a: dict(kl_beta=math.nan), ValueError,
+     r"kl_beta: expected a finite number >= 0, got nan"),
+    (lambda a: dict(kl_beta=math.inf), ValueError,
+     r"kl_beta: expected a finite number >= 0, got inf"),
     (lambda a: dict(scale=a["scale"].reshape(-1)), ValueError, r"scale: expected shape"),
     (lambda a: dict(old_logprobs=a["old_logprobs"].to(torch.int32)), TypeError,
      r"old_logprobs: expected a floating dtype"),

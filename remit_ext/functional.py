@@ -28,6 +28,7 @@ diagnostics over data-parallel ranks.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -489,8 +490,9 @@ def policy_gradient_loss(
                                                                           "clip_eps_high")
     if clip_low >= 1:
         raise ValueError(f"clip_eps: expected a number in (0, 1), got {clip_eps!r}")
-    if not isinstance(kl_beta, (int, float)) or kl_beta < 0:
-        raise ValueError(f"kl_beta: expected a number >= 0, got {kl_beta!r}")
+    if (isinstance(kl_beta, bool) or not isinstance(kl_beta, (int, float))
+            or not 0 <= kl_beta < math.inf):  # NaN fails this too
+        raise ValueError(f"kl_beta: expected a finite number >= 0, got {kl_beta!r}")
     if kl_beta and ref_logprobs is None:
         raise ValueError(f"kl_beta: {kl_beta} > 0 needs ref_logprobs (the reference model's "
                          f"log-probs of the actions), got None")

@@ -417,9 +417,20 @@ def pg_from_logprob_ref(
     if old_logprobs is None:
         pg = -adv * a
     else:
-        ratio = torch.exp(a - per_token(old_logprobs))
-        clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
-        pg = -torch.minimum(ratio * adv, clipped * adv)
+        # -min(rho A, clip(rho, 1 - clip_low, 1 + clip_high) A), written as the select it is:
+        # the clipped branch (a constant, slope 0) where rho left the band on the side A's sign
+        # rewards, rho A elsewhere; A = 0 takes the clipped side (0 either way). Selecting
+        # keeps pi_old = 0 (old = -inf, rho = inf) finite: min() would meet inf * 0 = NaN, and
+        # its backward the clamp's 0 times exp's inf; the exponent is selected away as well.
+        log_ratio = a - per_token(old_logprobs)
+        with torch.no_grad():
+            rho = torch.exp(log_ratio)
+            hi, lo = 1 + clip_high, 1 - clip_low
+            active = ((adv >= 0) & (rho > hi)) | ((adv < 0) & (rho < lo))
+            # Filled in a.dtype (a Python float through where would round to fp32).
+            clipped = torch.where(rho > hi, torch.full_like(rho, hi), torch.full_like(rho, lo))
+        ratio = torch.exp(torch.where(active, zero, log_ratio))
+        pg = torch.where(active, -clipped * adv, -ratio * adv)
     if ref_logprobs is not None:
         d = per_token(ref_logprobs) - a
         pg = pg + kl_beta * (torch.exp(d) - d - 1)

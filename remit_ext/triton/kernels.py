@@ -329,15 +329,12 @@ def _pg_terms_kernel(
     kl_beta = tl.load(coefs_ptr + 2)
     if HAS_OLD:
         ratio = tl.exp(a - tl.load(old_ptr + offs, mask=inside, other=0.0).to(ACC))
-        # torch.clamp / torch.minimum keep a NaN ratio: the comparisons are false for it.
-        clipped = tl.where(ratio < lo, lo, tl.where(ratio > hi, hi, ratio))
-        plain_term = ratio * adv
-        clipped_term = clipped * adv
-        loss = -tl.where(clipped_term < plain_term, clipped_term, plain_term)
-        # Zero slope where the clipped branch is the minimum: the ratio left the band on the side
-        # the advantage's sign rewards. A = 0 has slope 0 either way; `>=` keeps it an exact 0
-        # for an overflowed ratio (csrc/pg_terms.h). clip_frac does not count A = 0 as clipped.
+        # -min(rho A, clip(rho) A) as a select (csrc/pg_terms.h): the clipped branch, slope 0,
+        # where the ratio left the band on the side the advantage's sign rewards, rho A
+        # elsewhere. Not min(): rho = inf (old = -inf) times A = 0 is NaN. A = 0 goes to the
+        # clipped side (`>=`), an exact 0; clip_frac does not count it. A NaN ratio stays NaN.
         active = ((adv >= 0) & (ratio > hi)) | ((adv < 0) & (ratio < lo))
+        loss = tl.where(active, -(tl.where(ratio > hi, hi, lo) * adv), -(ratio * adv))
         dlogprob = tl.where(active, 0.0, -ratio * adv)
     else:
         loss = -adv * a
