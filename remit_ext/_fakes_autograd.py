@@ -83,11 +83,28 @@ def _kd_loss_bwd_fake(logits, teacher_logits, targets, lse, teacher_lse, coef, i
 # of each loss reduces to forming the per-token coefficient (O(N)) and one weighted_ce_bwd pass.
 
 
+def _bump_version(t: Tensor) -> None:
+    """Count an in-place write autograd did not see: every node that saved ``t`` (an upstream
+    tanh / exp / sigmoid that saved its output, another loss on the same logits, this node on a
+    second backward through a retained graph) then fails with autograd's "modified by an
+    inplace operation" error instead of reading the gradient as logits. The custom op's
+    ``Tensor(a!)`` schema alone does not bump the counter."""
+    if torch.compiler.is_compiling():
+        return  # traced: functionalisation handles the mutation
+    bump = getattr(torch.autograd.graph, "increment_version", None)
+    if bump is not None:
+        bump(t)
+    else:  # pragma: no cover  (torch without torch.autograd.graph.increment_version)
+        torch._C._autograd._increment_version(t)
+
+
 def _ce_grad(ops, logits: Tensor, targets: Tensor, lse: Tensor, logprob: Tensor, coef: Tensor,
              ignore_index: int, inplace: bool) -> Tensor:
-    """One gradient pass with the backend's own weighted_ce_bwd (`ops` is its op namespace)."""
+    """One gradient pass with the backend's own weighted_ce_bwd (`ops` is its op namespace).
+    In place, the logits' version counter is bumped after the write (_bump_version)."""
     if inplace:
         ops.weighted_ce_bwd_(logits, targets, lse, logprob, coef, ignore_index)
+        _bump_version(logits)
         return logits
     return ops.weighted_ce_bwd(logits, targets, lse, logprob, coef, ignore_index)
 

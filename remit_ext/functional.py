@@ -233,8 +233,12 @@ def weighted_cross_entropy(
     """``-(1/N_valid) sum_valid w_t log p(y_t)``; 'mean' divides by the valid-token count.
 
     ``inplace_backward=True`` makes the kernel backends write the logits gradient into the
-    logits buffer (saves one [N, V] allocation; the logits must not be used after the backward;
-    the torch backend ignores it). Gradients flow to ``logits`` and, if it requires grad, to
+    logits buffer (saves one [N, V] allocation; the torch backend ignores it). The write bumps
+    the logits' version counter, so anything that reads them afterwards through autograd (an
+    upstream tanh/exp/sigmoid that saved its output, another loss on the same logits built
+    before this one, a second backward through a retained graph) raises autograd's "modified by
+    an inplace operation" error rather than computing with the gradient; use it where the
+    logits are a leaf or come from a linear head, read by nothing else. Gradients flow to ``logits`` and, if it requires grad, to
     ``weights``. ``num_items_in_batch`` replaces the valid-token count (module docstring).
     ``tp_group``: vocab-sharded logits (module docstring).
     """
@@ -285,7 +289,8 @@ def remit_loss(
     loss, or with ``return_details=True`` a ``ReMiTOutput(loss, weights, diagnostics)``.
     Only ``logits`` gets a gradient; weights are detached unless ``detach_weights=False``.
     ``inplace_backward=True`` makes the kernel backends write the gradient into the logits
-    buffer (the torch backend ignores it). ``num_items_in_batch`` replaces the valid-token
+    buffer (the torch backend ignores it; later readers of the logits then raise, see
+    ``weighted_cross_entropy``). ``num_items_in_batch`` replaces the valid-token
     count (module docstring); the weights are centred per sequence, so cut micro-batches at
     sequence boundaries.
 
