@@ -104,9 +104,9 @@ def check_like_logits(x, logits: Tensor, name: str) -> Tensor:
     return x
 
 
-def check_same_device(ref: Tensor, x: Tensor, name: str) -> None:
+def check_same_device(ref: Tensor, x: Tensor, name: str, like: str = "logits") -> None:
     if x.device != ref.device:
-        raise ValueError(f"{name}: expected a tensor on {ref.device} like logits, "
+        raise ValueError(f"{name}: expected a tensor on {ref.device} like {like}, "
                          f"got one on {x.device}")
 
 

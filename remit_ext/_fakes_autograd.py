@@ -156,6 +156,9 @@ def _token_stats_backward(ctx, g_lse, g_logprob, g_entropy, g_topk_entropy, g_sc
 def _segment_centered(values: Tensor, valid: Tensor, cu_seqlens: Tensor) -> Tensor:
     """values_t - mean of values over the valid positions of t's sequence (0 where invalid)."""
     seg, num_seg = segment_ids(cu_seqlens, values.shape[0], values.device)
+    # Malformed offsets (validation "off"): an uncovered position counts nothing.
+    valid = valid & (seg < num_seg)
+    seg = seg.clamp(max=num_seg - 1)
     vf = valid.to(values.dtype)
     total = values.new_zeros(num_seg).index_add(0, seg, values * vf)
     count = values.new_zeros(num_seg).index_add(0, seg, vf)

@@ -73,6 +73,8 @@ def _check_inputs(hidden, weight, targets, bias, scorer_hidden, scorer_weight, s
     if targets.shape != hidden.shape[:-1]:
         raise ValueError(f"targets: expected shape {tuple(hidden.shape[:-1])} (hidden without "
                          f"the hidden dim), got {tuple(targets.shape)}")
+    # Before the per-token tensors are checked against targets (which would blame them).
+    chk.check_same_device(hidden, targets, "targets", like="hidden")
     for t, name, like in ((bias, "bias", weight), (scorer_bias, "scorer_bias", scorer_weight)):
         if t is None:
             continue

@@ -188,6 +188,11 @@ def remit_weights(
     sequences and the diagnostics cover all slices. ``dp_group``: the diagnostics cover the
     batches of all its ranks (the weights stay per rank).
     """
+    chk._tensor(targets, "targets")
+    if (isinstance(logprobs, Tensor) and isinstance(scorer_logprobs, Tensor)
+            and logprobs.device == scorer_logprobs.device != targets.device):
+        # Both log-prob tensors agree: the targets are the odd one out, name them.
+        chk.check_same_device(logprobs, targets, "targets", like="logprobs")
     chk.check_per_token(logprobs, targets, "logprobs")
     chk.check_per_token(scorer_logprobs, targets, "scorer_logprobs")
     if targets.dtype not in chk.INDEX_DTYPES:
@@ -214,7 +219,8 @@ def remit_weights(
                                             _offsets(targets, cu_seqlens), ignore_index, eps)
     diag = ReMiTDiagnostics.from_tensor(diag)
     if dp_group is not None:
-        diag = _dp.reduce_diagnostics(diag, targets, dp_group, ignore_index=ignore_index)
+        diag = _dp.reduce_diagnostics(diag, targets, dp_group, ignore_index=ignore_index,
+                                      name="dp_group")
     return ReMiTWeights(w.reshape(targets.shape), delta_hat.reshape(targets.shape), diag)
 
 
@@ -343,7 +349,8 @@ def remit_loss(
         return loss
     diag = ReMiTDiagnostics.from_tensor(diag)
     if dp_group is not None:
-        diag = _dp.reduce_diagnostics(diag, targets, dp_group, ignore_index=ignore_index)
+        diag = _dp.reduce_diagnostics(diag, targets, dp_group, ignore_index=ignore_index,
+                                      name="dp_group")
     return ReMiTOutput(loss, w.detach().reshape(targets.shape), diag)
 
 

@@ -116,13 +116,23 @@ def _valid_rows(z: Tensor, valid: Tensor) -> Tensor:
     return torch.where(valid.unsqueeze(-1), z, torch.zeros((), dtype=z.dtype, device=z.device))
 
 
+def _gather_target(logp: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
+    """logp[t, y_t]: 0 at invalid positions; NaN for a valid target outside [0, V) (reachable
+    with validation "off" or under torch.compile, which skip the value checks), as the kernels
+    give, without forming an out-of-bounds index."""
+    in_range = (targets >= 0) & (targets < logp.shape[-1])
+    idx = torch.where(valid & in_range, targets, 0).long().unsqueeze(-1)
+    a = logp.gather(-1, idx).squeeze(-1)
+    a = torch.where(in_range, a, torch.full((), math.nan, dtype=a.dtype, device=a.device))
+    return torch.where(valid, a, torch.zeros((), dtype=a.dtype, device=a.device))
+
+
 def target_logprob_ref(logits: Tensor, targets: Tensor, *, ignore_index: int = -100) -> Tensor:
     """a_t = log softmax(z_t)[y_t] (section 1), 0 at invalid positions: the one statistic the
     losses need, computed as eager PyTorch code would (log_softmax, then gather)."""
     valid = targets != ignore_index
     logp = torch.log_softmax(_valid_rows(logits.to(acc_dtype(logits.dtype)), valid), dim=-1)
-    a = logp.gather(-1, torch.where(valid, targets, 0).long().unsqueeze(-1)).squeeze(-1)
-    return torch.where(valid, a, torch.zeros((), dtype=a.dtype, device=a.device))
+    return _gather_target(logp, targets, valid)
 
 
 def token_stats_ref(
@@ -143,7 +153,7 @@ def token_stats_ref(
         z = z / temperature
     logp = torch.log_softmax(z, dim=-1)
     lse = torch.logsumexp(z, dim=-1)
-    logprob = logp.gather(-1, torch.where(valid, targets, 0).long().unsqueeze(-1)).squeeze(-1)
+    logprob = _gather_target(logp, targets, valid)
     if entropy:
         # -sum p log p with p log p := 0 where p = 0; masking log p (not the product) keeps
         # the backward free of 0 * -inf as well.
@@ -207,6 +217,11 @@ def remit_weights_ref(
     b = scorer_logprob.detach().to(dt)
     n = a.shape[0]
     seg, num_seg = segment_ids(cu_seqlens, n, a.device)
+    if cu_seqlens is not None:
+        # Malformed offsets (validation "off", or under torch.compile): a position no segment
+        # covers counts nothing and forms no out-of-range index, as in the Triton kernel.
+        valid = valid & (seg < num_seg)
+        seg = seg.clamp(max=num_seg - 1)
     vf = valid.to(dt)
     zero = torch.zeros((), dtype=dt, device=a.device)
     # Selected, not multiplied by the mask: a NaN/inf log-prob at an ignored position must

@@ -41,11 +41,12 @@ def _diag_from_sums(s: Tensor, dt: torch.dtype) -> ReMiTDiagnostics:
 
 @_eager
 def reduce_diagnostics(diagnostics: ReMiTDiagnostics, targets: Tensor, group, *,
-                       ignore_index: int = -100) -> ReMiTDiagnostics:
+                       ignore_index: int = -100, name: str = "group") -> ReMiTDiagnostics:
     """Per-rank ReMiT diagnostics (over this rank's valid ``targets``) combined into those of
     all ranks of ``group`` (data parallel: each rank its own batch shard), weighted by the
-    ranks' valid-token counts. One small all_gather, no host sync."""
-    group, _, world = _group(group, "group")
+    ranks' valid-token counts. One small all_gather, no host sync. ``name``: the argument
+    ``group`` came in as, for error messages (``dp_group`` from the losses)."""
+    group, _, world = _group(group, name)
     d = [x.detach().to(torch.float64) for x in diagnostics]
     n = (targets != ignore_index).sum().to(torch.float64)
     local = torch.stack([n, n * d[0], n * (d[1] * d[1] + d[0] * d[0]), n * d[2], n * d[3],

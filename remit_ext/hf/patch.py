@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .. import _checks as chk
 from ..linear import METHODS, linear_token_stats, remit_linear_loss
 
 __all__ = ["ReMiTCausalLMOutput", "ReMiTSettings", "apply_remit", "remove_remit",
@@ -518,6 +519,15 @@ def apply_remit(model, *, scorer=None, method: str = "remit", eps: float = 0.2,
     if method == "kd" and scorer is None:
         raise ValueError("scorer: method='kd' needs the teacher model (its full distribution; "
                          "a log-prob cache is not enough)")
+    # The numbers, each checked under its own name (float('abc') would say neither which
+    # argument nor what it takes).
+    eps = chk.check_eps(eps)
+    if (isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float))
+            or not 0 < keep_ratio <= 1):
+        raise ValueError(f"keep_ratio: expected a number in (0, 1], got {keep_ratio!r}")
+    temperature = chk.check_positive(temperature, "temperature")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
     if method != "kd" and temperature != 1.0:
         raise ValueError(f"temperature: only method='kd' takes a temperature, got {temperature}")
     for name in ("get_decoder", "get_output_embeddings"):
