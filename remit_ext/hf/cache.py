@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 import uuid
 from pathlib import Path
@@ -140,8 +141,39 @@ def read_token_sequences(path, column: str = "input_ids", split: Optional[str] =
 # ------------------------------------------------------------------------------ writing
 
 
+def _remove_stale_temps(path: Path) -> list[Path]:
+    """Remove temporary files a killed writer of ``path`` left: only our own pattern
+    ``<name>.<pid>.<8 hex>.tmp``, only in ``path``'s directory, only of processes that are gone
+    (another rank still writing keeps its file)."""
+    pattern = re.compile(re.escape(f"{path.name}.") + r"(\d+)\.[0-9a-f]{8}\.tmp")
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for tmp in path.parent.glob(f"{path.name}.*.tmp"):
+        m = pattern.fullmatch(tmp.name)
+        if m is None:
+            continue
+        pid = int(m.group(1))
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # alive
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue  # alive, another user's
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 def _atomic_write(path: Path, write) -> None:
     """write(tmp_path), fsync, rename onto path: readers only ever see whole files."""
+    _remove_stale_temps(path)
     # A name of this process's own: several ranks scoring at once must not share a temp file.
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     write(tmp)

@@ -21,7 +21,9 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -107,11 +109,42 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Remove the temporary files a killed writer of ``path`` left beside it: only names of our
+    own pattern ``.<name>.tmp<pid>``, only in ``path``'s directory, only of processes that are
+    gone (a live writer -- another rank -- keeps its file). Returns what was removed."""
+    path = Path(path)
+    pattern = re.compile(re.escape(f".{path.name}.tmp") + r"(\d+)")
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for tmp in path.parent.glob(f".{path.name}.tmp*"):
+        m = pattern.fullmatch(tmp.name)
+        if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
 def atomic_save(obj: Any, path: Path) -> None:
     """Write to a temporary file in the same directory, fsync, then rename over ``path``: a
-    reader (or a resumed run) sees the old file or the new one, never a torn one."""
+    reader (or a resumed run) sees the old file or the new one, never a torn one. Temporary
+    files of a killed earlier writer of ``path`` are removed first (``remove_stale_temps``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -133,6 +166,7 @@ def atomic_save(obj: Any, path: Path) -> None:
 def atomic_write_text(text: str, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -239,8 +273,22 @@ class StageRun:
         path = self.dir / METRICS
         if not path.exists():
             return
-        keep = [ln for ln in path.read_text().splitlines()
-                if ln.strip() and json.loads(ln).get("step", 0) <= start]
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        keep = []
+        for i, ln in enumerate(lines):
+            try:
+                record = json.loads(ln)
+            except json.JSONDecodeError as err:
+                if i == len(lines) - 1:
+                    # A kill, a power cut or a full disk mid-append tears the last line only:
+                    # drop it (its step is past the checkpoint, or is logged again).
+                    print(f"resume: dropped the torn last line of {path} ({err.msg}: "
+                          f"{ln[:80]!r})", file=sys.stderr)
+                    continue
+                raise ValueError(f"out: {path} line {i + 1} is not JSON ({err.msg}) and is not "
+                                 f"the last line; the log is damaged, use --overwrite") from err
+            if record.get("step", 0) <= start:
+                keep.append(ln)
         atomic_write_text("".join(k + "\n" for k in keep), path)
 
     def log(self, record: dict) -> None:
