@@ -8,8 +8,8 @@ reduction mean; gradients for hidden and the policy's LM head.
 Providers:
 
 - ``eager``: plain PyTorch as a user writes it: ``z = hidden @ W.T``, scorer logits the same way
-  under no_grad, then ``bench/eager.py``'s ``remit_loss`` (``F.cross_entropy(reduction="none")``,
-  weights as tensor ops) and ``.backward()``: the baseline of ``speedup_vs_eager``;
+  under no_grad, then ``remit_ext/bench/eager.py``'s ``remit_loss``
+  (``F.cross_entropy(reduction="none")``, weights as tensor ops) and ``.backward()``: the baseline of ``speedup_vs_eager``;
 - ``reference``: the same logits, then ``remit_loss(backend="torch")`` (``remit_ext.reference``,
   the fp32 ground truth every ReMiT loss here is checked against);
 - ``eager_kernels``: the same logits, then the fused logits-level kernels (``backend="auto"``,
@@ -119,7 +119,7 @@ def _step(provider, hid, w, sh, sw, y, chunk_size):
     """The fwd+bwd closure of one provider (None for matmul_floor)."""
     import remit_ext
 
-    import eager as E  # bench/eager.py (this directory is on sys.path)
+    from remit_ext.bench import eager as E
 
     kw = {} if chunk_size is None else {"chunk_size": chunk_size}
     if provider in ("eager", "reference", "eager_kernels"):

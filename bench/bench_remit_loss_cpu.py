@@ -2,7 +2,7 @@
 
 Workload: N = 4096 positions as 4 sequences of 1024 tokens (logits ``[4, 1024, 32000]``), the
 frozen scorer's logits given (same shape and dtype), every 32nd target ignored; fp32 and bf16.
-Providers: ``eager`` (plain PyTorch as a user writes it, ``bench/eager.py``:
+Providers: ``eager`` (plain PyTorch as a user writes it, ``remit_ext/bench/eager.py``:
 ``F.cross_entropy(reduction="none")`` in the input dtype, the scorer's pass under no_grad,
 weights as tensor ops; the baseline of every ratio), ``compile`` (``torch.compile`` of exactly
 that), ``cpu`` (``backend="cpu"``, the C++ kernels), ``cpu_inplace`` (the same with
@@ -51,7 +51,7 @@ import _harness as h  # noqa: E402
 
 OP = "remit_loss_fwd_bwd"
 PROVIDERS = {
-    "eager": None,  # bench/eager.py
+    "eager": None,  # remit_ext/bench/eager.py
     "compile": None,  # torch.compile of it
     "cpu": {"backend": "cpu"},
     "cpu_inplace": {"backend": "cpu", "inplace_backward": True},
@@ -77,7 +77,7 @@ def measure(provider: str, dtype: str, shape: tuple[int, int, int], warmup: int,
     """One (provider, dtype) measurement; meant to run in a fresh process (``--child``)."""
     import remit_ext
 
-    import eager as E  # bench/eager.py (this directory is on sys.path)
+    from remit_ext.bench import eager as E
 
     kwargs = PROVIDERS[provider] or {}
     g = torch.Generator().manual_seed(seed)
@@ -226,8 +226,8 @@ def summary_markdown(rows: list[dict], env: dict, methods: list[str], args) -> s
         "- workload: logits and scorer logits `[4, 1024, 32000]` (N = 4096 tokens, one "
         "sequence per row, every 32nd target ignored), eps = 0.2, detached weights, "
         "reduction mean",
-        "- providers: `eager` = plain PyTorch (`bench/eager.py`, the baseline of every ratio), "
-        "`compile` = torch.compile of it, `cpu`/`cpu_inplace` = the C++ kernels, `reference` = "
+        "- providers: `eager` = plain PyTorch (`remit_ext/bench/eager.py`, the baseline of every "
+        "ratio), `compile` = torch.compile of it, `cpu`/`cpu_inplace` = the C++ kernels, `reference` = "
         "remit_ext.reference (the losses' ground truth)",
         f"- time: wall clock of the loss + `.backward()`, {args.repeats} timed calls "
         f"after {args.warmup + 1} untimed ones, each provider in a fresh process; "

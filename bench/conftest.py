@@ -1,5 +1,5 @@
 """pytest-benchmark for the suite: ``python -m pytest bench --benchmark-only`` runs the cases of
-``python -m bench`` (the same families, providers, correctness gate, floors and targets; the
+``remit-ext bench`` (the same families, providers, correctness gate, floors and targets; the
 shapes the runner picks for the device), one benchmark per (op, provider, shape, dtype), grouped
 by (op, shape, dtype) so pytest-benchmark's table compares the providers side by side.
 
@@ -57,7 +57,7 @@ class _UsageParser(argparse.ArgumentParser):
 
 def suite_args(config):
     """The runner's resolved arguments for this session (from the --bench-* options)."""
-    from bench import runner
+    from remit_ext.bench import runner
 
     argv = ["--quick"] if config.getoption("--bench-quick") else []
     if config.getoption("--bench-repeats") is None:

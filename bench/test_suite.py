@@ -1,4 +1,4 @@
-"""The suite under pytest-benchmark: one test per case of ``python -m bench`` (bench/conftest.py
+"""The suite under pytest-benchmark: one test per case of ``remit-ext bench`` (bench/conftest.py
 has the options). Each test
 
 1. runs the case once and checks it against the ``reference`` provider's result on the same
@@ -26,9 +26,9 @@ from typing import Optional
 import pytest
 import torch
 
-from bench import _harness as H
-from bench import providers as P
-from bench import runner
+from remit_ext.bench import _harness as H
+from remit_ext.bench import providers as P
+from remit_ext.bench import runner
 from bench.conftest import suite_args
 
 _STATE: dict = {}

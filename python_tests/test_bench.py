@@ -1,8 +1,8 @@
-"""The benchmark suite (``bench/``): argument handling, the correctness gate, the ledger, the
-targets, the auto table, the report and plots, the plain-PyTorch baseline, the pytest-benchmark
-entry point, and ``remit-ext bench`` / ``python -m bench`` from a plain shell (no
-TRITON_INTERPRET preset). Timings are never asserted: they are what the suite measures, not what
-it is tested on."""
+"""The benchmark suite (``remit_ext.bench``, and the repository's ``bench/``): argument handling,
+the correctness gate, the ledger, the targets, the auto table, the report and plots, the
+plain-PyTorch baseline, the pytest-benchmark entry point, and ``remit-ext bench`` / ``python -m
+remit_ext.bench`` / ``python -m bench`` from a plain shell (no TRITON_INTERPRET preset). Timings
+are never asserted: they are what the suite measures, not what it is tested on."""
 
 from __future__ import annotations
 
@@ -20,13 +20,12 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench import _harness as H  # noqa: E402
-from bench import providers as P  # noqa: E402
-from bench import report, runner  # noqa: E402
-from bench import targets as T  # noqa: E402
 from remit_ext import _backends as B  # noqa: E402
-from remit_ext import bench_cmd  # noqa: E402
 from remit_ext.__main__ import main as cli_main  # noqa: E402
+from remit_ext.bench import _harness as H  # noqa: E402
+from remit_ext.bench import providers as P  # noqa: E402
+from remit_ext.bench import report, runner  # noqa: E402
+from remit_ext.bench import targets as T  # noqa: E402
 
 
 def _resolve(argv):
@@ -168,6 +167,23 @@ def test_auto_table_ranks_kernels_measured_everywhere(tmp_path):
                                                                          "torch")
 
 
+def test_the_auto_table_goes_to_the_users_path_seeded_from_the_shipped_one(tmp_path,
+                                                                          monkeypatch):
+    """A GPU run updates the table backend="auto" reads (B.user_auto_table(), outside the
+    installed package) unless --auto-table names another ('' none); a new table keeps the
+    devices the package's shipped table has measured."""
+    assert _resolve([]).auto_table is None  # runner.main: None -> B.user_auto_table()
+    shipped = tmp_path / "shipped.json"
+    shipped.write_text(json.dumps({"devices": {"GPU S": {"token_stats": ["cuda"]}}}))
+    monkeypatch.setattr(B, "AUTO_TABLE", shipped)
+    mine = tmp_path / "cache" / "remit_ext" / "auto_table.json"
+    env = {"git_sha": "x", "date": "d", "torch_version": "t"}
+    runner.write_auto_table(mine, "GPU U", {"remit_loss": ["cuda", "triton"]}, env)
+    assert B.load_auto_table(str(mine)) == {"GPU S": {"token_stats": ("cuda",)},
+                                            "GPU U": {"remit_loss": ("cuda", "triton")}}
+    assert json.loads(shipped.read_text())["devices"] == {"GPU S": {"token_stats": ["cuda"]}}
+
+
 def _row(op, provider, shape, dtype, ms, frac, date):
     return {**{c: "" for c in runner.COLUMNS}, "op": op, "provider": provider, "shape": shape,
             "dtype": dtype, "ms_p50": ms, "floor_frac": frac, "date": date, "device": "GPU X",
@@ -194,7 +210,7 @@ def test_report_reads_the_latest_run_and_fills_the_readme(tmp_path, monkeypatch)
     assert "old table" not in text and "1.25 (0.80)" in text and "2026-02-01" in text
     assert text.startswith("intro\n") and text.endswith("rest\n")
     # --readme without a path fills docs/benchmarks.md (here a stand-in), which holds the block.
-    assert report.README_START in report.BENCH_DOC.read_text()
+    assert report.README_START in (REPO / report.BENCH_DOC).read_text()
     readme.write_text(f"{report.README_START}\nold table\n{report.README_END}\n")
     monkeypatch.setattr(report, "BENCH_DOC", readme)
     assert report.main("table", ["--csv", str(path), "--readme"]) == 0
@@ -290,7 +306,7 @@ def test_a_wrong_peer_loses_its_row_only(tmp_path, monkeypatch):
 def test_inplace_cases_leave_the_logits_as_they_found_them():
     """The logits-loss family restores its shared logits after an in-place case, so the cases
     after it see the same inputs (else their checks would compare different problems)."""
-    from bench import suite_logits_loss
+    from remit_ext.bench import suite_logits_loss
 
     ctx = runner.Context((32, 64), torch.float32, "cpu",
                          ["reference", "eager", "cpu", "liger", "quack"], {"remit_loss"}, 16)
@@ -310,15 +326,15 @@ def test_inplace_cases_leave_the_logits_as_they_found_them():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_remit_ext_bench_forwards_to_the_suite(capsys, monkeypatch):
-    assert bench_cmd.locate() == REPO
+def test_remit_ext_bench_forwards_to_the_suite(capsys):
     with pytest.raises(SystemExit) as exc:
         cli_main(["bench", "--help"])
     assert exc.value.code == 0
-    assert "remit-ext bench" in capsys.readouterr().out
-    monkeypatch.setattr(bench_cmd, "locate", lambda: None)
-    assert cli_main(["bench", "--quick"]) == 2
-    assert "source repository" in capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "remit-ext bench" in out and "--out-dir" in out and "--auto-table" in out
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["bench", "table", "--help"])
+    assert exc.value.code == 0 and "--readme" in capsys.readouterr().out
 
 
 def test_a_third_party_failure_costs_its_row_only(tmp_path, monkeypatch):
@@ -366,12 +382,12 @@ def test_targets_are_the_published_numbers():
 
 
 def test_eager_is_plain_pytorch_and_passes_the_gate():
-    """Every family's plain-PyTorch provider (bench/eager.py: the denominator of every
+    """Every family's plain-PyTorch provider (remit_ext/bench/eager.py: the denominator of every
     speed-up) agrees with the reference in both dtypes, as the gate requires of it."""
     assert runner.main(["--quick", "--providers", "eager", "cpu", "--no-write"]) == 0
     import ast
 
-    from bench import eager
+    from remit_ext.bench import eager
 
     tree = ast.parse(Path(eager.__file__).read_text())
     used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
@@ -386,13 +402,15 @@ def _plain_env() -> dict:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter is for machines without GPU")
-@pytest.mark.parametrize("entry", ["remit-ext bench", "python -m bench"])
+@pytest.mark.parametrize("entry", ["remit-ext bench", "python -m remit_ext.bench",
+                                   "python -m bench"])
 def test_entry_points_run_triton_from_a_plain_shell(entry, tmp_path):
-    """Without TRITON_INTERPRET in the environment, both entry points run the Triton kernels in
-    the interpreter (remit-ext imports remit_ext, hence triton, before the suite: it restarts
-    the suite with the variable set; python -m bench sets it before triton loads)."""
-    head = ([sys.executable, "-m", "remit_ext", "bench"] if entry.startswith("remit-ext")
-            else [sys.executable, "-m", "bench"])
+    """Without TRITON_INTERPRET in the environment, every entry point runs the Triton kernels
+    in the interpreter (importing remit_ext imports triton before the suite runs: it restarts
+    itself with the variable set)."""
+    head = {"remit-ext bench": [sys.executable, "-m", "remit_ext", "bench"],
+            "python -m remit_ext.bench": [sys.executable, "-m", "remit_ext.bench"],
+            "python -m bench": [sys.executable, "-m", "bench"]}[entry]
     proc = subprocess.run([*head, "--quick", "--ops", "token_entropy", "--dtypes", "float32",
                            "--providers", "eager", "triton"], cwd=tmp_path, env=_plain_env(),
                           capture_output=True, text=True, timeout=600)

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 # it in this list, never one below.
 LAYERS = [
     ("L0 leaves", ["remit_ext.reference", "remit_ext._checks", "remit_ext._build",
+                   "remit_ext._source_tree",
                    "remit_ext._C", "remit_ext.testing"]),
     ("L1 registered-op Python side", ["remit_ext._fakes_autograd", "remit_ext._meta",
                                       "remit_ext.triton", "remit_ext.triton.*"]),
@@ -31,7 +32,7 @@ LAYERS = [
     ("L4 distributed", ["remit_ext.distributed", "remit_ext.distributed.*"]),
     ("L5 public API", ["remit_ext", "remit_ext.functional", "remit_ext.linear",
                        "remit_ext.modules", "remit_ext.parallel", "remit_ext.fsdp"]),
-    ("L6 users", ["remit_ext.rmt", "remit_ext.demo", "remit_ext.bench_cmd",
+    ("L6 users", ["remit_ext.rmt", "remit_ext.demo", "remit_ext.bench", "remit_ext.bench.*",
                   "remit_ext.__main__", "remit_ext.hf", "remit_ext.hf.*", "remit_ext.train",
                   "remit_ext.train.*"]),
 ]
@@ -164,7 +165,8 @@ def test_the_graph_sees_the_package(graph):
     assert len([m for m in graph if m.startswith("remit_ext.")]) > 30
     assert "remit_ext._linear_engine" in graph["remit_ext.distributed.vocab_parallel_linear"]
     assert "remit_ext.distributed.fsdp" in graph["remit_ext.linear"]
-    assert "bench._harness" in graph["bench.report"]
+    assert "remit_ext.bench._harness" in graph["remit_ext.bench.report"]
+    assert "remit_ext.bench.runner" in graph["bench.test_suite"]
 
 
 # ------------------------------------------------------------------------- test the tester

@@ -16,7 +16,8 @@ import circle (``python_tests/test_layers.py`` walks every import, function-leve
   fused-linear heads, FSDP2 heads).
 - L5 ``functional``, ``linear``, ``modules`` (+ the ``parallel`` / ``fsdp`` re-export shims and
   this package): the public API, checking and routing plain / distributed.
-- L6 ``rmt``, ``demo``, ``hf/``, ``train/``, ``bench_cmd``, ``__main__``: users of the API.
+- L6 ``rmt``, ``demo``, ``hf/``, ``train/``, ``bench/`` (the benchmark suite), ``__main__``: users
+  of the API.
 """
 
 import torch  # noqa: F401  (the extension has no RUNPATH: libtorch must be loaded first)

@@ -2,7 +2,8 @@
 
 Each command is an object (a module or an instance) with ``add_arguments(parser)`` and
 ``run(args) -> exit status``; ``demo`` is the default. The training commands live in
-``remit_ext.train.cli``; ``score-hf`` (the Hugging Face scorer cache) in ``remit_ext.hf.cli``.
+``remit_ext.train.cli``; ``score-hf`` (the Hugging Face scorer cache) in ``remit_ext.hf.cli``;
+``bench`` (the benchmark suite) in ``remit_ext.bench.cli``.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import __version__, bench_cmd, demo
+from . import __version__, demo
+from .bench import cli as bench_cli
 from .hf import cli as hf_cli
 from .train.cli import COMMANDS as TRAIN_COMMANDS
 
 COMMANDS = {
     "demo": (demo, "ReMiT loss fwd+bwd on every backend, checked against the fp64 reference"),
-    "bench": (bench_cmd, bench_cmd.help),
+    "bench": (bench_cli, bench_cli.help),
     **{name: (cmd, cmd.help) for name, cmd in TRAIN_COMMANDS.items()},
     "score-hf": (hf_cli, hf_cli.help),
 }
@@ -40,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":  # every option after it belongs to the suite
-        return bench_cmd.forward(argv[1:])
+        return bench_cli.main(argv[1:])
     # Bare options (`remit-ext --dtype bfloat16`) belong to the default command.
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv.insert(0, DEFAULT_COMMAND)

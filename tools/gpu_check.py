@@ -324,7 +324,9 @@ class Check:
             extra = ["--device", "cpu", "--seq-len", "16", "--dtypes", "float32",
                      "--providers", "eager", "cpu", "triton", "--auto-table", ""]
         else:
-            extra = ["--dtypes", "bfloat16", *extra]
+            # The measured backend="auto" order goes to the stage's folder (seeded from the
+            # shipped table: ready to commit as remit_ext/data/auto_table.json).
+            extra = ["--dtypes", "bfloat16", "--auto-table", out_dir / "auto_table.json", *extra]
         for i, op in enumerate(ops):
             left = t_end - time.monotonic()
             if self.dry and i > 0:
@@ -333,8 +335,8 @@ class Check:
             if left < 20:
                 res["ops"][op] = "not run (stage cap)"
                 continue
-            rc, text, secs = self.run([sys.executable, "-m", "bench", "--ops", op, "--shapes",
-                                       shape, "--out-dir", out_dir, *extra], left)
+            rc, text, secs = self.run([sys.executable, "-m", "remit_ext.bench", "--ops", op,
+                                       "--shapes", shape, "--out-dir", out_dir, *extra], left)
             res["ops"][op] = (f"exit {rc} in {secs:.0f} s" if rc != 124
                               else f"stopped at the cap ({secs:.0f} s)")
             res["ok"] &= rc == 0
@@ -342,11 +344,8 @@ class Check:
                 res["ops"][op] += ": " + _tail(text, 3)
         ledgers = sorted(out_dir.glob("*.csv"))
         for csv_path in ledgers:
-            rc, _, _ = self.run([sys.executable, "-m", "bench", "plot", "--csv", csv_path,
-                                 "--out-dir", out_dir / "plots"], 120)
-        auto = REPO / "remit_ext" / "data" / "auto_table.json"
-        if not self.dry and auto.exists():
-            shutil.copy(auto, out_dir / "auto_table.json")
+            rc, _, _ = self.run([sys.executable, "-m", "remit_ext.bench", "plot", "--csv",
+                                 csv_path, "--out-dir", out_dir / "plots"], 120)
         self.archive(out_dir)
         res["ledgers"] = [str(p.relative_to(self.work)) for p in ledgers]
         res["goals"] = goal_lines(ledgers)

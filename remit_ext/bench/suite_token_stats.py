@@ -8,24 +8,17 @@
   checked on both. Floor: one read, N V b bytes. eager: ``log_softmax``, ``gather``,
   ``-(p log p).sum(-1)``.
 
-    python bench/suite_token_stats.py --quick      # or: python -m bench --ops token_stats
+    remit-ext bench --quick --ops token_stats      # or python -m remit_ext.bench
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import torch
 
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import bench  # noqa: F401  (first: it sets TRITON_INTERPRET before triton loads)
-
-import torch  # noqa: E402
-
-import remit_ext  # noqa: E402
-from bench import eager as E  # noqa: E402
-from bench import providers as P  # noqa: E402
-from bench.runner import Case, Context, Family  # noqa: E402
+import remit_ext
+from . import eager as E
+from . import providers as P
+from .runner import Case, Context, Family
 
 
 def build(ctx: Context) -> list:
@@ -75,9 +68,3 @@ def build(ctx: Context) -> list:
 
 
 FAMILY = Family("token_stats", ("token_stats", "token_entropy"), 2, "copy", build)
-
-if __name__ == "__main__":
-    from bench.runner import main
-
-    sys.exit(main(["--ops", FAMILY.name, *sys.argv[1:]],
-                  prog=f"python bench/{Path(__file__).name}"))

@@ -13,9 +13,9 @@ The floor is the matrix products each must do, at the rate of a plain ``[N, D] x
 product in the dtype measured in the same run: policy logits, grad hidden and grad W (6 N D V
 flops), plus the scorer's logits for ``linear_remit`` and the logits' recompute for
 ``linear_token_stats`` (8 N D V). ``vs_best`` holds each op to the best published fused linear
-CE rate on the GPU (``bench/targets.py``). The checked values are the loss and both gradients.
+CE rate on the GPU (``targets.py``). The checked values are the loss and both gradients.
 
-Providers: ``eager`` (``hidden @ W.T`` materialised, then ``bench/eager.py``'s plain PyTorch),
+Providers: ``eager`` (``hidden @ W.T`` materialised, then ``eager.py``'s plain PyTorch),
 ``compile`` (of that), remit_ext's ``remit_linear_loss`` / ``linear_token_stats`` with each
 kernel backend, Liger's ``LigerFusedLinearCrossEntropyLoss`` (``reduction="none"`` per token, the
 scorer's pass under no_grad, weights from ``remit_ext.remit_weights``) and FLSCE (per-token NLL +
@@ -23,24 +23,17 @@ entropy) for the statistics, Cut Cross-Entropy's ``linear_cross_entropy`` (the s
 Liger's FLCE), and QuACK (``chunked_linear_cross_entropy`` for plain CE; per-token
 ``linear_cross_entropy_func`` for ReMiT).
 
-    python bench/suite_linear_loss.py --quick      # or: python -m bench --ops linear_loss
+    remit-ext bench --quick --ops linear_loss      # or python -m remit_ext.bench
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import torch
 
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import bench  # noqa: F401  (first: it sets TRITON_INTERPRET before triton loads)
-
-import torch  # noqa: E402
-
-import remit_ext  # noqa: E402
-from bench import eager as E  # noqa: E402
-from bench import providers as P  # noqa: E402
-from bench.runner import Case, Context, Family, fwd_bwd  # noqa: E402
+import remit_ext
+from . import eager as E
+from . import providers as P
+from .runner import Case, Context, Family, fwd_bwd
 
 IGNORE = -100
 OPS = ("linear_ce", "linear_remit", "linear_remit_lp", "linear_token_stats")
@@ -155,9 +148,3 @@ def build(ctx: Context) -> list:
 
 
 FAMILY = Family("linear_loss", OPS, 3, "matmul", build)
-
-if __name__ == "__main__":
-    from bench.runner import main
-
-    sys.exit(main(["--ops", FAMILY.name, *sys.argv[1:]],
-                  prog=f"python bench/{Path(__file__).name}"))

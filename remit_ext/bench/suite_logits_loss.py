@@ -9,33 +9,28 @@ the logits' dtype). The floor counts the passes over ``N x V`` each op cannot av
 - ``pg_loss``: PPO-clipped policy-gradient loss (RMT/GRPO) with old log-probs, 3.
 
 Checked against the reference: the loss and the logits gradient. ``eager`` is plain PyTorch
-(``bench/eager.py``: ``F.cross_entropy(reduction="none")``, the weights as tensor ops; ce_bwd
+(``eager.py``: ``F.cross_entropy(reduction="none")``, the weights as tensor ops; ce_bwd
 written by hand: softmax, scatter, mask); ``compile`` compiles exactly that. ``<backend>_inplace``
 rows write the gradient into the logits buffer (``inplace_backward=True``), and Liger's forward
 does so too; for those the logits are restored between calls, outside the timed region. Liger
 and QuACK: their ``cross_entropy(reduction="none")`` for ``-log p`` (the scorer's under
 no_grad), weights from ``remit_ext.remit_weights``, then ``sum(w * nll) / n_valid``.
 
-    python bench/suite_logits_loss.py --quick      # or: python -m bench --ops logits_loss
+    remit-ext bench --quick --ops logits_loss      # or python -m remit_ext.bench
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
-from pathlib import Path
 
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import bench  # noqa: F401  (first: it sets TRITON_INTERPRET before triton loads)
 
-import torch  # noqa: E402
+import torch
 
-import remit_ext  # noqa: E402
-from remit_ext._backends import BACKENDS  # noqa: E402
-from bench import eager as E  # noqa: E402
-from bench import providers as P  # noqa: E402
-from bench.runner import Case, Context, Family, fwd_bwd  # noqa: E402
+import remit_ext
+from remit_ext._backends import BACKENDS
+from . import eager as E
+from . import providers as P
+from .runner import Case, Context, Family, fwd_bwd
 
 IGNORE = -100
 OPS = ("ce_bwd", "weighted_ce", "remit_loss", "remit_loss_lp", "pg_loss")
@@ -157,9 +152,3 @@ def build(ctx: Context) -> list:
 
 
 FAMILY = Family("logits_loss", OPS, 2, "copy", build)
-
-if __name__ == "__main__":
-    from bench.runner import main
-
-    sys.exit(main(["--ops", FAMILY.name, *sys.argv[1:]],
-                  prog=f"python bench/{Path(__file__).name}"))

@@ -9,26 +9,19 @@ Inputs are fp32 log-probs (what ``token_stats`` returns), so the family runs at 
 the shape column is N. The op moves 24 N bytes (reads both log-probs and the int64 targets,
 writes the weights and the centred gaps); its floor is a device copy moving as many bytes. At
 these sizes the ops are bound by launch latency, which the floor's copy pays too. eager:
-``bench/eager.py``'s vectorised weights (a mean per row, or ``index_add`` per document).
+``eager.py``'s vectorised weights (a mean per row, or ``index_add`` per document).
 
-    python bench/suite_weights.py --quick          # or: python -m bench --ops weights
+    remit-ext bench --quick --ops weights      # or python -m remit_ext.bench
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import torch
 
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import bench  # noqa: F401  (first: it sets TRITON_INTERPRET before triton loads)
-
-import torch  # noqa: E402
-
-import remit_ext  # noqa: E402
-from bench import eager as E  # noqa: E402
-from bench import providers as P  # noqa: E402
-from bench.runner import Case, Context, Family  # noqa: E402
+import remit_ext
+from . import eager as E
+from . import providers as P
+from .runner import Case, Context, Family
 
 BYTES_PER_TOKEN = 24
 DOC_MEAN = 512  # mean packed-document length of the varlen case (at most --seq-len / 8)
@@ -84,9 +77,3 @@ FAMILY = Family("weights", ("remit_weights", "remit_weights_varlen"), 2, "copy",
                 shape_label=lambda s: str(s[0]),
                 floor_of=lambda s, dt: ((s[0], BYTES_PER_TOKEN // 2 // 4), torch.float32),
                 dtypes=("float32",))
-
-if __name__ == "__main__":
-    from bench.runner import main
-
-    sys.exit(main(["--ops", FAMILY.name, *sys.argv[1:]],
-                  prog=f"python bench/{Path(__file__).name}"))

@@ -5,7 +5,7 @@ libraries people use today.
   line: the ground truth the correctness gate compares every other provider to. It always runs
   once per op for the gate; it is timed only when asked for (``--providers reference ...``) and
   is never a denominator.
-- ``eager``: plain PyTorch as a user writes it (``bench/eager.py``: ``F.cross_entropy`` /
+- ``eager``: plain PyTorch as a user writes it (``eager.py``: ``F.cross_entropy`` /
   ``log_softmax`` + ``gather`` in the input dtype, vectorised weights, no fp64). Every
   ``speedup_vs_eager`` is against it.
 - ``compile``: ``torch.compile`` of exactly that code (default inductor backend).
@@ -28,7 +28,7 @@ libraries people use today.
 Liger, CCE and QuACK are CUDA libraries: off a GPU, or when not installed, their rows are
 skipped with the reason printed (QuACK's CuTe-DSL runtime wheel is ~92 MB, too large for some
 offline GPU machines; the ledger's ``vs_best`` column carries its published numbers instead:
-``bench/targets.py``).
+``targets.py``).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""The benchmark runner: ``python -m bench [--quick] [--ops ...] [--shapes ...]``; the same
-cases also run under pytest-benchmark (``python -m pytest bench --benchmark-only``,
-``bench/test_suite.py``).
+"""The benchmark runner: ``remit-ext bench [--quick] [--ops ...] [--shapes ...]`` (or ``python -m
+remit_ext.bench``); in a checkout the same cases also run under pytest-benchmark (``python -m
+pytest bench --benchmark-only``, ``bench/test_suite.py``).
 
-A *case* is one op run by one provider (``bench/providers.py``) at one shape and dtype. For each
+A *case* is one op run by one provider (``providers.py``) at one shape and dtype. For each
 case the runner
 
 1. calls it once and checks its result against the ``reference`` provider's
@@ -20,16 +20,18 @@ case the runner
    time is that work at the hardware rate measured in the same run: a device-to-device copy of
    an ``N x V`` tensor of the dtype (bytes read + written per second), or a plain ``[N, D] x
    [D, V]`` matrix product in the dtype; ``vs_best`` = best time / median time against today's
-   best public result (``bench/targets.py``: published fused-linear rates on H200/H100/B200; for
+   best public result (``targets.py``: published fused-linear rates on H200/H100/B200; for
    the logits-level ops one read of their ``[N, V]`` inputs at the read bandwidth measured in
-   the same run); and ``speedup_vs_eager``, against plain PyTorch (``bench/eager.py``).
+   the same run); and ``speedup_vs_eager``, against plain PyTorch (``eager.py``).
    The hardware measurements are rows too (provider ``hardware``). (The step's other products,
    e.g. grad W = ``[V, N] x [N, D]``, may run faster than that one shape, so a fused-linear
    ``floor_frac`` can exceed 1 slightly.)
 
-A full run appends its rows to ``<out-dir>/<device>.csv`` (the ledger; ``python -m bench
-table`` and ``python -m bench plot`` read it) and, on a GPU, records per op the remit_ext kernel
-backends fastest first in ``--auto-table`` (the table ``backend="auto"`` reads). Without
+A full run appends its rows to ``<out-dir>/<device>.csv`` (the ledger, default
+``bench/results`` under the current directory; ``remit-ext bench table`` and ``remit-ext bench
+plot`` read it) and, on a GPU, records per op the remit_ext kernel backends fastest first in
+``--auto-table`` (default: the user's table that ``backend="auto"`` reads,
+``remit_ext._backends.user_auto_table()``). Without
 ``--shapes`` a GPU runs the published shapes and a CPU the CPU shapes. ``--quick`` runs tiny
 shapes on any machine, checks every provider, and writes nothing: its timings mean nothing.
 """
@@ -47,14 +49,15 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from bench import _harness as H  # (importing bench sets TRITON_INTERPRET first: bench/__init__)
-from bench import providers as P
-from bench import targets as T
+from .. import _backends
+from . import _harness as H
+from . import providers as P
+from . import targets as T
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 LOGITS_SHAPES = [(8192, 50304), (16384, 128256), (4096, 262144)]
 LINEAR_SHAPES = [(8192, 2048, 50304), (16384, 4096, 128256)]
-# CPU-sized: what `python -m bench` and `pytest bench` run on a machine without a GPU.
+# CPU-sized: what `remit-ext bench` and `pytest bench` run on a machine without a GPU.
 CPU_SHAPES = [(1024, 32000), (1024, 128, 32000)]
 QUICK_SHAPES = [(32, 256), (32, 16, 256)]
 SEQ_LEN, QUICK_SEQ_LEN = 4096, 16
@@ -65,8 +68,7 @@ AUTO_OPS = {"token_stats": ("token_stats",), "remit_weights": ("remit_weights",)
             "weighted_ce": ("weighted_cross_entropy", "rho1_loss"),
             "remit_loss": ("remit_loss",), "pg_loss": ("pg_loss",)}
 AUTO_KERNELS = ("cuda", "triton")
-AUTO_TABLE = H.REPO / "remit_ext" / "data" / "auto_table.json"
-COLUMNS = H.COLUMNS  # the ledger's columns (bench/_harness.py)
+COLUMNS = H.COLUMNS  # the ledger's columns (_harness.py)
 THIRD_PARTY = P.THIRD_PARTY
 CPU_REPEATS = 5  # timed calls per CPU case (after one untimed)
 # A provider's result must match the reference's to atol = rtol = this (x (1 + |ref|)).
@@ -162,7 +164,7 @@ class Family:
 def families() -> dict:
     out = {}
     for name in FAMILY_MODULES:
-        fam = importlib.import_module(f"bench.{name}").FAMILY
+        fam = importlib.import_module(f"{__package__}.{name}").FAMILY
         out[fam.name] = fam
     return out
 
@@ -330,7 +332,7 @@ def check(case: Case, refs: dict, dtype: torch.dtype) -> Optional[str]:
 
 def best_of(case: Case, fam: Family, shape: tuple, dtype: torch.dtype, device_name: str,
             floors: Floors) -> tuple[Optional[float], str]:
-    """(best ms, what it is) for a case: bench/targets.py."""
+    """(best ms, what it is) for a case: targets.py."""
     if fam.floor == "matmul":
         return T.linear_best(device_name, case.work)
     if case.reads:
@@ -485,16 +487,18 @@ def auto_table_rows(rows: Sequence[dict]) -> dict:
 
 
 def write_auto_table(path: Path, device: str, order: dict, env: dict) -> None:
-    data = {"devices": {}}
-    if path.exists():
-        data = json.loads(path.read_text())
-        data.setdefault("devices", {})
+    """Record ``order`` for ``device`` in the table at ``path``, keeping its other entries; a new
+    table starts from the one shipped in the package (its measured devices stay measured)."""
+    source = path if path.exists() else _backends.AUTO_TABLE
+    data = json.loads(source.read_text()) if source.exists() else {}
+    data.setdefault("devices", {})
     data["note"] = ("Per-device backend order for backend='auto', fastest first, written by "
-                    "`python -m bench` (ms p50 summed over its shapes and dtypes); devices not "
+                    "`remit-ext bench` (ms p50 summed over its shapes and dtypes); devices not "
                     "listed use the default order in remit_ext/_backends.py.")
     data["devices"].setdefault(device, {}).update(order)
     data.setdefault("measured", {})[device] = {k: env[k] for k in ("git_sha", "date",
                                                                    "torch_version")}
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
@@ -536,9 +540,13 @@ def add_run_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seq-len", type=int, help=f"tokens per sequence for ReMiT's centring "
                                                 f"(default {SEQ_LEN}; --quick {QUICK_SEQ_LEN})")
     ap.add_argument("--out-dir", type=Path, default=H.RESULTS,
-                    help="where <device>.csv and <device>.md go (default bench/results)")
-    ap.add_argument("--auto-table", default=str(AUTO_TABLE),
-                    help="the backend='auto' table a GPU run updates ('' leaves it alone)")
+                    help="where <device>.csv and <device>.md go (default: bench/results under "
+                         "the current directory, the repository's ledger when run from its root)")
+    ap.add_argument("--auto-table", default=None, metavar="PATH",
+                    help="the backend='auto' table a full GPU run updates (default: the one "
+                         "backend='auto' reads: $REMIT_AUTO_TABLE, else "
+                         "$XDG_CACHE_HOME/remit_ext/auto_table.json or "
+                         "~/.cache/remit_ext/auto_table.json; '' leaves every table alone)")
     ap.add_argument("--device", choices=("cuda", "cpu"),
                     default="cuda" if torch.cuda.is_available() else "cpu",
                     help="where the inputs live (default: cuda when there is one)")
@@ -581,7 +589,7 @@ def resolve(ap: argparse.ArgumentParser, args, fams: dict) -> None:
         ap.error("--device cuda: no CUDA device is available")
 
 
-def main(argv: Optional[Sequence[str]] = None, *, prog: str = "python -m bench") -> int:
+def main(argv: Optional[Sequence[str]] = None, *, prog: str = "remit-ext bench") -> int:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     add_run_arguments(ap)
     args = ap.parse_args(argv)
@@ -602,7 +610,7 @@ def main(argv: Optional[Sequence[str]] = None, *, prog: str = "python -m bench")
         print(f"\n{len(rows)} rows measured; not written"
               f"{' (--quick timings mean nothing)' if args.quick else ''}")
         return 0
-    from bench import report
+    from . import report
 
     device = rows[0]["device"]
     csv_path = args.out_dir / f"{H.device_slug(device)}.csv"
@@ -615,9 +623,10 @@ def main(argv: Optional[Sequence[str]] = None, *, prog: str = "python -m bench")
     # launches, not kernels; a subset of them serves, as the time-capped GPU check runs); a run
     # of some ops updates those ops' entries and keeps the rest.
     published = set(LOGITS_SHAPES + LINEAR_SHAPES)
-    if args.device == "cuda" and args.auto_table and set(args.shapes) <= published:
+    table = _backends.user_auto_table() if args.auto_table is None else args.auto_table
+    if args.device == "cuda" and table and set(args.shapes) <= published:
         order = auto_table_rows(rows)
         if order:
-            write_auto_table(Path(args.auto_table), device, order, H.env_info("cuda"))
-            print(f"backend='auto' order for {device}: {order} -> {args.auto_table}")
+            write_auto_table(Path(table), device, order, H.env_info("cuda"))
+            print(f"backend='auto' order for {device}: {order} -> {table}")
     return 0
