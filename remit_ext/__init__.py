@@ -6,7 +6,8 @@ are in ``remit_ext.reference``.
 Layers: a module imports only its own layer and those above it here, never below, and no
 import circle (``python_tests/test_layers.py`` walks every import, function-level ones too):
 
-- L0 ``reference``, ``_checks``, ``_build`` (+ the compiled ``_C``), ``testing``: leaves.
+- L0 ``reference``, ``_checks``, ``_build`` (+ the compiled ``_C``), ``testing``,
+  ``_source_tree``: leaves.
 - L1 ``_fakes_autograd`` (+ ``_meta``, where the C++ library registers it), ``triton/``: the
   registered ops' Python side (fakes, autograd) and the Triton kernels and ops.
 - L2 ``_backends``: the dispatcher; each backend's logits ops and fused-linear chunk primitives.
@@ -21,6 +22,14 @@ import circle (``python_tests/test_layers.py`` walks every import, function-leve
 """
 
 import torch  # noqa: F401  (the extension has no RUNPATH: libtorch must be loaded first)
+
+from ._source_tree import use_installed_copy
+
+# A checkout's remit_ext/ without a compiled _C, found first because Python was started in the
+# checkout's root after a plain (non-editable) install, is replaced by the installed copy
+# (_source_tree.py); the imports below then only bind that copy's names in this module object,
+# which `import` discards for it.
+use_installed_copy(__name__, __path__[0])
 
 from ._build import build_info
 from . import _meta  # noqa: F401  (registers _fakes_autograd; also loaded by the C++ library)
