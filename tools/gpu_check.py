@@ -54,7 +54,8 @@ FILE_CAP = 120  # one test file
 # Test files with nothing to check on a GPU (the training loop, the benchmark harness, the
 # Triton compile check): CI runs them; the GPU check does not spend device time on them.
 CPU_ONLY = ("test_train.py", "test_rmt.py", "test_bench.py", "test_triton_build.py",
-            "test_gpu_check.py")
+            "test_gpu_check.py", "test_cuda_emu.py", "test_gpu_static.py", "test_layers.py",
+            "test_source_tree.py", "test_flywheel_seeds.py")
 # Files whose tests feed bad input to the kernels: last, so nothing after them can be hurt.
 BAD_INPUT_LAST = ("test_errors.py", "test_validation.py")
 # (tool, extra flags, test files, backends, tests per test function, cap): collected on the
