@@ -47,14 +47,20 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
+def _compile_script(script: str, tmp_path, *args) -> dict:
+    """Run ``script`` in a fresh process with real Triton compilation (this process imported
+    triton in interpreter mode) and return the JSON it prints last."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-c", script, str(REPO / "tools"), *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def test_compile_check_catches_a_kernel_the_interpreter_accepts(tmp_path):
     path = tmp_path / "kernels.py"
     path.write_text(KERNELS)
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(REPO / "tools"), str(path)],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = _compile_script(SCRIPT, tmp_path, path)
     assert out["constexpr_global"] is None
     assert out["plain_global"] is not None and "PLAIN" in out["plain_global"]
 
@@ -81,11 +87,7 @@ def test_compile_check_catches_fma_contraction(tmp_path):
     out as the rounding error of x * inv_temp, positive half the time. The interpreter never
     fuses, so only the compiled PTX shows it. With the launches' options the check passes; the
     fp64 configurations (libdevice's exp/log hold fma.rn.f64 by design) are not inspected."""
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-c", FMA_SCRIPT, str(REPO / "tools")],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = _compile_script(FMA_SCRIPT, tmp_path)
     assert out["launch_options"] is None
     assert out["fused"] is not None and "fma.rn.f32" in out["fused"], out["fused"]
     assert out["fp64"] is None
@@ -111,11 +113,7 @@ def test_aligned_build_gets_128_bit_loads(tmp_path):
     """With the divisibility a launch at V = 128256 gets (pointers, V and strides multiples of
     16), the bf16 gradient kernel loads 128 bits at a time; compiled without it, it loads 16-bit
     scalars, and the check's vector test says so (so a build that lost its hints fails)."""
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-c", VECTOR_SCRIPT, str(REPO / "tools")],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = _compile_script(VECTOR_SCRIPT, tmp_path)
     assert out["True"] is None
     assert out["False"] is not None and "128-bit" in out["False"]
     assert "V" in out["attrs"] and "stride_logits" in out["attrs"]
