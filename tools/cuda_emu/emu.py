@@ -44,7 +44,8 @@ FLAGS = {
     "lib": ["-O2", "-fPIC", "-shared", "-fvisibility=hidden"],
     "selftest": ["-O2", "-fPIC", "-shared", "-fvisibility=hidden"],
     "tsan": ["-O1", "-g", "-fsanitize=thread"],
-    "asan": ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
+    # -O0: 4x faster to compile than -O1 (14 s vs 53 s here) for a run of 2 s instead of 1.9.
+    "asan": ["-O0", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
              "-fno-sanitize-recover=all"],
 }
 SOURCES = {"lib": "harness.cpp", "selftest": "selftest.cpp", "tsan": "driver.cpp",
