@@ -12,9 +12,9 @@ so does fp32 FMA contraction in the PTX of a configuration that accumulates in f
 ``fma_finding``): the interpreter never contracts, so the tests cannot see it.
 
 Each configuration is compiled as written (no specialisation: scalar 16-bit loads for bf16
-rows) and, for sm_90 at the largest vocabulary block (the hot target and shapes; the rest would
-double the time for the same finding), with the specialisation Triton's JIT gives a real launch
-on the hot shapes
+rows) and, for sm_90 with bf16 logits at the largest vocabulary block and the fp32 per-token
+kernels (the hot target and shapes; the rest would double the check's time for the same
+finding), with the specialisation Triton's JIT gives a real launch on the hot shapes
 (``aligned``: every pointer, V and the row strides divisible by 16, as at V = 128256 with
 16-byte aligned allocations), which is the code a GPU actually runs. In the aligned build of a
 row kernel at the largest block, the loads of the logits must be 128-bit (``vector_finding``).
@@ -179,10 +179,15 @@ def configurations(K):
                                                  "HAS_REF": ref, "BLOCK": block, "ACC": acc}, 4)
 
 
-def hot(arch: int, consts: dict) -> bool:
-    """The configurations a launch on the hot shapes runs, compiled aligned too: sm_90, and for
-    the row kernels the largest block (every V > 2048 gets it; V = 128256 is divisible by 16)."""
-    return arch >= 90 and consts.get("BLOCK_V", max(BLOCKS)) == max(BLOCKS)
+def hot(arch: int, consts: dict, sig: dict) -> bool:
+    """The configurations a launch on the hot shapes runs, compiled aligned too: sm_90; for the
+    row kernels bf16 logits at the largest block (V = 128256 is divisible by 16); the
+    per-token kernels in fp32."""
+    if arch < 90:
+        return False
+    if "BLOCK_V" in consts:
+        return consts["BLOCK_V"] == max(BLOCKS) and sig.get("logits_ptr") == DATA["bf16"]
+    return consts.get("ACC") == tl.float32
 
 
 def check_config(K, fn, sig, consts, arch, warps, options=None, aligned=False):
@@ -213,7 +218,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     jobs = [(str(args.kernels), label, fn.__name__, sig, consts, warps, arch, aligned)
             for label, fn, sig, consts, warps in configurations(load_kernels(args.kernels))
-            for arch in args.arch for aligned in ((False, True) if hot(arch, consts)
+            for arch in args.arch for aligned in ((False, True) if hot(arch, consts, sig)
                                                   else (False,))]
     t0 = time.perf_counter()
     with concurrent.futures.ProcessPoolExecutor(max(1, args.jobs)) as pool:
