@@ -111,13 +111,7 @@ def check_same_device(ref: Tensor, x: Tensor, name: str, like: str = "logits") -
 
 
 def check_targets(targets, logits: Tensor, ignore_index: int, name: str = "targets") -> Tensor:
-    _tensor(targets, name)
-    if targets.dtype not in INDEX_DTYPES:
-        raise TypeError(f"{name}: expected dtype int64 or int32, got {targets.dtype}")
-    if targets.shape != logits.shape[:-1]:
-        raise ValueError(f"{name}: expected shape {tuple(logits.shape[:-1])} (logits without "
-                         f"the vocab dim), got {tuple(targets.shape)}")
-    check_same_device(logits, targets, name)
+    check_positions(targets, logits, name)
     how = _value_check(targets.device)
     if how is not None:
         vocab = logits.shape[-1]
