@@ -233,11 +233,12 @@ def test_gradcheck_fp64(backend):
     assert torch.autograd.gradcheck(f, (z, s), eps=1e-6, atol=1e-8)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_confident_rows_logprob_is_relatively_accurate(backend, temperature):
-    # p(target) -> 1: a = -log1p(off-max mass) ~ -1e-7. fp32 PyTorch (lse rounded to ~1e-7
-    # absolute) loses every digit; the kernels must keep a to 1e-3 relative. With a temperature
+    # p(target) -> 1: a = -log1p(off-max mass) ~ -1e-7. fp32 z_y - LSE(z) (lse rounded to
+    # ~1e-7 absolute) loses every digit; every backend must keep a to 1e-3 relative (the torch
+    # one through the reference's log1p form). With a temperature
     # the scaled row must be rounded before the max is subtracted (a fused multiply-add there
     # would leave the max's own term != 1 and could make a > 0).
     logits, _, targets = make_pair((2, 32, 1025), torch.float32, seed=28)
@@ -255,6 +256,31 @@ def test_confident_rows_logprob_is_relatively_accurate(backend, temperature):
     assert bool((g <= 0).all()), "a log-probability above 0"
     rel = float(((g - t) / t).abs().max())
     assert rel < 1e-3, f"log-prob relative error {rel:.2e} on confident rows"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_confident_rows_logprob_backward(backend, temperature, with_entropy):
+    # p(target) -> 1: d a / d z_y = (1 - p_y) / T ~ 1e-7 must come from expm1(a), not from a
+    # p_y rounded to 1 (which gives exactly 0 on every row).
+    logits, _, targets = make_pair((2, 32, 1025), torch.float32, seed=29)
+    logits = confident_rows(logits, targets)
+    z = logits.clone().requires_grad_(True)
+    out = remit_ext.token_stats(z, targets, temperature=temperature, entropy=with_entropy,
+                                backend=backend)
+    (grad,) = torch.autograd.grad(out.logprob.sum(), z)
+    # The truth in fp64 from its log1p form (y is each row's argmax): (1 - p_y) / T on the
+    # target column, as -expm1(a) / T with a = -log1p(sum_{j != y} exp((z_j - z_y) / T)).
+    valid = targets != IGNORE
+    idx = targets.clamp(min=0)[..., None]
+    x = logits.double() / temperature
+    off = torch.exp(x - x.gather(-1, idx)).scatter(-1, idx, 0.0).sum(-1)
+    want = -torch.expm1(-torch.log1p(off)) / temperature
+    g, t = grad.gather(-1, idx).squeeze(-1)[valid].double(), want[valid]
+    assert bool((t > 0).all()) and float(t.max()) < 1e-5, "rows are not confident"
+    rel = float(((g - t) / t).abs().max())
+    assert rel < 1e-3, f"target-logit gradient relative error {rel:.2e} on confident rows"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -8,8 +8,9 @@ import circle (``python_tests/test_layers.py`` walks every import, function-leve
 
 - L0 ``reference``, ``_checks``, ``_build`` (+ the compiled ``_C``), ``testing``,
   ``_source_tree``: leaves.
-- L1 ``_fakes_autograd`` (+ ``_meta``, where the C++ library registers it), ``triton/``: the
-  registered ops' Python side (fakes, autograd) and the Triton kernels and ops.
+- L1 ``_grads`` (the closed-form logits gradients, one copy each), ``_fakes_autograd`` (+
+  ``_meta``, where the C++ library registers it), ``triton/``: the registered ops' Python side
+  (fakes, autograd) and the Triton kernels and ops.
 - L2 ``_backends``: the dispatcher; each backend's logits ops and fused-linear chunk primitives.
 - L3 ``_linear_plan``, ``_linear_engine``, ``_linear_ops``, ``_linear_local``: the fused-linear
   chunk planning, engine, registered ops and plain-tensor entry points.

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import reference as ref
-from ._fakes_autograd import _token_stats_input_grad
+from ._grads import kd_grad, token_stats_grad
 
 # Order in which backend="auto" tries backends, by the inputs' device type (names not
 # registered are skipped). Triton is never auto-picked for CPU tensors: its CPU interpreter is a
@@ -177,19 +177,18 @@ class TorchBackend(Backend):
 
     def chunk_ce_grad_(self, z, y, lse, a, coef, ii):
         # d(-coef * a)/dz = coef * (softmax(z) - onehot(y)), masked at invalid rows.
-        return z.copy_(_token_stats_input_grad(z, y, lse, None, None, -coef, None, 1.0, ii))
+        return z.copy_(token_stats_grad(z, y, a, lse, None, -coef, None, None, 1.0, ii,
+                                        overwrite=True))
 
     def chunk_kd(self, z, tz, y, ii, temperature):
         loss = ref.kd_loss_ref(z, tz, y, temperature=temperature, ignore_index=ii,
                                reduction="none")
-        return loss, None, None
+        dt = ref.acc_dtype(z.dtype)
+        lse = torch.logsumexp(z.to(dt) / temperature, -1)
+        return loss, lse, torch.logsumexp(tz.to(dt) / temperature, -1)
 
     def chunk_kd_grad(self, z, tz, y, lse, tlse, coef, ii, temperature):
-        dt = ref.acc_dtype(z.dtype)
-        p = torch.softmax(z.to(dt) / temperature, dim=-1)
-        q = torch.softmax(tz.to(dt) / temperature, dim=-1)
-        scale = torch.where(y != ii, coef / temperature, 0).unsqueeze(-1)
-        return ((p - q) * scale).to(z.dtype)
+        return kd_grad(z, tz, lse, tlse, coef, y != ii, temperature)
 
 
 class OpsBackend(Backend):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._grads import token_stats_grad
 from .reference import acc_dtype, segment_ids
 
 
@@ -109,47 +110,28 @@ def _ce_grad(ops, logits: Tensor, targets: Tensor, lse: Tensor, logprob: Tensor,
     return ops.weighted_ce_bwd(logits, targets, lse, logprob, coef, ignore_index)
 
 
-def _token_stats_input_grad(z, y, lse, entropy, g_lse, g_logprob, g_entropy, temperature,
-                            ignore_index):
-    """d lse/dx = p;  d a/dx = onehot - p;  d H/dx = -p (log p + H);  x = z / temperature."""
-    valid = (y != ignore_index).unsqueeze(-1)
-    logp = z.to(lse.dtype) / temperature - lse.unsqueeze(-1)
-    p = logp.exp()
-    g_lse = torch.zeros_like(lse) if g_lse is None else g_lse
-    g_logprob = torch.zeros_like(lse) if g_logprob is None else g_logprob
-    grad = p * (g_lse - g_logprob).unsqueeze(-1)
-    # A target outside [0, V) (value checks off, or skipped under torch.compile) gets no
-    # one-hot, as in the kernels' backward, and forms no out-of-bounds index.
-    hit = valid.squeeze(-1) & (y >= 0) & (y < z.shape[-1])
-    grad = grad.scatter_add(-1, torch.where(hit, y, 0).long().unsqueeze(-1),
-                            torch.where(hit, g_logprob, 0).unsqueeze(-1))
-    if g_entropy is not None and entropy.numel() > 0:
-        # p = 0 (a -inf logit, or an underflow) contributes 0, not 0 * -inf.
-        dH = torch.where(p > 0, p * (logp + entropy.unsqueeze(-1)), 0)
-        grad = grad - dH * g_entropy.unsqueeze(-1)
-    return torch.where(valid, grad / temperature, 0).to(z.dtype)
-
-
 def _token_stats_setup(ctx, inputs, output):
     (logits, targets, scorer_logits, ignore_index, temperature, _with_entropy, _topk,
      _topk_renormalize) = inputs
-    lse, _, entropy, topk_entropy, scorer_lse, _ = output
-    ctx.save_for_backward(logits, targets, scorer_logits, lse, entropy, scorer_lse)
+    lse, logprob, entropy, topk_entropy, scorer_lse, scorer_logprob = output
+    ctx.save_for_backward(logits, targets, scorer_logits, lse, logprob, entropy, scorer_lse,
+                          scorer_logprob)
     ctx.ignore_index, ctx.temperature = ignore_index, temperature
     ctx.mark_non_differentiable(topk_entropy)  # a token-difficulty score, not a training signal
 
 
 def _token_stats_backward(ctx, g_lse, g_logprob, g_entropy, g_topk_entropy, g_scorer_lse,
                           g_scorer_logprob):
-    logits, targets, scorer_logits, lse, entropy, scorer_lse = ctx.saved_tensors
+    (logits, targets, scorer_logits, lse, logprob, entropy, scorer_lse,
+     scorer_logprob) = ctx.saved_tensors
     grad = scorer_grad = None
     if ctx.needs_input_grad[0]:
-        grad = _token_stats_input_grad(logits, targets, lse, entropy, g_lse, g_logprob, g_entropy,
-                                       ctx.temperature, ctx.ignore_index)
+        grad = token_stats_grad(logits, targets, logprob, lse, entropy, g_logprob, g_entropy,
+                                g_lse, ctx.temperature, ctx.ignore_index)
     if scorer_logits is not None and ctx.needs_input_grad[2]:
-        scorer_grad = _token_stats_input_grad(scorer_logits, targets, scorer_lse, entropy[:0],
-                                              g_scorer_lse, g_scorer_logprob, None,
-                                              ctx.temperature, ctx.ignore_index)
+        scorer_grad = token_stats_grad(scorer_logits, targets, scorer_logprob, scorer_lse, None,
+                                       g_scorer_logprob, None, g_scorer_lse, ctx.temperature,
+                                       ctx.ignore_index)
     return grad, None, scorer_grad, None, None, None, None, None
 
 

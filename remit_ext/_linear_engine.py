@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ._backends import BACKENDS, OpsBackend
+from ._grads import token_stats_grad
 from ._linear_plan import _aligned_chunks, _free_chunks, _host_bounds, _offsets
 from .reference import acc_dtype, count_scale, rho1_keep_mask
 
@@ -271,57 +272,6 @@ def _token_stats_fwd(hidden, weight, targets, bias, ignore_index, temperature, w
     return logprob, entropy, lse
 
 
-def _stats_logits_grad(z: Tensor, y: Tensor, logprob: Tensor, lse: Tensor,
-                       entropy: Optional[Tensor], g_lp: Optional[Tensor],
-                       g_ent: Optional[Tensor], g_lse: Optional[Tensor], temperature: float,
-                       ignore_index: int) -> Tensor:
-    """d(sum_t g_lp a_t + g_ent H_t + g_lse lse_t) / dz for one chunk, in z's dtype.
-
-    With x = z / T, p = softmax(x), a = log p_y, H = -sum p log p:
-    d lse/dx = p, d a/dx = onehot(y) - p, d H/dx = -p (log p + H), so
-    dx = p * (alpha - g_ent log p) + g_lp onehot(y),  alpha = g_lse - g_lp - g_ent H,  dz = dx / T.
-    The target column is formed from a (``expm1``) rather than from a rounded p (METHODS.md
-    section 5). Works in two fp32 [C, V] buffers; the first (log p) receives the gradient.
-    """
-    dt = lse.dtype
-    valid = y != ignore_index
-    zero = torch.zeros_like(lse)
-    g_lp = zero if g_lp is None else g_lp.to(dt)
-    base = zero if g_lse is None else g_lse.to(dt)  # alpha + g_lp
-    if g_ent is not None:
-        g_ent = g_ent.to(dt)
-        base = base - g_ent * entropy
-    alpha = base - g_lp
-    logp = z.to(dt)  # z itself when it is already fp32: the chunk buffer is ours to overwrite
-    if temperature != 1.0:
-        logp.div_(temperature)
-    logp.sub_(lse.unsqueeze(-1))
-    p = logp.exp()
-    if g_ent is not None:
-        grad = logp.mul_(-g_ent.unsqueeze(-1)).add_(alpha.unsqueeze(-1)).mul_(p)
-        # p = 0 (a -inf logit or an underflow): 0, not 0 * inf. NaN (NaN input) stays NaN.
-        grad.masked_fill_(p == 0, 0)
-    else:
-        grad = torch.mul(p, alpha.unsqueeze(-1), out=logp)
-    del p
-    # Target column: p_y (alpha - g_ent a) + g_lp = p_y base - g_lp expm1(a) - g_ent p_y a.
-    a = torch.where(valid, logprob.to(dt), zero)
-    p_y = a.exp()
-    col = p_y * base - g_lp * torch.expm1(a)
-    if g_ent is not None:
-        col = col - g_ent * torch.where(p_y == 0, zero, p_y * a)
-    # A target outside [0, V) (value checks off, or skipped under torch.compile): no one-hot,
-    # as in the kernels' backward, and no out-of-bounds index (its forward log-prob is NaN).
-    hit = valid & (y >= 0) & (y < grad.shape[-1])
-    idx = torch.where(hit, y, 0).long().unsqueeze(-1)
-    col = torch.where(hit, col, grad.gather(-1, idx).squeeze(-1))
-    grad.scatter_(-1, idx, col.unsqueeze(-1))
-    if temperature != 1.0:
-        grad.div_(temperature)
-    grad.masked_fill_(~valid.unsqueeze(-1), 0)
-    return grad.to(z.dtype)
-
-
 def _token_stats_bwd(hidden, weight, targets, bias, logprob, lse, entropy, g_lp, g_ent, g_lse,
                      ignore_index, temperature, chunk_size, need_h, need_w, need_b, backend,
                      not_owned: Optional[Tensor] = None, w_fp32: bool = True):
@@ -355,12 +305,13 @@ def _token_stats_bwd(hidden, weight, targets, bias, logprob, lse, entropy, g_lp,
                 fix = (c * torch.exp(z0 - lse[s:e])).to(g.dtype)
                 g[:, 0] = torch.where(not_owned[s:e], fix, g[:, 0])
         else:
-            g = _stats_logits_grad(z, y_slow[s:e], logprob[s:e], lse[s:e],
-                                   None if g_ent is None else entropy[s:e],
-                                   None if g_lp is None else g_lp[s:e],
-                                   None if g_ent is None else g_ent[s:e],
-                                   None if g_lse is None else g_lse[s:e], temperature,
-                                   ignore_index)
+            # The chunk buffer is ours: the gradient may be formed in it.
+            g = token_stats_grad(z, y_slow[s:e], logprob[s:e], lse[s:e],
+                                 None if g_ent is None else entropy[s:e],
+                                 None if g_lp is None else g_lp[s:e],
+                                 None if g_ent is None else g_ent[s:e],
+                                 None if g_lse is None else g_lse[s:e], temperature,
+                                 ignore_index, overwrite=True)
         grads.add(g, s, e)
         del z, g
     return grads.empty()

@@ -27,6 +27,10 @@ __all__ = [
     "linear_token_stats_ref",
     "topk_entropy_ref",
     "remit_weights_ref",
+    "remit_delta_sums",
+    "remit_weights_from_sums",
+    "remit_diag_sums",
+    "remit_diag_from_sums",
     "weighted_ce_ref",
     "remit_loss_ref",
     "rho1_loss_ref",
@@ -127,6 +131,22 @@ def _gather_target(logp: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
     return torch.where(valid, a, torch.zeros((), dtype=a.dtype, device=a.device))
 
 
+def _top_target_logprob(z: Tensor, targets: Tensor, valid: Tensor, logprob: Tensor) -> Tensor:
+    """``logprob`` with each row whose target holds the row's finite maximum recomputed as
+    a = -log1p(sum_{j != y} exp(z_j - z_y)): there p_y -> 1 and z_y - LSE(z) cancels (in fp32
+    every digit of a ~ -1e-7 is lost), the log1p form keeps them, and so does its autograd
+    (d a / d z_y = off / (1 + off) = 1 - p_y, not 1 - a rounded p_y). The kernels keep these
+    digits too (METHODS.md section 5)."""
+    in_range = valid & (targets >= 0) & (targets < z.shape[-1])
+    idx = torch.where(in_range, targets, 0).long().unsqueeze(-1)
+    zy = z.gather(-1, idx)
+    top = in_range & (zy.squeeze(-1) == z.amax(-1)) & torch.isfinite(zy.squeeze(-1))
+    # Other rows: exp(-inf) = 0, so no inf or NaN is formed for autograd to multiply by 0.
+    shifted = torch.where(top.unsqueeze(-1), z - zy, -math.inf)
+    off = shifted.exp().scatter(-1, idx, 0.0).sum(-1)
+    return torch.where(top, -torch.log1p(off), logprob)
+
+
 def target_logprob_ref(logits: Tensor, targets: Tensor, *, ignore_index: int = -100) -> Tensor:
     """a_t = log softmax(z_t)[y_t] (section 1), 0 at invalid positions: the one statistic the
     losses need, computed as eager PyTorch code would (log_softmax, then gather)."""
@@ -153,7 +173,7 @@ def token_stats_ref(
         z = z / temperature
     logp = torch.log_softmax(z, dim=-1)
     lse = torch.logsumexp(z, dim=-1)
-    logprob = _gather_target(logp, targets, valid)
+    logprob = _top_target_logprob(z, targets, valid, _gather_target(logp, targets, valid))
     if entropy:
         # -sum p log p with p log p := 0 where p = 0; masking log p (not the product) keeps
         # the backward free of 0 * -inf as well.
@@ -211,7 +231,24 @@ def remit_weights_ref(
     delta_hat_t = delta_t - mu_s;  w_t = clip(2 sigmoid(delta_hat_t), 1 - eps, 1 + eps).
     Invalid positions get w = 0 and delta_hat = 0. With ``detach=False`` the weights carry the
     gradient of that expression with respect to ``logprob`` (the non-detached study option).
+
+    The three steps below are the one copy of the formula: context parallelism
+    (``distributed/context_parallel``) runs them with its all-gathers between them.
     """
+    delta, valid, seg, sums = remit_delta_sums(logprob, scorer_logprob, valid, cu_seqlens,
+                                               detach=detach)
+    w, delta_hat, raw = remit_weights_from_sums(delta, valid, seg, sums, eps)
+    with torch.no_grad():
+        diag = remit_diag_from_sums(remit_diag_sums(w, raw, delta_hat, delta, valid, eps),
+                                    delta.dtype)
+    return w, delta_hat, diag
+
+
+def remit_delta_sums(logprob: Tensor, scorer_logprob: Tensor, valid: Tensor,
+                     cu_seqlens: Optional[Tensor], *, detach: bool = True):
+    """Step 3: ``(delta, valid, segment ids, sums)`` with delta = b - a at valid positions (0
+    elsewhere) and ``sums [2, S]`` each sequence's sum of delta and count of valid positions,
+    in the accumulation dtype. ``valid`` comes back narrowed by malformed offsets."""
     dt = acc_dtype(logprob.dtype)
     a = logprob.to(dt) if not detach else logprob.detach().to(dt)
     b = scorer_logprob.detach().to(dt)
@@ -221,40 +258,56 @@ def remit_weights_ref(
         # Malformed offsets (validation "off", or under torch.compile): a position no segment
         # covers counts nothing and forms no out-of-range index, as in the Triton kernel.
         valid = valid & (seg < num_seg)
-        seg = seg.clamp(max=num_seg - 1)
+        seg = seg.clamp(max=max(num_seg - 1, 0))
     vf = valid.to(dt)
-    zero = torch.zeros((), dtype=dt, device=a.device)
     # Selected, not multiplied by the mask: a NaN/inf log-prob at an ignored position must
     # not reach its sequence's mean (0 * NaN = NaN).
-    delta = torch.where(valid, b - a, zero)
+    delta = torch.where(valid, b - a, torch.zeros((), dtype=dt, device=a.device))
     if num_seg == 1:
         # The same sums without index_add: inductor (torch 2.13, CPU) fails an assertion
         # generating code for an index_add into one slot, so torch.compile of this reference
         # crashed on single-sequence inputs.
-        seg_sum, seg_cnt = delta.sum().reshape(1), vf.sum().reshape(1)
+        sums = torch.stack([delta.sum(), vf.sum()]).reshape(2, 1)
     else:
-        seg_sum = torch.zeros(num_seg, dtype=dt, device=a.device).index_add(0, seg, delta)
-        seg_cnt = torch.zeros(num_seg, dtype=dt, device=a.device).index_add(0, seg, vf)
-    mu = seg_sum / seg_cnt.clamp(min=1)
+        sums = torch.zeros(2, num_seg, dtype=dt, device=a.device).index_add(
+            1, seg, torch.stack([delta, vf]))
+    return delta, valid, seg, sums
+
+
+def remit_weights_from_sums(delta: Tensor, valid: Tensor, seg: Tensor, sums: Tensor,
+                            eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Steps 4-5 from the sequences' sums (``remit_delta_sums``, possibly summed over ranks):
+    ``(w, delta_hat, raw)`` with raw = 2 sigmoid(delta_hat) before the clip."""
+    zero = torch.zeros((), dtype=delta.dtype, device=delta.device)
+    mu = sums[0] / sums[1].clamp(min=1)
     delta_hat = torch.where(valid, delta - mu[seg], zero)
     raw = 2 * torch.sigmoid(delta_hat)
     w = torch.where(valid, raw.clamp(1 - eps, 1 + eps), zero)
+    return w, delta_hat, raw
 
-    with torch.no_grad():
-        n_valid = vf.sum()
-        inv = 1 / n_valid.clamp(min=1)
-        wd = w.detach()
-        w_mean = wd.sum() * inv
-        w_var = ((wd - w_mean) ** 2 * vf).sum() * inv
-        diag = ReMiTDiagnostics(
-            w_mean=w_mean,
-            w_std=w_var.sqrt(),
-            frac_clip_low=((raw <= 1 - eps) & valid).to(dt).sum() * inv,
-            frac_clip_high=((raw >= 1 + eps) & valid).to(dt).sum() * inv,
-            abs_delta_hat_mean=delta_hat.detach().abs().sum() * inv,
-            delta_mean=delta.detach().sum() * inv,
-        )
-    return w, delta_hat, diag
+
+def remit_diag_sums(w: Tensor, raw: Tensor, delta_hat: Tensor, delta: Tensor, valid: Tensor,
+                    eps: float) -> Tensor:
+    """The diagnostics' sums, fp64 ``[7]``: [n, sum w, sum w^2, n clipped low, n clipped high,
+    sum |delta_hat|, sum delta] over the valid positions (ranks add theirs before
+    ``remit_diag_from_sums``). Summed in fp64 from fp64 terms: near w = 1, E[w^2] - E[w]^2 from
+    fp32 sums is cancellation noise (a std of 0 or 2.6e-4 where the true one is 9e-6)."""
+    d64 = torch.float64
+    w64 = w.detach().to(d64)
+    return torch.stack([valid.to(d64).sum(), w64.sum(), (w64 * w64).sum(),
+                        ((raw <= 1 - eps) & valid).sum().to(d64),
+                        ((raw >= 1 + eps) & valid).sum().to(d64),
+                        delta_hat.detach().to(d64).abs().sum(), delta.detach().to(d64).sum()])
+
+
+def remit_diag_from_sums(s: Tensor, dtype: torch.dtype) -> ReMiTDiagnostics:
+    """Diagnostics from ``remit_diag_sums`` (of one rank, or added over ranks), in ``dtype``:
+    means over the valid count (0 when it is 0), population std as sqrt(E[w^2] - E[w]^2)."""
+    inv = 1 / s[0].clamp(min=1)
+    mean = s[1] * inv
+    var = (s[2] * inv - mean * mean).clamp(min=0)
+    return ReMiTDiagnostics(*(x.to(dtype) for x in (mean, var.sqrt(), s[3] * inv, s[4] * inv,
+                                                     s[5] * inv, s[6] * inv)))
 
 
 def weighted_ce_ref(

@@ -15,9 +15,9 @@ from torch import Tensor
 
 from .. import _checks as chk
 from .._backends import select_backend
-from ..reference import acc_dtype, reduce_tokens, segment_ids
+from ..reference import (reduce_tokens, remit_delta_sums, remit_diag_from_sums,
+                         remit_diag_sums, remit_weights_from_sums)
 from ._groups import _check_agree, _eager, _gather, _group, _handshake, _host_checks
-from .data_parallel import _diag_from_sums
 from .vocab_parallel import vocab_parallel_token_stats
 
 
@@ -27,38 +27,21 @@ def remit_weights(a: Tensor, b: Tensor, valid: Tensor, offsets: Tensor, eps: flo
     """(w, delta_hat, diagnostics) as ``remit_weights_ref`` (detached), with the per-sequence
     sums of delta and counts gathered over ``cp_group`` and the diagnostics over ``cp_group``
     and ``dp_group``."""
-    dt = acc_dtype(a.dtype)
-    a, b = a.detach().to(dt), b.detach().to(dt)
-    n = a.shape[0]
-    seg, num_seg = segment_ids(offsets, n, a.device)
-    vf = valid.to(dt)
-    delta = (b - a) * vf
-    sums = torch.zeros(2, num_seg, dtype=dt, device=a.device).index_add(
-        1, seg, torch.stack([delta, vf]))
+    delta, valid, seg, sums = remit_delta_sums(a, b, valid, offsets)
     if cp_group is not None:
         group, _, world = _group(cp_group, "cp_group")
-        table = _handshake([num_seg], a.device, group, world)
+        table = _handshake([sums.shape[1]], a.device, group, world)
         if _host_checks(a.device):
             _check_agree(table, 0, "number of sequences (rows of targets, or cu_seqlens "
                          "documents)", "targets", "cp_group")
         sums = _gather(sums, group, world).sum(0)
-    mu = sums[0] / sums[1].clamp(min=1)
-    delta_hat = (delta - mu[seg]) * vf
-    raw = 2 * torch.sigmoid(delta_hat)
-    w = raw.clamp(1 - eps, 1 + eps) * vf
-    d64 = torch.float64
-    # Summed in fp64 from the start: near w = 1, E[w^2] - E[w]^2 from fp32 sums is cancellation
-    # noise (a std of 0 or 2.6e-4 where the true one is 9e-6).
-    w64 = w.to(d64)
-    local = torch.stack([vf.to(d64).sum(), w64.sum(), (w64 * w64).sum(),
-                         ((raw <= 1 - eps) & valid).sum().to(d64),
-                         ((raw >= 1 + eps) & valid).sum().to(d64),
-                         delta_hat.to(d64).abs().sum(), delta.to(d64).sum()])
+    w, delta_hat, raw = remit_weights_from_sums(delta, valid, seg, sums, eps)
+    local = remit_diag_sums(w, raw, delta_hat, delta, valid, eps)
     for g, name in ((cp_group, "cp_group"), (dp_group, "dp_group")):
         if g is not None:
             group, _, world = _group(g, name)
             local = _gather(local, group, world).sum(0)
-    return w, delta_hat, _diag_from_sums(local, dt)
+    return w, delta_hat, remit_diag_from_sums(local, delta.dtype)
 
 
 def _local_logprobs(logits, targets, scorer_logits, ignore_index, backend):

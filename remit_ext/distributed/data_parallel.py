@@ -22,21 +22,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import _checks as chk
-from ..reference import ReMiTDiagnostics
+from ..reference import ReMiTDiagnostics, remit_diag_from_sums
 from ._groups import _eager, _gather, _group
 
 __all__ = ["global_num_items", "reduce_diagnostics"]
-
-
-def _diag_from_sums(s: Tensor, dt: torch.dtype) -> ReMiTDiagnostics:
-    """Diagnostics from [n, sum w, sum w^2, n_low, n_high, sum |delta_hat|, sum delta], each
-    summed in fp64 from fp64 terms (the variance as E[w^2] - E[w]^2 is then exact to fp32
-    precision)."""
-    inv = 1 / s[0].clamp(min=1)
-    mean = s[1] * inv
-    var = (s[2] * inv - mean * mean).clamp(min=0)
-    return ReMiTDiagnostics(*(x.to(dt) for x in (mean, var.sqrt(), s[3] * inv, s[4] * inv,
-                                                  s[5] * inv, s[6] * inv)))
 
 
 @_eager
@@ -51,7 +40,8 @@ def reduce_diagnostics(diagnostics: ReMiTDiagnostics, targets: Tensor, group, *,
     n = (targets != ignore_index).sum().to(torch.float64)
     local = torch.stack([n, n * d[0], n * (d[1] * d[1] + d[0] * d[0]), n * d[2], n * d[3],
                          n * d[4], n * d[5]])
-    return _diag_from_sums(_gather(local, group, world).sum(0), diagnostics.w_mean.dtype)
+    return remit_diag_from_sums(_gather(local, group, world).sum(0),
+                                diagnostics.w_mean.dtype)
 
 
 @_eager

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .. import _checks as chk
 from .._backends import select_backend
-from .._fakes_autograd import _token_stats_input_grad
+from .._grads import kd_grad, token_stats_grad
 from ..reference import acc_dtype, reduce_tokens, rho1_keep_mask
 from ._groups import _check_agree, _eager, _gather, _group, _handshake, _host_checks
 
@@ -168,7 +168,7 @@ class _VocabParallelStats(torch.autograd.Function):
                 layout, lse_l, a_l, ent_l if with_entropy else None,
                 None if scorer_z is None else (s_lse_l, s_a_l))
         ent_saved = ent if with_entropy else lse.new_empty(0)
-        ctx.save_for_backward(z, layout.y_bwd, lse, ent_saved)
+        ctx.save_for_backward(z, layout.y_bwd, lse, logprob, ent_saved)
         ctx.temperature, ctx.with_entropy = temperature, with_entropy
         out = [lse, logprob, ent if with_entropy else torch.zeros_like(lse)]
         s_out = [lse.new_zeros(0), lse.new_zeros(0)] if scorer_z is None else [s_lse, s_logprob]
@@ -177,12 +177,14 @@ class _VocabParallelStats(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_lse, g_logprob, g_ent, _g_s_lse, _g_s_logprob):
-        z, y, lse, ent = ctx.saved_tensors
+        z, y, lse, logprob, ent = ctx.saved_tensors
         grad = None
         if ctx.needs_input_grad[0]:
-            grad = _token_stats_input_grad(z, y, lse, ent, g_lse, g_logprob,
-                                           g_ent if ctx.with_entropy else None, ctx.temperature,
-                                           _LOCAL_IGNORE)
+            # y_bwd: a row whose target another shard owns has a target outside [0, V_local)
+            # (p terms, no one-hot); ignored rows carry _LOCAL_IGNORE.
+            grad = token_stats_grad(z, y, logprob, lse, ent, g_logprob,
+                                    g_ent if ctx.with_entropy else None, g_lse, ctx.temperature,
+                                    _LOCAL_IGNORE)
         return grad, None, None, None, None, None, None
 
 
@@ -240,12 +242,7 @@ class _VocabParallelKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         z, tz, lse, tlse, valid = ctx.saved_tensors
-        t = ctx.temperature
-        dt = lse.dtype
-        p = torch.exp(z.to(dt) / t - lse.unsqueeze(-1))
-        q = torch.exp(tz.to(dt) / t - tlse.unsqueeze(-1))
-        scale = torch.where(valid, g / t, 0).unsqueeze(-1)
-        return ((p - q) * scale).to(z.dtype), None, None, None
+        return kd_grad(z, tz, lse, tlse, g, valid, ctx.temperature), None, None, None
 
 
 # ------------------------------------------------------------------------------ losses
