@@ -332,6 +332,14 @@ def remit_cp_rows(rank, world, groups):
                                  cp_group=groups["world"])
     _close(pw.weights, _cp_split(fw.weights, rank, world), "remit_weights cp")
     _close(pw.delta_hat, _cp_split(fw.delta_hat, rank, world), "delta_hat cp")
+    # Non-finite scorer log-probs at ignored positions change nothing (not a NaN sequence mean).
+    b_bad = torch.where(y == -100, torch.tensor(float("nan")), b)
+    b_bad[1, 0] = float("inf")
+    pw = remit_ext.remit_weights(_cp_split(a, rank, world), _cp_split(b_bad, rank, world), yl,
+                                 cp_group=groups["world"])
+    _close(pw.weights, _cp_split(fw.weights, rank, world), "remit_weights cp, NaN at ignored")
+    for k, v in fw.diagnostics._asdict().items():
+        _close(getattr(pw.diagnostics, k), v, k)
 
 
 @case(CASES_2)
