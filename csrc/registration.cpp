@@ -1,5 +1,5 @@
 // Every remit_ext op schema, in one place. Backends register kernels in csrc/<backend>/*;
-// fakes and autograd live in remit_ext/_meta.py (loaded through set_python_module).
+// fakes and autograd live in remit_ext/_fakes_autograd.py (loaded through set_python_module).
 //
 // Conventions: logits are 2-D [N, V] (the Python layer flattens batch dims), targets 1-D [N]
 // int64/int32 with `ignore_index` marking invalid positions; statistics come out in the
@@ -9,7 +9,7 @@
 TORCH_LIBRARY(remit_ext, m) {
   // Where the fakes live. impl_abstract_pystub is set_python_module's older name; both exist in
   // every torch we support (2.11-2.13), and only the old one is certain in the oldest.
-  m.impl_abstract_pystub("remit_ext._meta");
+  m.impl_abstract_pystub("remit_ext._fakes_autograd");
 
   // Section 1 of METHODS.md: one pass per row -> lse, target log-prob, optional entropy and
   // top-k entropy (topk > 0; renormalised on request), for the policy and (optionally) the

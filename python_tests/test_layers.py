@@ -25,7 +25,6 @@ LAYERS = [
                    "remit_ext._source_tree",
                    "remit_ext._C", "remit_ext.testing"]),
     ("L1 registered-op Python side", ["remit_ext._grads", "remit_ext._fakes_autograd",
-                                      "remit_ext._meta",
                                       "remit_ext.triton", "remit_ext.triton.*"]),
     ("L2 dispatcher", ["remit_ext._backends"]),
     ("L3 fused-linear engine", ["remit_ext._linear_plan", "remit_ext._linear_engine",

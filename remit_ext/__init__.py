@@ -8,9 +8,9 @@ import circle (``python_tests/test_layers.py`` walks every import, function-leve
 
 - L0 ``reference``, ``_checks``, ``_build`` (+ the compiled ``_C``), ``testing``,
   ``_source_tree``: leaves.
-- L1 ``_grads`` (the closed-form logits gradients, one copy each), ``_fakes_autograd`` (+
-  ``_meta``, where the C++ library registers it), ``triton/``: the registered ops' Python side
-  (fakes, autograd) and the Triton kernels and ops.
+- L1 ``_grads`` (the closed-form logits gradients, one copy each), ``_fakes_autograd``,
+  ``triton/``: the registered ops' Python side (fakes, autograd) and the Triton kernels and
+  ops.
 - L2 ``_backends``: the dispatcher; each backend's logits ops and fused-linear chunk primitives.
 - L3 ``_linear_plan``, ``_linear_engine``, ``_linear_ops``, ``_linear_local``: the fused-linear
   chunk planning, engine, registered ops and plain-tensor entry points.
@@ -33,7 +33,7 @@ from ._source_tree import use_installed_copy
 use_installed_copy(__name__, __path__[0])
 
 from ._build import build_info
-from . import _meta  # noqa: F401  (registers _fakes_autograd; also loaded by the C++ library)
+from . import _fakes_autograd  # noqa: F401  (the C++ ops' fakes and autograd)
 from ._backends import BackendUnavailableError, available_backends
 from ._checks import get_validation, set_validation, validation
 from .functional import (

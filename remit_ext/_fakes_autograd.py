@@ -2,8 +2,10 @@
 for each op, giving ``torch.compile`` and ``opcheck`` the output shapes, and the autograd of each
 differentiable op (setup + backward), registered on the op itself so that every backend (the C++
 library, and the Triton namespace that mirrors its schemas) shares one backward; each backward
-runs its own namespace's gradient kernels. ``_meta`` registers these on ``remit_ext::*`` (the
-module the C++ library names); ``triton/ops.py`` on ``remit_ext_triton::*``.
+runs its own namespace's gradient kernels. Registered here on the C++ library's ops
+``remit_ext::*`` (csrc/registration.cpp names this module as their fakes' home, and torch
+checks that their ``register_fake`` calls come from it); ``triton/ops.py`` registers them on
+``remit_ext_triton::*``. Each setup unpacks the op's inputs into names, as its schema spells them.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._build import load_extension
 from ._grads import token_stats_grad
 from .reference import acc_dtype, segment_ids
 
@@ -304,8 +307,15 @@ def register_autograd(namespace: str, names) -> None:
 def register_fakes_autograd(namespace: str, names) -> None:
     """Register the fakes and the autograd above on ops ``namespace::name`` that share the
     schemas of csrc/registration.cpp, defined in Python (the Triton backend). The C++ library's
-    own ops are registered from ``_meta``, the module its ``impl_abstract_pystub`` names (torch
-    checks that a C++ op's fake comes from there)."""
+    own ops are registered below, at import."""
     for name in names:
         torch.library.register_fake(f"{namespace}::{name}")(FAKES[name])
     register_autograd(namespace, names)
+
+
+# The C++ library's ops: loaded first (a no-op once remit_ext is imported), then given their
+# fakes and autograd from this module, the one its impl_abstract_pystub names.
+load_extension()
+for _name, _fake in FAKES.items():
+    torch.library.register_fake(f"remit_ext::{_name}")(_fake)
+register_autograd("remit_ext", FAKES)

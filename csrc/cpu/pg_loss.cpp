@@ -2,7 +2,7 @@
 // one read of each row gives lse and a_t = log p(action_t), and the per-token epilogue
 // (pg_terms.h: loss_t and dlogprob_t = d loss_t / d a_t) runs in the same row loop while a_t is
 // in a register. The backward is weighted_ce_bwd with coef_t = -upstream_t * dlogprob_t
-// (remit_ext/_meta.py); `inplace_backward` only tells it to write into the logits.
+// (remit_ext/_fakes_autograd.py); `inplace_backward` only tells it to write into the logits.
 #include <torch/library.h>
 
 #include "cpu/kernels.h"
@@ -90,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pg_loss_fwd_cpu(
   if (old_logprob.has_value()) check_per_token_float(*old_logprob, N, "old_logprob");
   if (ref_logprob.has_value()) check_per_token_float(*ref_logprob, N, "ref_logprob");
   check_pg_coefficients(clip_low, clip_high, kl_beta, ref_logprob.has_value());
-  (void)inplace_backward;  // read by the backward (remit_ext/_meta.py)
+  (void)inplace_backward;  // read by the backward (remit_ext/_fakes_autograd.py)
 
   const at::Tensor x = row_major(logits);
   const at::Tensor y = targets_as_long(actions);

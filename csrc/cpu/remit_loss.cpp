@@ -1,6 +1,6 @@
 // The fused logits-level ReMiT forward: statistics pass over policy and scorer rows, the
 // segmented weight pass, and the per-token loss -w_t a_t. The backward is weighted_ce_bwd with
-// coef_t = upstream_t * w_t (or the non-detached coefficient), formed in remit_ext/_meta.py.
+// coef_t = upstream_t * w_t (or the non-detached coefficient), formed in remit_ext/_fakes_autograd.py.
 #include <torch/library.h>
 
 #include "cpu/kernels.h"

@@ -2,7 +2,7 @@
 // (token_stats.cuh: lse and a_t = log p(action_t), one read of each row), then the per-token
 // epilogue launch (pg_loss.cuh, the formula of pg_terms.h shared with the CPU kernel); nothing
 // waits on the host. The backward is weighted_ce_bwd with coef_t = -upstream_t * dlogprob_t,
-// formed in remit_ext/_meta.py: three [N, V] passes in all (read, read, write gradient).
+// formed in remit_ext/_fakes_autograd.py: three [N, V] passes in all (read, read, write gradient).
 #include <torch/library.h>
 
 #include "cuda/glue.h"
@@ -32,7 +32,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pg_loss_fwd_cuda(
   // and Triton op; the Python API checks values first (remit_ext.set_validation).
   check_targets(actions, logits, "actions");
   check_pg_coefficients(clip_low, clip_high, kl_beta, ref_logprob.has_value());
-  (void)inplace_backward;  // read by the backward (remit_ext/_meta.py)
+  (void)inplace_backward;  // read by the backward (remit_ext/_fakes_autograd.py)
   const int64_t N = logits.size(0);
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor adv = per_token_acc(advantages, N, logits, "advantages");

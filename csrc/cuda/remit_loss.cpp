@@ -1,7 +1,7 @@
 // The fused logits-level ReMiT forward on CUDA: one statistics launch over policy and scorer
 // rows, the segmented weight launch (which also writes the per-token loss -w_t a_t) and the
 // diagnostics launch; nothing waits on the host. The backward is weighted_ce_bwd with
-// coef_t = upstream_t * w_t (or the non-detached coefficient), formed in remit_ext/_meta.py:
+// coef_t = upstream_t * w_t (or the non-detached coefficient), formed in remit_ext/_fakes_autograd.py:
 // four [N, V] passes in all (read policy, read scorer, read policy, write gradient).
 #include <torch/library.h>
 
@@ -25,7 +25,7 @@ remit_loss_cuda(const at::Tensor& logits, const at::Tensor& targets,
   } else {
     check_per_token(*scorer_logprob, N, logits, "scorer_logprob");
   }
-  // detach_weights and inplace_backward shape the backward only (remit_ext/_meta.py).
+  // detach_weights and inplace_backward shape the backward only (remit_ext/_fakes_autograd.py).
   (void)detach_weights;
   (void)inplace_backward;
   const c10::cuda::CUDAGuard guard(logits.device());

@@ -55,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weighted_ce_fwd_cuda(
   check_targets(targets, logits);
   const int64_t N = logits.size(0);
   if (weights.has_value()) check_per_token(*weights, N, logits, "weights");
-  (void)inplace_backward;  // read by the backward (remit_ext/_meta.py)
+  (void)inplace_backward;  // read by the backward (remit_ext/_fakes_autograd.py)
   const c10::cuda::CUDAGuard guard(logits.device());
   const auto opts = logits.options().dtype(at::toOpMathType(logits.scalar_type()));
   at::Tensor lse = at::empty({N}, opts), logprob = at::empty({N}, opts), none;
