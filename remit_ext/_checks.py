@@ -12,8 +12,11 @@ what was given. Shape, dtype and device checks are free and always on. Checks of
 - ``"off"``: no value checks (the kernels then give NaN log-probs for out-of-range targets and
   clamp malformed offsets; the C++ CPU kernels still refuse them where they read them).
 
-Value checks never run while ``torch.compile`` traces (a graph break otherwise), nor on the meta
-device (no values). The mode is process-wide, read from ``REMIT_EXT_VALIDATION`` at import.
+While ``torch.compile`` traces, the value checks of "async" and "sync" are device-side asserts on
+every device (a host check would break the graph): ops of the compiled graph, with no host
+sync, that raise a RuntimeError naming the argument when the compiled code runs on CPU and
+are the device-side assert of "async" on a GPU. No value check runs on the meta device (no
+values). The mode is process-wide, read from ``REMIT_EXT_VALIDATION`` at import.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from __future__ import annotations
 from typing import Optional
 
 import contextlib
+import math
+import numbers
 import os
 
 import torch
@@ -29,6 +34,7 @@ from torch import Tensor
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32)
 REDUCTIONS = ("mean", "sum", "none")
+INT64_LIMIT = 2 ** 63
 
 
 def _tensor(x, name: str) -> Tensor:
@@ -77,8 +83,13 @@ def validation(mode: str):
 
 def _value_check(device: torch.device) -> Optional[str]:
     """How to check values on ``device`` now: "host", "device" or None (not at all)."""
-    if _mode == "off" or device.type == "meta" or torch.compiler.is_compiling():
+    if _mode == "off" or device.type == "meta":
         return None
+    if torch.compiler.is_compiling():
+        # A host check would break the graph (fullgraph=True refuses it); a device-side assert
+        # is an op of the graph that inductor keeps. Skipping the check here let a malformed
+        # cu_seqlens or target through a compiled call as a plausible loss (issue 26).
+        return "device"
     return "host" if device.type == "cpu" or _mode == "sync" else "device"
 
 
@@ -110,7 +121,20 @@ def check_same_device(ref: Tensor, x: Tensor, name: str, like: str = "logits") -
                          f"got one on {x.device}")
 
 
+def check_ignore_index(ignore_index) -> int:
+    """An int in int64's range (the kernels' type). A string or None made ``targets !=
+    ignore_index`` a Python bool and the call crash later; 2**70 an OverflowError in a kernel
+    call; a float reached the kernels' int argument."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__} "
+                        f"{ignore_index!r}")
+    if not -INT64_LIMIT <= ignore_index < INT64_LIMIT:
+        raise ValueError(f"ignore_index: expected an int in [-2**63, 2**63), got {ignore_index}")
+    return int(ignore_index)
+
+
 def check_targets(targets, logits: Tensor, ignore_index: int, name: str = "targets") -> Tensor:
+    check_ignore_index(ignore_index)
     check_positions(targets, logits, name)
     how = _value_check(targets.device)
     if how is not None:
@@ -173,8 +197,12 @@ def check_eps(eps) -> float:
 
 
 def check_positive(x, name: str) -> float:
-    if not isinstance(x, (int, float)) or not x > 0:
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0:
         raise ValueError(f"{name}: expected a number > 0, got {x!r}")
+    if x == math.inf:
+        # temperature=inf divided the logits to 0 (the Triton kernels gave NaN, the others a
+        # uniform distribution); no clip bound or temperature needs it.
+        raise ValueError(f"{name}: expected a finite number > 0, got {x!r}")
     return float(x)
 
 
@@ -188,9 +216,6 @@ def check_exactly_one(a, b, name_a: str, name_b: str, op: str) -> None:
     if (a is None) == (b is None):
         given = "both" if a is not None else "neither"
         raise ValueError(f"{op}: expected exactly one of {name_a} and {name_b}, got {given}")
-
-
-INT64_LIMIT = 2 ** 63
 
 
 def check_num_items(num_items, reduction: str, device: torch.device):
