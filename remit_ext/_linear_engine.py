@@ -16,7 +16,8 @@ from torch import Tensor
 from ._backends import BACKENDS, OpsBackend
 from ._grads import token_stats_grad
 from ._linear_plan import _aligned_chunks, _free_chunks, _host_bounds, _offsets
-from .reference import acc_dtype, count_scale, rho1_keep_mask
+from ._methods import LossOptions, get_method
+from .reference import acc_dtype, count_scale
 
 
 def _head_logits(h: Tensor, w: Tensor, b: Optional[Tensor], s: int, e: int) -> Tensor:
@@ -44,7 +45,7 @@ class _Engine:
                  method, ignore_index, temperature, chunk_size, backend):
         self.h, self.w, self.y, self.b = hidden, weight, targets, bias
         self.sh, self.sw, self.sb = scorer_hidden, scorer_weight, scorer_bias
-        self.method, self.ii, self.temperature = method, ignore_index, temperature
+        self.method, self.ii, self.temperature = get_method(method), ignore_index, temperature
         self.chunk, self.k = chunk_size, BACKENDS[backend]
         self.n, self.vocab = hidden.shape[0], weight.shape[0]
         self.acc = acc_dtype(hidden.dtype)
@@ -121,88 +122,97 @@ def _linear_loss_impl(hidden, weight, targets, bias, scorer_hidden, scorer_weigh
                       scorer_logprobs, cu_seqlens, row_len, method, ignore_index, eps,
                       keep_ratio, temperature, reduction, chunk_size, need_h, need_w, need_b,
                       w_fp32, backend, num_items=None):
+    """The loss schedules, chosen by the method's fields (``_methods.Method``), never its name:
+    one pass (the gradient formed beside the loss) over free chunks for a token-scope method and
+    over whole-sequence chunks for a sequence-scope one when they fit; otherwise a statistics
+    pass, the weights over the whole batch, and a gradient pass that recomputes the logits."""
+    opts = LossOptions.from_schema(method, ignore_index, eps, keep_ratio, temperature)
+    m = opts.method
     eng = _Engine(hidden, weight, targets, bias, scorer_hidden, scorer_weight, scorer_bias,
-                  method, ignore_index, temperature, chunk_size, backend)
-    n, acc, ii, y = eng.n, eng.acc, ignore_index, targets
+                  m, ignore_index, temperature, chunk_size, backend)
+    n, acc, y = eng.n, eng.acc, targets
     impl = BACKENDS[backend]
-    valid = y != ii
-    n_valid = valid.sum()
+    valid = y != ignore_index
     grads = _Grads(eng, need_h and reduction != "none", need_w and reduction != "none",
                    need_b and reduction != "none", w_fp32)
     with_grad = grads.need_h or grads.need_w or grads.need_b
     per_token = torch.zeros(n, dtype=acc, device=hidden.device)
-    weights = valid.to(acc)
     diag = torch.zeros(6, dtype=acc, device=hidden.device)
-    offsets = None
-    if method == "remit":
-        offsets = _offsets(row_len, n, cu_seqlens, hidden.device)
+    offsets = _offsets(row_len, n, cu_seqlens, hidden.device) if m.scope == "sequence" else None
 
     def inv_norm(count):
         return _inv_norm(count, reduction, num_items, acc, y.device)
 
-    aligned = None
-    if method == "remit" and reduction != "none":
-        aligned = _aligned_chunks(_host_bounds(n, row_len, cu_seqlens), chunk_size)
-    fused = reduction != "none" and (method in ("ntp", "kd") or aligned is not None)
+    def frozen(s, e):
+        """b_t of rows [s, e) for a method that reads the frozen model's log-probs."""
+        if m.scorer != "logprob":
+            return None
+        if scorer_logprobs is not None:
+            return scorer_logprobs[s:e].to(acc)
+        return eng.frozen_logprob(s, e)
 
-    count = n_valid
-    scale = inv_norm(count)
-    if fused and method == "kd":
-        for s, e in _free_chunks(n, chunk_size):
-            z, tz, loss, lse, tlse = eng.kd_forward(s, e)
-            per_token[s:e] = loss
-            if with_grad:
-                coef = scale.expand(e - s).contiguous()
-                grads.add(eng.kd_grad(z, tz, s, e, lse, tlse, coef), s, e)
-            # Drop this chunk's buffers before the next chunk's matmul allocates its own
-            # (otherwise the peak holds two chunks).
-            del z, tz
-    elif fused and method == "ntp":
-        for s, e in _free_chunks(n, chunk_size):
-            z, lse, a = eng.stats(s, e)
-            per_token[s:e] = -a
-            if with_grad:
-                grads.add(eng.ce_grad_(z, s, e, lse, a, scale.expand(e - s).contiguous()), s, e)
-            del z
-    elif fused:  # remit, whole sequences per chunk
-        a_all = torch.zeros(n, dtype=acc, device=y.device)
-        b_all = torch.zeros(n, dtype=acc, device=y.device)
-        for s, e, q0, q1 in aligned:
+    chunks = None  # (s, e, first offset, last offset) of a one-pass schedule
+    if reduction != "none" and m.scope == "token":
+        chunks = [(s, e, None, None) for s, e in _free_chunks(n, chunk_size)]
+    elif reduction != "none" and m.scope == "sequence":
+        chunks = _aligned_chunks(_host_bounds(n, row_len, cu_seqlens), chunk_size)
+
+    if chunks is not None:
+        # One pass: a token- or sequence-scope method divides by the valid count, known first.
+        scale = inv_norm(valid.sum())
+        weights = torch.zeros(n, dtype=acc, device=y.device)
+        a_all = b_all = None
+        if m.diagnostics:
+            a_all = torch.zeros(n, dtype=acc, device=y.device)
+            b_all = torch.zeros(n, dtype=acc, device=y.device)
+        for s, e, q0, q1 in chunks:
             if e == s:
                 continue
-            z, lse, a = eng.stats(s, e)
-            b = (scorer_logprobs[s:e].to(acc) if scorer_logprobs is not None
-                 else eng.frozen_logprob(s, e))
-            local = offsets[q0:q1 + 1] - s
-            w, _, _ = impl.remit_weights(a, b, y[s:e], local, ii, eps)
-            a_all[s:e], b_all[s:e], weights[s:e] = a, b, w
-            per_token[s:e] = -w * a
-            if with_grad:
-                grads.add(eng.ce_grad_(z, s, e, lse, a, w * scale), s, e)
-            del z
-        # The weights are already final; this O(N) call only gives batch-wide diagnostics.
-        diag = impl.remit_weights(a_all, b_all, y, offsets, ii, eps)[2]
+            local = None if q0 is None else offsets[q0:q1 + 1] - s
+            if m.term == "kd":
+                z, tz, term, lse, tlse = eng.kd_forward(s, e)
+                w = m.weights(impl, term, None, y[s:e], valid[s:e], local, opts).w
+                per_token[s:e] = w * term
+                if with_grad:
+                    grads.add(eng.kd_grad(z, tz, s, e, lse, tlse, w * scale), s, e)
+                # Drop this chunk's buffers before the next chunk's matmul allocates its own
+                # (otherwise the peak holds two chunks).
+                del z, tz
+            else:
+                z, lse, a = eng.stats(s, e)
+                b = frozen(s, e)
+                w = m.weights(impl, a, b, y[s:e], valid[s:e], local, opts).w
+                per_token[s:e] = -w * a
+                if a_all is not None:
+                    a_all[s:e], b_all[s:e] = a, b
+                if with_grad:
+                    grads.add(eng.ce_grad_(z, s, e, lse, a, w * scale), s, e)
+                del z
+            weights[s:e] = w
+        count = valid.sum()
+        if m.diagnostics:
+            # The weights are final; this O(N) call only gives batch-wide diagnostics.
+            diag = m.weights(impl, a_all, b_all, y, valid, offsets, opts).diagnostics
     else:
-        # Statistics pass: a_t (and b_t, or the KD loss) for every token; logits dropped.
+        # Statistics pass: a_t (and b_t), or the KD term, for every token; logits dropped.
         a_all = torch.zeros(n, dtype=acc, device=y.device)
         b_all = None
-        if method in ("remit", "rho1"):
+        if m.scorer == "logprob":
             b_all = (scorer_logprobs.to(acc) if scorer_logprobs is not None
                      else torch.zeros(n, dtype=acc, device=y.device))
         for s, e in _free_chunks(n, chunk_size):
-            if method == "kd":
+            if m.term == "kd":
                 per_token[s:e] = eng.kd_forward(s, e)[2]
                 continue
             a_all[s:e] = eng.stats(s, e)[2]
             if b_all is not None and scorer_logprobs is None:
                 b_all[s:e] = eng.frozen_logprob(s, e)
-        if method == "remit":
-            weights, _, diag = impl.remit_weights(a_all, b_all, y, offsets, ii, eps)
-        elif method == "rho1":
-            weights = rho1_keep_mask(b_all - a_all, valid, float(keep_ratio)).to(acc)
-            count = weights.sum()  # Rho-1 averages over the kept tokens
-        if method != "kd":
-            per_token = -weights * a_all
+        wts = m.weights(impl, per_token if m.term == "kd" else a_all, b_all, y, valid, offsets,
+                        opts)
+        weights, count = wts.w, wts.count
+        if wts.diagnostics is not None:
+            diag = wts.diagnostics
+        per_token = weights * per_token if m.term == "kd" else -weights * a_all
         if with_grad:  # recompute pass
             _grad_pass(eng, grads, weights * inv_norm(count))
 
@@ -236,7 +246,7 @@ def _inverse_count(count: Tensor) -> Tensor:
 def _grad_pass(eng: _Engine, grads: _Grads, coef: Tensor) -> None:
     """Recompute each chunk's logits and fold coef_t * d(loss_t)/d(logits_t) into the grads."""
     for s, e in _free_chunks(eng.n, eng.chunk):
-        if eng.method == "kd":
+        if eng.method.term == "kd":
             z, tz, _, lse, tlse = eng.kd_forward(s, e)
             g = eng.kd_grad(z, tz, s, e, lse, tlse, coef[s:e])
         else:

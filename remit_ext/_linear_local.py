@@ -16,9 +16,10 @@ from . import reference as ref
 from ._backends import BACKENDS, select_backend
 from ._linear_ops import _linear_loss_op, _linear_token_stats_op
 from ._linear_plan import linear_chunk_size, stats_chunk_size
+from ._methods import get_method, loss_options, method_names
 from .reference import ReMiTDiagnostics
 
-METHODS = ("remit", "ntp", "rho1", "kd")
+METHODS = method_names()
 
 
 class LinearTokenStats(NamedTuple):
@@ -103,20 +104,25 @@ def _check_inputs(hidden, weight, targets, bias, scorer_hidden, scorer_weight, s
         chk.check_same_device(hidden, scorer_weight, "scorer_weight")
     if scorer_logprobs is not None:
         chk.check_per_token(scorer_logprobs, targets, "scorer_logprobs")
-    has_model = scorer_hidden is not None
-    if method not in METHODS:
-        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
-    if method in ("remit", "rho1"):
-        chk.check_exactly_one(scorer_hidden, scorer_logprobs, "scorer_hidden (+ scorer_weight)",
-                              "scorer_logprobs", f"remit_linear_loss(method={method!r})")
-    elif method == "kd" and (not has_model or scorer_logprobs is not None):
-        raise ValueError("scorer_hidden: method='kd' needs the teacher's full distribution: "
-                         "expected scorer_hidden and scorer_weight (and no scorer_logprobs), got "
-                         f"{'scorer_logprobs' if scorer_logprobs is not None else 'neither'}")
-    elif method == "ntp" and (has_model or scorer_logprobs is not None):
-        raise ValueError("scorer_hidden: method='ntp' uses no scorer: expected no scorer_hidden, "
-                         "scorer_weight or scorer_logprobs, got one")
+    check_scorer_inputs(get_method(method), scorer_hidden is not None,
+                        scorer_logprobs is not None)
     return vocab
+
+
+def check_scorer_inputs(m, has_model: bool, has_logprobs: bool) -> None:
+    """The frozen inputs a method reads (``Method.scorer``): exactly one of a model (hidden +
+    head) or precomputed log-probs for "logprob", a model for "distribution", none for "none"."""
+    if m.scorer == "logprob":
+        chk.check_exactly_one(True if has_model else None, True if has_logprobs else None,
+                              "scorer_hidden (+ scorer_weight)", "scorer_logprobs",
+                              f"remit_linear_loss(method={m.name!r})")
+    elif m.scorer == "distribution" and (not has_model or has_logprobs):
+        raise ValueError(f"scorer_hidden: method={m.name!r} needs the teacher's full "
+                         "distribution: expected scorer_hidden and scorer_weight (and no "
+                         f"scorer_logprobs), got {'scorer_logprobs' if has_logprobs else 'neither'}")
+    elif m.scorer == "none" and (has_model or has_logprobs):
+        raise ValueError(f"scorer_hidden: method={m.name!r} uses no scorer: expected no "
+                         "scorer_hidden, scorer_weight or scorer_logprobs, got one")
 
 
 
@@ -128,7 +134,8 @@ def _loss_output(loss, weights, diag, targets, method, reduction, return_details
     if not return_details:
         return loss
     return LinearLossOutput(loss, weights.reshape(targets.shape),
-                            ReMiTDiagnostics.from_tensor(diag) if method == "remit" else None)
+                            ReMiTDiagnostics.from_tensor(diag)
+                            if get_method(method).diagnostics else None)
 
 
 def _remit_linear_loss(hidden, lm_head_weight, targets, *, bias=None, scorer_hidden=None,
@@ -144,14 +151,10 @@ def _remit_linear_loss(hidden, lm_head_weight, targets, *, bias=None, scorer_hid
     distributed code)."""
     vocab = _check_inputs(hidden, lm_head_weight, targets, bias, scorer_hidden, scorer_weight,
                           scorer_bias, scorer_logprobs, method)
-    eps = chk.check_eps(eps)
+    opts = loss_options(method, ignore_index=ignore_index, eps=eps, keep_ratio=keep_ratio,
+                        temperature=temperature)
+    m = opts.method
     chk.check_reduction(reduction)
-    temperature = chk.check_positive(temperature, "temperature")
-    if method != "kd" and temperature != 1.0:
-        raise ValueError(f"temperature: only method='kd' takes a temperature, got {temperature} "
-                         f"with method={method!r}")
-    if not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
-        raise ValueError(f"keep_ratio: expected a number in (0, 1], got {keep_ratio!r}")
     _check_chunking(chunk_size, memory_budget)
     num_items = chk.check_num_items(num_items_in_batch, reduction, hidden.device)
     h = hidden.reshape(-1, hidden.shape[-1])
@@ -163,21 +166,19 @@ def _remit_linear_loss(hidden, lm_head_weight, targets, *, bias=None, scorer_hid
     else:  # global ids: their range is checked against the shards together
         chk.check_positions(targets, hidden, "targets")
     chk.check_cu_seqlens(cu_seqlens, n, h.device)
-    op = "kd_loss" if method == "kd" else "remit_loss"
     if torch.compiler.is_compiling():
-        impl = BACKENDS[_traced_backend(op, backend, str(h.device))]
+        impl = BACKENDS[_traced_backend(m.op, backend, str(h.device))]
     else:
-        impl = select_backend(op, backend, (hidden, targets, scorer_hidden, scorer_logprobs))
+        impl = select_backend(m.op, backend, (hidden, targets, scorer_hidden, scorer_logprobs))
     sh = None if scorer_hidden is None else scorer_hidden.reshape(n, -1).detach()
     sw = None if scorer_weight is None else scorer_weight.detach()
     s_bias = None if scorer_bias is None else scorer_bias.detach()
     sb = None if scorer_logprobs is None else scorer_logprobs.reshape(-1).detach()
     if tp is not None:
         return tp.linear_loss(h, lm_head_weight, y, bias, sh, sw, s_bias, sb, targets,
-                              cu_seqlens, method, ignore_index, eps, keep_ratio, temperature,
-                              reduction, num_items, chunk_size, memory_budget,
+                              cu_seqlens, opts, reduction, num_items, chunk_size, memory_budget,
                               grad_weight_fp32, return_details, impl)
-    if sh is not None and method in ("remit", "rho1"):
+    if sh is not None and m.scorer == "logprob":
         # The frozen scorer through the token-statistics primitive, forward only; the policy's
         # chunks then hold no scorer logits.
         s_chunk = chunk_size or stats_chunk_size(n, vocab, sh.dtype, backend=impl.name,
@@ -199,8 +200,8 @@ def _remit_linear_loss(hidden, lm_head_weight, targets, *, bias=None, scorer_hid
     row_len = targets.shape[-1] if targets.dim() >= 2 else n
     grad_on = torch.is_grad_enabled()
     loss, weights, diag, *_ = _linear_loss_op(
-        h, lm_head_weight, y, bias, sh, sw, s_bias, sb, cu_seqlens, max(row_len, 1), method,
-        ignore_index, eps, float(keep_ratio), temperature, reduction, chunk_size,
+        h, lm_head_weight, y, bias, sh, sw, s_bias, sb, cu_seqlens, max(row_len, 1),
+        *opts.schema_args(), reduction, chunk_size,
         grad_on and hidden.requires_grad, grad_on and lm_head_weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad, grad_weight_fp32, impl.name,
         num_items)

@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._methods import get_method
 from .reference import acc_dtype
 
 # Default bytes for the chunk buffers (policy logits, scorer logits, backend temporaries). On a
@@ -30,7 +31,7 @@ def linear_chunk_size(n_tokens: int, vocab: int, dtype: torch.dtype, *,
     if memory_budget is None:
         memory_budget = DEFAULT_MEMORY_BUDGET.get(device_type, DEFAULT_MEMORY_BUDGET["cpu"])
     per_elem = dtype.itemsize + (scorer_dtype.itemsize if scorer_dtype is not None else 0)
-    if method == "kd":
+    if get_method(method).term == "kd":  # its gradient op writes a new buffer
         per_elem += dtype.itemsize
     if backend == "torch":
         per_elem += 3 * acc_dtype(dtype).itemsize

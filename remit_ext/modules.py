@@ -9,6 +9,7 @@ from typing import Optional, Union
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ._methods import loss_options
 from .distributed.fsdp import loss_kwargs, sharded_linear_loss
 from .functional import remit_loss
 from .linear import remit_linear_loss
@@ -65,6 +66,9 @@ class LinearReMiTLoss(nn.Module):
                  grad_weight_fp32: bool = True, return_details: bool = False,
                  backend: str = "auto", tp_group=None):
         super().__init__()
+        # Checked here, once: a bad option fails at construction, not at the first step.
+        loss_options(method, ignore_index=ignore_index, eps=eps, keep_ratio=keep_ratio,
+                     temperature=temperature)
         self.method, self.eps, self.keep_ratio = method, eps, keep_ratio
         self.tp_group = tp_group
         self.temperature, self.ignore_index, self.reduction = temperature, ignore_index, reduction
@@ -138,6 +142,8 @@ class ReMiTLinearHead(nn.Module):
                                 f"{type(scorer_head).__name__}")
             scorer_head.requires_grad_(False)
         self.scorer_head = scorer_head
+        loss_options(method, ignore_index=ignore_index, eps=eps, keep_ratio=keep_ratio,
+                     temperature=temperature)
         self.kw = loss_kwargs(method, ignore_index, eps, keep_ratio, temperature, reduction,
                               chunk_size, memory_budget, grad_weight_fp32, backend)
         self.return_details, self.recompute = return_details, recompute

@@ -18,11 +18,13 @@ Package layout:
   DTensor ``Shard(0)`` head with DTensor hidden).
 - ``fsdp``: fused-linear heads sharded by FSDP2 / HSDP (DTensor heads, plain hidden).
 
-Two handshakes stand for one idea (a rank that refuses its inputs still joins, so its peers
-raise instead of waiting): the tp one (``_groups._handshake``: an all_gather of a fact table,
-``vocab_parallel._VocabLayout``, ``vocab_parallel_linear.TPHead.refuse``) and the FSDP one
-(``fsdp._handshake``: an all_reduce MIN of +/- facts over every mesh dim). Merging them changes
-the collectives issued, so it is not part of this move.
+One handshake-and-refusal protocol (``_groups._handshake``): before its first collective
+every rank all-gathers a row of facts about its call with a status last; a rank that refused
+its inputs still joins, with status 0, so its peers raise instead of waiting, and every rank
+reads the same table, so all raise together. Vocab parallel gathers it over ``tp_group``
+(``vocab_parallel._VocabLayout``, ``vocab_parallel_linear.TPHead.refuse``), context parallel
+over ``cp_group``, the FSDP2 heads over each dim of their mesh in turn, folding the table to its
+minima and the negated maxima between dims (``fsdp._mesh_handshake``).
 
 torch.compile: every distributed entry point here runs eagerly, a graph break (they check
 process groups and meshes, read the handshake on the host and issue collectives from

@@ -53,10 +53,28 @@ def _host_checks(device: torch.device) -> bool:
     return chk._value_check(device) == "host"
 
 
-def _handshake(values: list[int], device, group, world: int) -> Tensor:
-    """[world, len(values)] int64: every rank's shape facts (no host-to-device copy)."""
-    mine = torch.stack([torch.full((), v, dtype=torch.long, device=device) for v in values])
+def _handshake(values: list[int], device, group, world: int, *,
+               refused: bool = False) -> Tensor:
+    """The one handshake of the distributed paths. Before its first collective, every rank of
+    ``group`` all-gathers a row of int64 facts about its call (shapes, sizes, which heads are
+    sharded) with its status last: 1 when its inputs passed its local checks, 0 when it refused
+    them (``refused``; its facts are then zeros) and joins only so that its peers raise
+    instead of waiting in a collective it never reaches. Returns the ``[world, len(values) +
+    1]`` table; every rank reads the same one, so all raise together (``_check_status``,
+    ``_check_agree``). No host-to-device copy: the row is filled on ``device``."""
+    row = [0] * len(values) + [0] if refused else list(values) + [1]
+    mine = torch.stack([torch.full((), v, dtype=torch.long, device=device) for v in row])
     return _gather(mine, group, world)
+
+
+def _check_status(table: Tensor, group_name: str) -> None:
+    """A rank whose inputs passed raises when a peer refused (the peer's error names the
+    argument)."""
+    if not bool(table[:, -1].all()):
+        refused = (table[:, -1] == 0).nonzero().flatten().tolist()
+        raise ValueError(f"{group_name}: rank(s) {refused} of {group_name} refused their inputs "
+                         f"(their own errors name the argument); this rank's passed its local "
+                         f"checks")
 
 
 def _check_agree(table: Tensor, col: int, what: str, name: str, group_name: str) -> None:

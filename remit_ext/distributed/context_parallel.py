@@ -10,7 +10,6 @@ reduced over the group too.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from .. import _checks as chk

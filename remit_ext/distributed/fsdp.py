@@ -42,7 +42,9 @@ from torch import Tensor
 from .. import _checks as chk
 from .. import _linear_local as _local
 from .._linear_local import LinearLossOutput, LinearTokenStats
+from .._methods import METHODS, loss_options
 from ..reference import ReMiTDiagnostics
+from ._groups import _handshake
 
 __all__ = ["linear_token_stats", "remit_linear_loss", "sharded_linear_loss"]
 
@@ -181,9 +183,10 @@ def _meshes(lays) -> list:
     return out
 
 
-def _handshake(lays, facts: list[int], refused: bool, device) -> None:
-    """One tiny all-reduce per mesh dim before the first gather (host-checked validation modes
-    only: it reads the result on the host): a rank that refused its inputs (``refused``)
+def _mesh_handshake(lays, facts: list[int], refused: bool, device) -> None:
+    """The distributed paths' handshake (``_groups._handshake``) over every dim of the heads'
+    meshes before the first gather (host-checked validation modes only: it reads the result on
+    the host): a rank that refused its inputs (``refused``)
     joins with status 0, so that its peers raise a ValueError too rather than wait in a gather
     it never reaches; ranks whose calls differ in ``facts`` (which heads are DTensors, V, D,
     method, a live scorer) would issue different gathers, so they all raise instead of pairing
@@ -195,19 +198,23 @@ def _handshake(lays, facts: list[int], refused: bool, device) -> None:
         return
     dev = torch.device(meshes[0].device_type, torch.cuda.current_device()) if (
         meshes[0].device_type == "cuda") else torch.device(meshes[0].device_type)
-    mine = torch.tensor([0 if refused else 1] + facts + [-f for f in facts], dtype=torch.long,
-                        device=dev)
+    # The tp handshake's table, gathered over each mesh dim in turn and folded to its column
+    # minima: [min facts, -max facts] and the minimum status then reach every rank of the mesh
+    # (a rank of another row hears of a refusal through its column).
+    row, ok = facts + [-f for f in facts], not refused
     for mesh in meshes:
         for d in range(mesh.ndim):
-            dist.all_reduce(mine, op=dist.ReduceOp.MIN, group=mesh.get_group(d))
+            group = mesh.get_group(d)
+            table = _handshake(row, dev, group, dist.get_world_size(group), refused=not ok)
+            ok = bool(table[:, -1].all())
+            row = table[:, :-1].min(0).values.tolist()
     if refused:
         return  # this rank raises its own error
-    vals = mine.tolist()
     k = len(facts)
-    if vals[0] == 0:
+    if not ok:
         raise ValueError("remit_ext.fsdp: a peer rank of the heads' mesh refused its inputs (its "
                          "own error names the argument); this rank's passed its local checks")
-    lo, hi = vals[1:1 + k], [-v for v in vals[1 + k:]]
+    lo, hi = row[:k], [-v for v in row[k:]]
     if lo != hi:
         raise ValueError(
             "remit_ext.fsdp: expected the same call on every rank of the heads' mesh (which "
@@ -219,9 +226,15 @@ def _facts(lays, method: str, live: bool) -> list[int]:
     bits = sum(1 << i for i, lay in enumerate(lays) if lay is not None)
     shape = next(lay.shape for lay in lays if lay is not None) if bits else (0,)
     d = int(shape[1]) if len(shape) > 1 else -1
-    methods = _local.METHODS
+    methods = list(METHODS)
     return [bits, int(shape[0]), d, methods.index(method) if method in methods else -1,
             int(live)]
+
+
+def _reads_logprobs(method) -> bool:
+    """A live scorer head whose b_t the forward computes once (``Method.scorer``); False for
+    an unknown method, which the checks then refuse inside the handshake."""
+    return method in METHODS and METHODS[method].scorer == "logprob"
 
 
 # ------------------------------------------------------------------------ the loss path
@@ -236,7 +249,7 @@ class _ShardedLinearLoss(torch.autograd.Function):
     def forward(ctx, cfg, hidden, weight, bias, sh, sw, sb, slp, targets, cu_seqlens,
                 num_items):
         kw, lays = cfg["kw"], cfg["lays"]
-        live = sh is not None and kw["method"] in ("remit", "rho1")
+        live = sh is not None and _reads_logprobs(kw["method"])
         if live:
             # The frozen scorer's b_t, once: the backward reuses them instead of the head.
             slp = _local._linear_token_stats(
@@ -308,9 +321,11 @@ def sharded_linear_loss(hidden, weight, targets, bias, scorer_hidden, scorer_wei
     # handshake: a rank that refused joins it with status 0, so its peers raise too instead of
     # waiting in the gather. DTensors carry their global shape, dtype and device, which is all
     # these checks read.
-    live = scorer_hidden is not None and kw["method"] in ("remit", "rho1")
+    live = scorer_hidden is not None and _reads_logprobs(kw["method"])
     facts = _facts(lays, kw["method"], live)
     try:
+        loss_options(kw["method"], ignore_index=kw["ignore_index"], eps=kw["eps"],
+                     keep_ratio=kw["keep_ratio"], temperature=kw["temperature"])
         vocab = _local._check_inputs(hidden, *(_stand_in(t, lay) for t, lay in zip(
             (weight, targets, bias, scorer_hidden, scorer_weight, scorer_bias),
             (lays[0], None, lays[1], None, lays[2], lays[3]))), scorer_logprobs, kw["method"])
@@ -322,9 +337,9 @@ def sharded_linear_loss(hidden, weight, targets, bias, scorer_hidden, scorer_wei
             raise ValueError(f"gradient_divide_factor: expected a number > 0 or None, got "
                              f"{gradient_divide_factor!r}")
     except (ValueError, TypeError):
-        _handshake(lays, facts, True, hidden.device)
+        _mesh_handshake(lays, facts, True, hidden.device)
         raise
-    _handshake(lays, facts, False, hidden.device)
+    _mesh_handshake(lays, facts, False, hidden.device)
     ni_tensor = num_items_in_batch if isinstance(num_items_in_batch, Tensor) else None
     cfg = {"kw": kw, "lays": lays, "factor": gradient_divide_factor,
            "num_items": None if ni_tensor is not None else num_items_in_batch}
@@ -481,9 +496,9 @@ def linear_token_stats(
         y = targets.reshape(-1)
         chk.check_targets(y, hidden.new_empty(()).expand(y.numel(), vocab), ignore_index)
     except (ValueError, TypeError):
-        _handshake(lays, facts, True, hidden.device)
+        _mesh_handshake(lays, facts, True, hidden.device)
         raise
-    _handshake(lays, facts, False, hidden.device)
+    _mesh_handshake(lays, facts, False, hidden.device)
     kw = dict(ignore_index=ignore_index, temperature=temperature, entropy=entropy,
               chunk_size=chunk_size, memory_budget=memory_budget, backend=backend)
     cfg = {"kw": kw, "lays": lays, "factor": gradient_divide_factor}

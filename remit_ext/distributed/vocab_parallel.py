@@ -22,7 +22,8 @@ from .. import _checks as chk
 from .._backends import select_backend
 from .._grads import kd_grad, token_stats_grad
 from ..reference import acc_dtype, reduce_tokens, rho1_keep_mask
-from ._groups import _check_agree, _eager, _gather, _group, _handshake, _host_checks
+from ._groups import (_check_agree, _check_status, _eager, _gather, _group, _handshake,
+                      _host_checks)
 
 __all__ = ["vocab_parallel_token_stats"]
 
@@ -66,28 +67,24 @@ class _VocabLayout:
 
     ``v_local``: this rank's vocab rows; ``agree``: (argument, what, value) facts every rank
     must share besides the number of positions; ``vocab``: the global size the shards must
-    sum to, where the caller knows it (a DTensor's global shape); ``status``: a last column of
-    1s, 0 from a rank that refused its inputs before the handshake (``_refuse``)."""
+    sum to, where the caller knows it (a DTensor's global shape). A rank that refused its
+    inputs before the handshake joins it with status 0 (``_groups._handshake``; the fused-linear
+    heads' ``TPHead.refuse``) and every other rank raises."""
 
     def __init__(self, v_local: int, device, targets: Tensor, group, ignore_index: int,
                  target_name: str = "targets", rows_name: str = "logits",
-                 vocab_name: str = "logits", agree=(), vocab: Optional[int] = None,
-                 status: bool = False):
+                 vocab_name: str = "logits", agree=(), vocab: Optional[int] = None):
         self.group, self.rank, self.world = _group(group, "tp_group")
         n = targets.numel()
-        table = _handshake([v_local, n] + [v for _, _, v in agree] + [1] * status, device,
-                           self.group, self.world)
+        table = _handshake([v_local, n] + [v for _, _, v in agree], device, self.group,
+                           self.world)
         sizes = table[:, 0]
         self.lo = sizes[:self.rank].sum()
         self.vocab = sizes.sum()
         valid = targets != ignore_index
         bad = (valid & ((targets < 0) | (targets >= self.vocab))).flatten()
         if _host_checks(device):
-            if status and not bool(table[:, -1].all()):
-                refused = (table[:, -1] == 0).nonzero().flatten().tolist()
-                raise ValueError(f"tp_group: rank(s) {refused} of tp_group refused their inputs "
-                                 f"(their own errors name the argument); this rank's passed "
-                                 f"its local checks")
+            _check_status(table, "tp_group")
             _check_agree(table, 1, "number of positions", rows_name, "tp_group")
             for i, (name, what, _) in enumerate(agree):
                 _check_agree(table, 2 + i, what, name, "tp_group")

@@ -30,7 +30,7 @@ from .._backends import OpsBackend
 from .._linear_engine import _Engine, _Grads, _inv_norm, _token_stats_bwd, _token_stats_fwd
 from .._linear_local import _loss_output
 from .._linear_plan import _free_chunks, _offsets, linear_chunk_size, stats_chunk_size
-from ..reference import acc_dtype, rho1_keep_mask
+from ..reference import acc_dtype
 from ._groups import _gather, _group, _handshake
 from .vocab_parallel import _LOCAL_IGNORE, _VocabLayout, _gather_stats, _unshard
 
@@ -68,7 +68,8 @@ class TPHead:
         in a collective this rank never reaches."""
         if not self.joined:
             self.joined = True
-            _handshake([0] * self.FACTS, device, self.group, dist.get_world_size(self.group))
+            _handshake([0] * (self.FACTS - 1), device, self.group,
+                       dist.get_world_size(self.group), refused=True)
 
     def linear_loss(self, *args):
         """``remit_linear_loss`` on this rank's shards: what ``_linear_local._remit_linear_loss``
@@ -112,8 +113,7 @@ def _linear_layout(h: Tensor, w: Tensor, targets: Tensor, tp: TPHead, ignore_ind
               -1 if sh is None else sh.shape[-1])]
     tp.joined = True
     return _VocabLayout(w.shape[0], h.device, targets, tp.group, ignore_index,
-                        rows_name="hidden", vocab_name=weight_name, agree=agree, vocab=tp.vocab,
-                        status=True)
+                        rows_name="hidden", vocab_name=weight_name, agree=agree, vocab=tp.vocab)
 
 
 class _VocabParallelLinearStats(torch.autograd.Function):
@@ -262,52 +262,50 @@ def vocab_parallel_linear_stats(h, w, y, b, tp: TPHead, ignore_index, temperatur
     return logprob, ent if with_entropy else None, lse
 
 
-def vocab_parallel_linear_loss(h, w, y, b, sh, sw, sb, scorer_logprobs, offsets, method,
-                               ignore_index, eps, keep_ratio, temperature, reduction, num_items,
-                               chunk, s_chunk, w_fp32, impl, tp: TPHead):
+def vocab_parallel_linear_loss(h, w, y, b, sh, sw, sb, scorer_logprobs, offsets, opts,
+                               reduction, num_items, chunk, s_chunk, w_fp32, impl, tp: TPHead):
     """(loss, weights [N], diagnostics [6]) of ``remit_linear_loss`` with ``tp_group``
-    (inputs flat and local, checked by the caller; the loss differentiable w.r.t. h, w, b)."""
-    layout = _linear_layout(h, w, y, tp, ignore_index, "lm_head_weight", sh)
+    (inputs flat and local, checked by the caller; the loss differentiable w.r.t. h, w, b).
+    Statistics first, replicated; then the method's weights (``opts.method``, ``_methods``)
+    over the whole batch, the same on every rank."""
+    m = opts.method
+    layout = _linear_layout(h, w, y, tp, opts.ignore_index, "lm_head_weight", sh)
     valid = layout.valid
     acc = acc_dtype(h.dtype)
     diag = torch.zeros(6, dtype=acc, device=h.device)
-    if method == "kd":
+    if m.term == "kd":
         per_token = _VocabParallelLinearKD.apply(h, w, b, layout,
-                                                 (temperature, chunk, impl.name, w_fp32),
+                                                 (opts.temperature, chunk, impl.name, w_fp32),
                                                  (sh, sw, sb))
-        weights, count = valid.to(acc), valid.sum()
+        wts = m.weights(impl, per_token.detach(), None, y, valid, offsets, opts)
+        per_token = wts.w * per_token
     else:
         scorer = None if sw is None else (sh, sw, sb, s_chunk)
         a, _, _, s_a = _VocabParallelLinearStats.apply(
             h, w, b, layout, (1.0, False, chunk, impl.name, w_fp32), scorer)
-        count = valid.sum()
-        if method == "ntp":
-            weights = valid.to(acc)
-        else:
+        b_t = None
+        if m.scorer == "logprob":
             b_t = (scorer_logprobs if scorer_logprobs is not None else s_a).detach().to(acc)
-            if method == "remit":
-                weights, _, diag = impl.remit_weights(a.detach(), b_t, y, offsets,
-                                                      ignore_index, eps)
-            else:  # rho1: the batch-wide top-k, the same on every rank (a, b replicated)
-                weights = rho1_keep_mask(b_t - a.detach(), valid, keep_ratio).to(acc)
-                count = weights.sum()
-        per_token = -weights * a
+        wts = m.weights(impl, a.detach(), b_t, y, valid, offsets, opts)
+        per_token = -wts.w * a
+    if wts.diagnostics is not None:
+        diag = wts.diagnostics
     if reduction == "none":
-        return per_token, weights, diag
-    loss = per_token.sum() * _inv_norm(count, reduction, num_items, acc, h.device)
-    return loss, weights, diag
+        return per_token, wts.w, diag
+    loss = per_token.sum() * _inv_norm(wts.count, reduction, num_items, acc, h.device)
+    return loss, wts.w, diag
 
 
-def _tp_linear_loss(h, w, y, bias, sh, sw, s_bias, sb, targets, cu_seqlens, method,
-                    ignore_index, eps, keep_ratio, temperature, reduction, num_items, chunk_size,
-                    memory_budget, w_fp32, return_details, impl, tp):
+def _tp_linear_loss(h, w, y, bias, sh, sw, s_bias, sb, targets, cu_seqlens, opts, reduction,
+                    num_items, chunk_size, memory_budget, w_fp32, return_details, impl, tp):
     """``remit_linear_loss`` over a vocab-sharded head: inputs flat, local and checked. The
     chunk sizes are planned for this rank's vocab rows."""
+    m = opts.method
     n, v_local = y.numel(), w.shape[0]
     kw = dict(backend=impl.name, device_type=h.device.type, memory_budget=memory_budget)
-    if method == "kd":
+    if m.term == "kd":
         chunk = chunk_size or linear_chunk_size(n, v_local, h.dtype, scorer_dtype=sh.dtype,
-                                                method="kd", **kw)
+                                                method=m.name, **kw)
         s_chunk = chunk
     else:
         # The statistics pass and the backward's recompute: the primitive's chunk buffers.
@@ -315,14 +313,14 @@ def _tp_linear_loss(h, w, y, bias, sh, sw, s_bias, sb, targets, cu_seqlens, meth
         s_chunk = None if sh is None else (chunk_size or stats_chunk_size(n, v_local, sh.dtype,
                                                                           **kw))
     row_len = max(targets.shape[-1] if targets.dim() >= 2 else n, 1)
-    offsets = _offsets(row_len, n, cu_seqlens, h.device) if method == "remit" else None
+    offsets = _offsets(row_len, n, cu_seqlens, h.device) if m.scope == "sequence" else None
     if num_items is not None:
         num_items = (torch.full((), num_items, dtype=acc_dtype(h.dtype), device=h.device)
                      if isinstance(num_items, int) else num_items.detach())
     loss, weights, diag = vocab_parallel_linear_loss(
-        h, w, y, bias, sh, sw, s_bias, sb, offsets, method, ignore_index, eps,
-        float(keep_ratio), temperature, reduction, num_items, chunk, s_chunk, w_fp32, impl, tp)
-    return _loss_output(loss, weights, diag, targets, method, reduction, return_details)
+        h, w, y, bias, sh, sw, s_bias, sb, offsets, opts, reduction, num_items, chunk, s_chunk,
+        w_fp32, impl, tp)
+    return _loss_output(loss, weights, diag, targets, m.name, reduction, return_details)
 
 
 @torch.compiler.disable

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .. import _checks as chk
-from ..linear import METHODS, linear_token_stats, remit_linear_loss
+from .._methods import get_method, loss_options
+from ..linear import linear_token_stats, remit_linear_loss
 
 __all__ = ["ReMiTCausalLMOutput", "ReMiTSettings", "apply_remit", "remove_remit",
            "packed_cu_seqlens", "get_remit_settings", "DIAGNOSTIC_NAMES"]
@@ -360,8 +360,9 @@ def _fused_forward(model, state, kw: dict, labels, shift_labels, scorer_lp, num_
                          f"[B, T]), got {tuple(targets.shape)}")
     h, w, bias = _head_operands(hidden, _head(model, "model"), state.scale)
 
+    m = get_method(s.method)
     loss_kw: dict[str, Any] = {}
-    if s.method in ("remit", "rho1"):
+    if m.scorer == "logprob":
         if b is not None:
             if b.shape != targets.shape:
                 raise ValueError(f"{SCORER_COLUMN}: expected shape {tuple(targets.shape)} (like "
@@ -379,22 +380,22 @@ def _fused_forward(model, state, kw: dict, labels, shift_labels, scorer_lp, num_
                 f"method={s.method!r} needs the frozen scorer's log-probs: apply_remit(model, "
                 f"scorer=...) for a live scorer, or a '{SCORER_COLUMN}' batch column (the "
                 "offline cache: remit-ext score-hf, remit_ext.hf.ScorerCacheDataset)")
-    elif s.method == "kd":
+    elif m.scorer == "distribution":
         if state.scorer is None:
-            raise ValueError("method='kd' needs the teacher's full distribution: "
+            raise ValueError(f"method={s.method!r} needs the teacher's full distribution: "
                              "apply_remit(model, scorer=teacher)")
         sh, sw, sb, _ = _scorer_pass(state, kw, targets, hidden.device)
         loss_kw.update(scorer_hidden=sh.to(hidden.device), scorer_weight=sw.to(hidden.device),
                        scorer_bias=None if sb is None else sb.to(hidden.device),
                        temperature=s.temperature)
-    if s.method == "remit" and s.packed:
+    if m.scope == "sequence" and s.packed:
         pos = kw.get("position_ids")
         if pos is not None:
             loss_kw["cu_seqlens"] = packed_cu_seqlens(pos.to(hidden.device), targets.shape)
         elif kw.get("cu_seq_lens_q") is not None and targets.shape[0] == 1:
             loss_kw["cu_seqlens"] = kw["cu_seq_lens_q"].to(device=hidden.device,
                                                            dtype=torch.long)
-    if s.method == "rho1" and num_items is not None:
+    if m.divisor == "kept" and num_items is not None:
         # The Trainer's num_items_in_batch counts valid labels; Rho-1's mean divides by the kept
         # tokens: keep_ratio of them (to within the per-micro-batch ceil of its selection).
         num_items = (num_items * s.keep_ratio if isinstance(num_items, Tensor)
@@ -512,24 +513,17 @@ def apply_remit(model, *, scorer=None, method: str = "remit", eps: float = 0.2,
     ``ReMiTCausalLMOutput`` (``remit_diagnostics``, ``num_valid_tokens``, ``token_weights``).
     Returns ``model``. ``remove_remit(model)`` undoes it.
     """
-    if method not in METHODS:
-        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
-    if method == "ntp" and scorer is not None:
-        raise ValueError("scorer: method='ntp' uses no scorer; got one")
-    if method == "kd" and scorer is None:
-        raise ValueError("scorer: method='kd' needs the teacher model (its full distribution; "
-                         "a log-prob cache is not enough)")
+    m = get_method(method)
+    if m.scorer == "none" and scorer is not None:
+        raise ValueError(f"scorer: method={method!r} uses no scorer; got one")
+    if m.scorer == "distribution" and scorer is None:
+        raise ValueError(f"scorer: method={method!r} needs the teacher model (its full "
+                         "distribution; a log-prob cache is not enough)")
     # The numbers, each checked under its own name (float('abc') would say neither which
-    # argument nor what it takes).
-    eps = chk.check_eps(eps)
-    if (isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float))
-            or not 0 < keep_ratio <= 1):
-        raise ValueError(f"keep_ratio: expected a number in (0, 1], got {keep_ratio!r}")
-    temperature = chk.check_positive(temperature, "temperature")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
-    if method != "kd" and temperature != 1.0:
-        raise ValueError(f"temperature: only method='kd' takes a temperature, got {temperature}")
+    # argument nor what it takes), in the one place every fused-linear caller checks them.
+    opts = loss_options(m, ignore_index=ignore_index, eps=eps, keep_ratio=keep_ratio,
+                        temperature=temperature)
+    eps, keep_ratio, temperature = opts.eps, opts.keep_ratio, opts.temperature
     for name in ("get_decoder", "get_output_embeddings"):
         if not hasattr(model, name):
             raise TypeError(f"model: expected a Hugging Face causal LM with {name}(), got "
