@@ -31,7 +31,7 @@ BACKENDS = [
 if os.environ.get("REMIT_TEST_COLLECT_BACKENDS"):
     BACKENDS = os.environ["REMIT_TEST_COLLECT_BACKENDS"].split(",")
 KERNEL_BACKENDS = [b for b in BACKENDS if b != "torch"]
-KD_BACKENDS = [b for b in BACKENDS if b not in ("triton", "cuda")]  # no Triton/CUDA KD kernel yet
+KD_BACKENDS = [b for b in BACKENDS if b != "cuda"]  # no CUDA KD kernel yet
 LOW_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 

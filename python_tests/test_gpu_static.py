@@ -71,7 +71,7 @@ def test_committed_ledger_covers_every_kernel():
     have = {(r["backend"], r["kernel"]) for r in rows}
     cuda, triton = _kernels_in_sources()
     assert cuda == {"token_stats", "ce_grad", "remit_weights", "remit_diag", "pg_terms"}
-    assert triton == {"token_stats", "ce_bwd", "remit_weights", "pg_terms"}
+    assert triton == {"token_stats", "ce_bwd", "remit_weights", "pg_terms", "kd", "kd_bwd"}
     assert {("cuda", k) for k in cuda} | {("triton", k) for k in triton} <= have
     for r in rows:
         assert float(r["predicted_us"]) > 0 and int(r["regs"]) > 0, r

@@ -21,7 +21,6 @@ from cases import IGNORE
 from conftest import BACKENDS, DEVICE
 
 FAST_BACKENDS = [b for b in BACKENDS if b != "triton"]
-KD_OK = {"cpu", "torch"}
 # Packed documents over N = 199 positions: an empty one, the longest 59 tokens.
 CU_199 = [0, 40, 40, 95, 140, 199]
 # None: one chunk; 64: sequence-aligned chunks (every document fits); 13: documents longer than
@@ -234,8 +233,10 @@ def test_triton_backend(backend):
     cu = torch.tensor([0, 10, 30, 48], device=DEVICE)
     check(inp, "remit", backend=backend, cu=cu, chunk_size=24)  # aligned, one pass
     check(inp, "remit", backend=backend, cu=cu, chunk_size=16)  # two passes
-    with pytest.raises(remit_ext.BackendUnavailableError, match="no Triton kernel for KD"):
-        fused(inp, "kd", backend=backend)
+    check(inp, "kd", backend=backend, chunk_size=16, temperature=2.0)  # fused chunk steps
+    check(inp, "kd", backend=backend, chunk_size=16, reduction="none")  # recompute backward
+    low = make_inputs(48, 20, 517, torch.bfloat16, seed=9, bias=True)
+    check(low, "kd", backend=backend, chunk_size=24, temperature=2.0)
 
 
 # ------------------------------------------------------------------ gradients and options

@@ -360,3 +360,72 @@ def test_kd_teacher_zeros_where_student_is_neg_inf(backend):
     logits[0, 1, 0] = float("-inf")
     teacher[0, 1, 0] = float("-inf")
     _check_kd(logits, teacher, targets, backend=backend)
+
+
+@pytest.mark.parametrize("backend", KD_BACKENDS)
+@pytest.mark.parametrize("bad", ["student nan", "teacher nan", "student +inf", "teacher +inf",
+                                 "student all -inf", "teacher all -inf"])
+def test_kd_nan_and_inf_rows(backend, bad):
+    # An undefined softmax on either side (METHODS.md section 5): that position's loss is NaN, as
+    # in the reference, and its gradient row holds NaN (the kernels make the whole row NaN, as
+    # csrc/cpu/kd_loss.cpp does); every other position is untouched.
+    logits, teacher, targets = make_pair((1, 6, 17), torch.float32, seed=87, ignore_frac=0.0)
+    side, what = bad.split(" ", 1)
+    row = (logits if side == "student" else teacher)[0, 2]
+    if what == "all -inf":
+        row.fill_(float("-inf"))
+    else:
+        row[3] = float(what.lstrip("+"))
+    loss, grad = _kd_api(logits, teacher, targets, 1.5, "none", backend)
+    truth = _kd_ref(logits.double(), teacher.double(), targets, 1.5, "none")
+    base = _kd_ref(logits, teacher, targets, 1.5, "none")
+    assert_close_to_truth(loss, truth[0], base[0], name=f"{backend}/loss")
+    assert bool(torch.isnan(loss[0, 2])), "an undefined softmax gives a NaN loss"
+    rest = torch.arange(6, device=DEVICE) != 2
+    assert_close_to_truth(grad[0, rest], truth[1][0, rest], base[1][0, rest],
+                          name=f"{backend}/grad")
+    nan = torch.isnan(grad[0, 2])
+    assert bool(nan.all()) if backend != "torch" else bool(nan.any())
+
+
+@pytest.mark.parametrize("backend", KD_BACKENDS)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_kd_student_rules_out_a_teacher_class(backend, temperature):
+    # A -inf student logit where the teacher puts mass: the loss is +inf (q_v z_v = -inf), as in
+    # the reference, and the gradient stays finite, (p - q) / T with p_v = 0 there. V = 1500
+    # spans two vocabulary blocks of the interpreted Triton kernel: row 0 is ruled out in the
+    # second block, row 1 in the whole first block (the student's running max starts at -inf),
+    # and row 2 has its first block -inf on both sides (q = 0 there: a finite loss).
+    logits, teacher, targets = make_pair((4, 1500), torch.float32, seed=88, ignore_frac=0.0)
+    logits[0, 1200] = float("-inf")
+    logits[1, :1024] = float("-inf")
+    logits[2, :1024] = float("-inf")
+    teacher[2, :1024] = float("-inf")
+    loss, grad = _check_kd(logits, teacher, targets, backend=backend, temperature=temperature,
+                           reduction="none")
+    assert loss[:2].tolist() == [math.inf, math.inf] and bool(torch.isfinite(loss[2:]).all())
+    assert bool(torch.isfinite(grad).all())
+
+
+@pytest.mark.parametrize("backend", KD_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kd_int32_targets_and_strided_rows(backend, dtype):
+    # Student rows addressed through their stride (a slice of wider storage, the gradient flowing
+    # back into it), a teacher whose vocabulary dimension is not dense, and int32 targets: the
+    # values of dense inputs with int64 targets, which match the reference.
+    logits, teacher, targets = make_pair((2, 7, 97), dtype, seed=89)
+    y32 = targets.int()
+    dense = _check_kd(logits, teacher, y32, backend=backend, temperature=2.0, reduction="none")
+    storage = torch.zeros(2, 7, 140, dtype=dtype, device=DEVICE)
+    storage[..., 20:117] = logits
+    storage.requires_grad_(True)
+    strided = storage[..., 20:117]
+    t_cols = teacher.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert strided.stride(-2) == 140 and t_cols.stride(-1) != 1
+    loss = remit_ext.kd_loss(strided, t_cols, y32, temperature=2.0, reduction="none",
+                             backend=backend)
+    cot = _cotangent(targets, "none").to(loss.dtype)
+    (grad,) = torch.autograd.grad((loss * cot).sum(), storage)
+    torch.testing.assert_close(loss, dense[0])
+    torch.testing.assert_close(grad[..., 20:117], dense[1])
+    assert bool((grad[..., :20] == 0).all()) and bool((grad[..., 117:] == 0).all())

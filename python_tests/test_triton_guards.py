@@ -57,7 +57,7 @@ def test_every_launch_passes_the_launch_options(T, monkeypatch):
             return launch
 
     names = ("_token_stats_fwd_kernel", "_remit_weights_kernel", "_ce_bwd_kernel",
-             "_pg_terms_kernel")
+             "_pg_terms_kernel", "_kd_fwd_kernel", "_kd_bwd_kernel")
     for name in names:
         monkeypatch.setattr(K, name, Recorder(getattr(K, name)))
     z, s, y = make_pair((N, V), torch.float32, seed=3)
@@ -68,6 +68,8 @@ def test_every_launch_passes_the_launch_options(T, monkeypatch):
     ops.weighted_ce_bwd(z, y, lse, logprob, torch.ones(N, device=DEVICE), IGNORE)
     ops.pg_loss_fwd(z, y, torch.ones(N, device=DEVICE), None, None, None, IGNORE, 0.2, 0.2, 0.0,
                     False)
+    _, kd_lse, kd_teacher_lse = ops.kd_loss_fwd(z, s, y, IGNORE, 2.0)
+    ops.kd_loss_bwd(z, s, y, kd_lse, kd_teacher_lse, torch.ones(N, device=DEVICE), IGNORE, 2.0)
     assert {name for name, _ in launched} == set(names)
     for name, kwargs in launched:
         assert kwargs.items() >= K.LAUNCH_OPTIONS.items(), (name, kwargs)
@@ -294,6 +296,22 @@ RAW_CASES = [
     ("kl_without_ref", lambda o, z, s, y, v, cu: o.pg_loss_fwd(z, y, v, None, None, None, IGNORE,
                                                                0.2, 0.2, 0.1, False),
      r"kl_beta: 0.1 > 0 needs ref_logprob, got None"),
+    ("kd_logits_1d", lambda o, z, s, y, v, cu: o.kd_loss_fwd(z[0], s, y, IGNORE, 1.0),
+     r"logits: expected a 2-D \[N, V\] tensor, got shape \[11\]"),
+    ("kd_teacher_int", lambda o, z, s, y, v, cu: o.kd_loss_fwd(z, s.long(), y, IGNORE, 1.0),
+     r"teacher_logits: expected a floating dtype, got Long"),
+    ("kd_teacher_shape", lambda o, z, s, y, v, cu: o.kd_loss_bwd(z, s[:, :5], y, v, v, v, IGNORE,
+                                                                 1.0),
+     r"teacher_logits: expected the same shape as logits \[10, 11\], got \[10, 5\]"),
+    ("kd_teacher_dtype", lambda o, z, s, y, v, cu: o.kd_loss_fwd(z, s.double(), y, IGNORE, 1.0),
+     r"teacher_logits: expected the logits' dtype Float, got Double"),
+    ("kd_targets_short", lambda o, z, s, y, v, cu: o.kd_loss_fwd(z, s, y[:9], IGNORE, 1.0),
+     r"targets: expected a 1-D tensor of 10 elements, got shape \[9\]"),
+    ("kd_targets_float", lambda o, z, s, y, v, cu: o.kd_loss_bwd(z, s, y.float(), v, v, v, IGNORE,
+                                                                 1.0),
+     r"targets: expected int64 or int32, got Float"),
+    ("kd_temperature", lambda o, z, s, y, v, cu: o.kd_loss_fwd(z, s, y, IGNORE, -1.0),
+     r"temperature: expected > 0, got -1$"),
 ]
 
 
@@ -333,6 +351,12 @@ DEVICE_CASES = [
     ("ref_logprob", lambda f, z, s, y, v, cu, m: f["pg_loss_fwd"](z, y, v, None, None, m(v),
                                                                    IGNORE, 0.2, 0.2, 0.1, False),
      r"ref_logprob: expected a tensor on cpu, got meta"),
+    ("teacher_logits", lambda f, z, s, y, v, cu, m: f["kd_loss_fwd"](z, m(s), y, IGNORE, 1.0),
+     r"teacher_logits: expected a tensor on cpu, got meta"),
+    ("kd_targets", lambda f, z, s, y, v, cu, m: f["kd_loss_fwd"](z, s, m(y), IGNORE, 1.0),
+     r"targets: expected a tensor on cpu, got meta"),
+    ("kd_coef", lambda f, z, s, y, v, cu, m: f["kd_loss_bwd"](z, s, y, v, v, m(v), IGNORE, 1.0),
+     r"coef: expected a tensor on cpu, got meta"),
 ]
 
 
@@ -371,3 +395,67 @@ def test_absurd_logit_spread_keeps_a_finite_entropy(T, dtype):
     if "cpu" in KERNEL_BACKENDS:
         cpu = torch.ops.remit_ext.token_stats(z, y, None, IGNORE, 1.0, True, 0, False)
         torch.testing.assert_close(ent, cpu[2])
+
+
+# ------------------------------------------------------------------------- KD
+
+
+@pytest.mark.parametrize("case, name", [(0, "lse"), (1, "teacher_lse"), (2, "coef")])
+def test_kd_bwd_checks_its_per_token_inputs(T, case, name):
+    """The kernel reads lse, teacher lse and coef by row: a short one is refused (the C++ op,
+    which reads them on the host, does not check them)."""
+    z, s, y, ones, _ = _inputs()
+    args = [ones, ones, ones]
+    args[case] = ones[:9]
+    with pytest.raises(ValueError, match=rf"{name}: expected shape \[10\], got \[9\]"):
+        T[0].kd_loss_bwd(z, s, y, *args, IGNORE, 1.0)
+
+
+# The interpreter's numpy reports the inf - inf and 0 * inf that the guards then discard.
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
+                            "ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.skipif("cpu" not in KERNEL_BACKENDS, reason="cpu kernels not built")
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("target_dtype", [torch.int64, torch.int32])
+def test_kd_matches_the_cpu_op_on_extreme_rows(T, temperature, target_dtype):
+    """Row by row what csrc/cpu/kd_loss.cpp gives, lse and teacher lse included (the backward
+    reads them): NaN loss where either softmax is undefined, with each side's max as its "lse"
+    there; +inf where the student rules out a class the teacher backs, also when that is a
+    whole first block (the student's running max starts at -inf); q = 0 at a -inf student logit
+    counts 0; an absurd spread of maxima on either side (the dot's rebase); the gradient NaN
+    exactly on the undefined rows. Three vocabulary blocks per row."""
+    vocab = 2 * T[1]._block_v(1 << 20) + 52
+    g = torch.Generator().manual_seed(10)
+    z = make_logits((13, vocab), torch.float32, generator=g)
+    zt = make_logits((13, vocab), torch.float32, generator=g)
+    nan, inf = float("nan"), float("inf")
+    z[0, 5] = nan
+    zt[1, vocab - 3] = nan
+    z[2, 7] = inf
+    zt[3, vocab - 9] = inf
+    z[4] = -inf
+    zt[5] = -inf
+    first = vocab // 2 - 52  # the first block, interpreted or on a GPU
+    z[6, :first] = -inf
+    z[7, 3], zt[7, 3] = -inf, -inf
+    z[8, :first], zt[8, :first] = -inf, -inf
+    z[9, vocab - 1] = -inf
+    zt[10, :first] = -1e38
+    # (The student's dot sums spread x teacher mass: at -1e38 that overflows fp32 on both
+    # kernels, only not at the same threshold.)
+    z[11, :first] = -1e36
+    y = torch.arange(13, device=DEVICE).to(target_dtype)
+    y[12] = IGNORE
+    z[12] = nan  # ignored: never read
+    got = T[0].kd_loss_fwd(z, zt, y, IGNORE, temperature)
+    want = torch.ops.remit_ext.kd_loss_fwd(z, zt, y, IGNORE, temperature)
+    for name, a, b in zip(("loss", "lse", "teacher_lse"), got, want):
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-5, atol=1e-5, msg=name)
+    assert torch.isnan(got[0][:6]).all() and got[0][[6, 9]].tolist() == [inf, inf]
+    assert torch.isfinite(got[0][7:9]).all() and float(got[0][12]) == 0.0
+    coef = torch.linspace(0.5, 1.5, 13, device=DEVICE)
+    grad = T[0].kd_loss_bwd(z, zt, y, got[1], got[2], coef, IGNORE, temperature)
+    cpu = torch.ops.remit_ext.kd_loss_bwd(z, zt, y, want[1], want[2], coef, IGNORE, temperature)
+    torch.testing.assert_close(grad, cpu, equal_nan=True, rtol=1e-5, atol=1e-7)
+    assert bool(torch.isnan(grad[:6]).all()) and bool(torch.isfinite(grad[6:]).all())
+    assert bool((grad[12] == 0).all())

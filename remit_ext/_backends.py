@@ -304,8 +304,6 @@ class TritonBackend(OpsBackend):
         return self._import_error
 
     def why_not(self, op, tensors, features):
-        if op == "kd_loss":
-            return "no Triton kernel for KD yet (use backend='cpu' or 'torch')"
         topk, vocab = features.get("topk") or 0, tensors[0].shape[-1] if tensors else 0
         if 64 < topk < vocab:
             return f"the Triton kernel's top-k entropy takes topk <= 64 (or >= V), got {topk}"

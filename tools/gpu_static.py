@@ -265,6 +265,7 @@ class Row:
     launch_bound: int = 1024
     row_elems: float = 0.0        # elements swept per main loop (N x V), 0 for O(N) kernels
     passes: int = 1               # main loops that run (the scorer rows: a second one)
+    sweeps: int = 1               # rows one main loop reads side by side (KD: student, teacher)
     other_bytes: float = 0.0      # per-token vectors read and written
     loops: list = field(default_factory=list)
     blocks_per_sm: int = 0
@@ -353,20 +354,26 @@ def triton_rows(tmp: Path) -> list[Row]:
     K = triton_check.load_kernels()
     configs = {label: cfg for label, *cfg in triton_check.configurations(K)}
     N, V, chunk = N_HOT, V_HOT, chunk_rows()
+    # (configuration, kernel, variant, per-token bytes, main loops, rows each loop sweeps)
     wanted = [
         ("token_stats bf16 block 4096 stride i32 scorer False entropy True topk 0",
-         "token_stats", "lse, logprob, entropy", 8 + 3 * 4, 1),
+         "token_stats", "lse, logprob, entropy", 8 + 3 * 4, 1, 1),
         ("token_stats bf16 block 4096 stride i32 scorer True entropy False topk 0",
-         "token_stats", "policy + scorer rows (remit_loss fwd)", 8 + 4 * 4, 2),
-        ("ce_bwd bf16 block 4096 stride i32", "ce_bwd", "in place", 8 + 3 * 4, 1),
+         "token_stats", "policy + scorer rows (remit_loss fwd)", 8 + 4 * 4, 2, 1),
+        ("ce_bwd bf16 block 4096 stride i32", "ce_bwd", "in place", 8 + 3 * 4, 1, 1),
+        ("kd_fwd bf16 block 4096 stride i32", "kd", "student + teacher rows, one sweep",
+         8 + 3 * 4, 1, 2),
+        ("kd_bwd bf16 block 4096 stride i32", "kd_bwd", "student + teacher rows -> gradient",
+         8 + 3 * 4, 1, 2),
     ]
     rows = []
     for n, where in ((N, f"{N} x {V}"), (chunk["remit"], f"chunk {chunk['remit']} x {V}")):
-        for label, kernel, variant, per_token, passes in wanted:
+        for label, kernel, variant, per_token, passes, sweeps in wanted:
             fn, sig, consts, warps = configs[label]
             rows.append((Row("triton", kernel, variant, where, warps * 32, n,
                              launch_bound=warps * 32, row_elems=n * V, passes=passes,
-                             other_bytes=n * per_token), (fn, sig, consts, warps)))
+                             sweeps=sweeps, other_bytes=n * per_token),
+                         (fn, sig, consts, warps)))
     for label, kernel, variant, blocks, per_token in (
             ("remit_weights fp32 loss True cu i64", "remit_weights", "4 sequences, fp32", 4,
              8 + 5 * 4),
@@ -435,7 +442,8 @@ def predict(r: Row) -> dict:
         t_mem = t_issue = t_mufu = 0.0
         instr = exps = bytes_ = 0.0
         for lp in r.loops:
-            elems = lp.load_bytes / ELEM  # elements of the row one iteration reads, per thread
+            # Elements of the row one iteration reads, per thread (of each row it sweeps).
+            elems = lp.load_bytes / ELEM / r.sweeps
             instr += lp.instr / elems
             exps += lp.exps / elems
             bytes_ += (lp.load_bytes + lp.store_bytes) / elems
@@ -544,9 +552,11 @@ def write(records: list[dict], out_dir: Path, provenance: str) -> None:
     md += [
         "",
         "Columns: `loop_instr` SASS instructions of one main-loop iteration per thread (one per",
-        "row pass: the scorer variant sweeps two rows); `instr_per_elem`, `exps_per_elem`,",
-        "`bytes_per_elem` per logit element over all its passes; `gbytes` moved in all; the",
-        "`t_*` bounds and `predicted_us` in microseconds (**predicted, not measured**).",
+        "row pass: the scorer variant sweeps two rows, one after the other; KD's one loop reads",
+        "the student and teacher rows side by side); `instr_per_elem`, `exps_per_elem`,",
+        "`bytes_per_elem` per logit position of the [N, V] shape over all its passes and rows;",
+        "`gbytes` moved in all; the `t_*` bounds and `predicted_us` in microseconds",
+        "(**predicted, not measured**).",
         "",
     ]
     (out_dir / "gpu_static.md").write_text("\n".join(md))

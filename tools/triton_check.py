@@ -83,7 +83,7 @@ def fma_finding(ptx: str):
 # Integer arguments a real launch on the hot shapes passes as multiples of 16 (V = 128256 and
 # the row strides of contiguous [N, V] logits): Triton's JIT specialises them, and pointers to
 # 16-byte aligned storage, as ``tt.divisibility = 16``.
-ALIGNED_INTS = ("V", "stride_logits", "stride_scorer", "stride_grad")
+ALIGNED_INTS = ("V", "stride_logits", "stride_scorer", "stride_teacher", "stride_grad")
 
 
 def alignment_attrs(fn, signature: dict) -> dict:
@@ -160,6 +160,20 @@ def configurations(K):
                        "lse_ptr": ap, "logprob_ptr": ap, "coef_ptr": ap, "V": "i32",
                        "stride_logits": stride, "stride_grad": stride, "ignore_index": "i32"}
                 yield (f"ce_bwd {dt} block {block} stride {stride}", K._ce_bwd_kernel, sig,
+                       {"BLOCK_V": block, "ACC": acc}, warps)
+                # KD: a student and a teacher row side by side, forward and backward.
+                tp = "*i32" if dt == "fp16" else "*i64"
+                sig = {"logits_ptr": ptr, "teacher_ptr": ptr, "targets_ptr": tp,
+                       "loss_ptr": ap, "lse_ptr": ap, "teacher_lse_ptr": ap, "V": "i32",
+                       "stride_logits": stride, "stride_teacher": stride,
+                       "ignore_index": "i32", "inv_temp_ptr": ap}
+                yield (f"kd_fwd {dt} block {block} stride {stride}", K._kd_fwd_kernel, sig,
+                       {"BLOCK_V": block, "ACC": acc}, warps)
+                sig = {"logits_ptr": ptr, "teacher_ptr": ptr, "grad_ptr": ptr,
+                       "targets_ptr": tp, "lse_ptr": ap, "teacher_lse_ptr": ap, "coef_ptr": ap,
+                       "V": "i32", "stride_logits": stride, "stride_teacher": stride,
+                       "stride_grad": stride, "ignore_index": "i32", "inv_temp_ptr": ap}
+                yield (f"kd_bwd {dt} block {block} stride {stride}", K._kd_bwd_kernel, sig,
                        {"BLOCK_V": block, "ACC": acc}, warps)
     for acc, ap in ((tl.float32, "*fp32"), (tl.float64, "*fp64")):
         for write_loss, cu in itertools.product((False, True), ("*i32", "*i64")):

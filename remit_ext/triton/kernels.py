@@ -4,7 +4,9 @@ Every load is upcast at once to the accumulation type ACC (fp32; fp64 for fp64 i
 gradcheck can run; bf16 arithmetic is also wrong in Triton's CPU interpreter), rows are addressed with 64-bit offsets, and each row is read once per pass:
 ``_token_stats_fwd_kernel`` (policy and, optionally, scorer row in the same program) ->
 ``_remit_weights_kernel`` (per sequence) -> ``_ce_bwd_kernel`` (gradient, optionally in place);
-``_pg_terms_kernel`` is the policy-gradient loss's per-token epilogue (O(N), blocks of tokens).
+``_pg_terms_kernel`` is the policy-gradient loss's per-token epilogue (O(N), blocks of tokens);
+``_kd_fwd_kernel`` / ``_kd_bwd_kernel`` are distillation's pair, reading a student and a teacher row
+side by side.
 """
 
 import triton
@@ -57,6 +59,31 @@ def _merge_topk(topv, x, kidx, cols0, TOPK: tl.constexpr):
 
 
 @triton.jit
+def _fold_block(x, m, below, top, ACC: tl.constexpr):
+    """One block x of a row (in ACC, -inf padded) folded into the online softmax state
+    (m, below, top) of _row_moments. Returns (m_new, below, top, scale, shift, e, d): the new
+    state; scale = e^{m - m_new} and shift = m - m_new, with which a caller rebases its own
+    sums over the row (0 and 0 while everything so far is -inf: never inf - inf); and per lane
+    e = e^{x - m_new} and d = x - m_new (0 at -inf lanes)."""
+    m_new = tl.maximum(m, tl.max(x, 0))
+    empty = (m_new == NEG_INF) | (m == NEG_INF)
+    keep = empty | (m == m_new)
+    shift = tl.where(keep, 0.0, m) - tl.where(keep, 0.0, m_new)
+    scale = tl.where(empty, 0.0, tl.exp(shift))
+    raised = m_new > m
+    below = below * scale + tl.where(raised, top * scale, 0.0)
+    top = tl.where(raised, 0.0, top)
+    same = (x == NEG_INF) | (x == m_new)
+    d = tl.where(same, 0.0, x) - tl.where(same, 0.0, m_new)
+    e = tl.where(x == NEG_INF, 0.0, tl.exp(d))
+    # The maxima are counted apart from the mass below them (see _row_moments).
+    at_top = (x == m_new) & (x != NEG_INF)
+    below += tl.sum(tl.where(at_top, 0.0, e), 0)
+    top += tl.sum(at_top.to(ACC), 0)
+    return m_new, below, top, scale, shift, e, d
+
+
+@triton.jit
 def _row_moments(row_ptr, V, inv_temp, WITH_T: tl.constexpr, BLOCK_V: tl.constexpr,
                  ACC: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr):
     """Online softmax moments of one row of x = logits * inv_temp, in ACC.
@@ -78,33 +105,29 @@ def _row_moments(row_ptr, V, inv_temp, WITH_T: tl.constexpr, BLOCK_V: tl.constex
         cols = start + cols0
         x = tl.load(row_ptr + cols, mask=cols < V, other=NEG_INF).to(ACC) * inv_temp
         n_nan += tl.sum((x != x).to(tl.int32), 0)
-        m_new = tl.maximum(m, tl.max(x, 0))
-        # Rescale what was summed around the old max: scale = e^{m - m_new}, 0 while everything
-        # so far is -inf; never forms inf - inf.
-        empty = (m_new == NEG_INF) | (m == NEG_INF)
-        keep = empty | (m == m_new)
-        shift = tl.where(keep, 0.0, m) - tl.where(keep, 0.0, m_new)
-        scale = tl.where(empty, 0.0, tl.exp(shift))
+        mass = below + top
+        m_new, below, top, scale, shift, e, d = _fold_block(x, m, below, top, ACC)
         if WITH_T:
             # Where e^shift underflows the old terms add exactly 0 (csrc/cuda/row_ops.cuh,
             # rebase): shift * (below + top) overflows to -inf for an absurd spread of maxima
             # (-3e38 in one block, 3 in the next), and 0 * -inf would invent a NaN entropy.
-            t = tl.where(scale > 0.0, scale * (t + shift * (below + top)), 0.0)
-        raised = m_new > m
-        below = below * scale + tl.where(raised, top * scale, 0.0)
-        top = tl.where(raised, 0.0, top)
-        same = (x == NEG_INF) | (x == m_new)
-        d = tl.where(same, 0.0, x) - tl.where(same, 0.0, m_new)
-        e = tl.where(x == NEG_INF, 0.0, tl.exp(d))
-        at_top = (x == m_new) & (x != NEG_INF)
-        below += tl.sum(tl.where(at_top, 0.0, e), 0)
-        top += tl.sum(at_top.to(ACC), 0)
-        if WITH_T:
+            t = tl.where(scale > 0.0, scale * (t + shift * mass), 0.0)
             t += tl.sum(e * tl.where(e == 0.0, 0.0, d), 0)  # 0, not 0 * -inf
         if TOPK > 0:
             topv = _merge_topk(topv, x, kidx, cols0, TOPK)
         m = m_new
     return m, below, top, t, n_nan, topv
+
+
+@triton.jit
+def _log_mass(top, below, finite):
+    """(s, log s) of the mass s = top + below that _row_moments keeps apart: log s as
+    log1p(s - 1) without cancellation, by Goldberg's identity log1p(u) = log(1 + u) * u /
+    ((1 + u) - 1), so a confident row keeps its digits. Rows not `finite` get (1, 0)."""
+    s_m1 = tl.where(finite, (top - 1.0) + below, 0.0)
+    s = 1.0 + s_m1
+    denom = tl.where(s == 1.0, 1.0, s - 1.0)
+    return s, tl.where(s == 1.0, s_m1, tl.log(s) * s_m1 / denom)
 
 
 @triton.jit
@@ -116,13 +139,8 @@ def _row_stats(row_ptr, y, V, inv_temp, WITH_T: tl.constexpr, BLOCK_V: tl.conste
     gives."""
     m, below, top, t, n_nan, topv = _row_moments(row_ptr, V, inv_temp, WITH_T, BLOCK_V, ACC,
                                                  TOPK, TOPK_PAD)
-    # log s = log1p(s - 1) without cancellation (see _row_moments), by Goldberg's identity
-    # log1p(u) = log(1 + u) * u / ((1 + u) - 1).
     finite = (m == m) & (tl.abs(m) != float("inf")) & (n_nan == 0)
-    s_m1 = tl.where(finite, (top - 1.0) + below, 0.0)
-    s = 1.0 + s_m1
-    denom = tl.where(s == 1.0, 1.0, s - 1.0)
-    log_s = tl.where(s == 1.0, s_m1, tl.log(s) * s_m1 / denom)
+    s, log_s = _log_mass(top, below, finite)
     xy = tl.load(row_ptr + y).to(ACC) * inv_temp
     nan = float("nan")
     lse = tl.where(finite, m + log_s, tl.where(n_nan > 0, nan, m))
@@ -303,6 +321,117 @@ def _ce_bwd_kernel(
             # gets coef * softmax, no one-hot entry, as on CUDA; y is never used as an address.
             g = tl.where(cols == y, target_grad, g)
             g = tl.where(finite, g, float("nan"))
+            tl.store(out_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _kd_fwd_kernel(
+    logits_ptr, teacher_ptr, targets_ptr, loss_ptr, lse_ptr, teacher_lse_ptr,
+    V, stride_logits, stride_teacher, ignore_index, inv_temp_ptr,
+    BLOCK_V: tl.constexpr, ACC: tl.constexpr,
+):
+    """KD against a frozen teacher for one row (METHODS.md section 3; csrc/cpu/kd_loss.cpp is
+    the same formula): with x = z / T and q = softmax(x^T), loss = LSE(x) - sum_v q_v x_v
+    = log s - dot / s^T, dot = sum_v e^{x^T_v - m^T} (x_v - m), in one pass over both rows.
+
+    Student and teacher keep their own online state (_fold_block); dot follows both maxima: a
+    new student max m' moves every term by m - m' (dot += (m - m') s^T, with the teacher mass
+    s^T summed so far), a new teacher max rescales it with the teacher's scale. Its terms are
+    spread x teacher mass, as in the C++ kernel's dot: they overflow fp32 only for a student
+    spread near fp32's range (-1e38 next to 3), where the loss itself is ~1e37."""
+    row = tl.program_id(0).to(tl.int64)
+    y = tl.load(targets_ptr + row).to(tl.int64)
+    zero = tl.zeros((), ACC)
+    if y == ignore_index:  # never read
+        tl.store(loss_ptr + row, zero)
+        tl.store(lse_ptr + row, zero)
+        tl.store(teacher_lse_ptr + row, zero)
+    else:
+        # 1/temperature comes through memory in ACC: a float argument would be rounded to fp32.
+        inv_temp = tl.load(inv_temp_ptr)
+        z_row = logits_ptr + row * stride_logits
+        t_row = teacher_ptr + row * stride_teacher
+        cols0 = tl.arange(0, BLOCK_V)
+        m = tl.full((), NEG_INF, ACC)
+        below = tl.zeros((), ACC)
+        top = tl.zeros((), ACC)
+        m_t = tl.full((), NEG_INF, ACC)
+        below_t = tl.zeros((), ACC)
+        top_t = tl.zeros((), ACC)
+        dot = tl.zeros((), ACC)
+        n_nan = tl.zeros((), tl.int32)
+        n_nan_t = tl.zeros((), tl.int32)
+        for start in range(0, V, BLOCK_V):
+            cols = start + cols0
+            mask = cols < V
+            x = tl.load(z_row + cols, mask=mask, other=NEG_INF).to(ACC) * inv_temp
+            xt = tl.load(t_row + cols, mask=mask, other=NEG_INF).to(ACC) * inv_temp
+            n_nan += tl.sum((x != x).to(tl.int32), 0)
+            n_nan_t += tl.sum((xt != xt).to(tl.int32), 0)
+            mass_t = below_t + top_t
+            m, below, top, _, shift, _, d = _fold_block(x, m, below, top, ACC)
+            m_t, below_t, top_t, scale_t, _, e_t, _ = _fold_block(xt, m_t, below_t, top_t, ACC)
+            # shift is 0 while the student row is all -inf so far: its terms are then 0 (no
+            # teacher mass) or -inf (teacher mass on a -inf logit), and stay so. Where the
+            # teacher's scale underflows the old terms count exactly 0, as in the entropy's
+            # rebase (_row_moments); a -inf dot times that 0 would be NaN.
+            dot = tl.where(scale_t > 0.0, dot + shift * mass_t, 0.0) * scale_t
+            # x - m per lane, -inf where the student rules a class out; q_v = 0 contributes 0
+            # even there (e_t * -inf would be NaN).
+            dx = tl.where(x == NEG_INF, NEG_INF, d)
+            dot += tl.sum(e_t * tl.where(e_t == 0.0, 0.0, dx), 0)
+        # An undefined softmax on either side (a NaN or +inf logit, an all -inf row) gives a NaN
+        # loss, and lse / teacher lse as the C++ kernel reports them: the row's max (NaN where it
+        # holds a NaN), which the backward reads as "NaN row".
+        finite = (m == m) & (tl.abs(m) != float("inf")) & (n_nan == 0)
+        finite_t = (m_t == m_t) & (tl.abs(m_t) != float("inf")) & (n_nan_t == 0)
+        ok = finite & finite_t
+        s, log_s = _log_mass(top, below, ok)
+        s_t, log_s_t = _log_mass(top_t, below_t, ok)
+        nan = float("nan")
+        # LSE(x) - sum q x = log s - sum q (x - m); dot = -inf (q > 0 where x = -inf) gives +inf.
+        tl.store(loss_ptr + row, tl.where(ok, log_s - dot / s_t, nan))
+        tl.store(lse_ptr + row, tl.where(ok, m + log_s, tl.where(n_nan > 0, nan, m)))
+        tl.store(teacher_lse_ptr + row,
+                 tl.where(ok, m_t + log_s_t, tl.where(n_nan_t > 0, nan, m_t)))
+
+
+@triton.jit
+def _kd_bwd_kernel(
+    logits_ptr, teacher_ptr, grad_ptr, targets_ptr, lse_ptr, teacher_lse_ptr, coef_ptr,
+    V, stride_logits, stride_teacher, stride_grad, ignore_index, inv_temp_ptr,
+    BLOCK_V: tl.constexpr, ACC: tl.constexpr,
+):
+    """grad = coef / T (softmax(x) - softmax(x^T)) for one row, from the forward's lse and
+    teacher lse; zeros at an ignored row, a NaN row where either softmax is undefined."""
+    row = tl.program_id(0).to(tl.int64)
+    y = tl.load(targets_ptr + row).to(tl.int64)
+    out_row = grad_ptr + row * stride_grad
+    cols0 = tl.arange(0, BLOCK_V)
+    if y == ignore_index:
+        for start in range(0, V, BLOCK_V):
+            cols = start + cols0
+            tl.store(out_row + cols, tl.zeros((BLOCK_V,), ACC).to(
+                grad_ptr.dtype.element_ty), mask=cols < V)
+    else:
+        inv_temp = tl.load(inv_temp_ptr)
+        z_row = logits_ptr + row * stride_logits
+        t_row = teacher_ptr + row * stride_teacher
+        lse = tl.load(lse_ptr + row)
+        lse_t = tl.load(teacher_lse_ptr + row)
+        c = tl.load(coef_ptr + row) * inv_temp  # d(z / T)/dz = 1/T
+        finite = ((lse == lse) & (tl.abs(lse) != float("inf")) & (lse_t == lse_t)
+                  & (tl.abs(lse_t) != float("inf")))
+        lse = tl.where(finite, lse, 0.0)
+        lse_t = tl.where(finite, lse_t, 0.0)
+        for start in range(0, V, BLOCK_V):
+            cols = start + cols0
+            mask = cols < V
+            x = tl.load(z_row + cols, mask=mask, other=0.0).to(ACC) * inv_temp
+            xt = tl.load(t_row + cols, mask=mask, other=0.0).to(ACC) * inv_temp
+            p = tl.exp(tl.where(finite, x, 0.0) - lse)
+            q = tl.exp(tl.where(finite, xt, 0.0) - lse_t)
+            g = tl.where(finite, (p - q) * c, float("nan"))
             tl.store(out_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 

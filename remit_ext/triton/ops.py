@@ -28,7 +28,7 @@ NAMESPACE = "remit_ext_triton"
 # The running top-k is unrolled k times per block: fine for RMT's k = 16, not for thousands.
 MAX_TOPK = 64
 OPS = ("token_stats", "remit_weights", "weighted_ce_fwd", "weighted_ce_bwd", "weighted_ce_bwd_",
-       "remit_loss", "pg_loss_fwd")
+       "remit_loss", "pg_loss_fwd", "kd_loss_fwd", "kd_loss_bwd")
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
 for _name in OPS:
@@ -62,6 +62,12 @@ def _on_device(t: torch.Tensor):
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """Rows are addressed through their stride; only the vocab dim must be dense."""
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _inv_temp(temperature, like):
+    """1/temperature as a one-element tensor in the accumulation dtype (see the kernels)."""
+    dt = acc_dtype(like.dtype)
+    return torch.full((1,), 1.0 / temperature, dtype=dt, device=like.device)
 
 
 # ---------------------------------------------------------------------------- argument checks
@@ -195,6 +201,19 @@ def _check_inplace_rows(logits):
                          f"{list(logits.stride())}")
 
 
+def _check_kd_args(logits, teacher_logits, targets, temperature):
+    """csrc/cpu/kd_loss.cpp's check_kd_args, in its order, and the devices."""
+    _check_logits(logits, "logits")
+    _check_logits(teacher_logits, "teacher_logits")
+    _check_same_rows(logits, teacher_logits, "teacher_logits")
+    if teacher_logits.dtype != logits.dtype:
+        raise ValueError(f"teacher_logits: expected the logits' dtype {_scalar(logits.dtype)}, "
+                         f"got {_scalar(teacher_logits.dtype)}")
+    _check_on_device(teacher_logits, logits, "teacher_logits")
+    _check_targets(targets, logits)
+    _check_temperature(temperature)
+
+
 def _check_ce_bwd_args(logits, targets, lse, logprob, coef):
     _check_logits(logits, "logits")
     _check_targets(targets, logits)
@@ -224,9 +243,8 @@ def _stats_into(logits, targets, scorer, ignore_index, temperature, with_entropy
             topk_entropy if topk > 0 else lse,
             s_lse if s is not None else lse, s_logprob if s is not None else lse,
             vocab, z.stride(0), z.stride(0) if s is None else s.stride(0), ignore_index,
-            torch.full((1,), 1.0 / temperature, dtype=dt, device=z.device),
-            HAS_SCORER=s is not None, WITH_ENTROPY=with_entropy, BLOCK_V=block,
-            ACC=_acc(z.dtype), TOPK=min(topk, vocab),
+            _inv_temp(temperature, z), HAS_SCORER=s is not None, WITH_ENTROPY=with_entropy,
+            BLOCK_V=block, ACC=_acc(z.dtype), TOPK=min(topk, vocab),
             TOPK_PAD=triton.next_power_of_2(max(min(topk, vocab), 1)),
             TOPK_RENORM=topk_renormalize, num_warps=_num_warps(block), **K.LAUNCH_OPTIONS)
     return lse, logprob, entropy, topk_entropy, s_lse, s_logprob
@@ -383,6 +401,41 @@ def _pg_loss_fwd(logits, actions, advantages, scale, old_logprob, ref_logprob, i
     return loss, lse, logprob, dlogprob
 
 
+def _kd_loss_fwd(logits, teacher_logits, targets, ignore_index, temperature):
+    _check_kd_args(logits, teacher_logits, targets, temperature)
+    z, zt = _rows(logits), _rows(teacher_logits)
+    n, vocab = z.shape
+    dt = acc_dtype(z.dtype)
+    loss, lse, teacher_lse = (z.new_empty(n, dtype=dt) for _ in range(3))
+    block = _block_v(vocab)
+    with _on_device(z):
+        K._kd_fwd_kernel[(n,)](
+            z, zt, targets.contiguous(), loss, lse, teacher_lse, vocab, z.stride(0),
+            zt.stride(0), ignore_index, _inv_temp(temperature, z), BLOCK_V=block,
+            ACC=_acc(z.dtype), num_warps=_num_warps(block), **K.LAUNCH_OPTIONS)
+    return loss, lse, teacher_lse
+
+
+def _kd_loss_bwd(logits, teacher_logits, targets, lse, teacher_lse, coef, ignore_index,
+                 temperature):
+    _check_kd_args(logits, teacher_logits, targets, temperature)
+    # Not checked by the C++ op (it reads them as given), but indexed by row here.
+    for t, name in ((lse, "lse"), (teacher_lse, "teacher_lse"), (coef, "coef")):
+        _check_per_token(t, logits, name)
+    z, zt = _rows(logits), _rows(teacher_logits)
+    n, vocab = z.shape
+    dt = acc_dtype(z.dtype)
+    grad = torch.empty_like(z, memory_format=torch.contiguous_format)
+    block = _block_v(vocab)
+    with _on_device(z):
+        K._kd_bwd_kernel[(n,)](
+            z, zt, grad, targets.contiguous(), lse.to(dt).contiguous(),
+            teacher_lse.to(dt).contiguous(), coef.to(dt).contiguous(), vocab, z.stride(0),
+            zt.stride(0), grad.stride(0), ignore_index, _inv_temp(temperature, z),
+            BLOCK_V=block, ACC=_acc(z.dtype), num_warps=_num_warps(block), **K.LAUNCH_OPTIONS)
+    return grad
+
+
 _IMPLS = {
     "token_stats": _token_stats,
     "remit_weights": _remit_weights,
@@ -391,6 +444,8 @@ _IMPLS = {
     "weighted_ce_bwd_": _weighted_ce_bwd_inplace,
     "remit_loss": _remit_loss,
     "pg_loss_fwd": _pg_loss_fwd,
+    "kd_loss_fwd": _kd_loss_fwd,
+    "kd_loss_bwd": _kd_loss_bwd,
 }
 for _name, _fn in _IMPLS.items():
     # CPU runs the same kernels in Triton's interpreter (tests only; the dispatcher never picks
