@@ -974,38 +974,6 @@ class Finding(NamedTuple):
     diagnosis: str
 
 
-def _offsets_of(kw):
-    cu = kw.get("cu_seqlens")
-    if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 2 \
-            or cu.is_floating_point() or cu.dtype == torch.bool or cu.device.type != "cpu":
-        return None
-    return cu.tolist()
-
-
-def _decreasing(kw):
-    cu = _offsets_of(kw)
-    return cu is not None and any(b < a for a, b in zip(cu, cu[1:]))
-
-
-def _bad_ignore_index(kw):
-    ii = kw.get("ignore_index", IGNORE)
-    return isinstance(ii, bool) or not isinstance(ii, int) or not -2 ** 63 <= ii < 2 ** 63
-
-
-def _remit_weights_nan(fname, kw):
-    """The reference's weight std is NaN (a NaN / inf log-prob at a valid position)."""
-    if fname not in ("remit_weights", "remit_loss", "remit_linear_loss") \
-            or kw.get("method", "remit") != "remit" or all(
-                bool(torch.isfinite(v).all()) for v in kw.values()
-                if isinstance(v, torch.Tensor) and v.is_floating_point()
-                and v.device.type == "cpu"):
-        return False
-    try:
-        return bool(SPECS[fname].ref(_fp64(_reference_inputs(kw)))["diagnostics"][1].isnan())
-    except Exception:  # noqa: BLE001  (inputs the reference cannot take are judged elsewhere)
-        return False
-
-
 def _reference_inputs(kw):
     kw = dict(kw)
     if "hidden" in kw:
@@ -1013,88 +981,10 @@ def _reference_inputs(kw):
     return kw
 
 
-KNOWN_FINDINGS = [
-    Finding(
-        "remit_weights names logprobs for targets of the wrong shape",
-        lambda f, b, m, kw: f == "remit_weights" and isinstance(kw.get("targets"), torch.Tensor)
-        and isinstance(kw.get("logprobs"), torch.Tensor)
-        and kw["targets"].shape != kw["logprobs"].shape
-        and kw["logprobs"].shape == getattr(kw.get("scorer_logprobs"), "shape", None),
-        "functional.remit_weights checks logprobs and scorer_logprobs against targets' shape, so "
-        "a targets tensor of the wrong shape is reported as 'logprobs: expected shape (2, 2)'. "
-        "Fix: as for the device, when both log-prob tensors agree and targets differ, raise "
-        "'targets: expected shape <logprobs.shape> (like logprobs and scorer_logprobs)' first."),
-    Finding(
-        "remit_weights does not check ignore_index",
-        lambda f, b, m, kw: f == "remit_weights" and _bad_ignore_index(kw),
-        "functional.remit_weights never calls a check that sees ignore_index (check_targets "
-        "does for the other functions): ignore_index=2**70 crashes with an OverflowError, a "
-        "string, None, True or a tensor runs (ignore_index=True ignores target 1). Fix: "
-        "chk.check_ignore_index(ignore_index) there."),
-    Finding(
-        "token_stats takes topk=True",
-        lambda f, b, m, kw: f == "token_stats" and b == "torch"
-        and isinstance(kw.get("topk"), bool),
-        "functional.token_stats accepts a bool topk (isinstance(True, int)): the kernel backends "
-        "compute the top-1 entropy, the torch backend crashes in torch.topk with 'topk(): "
-        "argument 'k' must be int, not bool'. Fix: refuse bools in its topk check, as "
-        "kl_beta does."),
-    Finding(
-        "kd_loss rounds a wider teacher to the student's dtype",
-        lambda f, b, m, kw: f == "kd_loss"
-        and kw["logits"].dtype in (torch.float16, torch.bfloat16)
-        and kw["teacher_logits"].dtype in (torch.float32, torch.float64),
-        "functional.kd_loss casts teacher_logits to logits' dtype before any backend "
-        "(`tz = tz.to(z.dtype)`): a float32 teacher with bfloat16 logits loses its digits "
-        "(loss 1.2e-3 off at 4.69; the bound is 4.8e-5). Fix: cast to the accumulation dtype, "
-        "or let the backends read each tensor in its own dtype (token_stats' scorer does)."),
-    Finding(
-        "the fused-linear functions blame the head for hidden on another device",
-        lambda f, b, m, kw: f in ("linear_token_stats", "remit_linear_loss")
-        and isinstance(kw.get("hidden"), torch.Tensor) and kw["hidden"].device.type == "meta",
-        "_linear_local._check_head calls chk.check_same_device(hidden, weight, weight_name) "
-        "with the default like='logits': hidden on meta, the rest on CPU gives 'weight: "
-        "expected a tensor on meta like logits' (no argument is called logits there, and "
-        "hidden is the odd one out). Fix: like='hidden', and name hidden when targets agree "
-        "with the head."),
-    Finding(
-        "C++ ReMiT diagnostics: a NaN weight std comes out 0",
-        lambda f, b, m, kw: b == "cpu" and _remit_weights_nan(f, kw),
-        "csrc/cpu/remit_weights.cpp:73: std::sqrt(std::max(0.0, sww * inv - mean * mean)): "
-        "std::max(0.0, NaN) is 0.0, so a sequence poisoned by a NaN / inf log-prob reports "
-        "w_std = 0 where every other backend reports NaN. Fix: std::max(var, 0.0) (NaN "
-        "first), or an explicit isnan."),
-    Finding(
-        "torch backend, 'off': tokens before cu_seqlens[0] count in the first sequence",
-        lambda f, b, m, kw: b == "torch" and m == "off" and f in ("remit_weights", "remit_loss",
-                                                                  "remit_linear_loss")
-        and (_offsets_of(kw) or [0])[0] > 0,
-        "reference.remit_delta_sums (segment_ids: searchsorted over cu_seqlens[1:]) gives "
-        "positions before cu_seqlens[0] segment 0, so with cu_seqlens=[1, 6] token 0 is "
-        "weighted and centred with the first sequence; docs/backends.md ('off') says positions "
-        "outside every segment count in no mean, and the kernels clamp them out (weight 0). "
-        "Fix: valid &= pos >= cu_seqlens[0] beside the existing seg < num_seg."),
-    Finding(
-        "'off': decreasing cu_seqlens have no one meaning across backends",
-        lambda f, b, m, kw: m == "off" and b in ("torch", "triton") and _decreasing(kw)
-        and f in ("remit_weights", "remit_loss", "remit_linear_loss"),
-        "docs/backends.md promises clamped offsets under 'off'. The Triton (and CUDA) kernels "
-        "clamp each segment on its own (end = max(end, begin)), so [0, 4, 2, 6] makes segments "
-        "[0, 4) and [2, 6) overlap: tokens 2-3 are written by two programs (a race on a GPU) "
-        "and counted twice in the diagnostics; the reference's searchsorted over unsorted "
-        "offsets gives yet other segments. Fix (one definition for every backend, no sync): "
-        "cu = torch.cummax(cu_seqlens.clamp(0, N), 0).values before the reference and the "
-        "kernel launches (Triton/CUDA glue), and say so in docs/backends.md."),
-    Finding(
-        "remit_linear_loss, 'off': a negative offset wraps around",
-        lambda f, b, m, kw: f == "remit_linear_loss" and m == "off" and b != "cpu"
-        and min(_offsets_of(kw) or [0]) < 0,
-        "_linear_plan._host_bounds / _aligned_chunks plan chunks from cu_seqlens.tolist() as "
-        "given, and the engine slices y[s:e], per_token[s:e] with them: cu_seqlens=[-1, 3, 6] "
-        "makes a chunk (-1, 3), a Python slice from the end (empty), so tokens 0-2 get weight 0 "
-        "and the loss is 1.77 where the clamped offsets [0, 3, 6] give 3.13. Fix: clamp the host "
-        "bounds and the device offsets into [0, N] (and cummax them, see the decreasing-offsets "
-        "finding) before planning."),
+# Violations whose fix is pending, each as Finding(name, applies(fname, backend, mode, kw),
+# diagnosis): the walk leaves its calls out and test_known_findings_still_reproduce requires it
+# to still show. The nine of the first campaign are fixed (issue 26; their cases are walked).
+KNOWN_FINDINGS: list = [
 ]
 
 
@@ -1305,6 +1195,7 @@ def test_walk(fname, backend, mode):
                           f"validation={mode!r}:\n  " + "\n  ".join(failures))
 
 
+@pytest.mark.skipif(not KNOWN_FINDINGS, reason="no finding is pending")
 def test_known_findings_still_reproduce():
     """Each KNOWN_FINDINGS entry still violates the property on some walk case it covers (the
     fast backends first): a fix that repairs one fails this test until its entry goes, and the

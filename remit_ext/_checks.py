@@ -187,7 +187,12 @@ def check_cu_seqlens(cu_seqlens, n_tokens: int, device: torch.device) -> Optiona
                 raise ValueError(f"{msg}, got {cu_seqlens.tolist()}")
         else:
             torch._assert_async(ok, msg)
-    return cu_seqlens
+        return cu_seqlens
+    # Unchecked ("off"): the documented meaning of malformed offsets on every backend, formed
+    # on the device without a sync: clamped into [0, n_tokens], then made non-decreasing (a
+    # running maximum), so no two segments overlap and no slice wraps around; positions
+    # outside every segment count in no sequence.
+    return torch.cummax(cu_seqlens.clamp(0, n_tokens), 0).values
 
 
 def check_eps(eps) -> float:

@@ -47,17 +47,21 @@ def _traced_backend(op: str, backend: str, device: str) -> str:
     return select_backend(op, backend, (torch.empty(0, device=device),)).name
 
 
-def _check_head(hidden, weight, weight_name: str) -> int:
-    """hidden [..., D] and an LM head [V, D] of its dtype and device; returns V."""
+def _check_head(hidden, weight, weight_name: str, targets=None) -> int:
+    """hidden [..., D] and an LM head [V, D] of its dtype and device; returns V. Devices: the
+    odd one out is named (hidden, when the head and ``targets`` agree)."""
     chk.check_logits(hidden, "hidden")
     chk._tensor(weight, weight_name)
+    if (weight.device != hidden.device and isinstance(targets, Tensor)
+            and targets.device == weight.device):
+        chk.check_same_device(weight, hidden, "hidden", like=f"{weight_name} and targets")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
         raise ValueError(f"{weight_name}: expected shape [V, {hidden.shape[-1]}] (V >= 1, D of "
                          f"hidden), got {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"{weight_name}: expected the dtype of hidden {hidden.dtype}, "
                         f"got {weight.dtype}")
-    chk.check_same_device(hidden, weight, weight_name)
+    chk.check_same_device(hidden, weight, weight_name, like="hidden")
     return weight.shape[0]
 
 
@@ -69,7 +73,7 @@ def _check_chunking(chunk_size, memory_budget) -> None:
 
 def _check_inputs(hidden, weight, targets, bias, scorer_hidden, scorer_weight, scorer_bias,
                   scorer_logprobs, method):
-    vocab = _check_head(hidden, weight, "lm_head_weight")
+    vocab = _check_head(hidden, weight, "lm_head_weight", targets)
     chk._tensor(targets, "targets")
     if targets.shape != hidden.shape[:-1]:
         raise ValueError(f"targets: expected shape {tuple(hidden.shape[:-1])} (hidden without "
@@ -165,7 +169,7 @@ def _remit_linear_loss(hidden, lm_head_weight, targets, *, bias=None, scorer_hid
         chk.check_targets(y, h.new_empty(()).expand(n, vocab), ignore_index)
     else:  # global ids: their range is checked against the shards together
         chk.check_positions(targets, hidden, "targets")
-    chk.check_cu_seqlens(cu_seqlens, n, h.device)
+    cu_seqlens = chk.check_cu_seqlens(cu_seqlens, n, h.device)
     if torch.compiler.is_compiling():
         impl = BACKENDS[_traced_backend(m.op, backend, str(h.device))]
     else:
@@ -213,7 +217,7 @@ def _linear_token_stats(hidden, weight, targets, *, bias=None, ignore_index=-100
                         temperature=1.0, entropy=False, chunk_size=None, memory_budget=None,
                         backend="auto", tp_group=None, tp=None) -> LinearTokenStats:
     """linear_token_stats on plain tensors; ``tp`` as in ``_remit_linear_loss``."""
-    vocab = _check_head(hidden, weight, "weight")
+    vocab = _check_head(hidden, weight, "weight", targets)
     chk._tensor(targets, "targets")
     if targets.shape != hidden.shape[:-1]:
         raise ValueError(f"targets: expected shape {tuple(hidden.shape[:-1])} (hidden without "

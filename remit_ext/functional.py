@@ -149,7 +149,7 @@ def token_stats(
     if scorer_logits is not None:
         chk.check_like_logits(scorer_logits, logits, "scorer_logits")
     temperature = chk.check_positive(temperature, "temperature")
-    if topk is not None and (not isinstance(topk, int) or topk < 1):
+    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
         raise ValueError(f"topk: expected a positive int or None, got {topk!r}")
     impl = select_backend("token_stats", backend, (logits, targets, scorer_logits), topk=topk)
     z, y = _flat(logits, targets)
@@ -189,10 +189,14 @@ def remit_weights(
     batches of all its ranks (the weights stay per rank).
     """
     chk._tensor(targets, "targets")
-    if (isinstance(logprobs, Tensor) and isinstance(scorer_logprobs, Tensor)
-            and logprobs.device == scorer_logprobs.device != targets.device):
+    if isinstance(logprobs, Tensor) and isinstance(scorer_logprobs, Tensor):
         # Both log-prob tensors agree: the targets are the odd one out, name them.
-        chk.check_same_device(logprobs, targets, "targets", like="logprobs")
+        if logprobs.device == scorer_logprobs.device != targets.device:
+            chk.check_same_device(logprobs, targets, "targets", like="logprobs")
+        if logprobs.shape == scorer_logprobs.shape != targets.shape:
+            raise ValueError(f"targets: expected shape {tuple(logprobs.shape)} (like logprobs "
+                             f"and scorer_logprobs), got {tuple(targets.shape)}")
+    ignore_index = chk.check_ignore_index(ignore_index)
     chk.check_per_token(logprobs, targets, "logprobs")
     chk.check_per_token(scorer_logprobs, targets, "scorer_logprobs")
     if targets.dtype not in chk.INDEX_DTYPES:
@@ -200,7 +204,7 @@ def remit_weights(
     if targets.numel() == 0:
         raise ValueError(f"targets: expected a non-empty tensor, got shape {tuple(targets.shape)}")
     eps = chk.check_eps(eps)
-    chk.check_cu_seqlens(cu_seqlens, targets.numel(), targets.device)
+    cu_seqlens = chk.check_cu_seqlens(cu_seqlens, targets.numel(), targets.device)
     if cp_group is not None:
         if not detach:
             raise ValueError("detach: cp_group computes detached weights only, got "
@@ -317,7 +321,7 @@ def remit_loss(
             raise ValueError("detach_weights: tp_group / cp_group compute detached weights "
                              "only, got detach_weights=False")
         chk._tensor(targets, "targets")
-        chk.check_cu_seqlens(cu_seqlens, targets.numel(), targets.device)
+        cu_seqlens = chk.check_cu_seqlens(cu_seqlens, targets.numel(), targets.device)
         loss, w, diag = _cp.remit_loss(
             logits, targets, scorer_logits, scorer_logprobs, _offsets(targets, cu_seqlens), eps,
             ignore_index, reduction, num_items, tp_group, cp_group, dp_group, backend)
@@ -336,7 +340,7 @@ def remit_loss(
     chk.check_reduction(reduction)
     num_items = chk.check_num_items(num_items_in_batch, reduction, logits.device)
     z, y = _flat(logits, targets)
-    chk.check_cu_seqlens(cu_seqlens, y.numel(), y.device)
+    cu_seqlens = chk.check_cu_seqlens(cu_seqlens, y.numel(), y.device)
     impl = select_backend("remit_loss", backend,
                           (logits, targets, scorer_logits, scorer_logprobs, cu_seqlens))
     sz = None if scorer_logits is None else scorer_logits.reshape(z.shape)
@@ -444,7 +448,11 @@ def kd_loss(
     z, y = _flat(logits, targets)
     tz = teacher_logits.reshape(z.shape)
     if tz.dtype != z.dtype:
-        tz = tz.to(z.dtype)
+        # The kernels take one dtype: the wider of the two (a bf16 student with an fp32 teacher
+        # computes in fp32; rounding the teacher to bf16 cost 1e-3 of the loss). The student's
+        # gradient comes back in its own dtype through the cast.
+        dt = torch.promote_types(z.dtype, tz.dtype)
+        z, tz = z.to(dt), tz.to(dt)
     per_token = impl.kd(z, tz, y, ignore_index, temperature)
     loss = reduce_tokens(per_token, (y != ignore_index).sum(), reduction, num_items)
     return _shaped(loss, targets, reduction)

@@ -256,8 +256,10 @@ def remit_delta_sums(logprob: Tensor, scorer_logprob: Tensor, valid: Tensor,
     seg, num_seg = segment_ids(cu_seqlens, n, a.device)
     if cu_seqlens is not None:
         # Malformed offsets (validation "off", or under torch.compile): a position no segment
-        # covers counts nothing and forms no out-of-range index, as in the Triton kernel.
-        valid = valid & (seg < num_seg)
+        # covers (before the first offset, or after the last) counts nothing and forms no
+        # out-of-range index, as in the kernels.
+        pos = torch.arange(n, device=a.device)
+        valid = valid & (seg < num_seg) & (pos >= cu_seqlens[0])
         seg = seg.clamp(max=max(num_seg - 1, 0))
     vf = valid.to(dt)
     # Selected, not multiplied by the mask: a NaN/inf log-prob at an ignored position must

@@ -70,7 +70,10 @@ void weights_segments(const acc_t* a, const acc_t* b, const int64_t* y, const in
   const double inv = n > 0 ? 1.0 / static_cast<double>(n) : 0.0;
   const double mean = sw * inv;
   diag[0] = static_cast<acc_t>(mean);
-  diag[1] = static_cast<acc_t>(std::sqrt(std::max(0.0, sww * inv - mean * mean)));
+  // Cancellation can leave a tiny negative variance: 0 then. NaN (a NaN / inf weight) stays
+  // NaN (std::max(0.0, NaN) would give 0).
+  const double var = sww * inv - mean * mean;
+  diag[1] = static_cast<acc_t>(std::sqrt(var < 0.0 ? 0.0 : var));
   diag[2] = static_cast<acc_t>(n_lo * inv);
   diag[3] = static_cast<acc_t>(n_hi * inv);
   diag[4] = static_cast<acc_t>(sabs * inv);

@@ -93,7 +93,7 @@ __global__ void __launch_bounds__(kWeightsThreads) remit_diag_kernel(const Weigh
     const double mean = tot[0] * inv;
     const double var = tot[1] * inv - mean * mean;
     p.diag[0] = static_cast<A>(mean);
-    p.diag[1] = static_cast<A>(sqrt(var > 0 ? var : 0.0));
+    p.diag[1] = static_cast<A>(sqrt(var < 0 ? 0.0 : var));  // NaN stays NaN
     p.diag[2] = static_cast<A>(tot[2] * inv);
     p.diag[3] = static_cast<A>(tot[3] * inv);
     p.diag[4] = static_cast<A>(tot[4] * inv);

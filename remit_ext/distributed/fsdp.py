@@ -332,7 +332,7 @@ def sharded_linear_loss(hidden, weight, targets, bias, scorer_hidden, scorer_wei
         chk.check_num_items(num_items_in_batch, kw["reduction"], hidden.device)
         y = targets.reshape(-1)
         chk.check_targets(y, hidden.new_empty(()).expand(y.numel(), vocab), kw["ignore_index"])
-        chk.check_cu_seqlens(cu_seqlens, y.numel(), hidden.device)
+        cu_seqlens = chk.check_cu_seqlens(cu_seqlens, y.numel(), hidden.device)
         if gradient_divide_factor is not None and not gradient_divide_factor > 0:
             raise ValueError(f"gradient_divide_factor: expected a number > 0 or None, got "
                              f"{gradient_divide_factor!r}")
