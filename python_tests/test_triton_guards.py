@@ -402,13 +402,16 @@ def test_absurd_logit_spread_keeps_a_finite_entropy(T, dtype):
 
 @pytest.mark.parametrize("case, name", [(0, "lse"), (1, "teacher_lse"), (2, "coef")])
 def test_kd_bwd_checks_its_per_token_inputs(T, case, name):
-    """The kernel reads lse, teacher lse and coef by row: a short one is refused (the C++ op,
-    which reads them on the host, does not check them)."""
+    """The kernels read lse, teacher lse and coef by row: a short one is refused, by the Triton
+    op and by the C++ one (which read it past its end before)."""
     z, s, y, ones, _ = _inputs()
     args = [ones, ones, ones]
     args[case] = ones[:9]
     with pytest.raises(ValueError, match=rf"{name}: expected shape \[10\], got \[9\]"):
         T[0].kd_loss_bwd(z, s, y, *args, IGNORE, 1.0)
+    with pytest.raises(ValueError, match=rf"{name}: expected shape \[10\], got \[9\]"):
+        torch.ops.remit_ext.kd_loss_bwd(z.cpu(), s.cpu(), y.cpu(), *(a.cpu() for a in args),
+                                        IGNORE, 1.0)
 
 
 # The interpreter's numpy reports the inf - inf and 0 * inf that the guards then discard.

@@ -138,6 +138,10 @@ at::Tensor kd_loss_bwd_cpu(const at::Tensor& logits, const at::Tensor& teacher_l
                            const at::Tensor& teacher_lse, const at::Tensor& coef,
                            int64_t ignore_index, double temperature) {
   check_kd_args(logits, teacher_logits, targets, temperature);
+  // Read by row: a short one would be read past its end.
+  check_per_token_float(lse, logits.size(0), "lse");
+  check_per_token_float(teacher_lse, logits.size(0), "teacher_lse");
+  check_per_token_float(coef, logits.size(0), "coef");
   const at::Tensor z = row_major(logits), zt = row_major(teacher_logits);
   const at::Tensor y = targets_as_long(targets);
   const auto acc = at::toOpMathType(z.scalar_type());
