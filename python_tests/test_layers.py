@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 # it in this list, never one below.
 LAYERS = [
     ("L0 leaves", ["remit_ext.reference", "remit_ext._checks", "remit_ext._build",
-                   "remit_ext._source_tree", "remit_ext._methods",
+                   "remit_ext._source_tree", "remit_ext._methods", "remit_ext._files",
                    "remit_ext._C", "remit_ext.testing"]),
     ("L1 registered-op Python side", ["remit_ext._grads", "remit_ext._fakes_autograd",
                                       "remit_ext.triton", "remit_ext.triton.*"]),

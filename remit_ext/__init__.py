@@ -7,7 +7,7 @@ Layers: a module imports only its own layer and those above it here, never below
 import circle (``python_tests/test_layers.py`` walks every import, function-level ones too):
 
 - L0 ``reference``, ``_checks``, ``_methods`` (the fused-linear method table), ``_build`` (+
-  the compiled ``_C``), ``testing``, ``_source_tree``: leaves.
+  the compiled ``_C``), ``testing``, ``_source_tree``, ``_files``: leaves.
 - L1 ``_grads`` (the closed-form logits gradients, one copy each), ``_fakes_autograd``,
   ``triton/``: the registered ops' Python side (fakes, autograd) and the Triton kernels and
   ops.

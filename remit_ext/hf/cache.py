@@ -43,6 +43,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._files import remove_stale_temps
+
 __all__ = ["ReMiTDataCollator", "ScorerCache", "ScorerCacheDataset", "ScorerCacheMismatchError",
            "add_scorer_logprobs", "read_token_sequences", "score_dataset", "sequence_hash",
            "MANIFEST"]
@@ -142,33 +144,10 @@ def read_token_sequences(path, column: str = "input_ids", split: Optional[str] =
 
 
 def _remove_stale_temps(path: Path) -> list[Path]:
-    """Remove temporary files a killed writer of ``path`` left: only our own pattern
-    ``<name>.<pid>.<8 hex>.tmp``, only in ``path``'s directory, only of processes that are gone
-    (another rank still writing keeps its file)."""
-    pattern = re.compile(re.escape(f"{path.name}.") + r"(\d+)\.[0-9a-f]{8}\.tmp")
-    removed = []
-    if not path.parent.is_dir():
-        return removed
-    for tmp in path.parent.glob(f"{path.name}.*.tmp"):
-        m = pattern.fullmatch(tmp.name)
-        if m is None:
-            continue
-        pid = int(m.group(1))
-        if pid == os.getpid():
-            continue
-        try:
-            os.kill(pid, 0)
-            continue  # alive
-        except ProcessLookupError:
-            pass
-        except OSError:
-            continue  # alive, another user's
-        try:
-            tmp.unlink()
-            removed.append(tmp)
-        except FileNotFoundError:
-            pass
-    return removed
+    """Remove temporary files a killed writer of ``path`` left (our own pattern
+    ``<name>.<pid>.<8 hex>.tmp``; ``_files.remove_stale_temps``)."""
+    return remove_stale_temps(path, f"{path.name}.*.tmp",
+                              re.escape(f"{path.name}.") + r"(\d+)\.[0-9a-f]{8}\.tmp")
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import _files
+
 CHECKPOINT, FINAL, METRICS, CONFIG = "checkpoint.pt", "final.pt", "metrics.jsonl", "config.json"
 
 
@@ -109,33 +111,12 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: alive, another user's
-        return True
-    return True
-
-
 def remove_stale_temps(path: Path) -> list[Path]:
-    """Remove the temporary files a killed writer of ``path`` left beside it: only names of our
-    own pattern ``.<name>.tmp<pid>``, only in ``path``'s directory, only of processes that are
-    gone (a live writer -- another rank -- keeps its file). Returns what was removed."""
+    """Remove the temporary files a killed writer of ``path`` left beside it (our own pattern
+    ``.<name>.tmp<pid>``; ``_files.remove_stale_temps``). Returns what was removed."""
     path = Path(path)
-    pattern = re.compile(re.escape(f".{path.name}.tmp") + r"(\d+)")
-    removed = []
-    if not path.parent.is_dir():
-        return removed
-    for tmp in path.parent.glob(f".{path.name}.tmp*"):
-        m = pattern.fullmatch(tmp.name)
-        if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-            removed.append(tmp)
-    return removed
+    return _files.remove_stale_temps(path, f".{path.name}.tmp*",
+                                     re.escape(f".{path.name}.tmp") + r"(\d+)")
 
 
 def atomic_save(obj: Any, path: Path) -> None:
