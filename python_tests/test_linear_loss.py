@@ -421,3 +421,26 @@ def test_compile_fullgraph():
     torch.testing.assert_close(got, want)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_kd_teacher_head_wider_than_the_student(backend):
+    # A bf16 student with an fp32 teacher head: the teacher's logits are read in fp32 (not
+    # rounded to bf16), as kd_loss on the same logits does; the gradients come back in bf16.
+    inp = make_inputs(24, 16, 67, torch.bfloat16, seed=5)
+    sh = inp["scorer_hidden"].float()
+    sw = inp["scorer_weight"].float()
+    h = inp["hidden"].detach().requires_grad_(True)
+    w = inp["lm_head_weight"].detach().requires_grad_(True)
+    y = inp["targets"]
+    got = remit_ext.remit_linear_loss(h, w, y, scorer_hidden=sh, scorer_weight=sw, method="kd",
+                                      chunk_size=7, backend=backend)
+    got.backward()
+    z = (h.detach().reshape(-1, h.shape[-1]) @ w.detach().T).float()
+    tz = sh.reshape(-1, sh.shape[-1]) @ sw.T
+    want = kd_loss_ref(z.double(), tz.double(), y.reshape(-1), ignore_index=IGNORE)
+    rounded = kd_loss_ref(z.double(), tz.bfloat16().double(), y.reshape(-1),
+                          ignore_index=IGNORE)
+    assert abs(float(got) - float(want)) < 0.1 * abs(float(rounded) - float(want))
+    assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
+

@@ -179,6 +179,23 @@ def remit_linear_loss_tp(rank, world, groups):
     _loss_cases(rank, world, groups["world"])
 
 
+@case(CASES_2)
+def kd_tp_nan_hidden_at_ignored_position(rank, world, groups):
+    # A NaN hidden state at a padded position reaches no gradient (KD's chunk gradient selects
+    # the valid rows, on every backend), sharded as unsharded.
+    x = _inputs()
+    x["h"][0, 1] = float("nan")  # y[0, 1] is ignored
+    for backend in ("cpu", "torch"):
+        h, w, b = _leaves(x, rank, world)
+        loss = remit_ext.remit_linear_loss(h, w, x["y"], bias=b, method="kd", backend=backend,
+                                           tp_group=groups["world"],
+                                           **_scorer(x, rank, world))
+        loss.backward()
+        assert bool(torch.isfinite(loss)), f"kd tp {backend}: loss {loss}"
+        for name, g in (("hidden", h.grad), ("weight", w.grad), ("bias", b.grad)):
+            assert bool(torch.isfinite(g).all()), f"kd tp {backend}: NaN in grad {name}"
+
+
 @case(CASES_4)
 def remit_linear_loss_tp4(rank, world, groups):
     _loss_cases(rank, world, groups["world"], backends=("cpu",))

@@ -262,3 +262,30 @@ def test_gradcheck_non_detached_fp64(backend, kind):
         return out.weights, out.delta_hat
 
     assert torch.autograd.gradcheck(f, (x,), eps=eps_fd, atol=1e-8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nondetached_gradient_ignores_positions_before_the_first_offset(backend):
+    # Unchecked offsets starting past 0: the positions before cu_seqlens[0] are in no sequence,
+    # in the weights (0) and in the non-detached gradient through the centring (0) alike.
+    a = torch.tensor([-1.0, -2.0, -0.5, -3.0, -1.5, -0.2], dtype=torch.float64, device=DEVICE)
+    b = torch.tensor([-1.2, -0.1, -2.0, -1.0, -0.3, -0.9], dtype=torch.float64, device=DEVICE)
+    y = torch.zeros(6, dtype=torch.long, device=DEVICE)
+    cu = torch.tensor([2, 4, 6], device=DEVICE)
+    with remit_ext.validation("off"):
+        aa = a.clone().requires_grad_(True)
+        try:
+            out = remit_ext.remit_weights(aa, b, y, cu_seqlens=cu, detach=False, eps=0.9,
+                                          backend=backend)
+        except ValueError as err:  # the C++ kernels refuse offsets they cannot read
+            assert "cu_seqlens" in str(err)
+            return
+        out.weights.sum().backward()
+    ra = a.clone().requires_grad_(True)
+    valid = torch.arange(6, device=DEVICE) >= 2
+    w, _, _ = remit_weights_ref(ra, b, valid, cu_seqlens=cu, eps=0.9, detach=False)
+    w.sum().backward()
+    assert bool((out.weights[:2] == 0).all()) and bool((aa.grad[:2] == 0).all())
+    torch.testing.assert_close(out.weights, w)
+    torch.testing.assert_close(aa.grad, ra.grad)
+

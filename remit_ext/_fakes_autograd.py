@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ._build import load_extension
 from ._grads import token_stats_grad
-from .reference import acc_dtype, segment_ids
+from .reference import acc_dtype, segment_membership
 
 
 def _vec(like: Tensor, n: int) -> Tensor:
@@ -140,14 +140,14 @@ def _token_stats_backward(ctx, g_lse, g_logprob, g_entropy, g_topk_entropy, g_sc
 
 def _segment_centered(values: Tensor, valid: Tensor, cu_seqlens: Tensor) -> Tensor:
     """values_t - mean of values over the valid positions of t's sequence (0 where invalid)."""
-    seg, num_seg = segment_ids(cu_seqlens, values.shape[0], values.device)
-    # Malformed offsets (validation "off"): an uncovered position counts nothing.
-    valid = valid & (seg < num_seg)
-    seg = seg.clamp(max=num_seg - 1)
-    vf = valid.to(values.dtype)
-    total = values.new_zeros(num_seg).index_add(0, seg, values * vf)
-    count = values.new_zeros(num_seg).index_add(0, seg, vf)
-    return (values - (total / count.clamp(min=1))[seg]) * vf
+    # Malformed offsets (validation "off"): an uncovered position counts nothing, as in the
+    # forward (reference.segment_membership).
+    valid, seg, num_seg = segment_membership(cu_seqlens, valid)
+    zero = values.new_zeros(())
+    kept = torch.where(valid, values, zero)
+    total = values.new_zeros(num_seg).index_add(0, seg, kept)
+    count = values.new_zeros(num_seg).index_add(0, seg, valid.to(values.dtype))
+    return torch.where(valid, values - (total / count.clamp(min=1))[seg], zero)
 
 
 def _weight_slope(delta_hat: Tensor, eps: float) -> Tensor:

@@ -72,15 +72,23 @@ class _Engine:
         """coef_t * (softmax(z_t) - onehot(y_t)) for rows [s, e), written into z's buffer."""
         return self.k.chunk_ce_grad_(z, self.y[s:e], lse, a, coef, self.ii)
 
+    def kd_logits(self, s, e):
+        """Policy and teacher logits of rows [s, e) in one dtype, the wider of the two heads'
+        (a bf16 student with an fp32 teacher reads the teacher in fp32, not rounded to bf16)."""
+        z, tz = self.logits(s, e), self.scorer_logits(s, e)
+        dt = torch.promote_types(z.dtype, tz.dtype)
+        return z.to(dt), tz.to(dt)
+
     def kd_forward(self, s, e):
         """Policy and teacher logits of rows [s, e) and the per-token KD loss, lse, teacher lse."""
-        z = self.logits(s, e)
-        tz = self.scorer_logits(s, e).to(z.dtype)
+        z, tz = self.kd_logits(s, e)
         loss, lse, tlse = self.k.chunk_kd(z, tz, self.y[s:e], self.ii, self.temperature)
         return z, tz, loss, lse, tlse
 
     def kd_grad(self, z, tz, s, e, lse, tlse, coef):
-        return self.k.chunk_kd_grad(z, tz, self.y[s:e], lse, tlse, coef, self.ii, self.temperature)
+        """The KD gradient of rows [s, e) w.r.t. their logits, in the policy head's dtype."""
+        g = self.k.chunk_kd_grad(z, tz, self.y[s:e], lse, tlse, coef, self.ii, self.temperature)
+        return g.to(self.h.dtype)
 
 
 class _Grads:

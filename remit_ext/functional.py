@@ -126,7 +126,10 @@ def token_stats(
     k largest probabilities, renormalised with ``topk_renormalize``), plus the scorer's lse and
     log-prob when ``scorer_logits`` is given (both models read in one call). Positions whose
     target is ``ignore_index`` get 0. lse, log-prob and entropy are differentiable w.r.t. the
-    logits; the top-k entropy is returned detached (a token-difficulty score).
+    logits; the top-k entropy is returned detached (a token-difficulty score). The backward of
+    the kernel backends reads the returned lse and log-prob (the target column is formed from
+    the log-prob, METHODS.md section 5): modify them in place only after backward, or clone
+    first (autograd raises if they were modified).
 
     ``tp_group``: ``logits`` (and ``scorer_logits``) are this rank's vocab shard (module
     docstring); every rank gets the statistics of the whole vocab. No top-k entropy then.

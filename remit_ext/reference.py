@@ -78,6 +78,20 @@ def segment_ids(cu_seqlens: Optional[Tensor], n: int, device: torch.device) -> t
     return ids, cu_seqlens.numel() - 1
 
 
+def segment_membership(cu_seqlens: Optional[Tensor], valid: Tensor):
+    """``(valid, segment ids, number of segments)`` of ``valid``'s positions, ``valid`` narrowed
+    to the positions some segment covers. Malformed offsets (validation "off", or under
+    torch.compile): a position before the first offset or after the last counts in no sequence
+    and forms no out-of-range index, as in the kernels."""
+    n = valid.shape[0]
+    seg, num_seg = segment_ids(cu_seqlens, n, valid.device)
+    if cu_seqlens is not None:
+        pos = torch.arange(n, device=valid.device)
+        valid = valid & (seg < num_seg) & (pos >= cu_seqlens[0])
+        seg = seg.clamp(max=max(num_seg - 1, 0))
+    return valid, seg, num_seg
+
+
 def reduce_tokens(per_token: Tensor, n_valid: Tensor, reduction: str,
                   num_items: "int | Tensor | None" = None) -> Tensor:
     """'mean' divides by the valid-token count (0 when there is none), never by sum of weights.
@@ -149,10 +163,13 @@ def _top_target_logprob(z: Tensor, targets: Tensor, valid: Tensor, logprob: Tens
 
 def target_logprob_ref(logits: Tensor, targets: Tensor, *, ignore_index: int = -100) -> Tensor:
     """a_t = log softmax(z_t)[y_t] (section 1), 0 at invalid positions: the one statistic the
-    losses need, computed as eager PyTorch code would (log_softmax, then gather)."""
+    losses need, computed as eager PyTorch code would (log_softmax, then gather), except on rows
+    whose target is the row maximum: there the log1p form keeps a_t's digits and its gradient's
+    (section 5; ``_top_target_logprob``), as every other backend does."""
     valid = targets != ignore_index
-    logp = torch.log_softmax(_valid_rows(logits.to(acc_dtype(logits.dtype)), valid), dim=-1)
-    return _gather_target(logp, targets, valid)
+    z = _valid_rows(logits.to(acc_dtype(logits.dtype)), valid)
+    logp = torch.log_softmax(z, dim=-1)
+    return _top_target_logprob(z, targets, valid, _gather_target(logp, targets, valid))
 
 
 def token_stats_ref(
@@ -252,15 +269,7 @@ def remit_delta_sums(logprob: Tensor, scorer_logprob: Tensor, valid: Tensor,
     dt = acc_dtype(logprob.dtype)
     a = logprob.to(dt) if not detach else logprob.detach().to(dt)
     b = scorer_logprob.detach().to(dt)
-    n = a.shape[0]
-    seg, num_seg = segment_ids(cu_seqlens, n, a.device)
-    if cu_seqlens is not None:
-        # Malformed offsets (validation "off", or under torch.compile): a position no segment
-        # covers (before the first offset, or after the last) counts nothing and forms no
-        # out-of-range index, as in the kernels.
-        pos = torch.arange(n, device=a.device)
-        valid = valid & (seg < num_seg) & (pos >= cu_seqlens[0])
-        seg = seg.clamp(max=max(num_seg - 1, 0))
+    valid, seg, num_seg = segment_membership(cu_seqlens, valid)
     vf = valid.to(dt)
     # Selected, not multiplied by the mask: a NaN/inf log-prob at an ignored position must
     # not reach its sequence's mean (0 * NaN = NaN).

@@ -22,9 +22,13 @@ One handshake-and-refusal protocol (``_groups._handshake``): before its first co
 every rank all-gathers a row of facts about its call with a status last; a rank that refused
 its inputs still joins, with status 0, so its peers raise instead of waiting, and every rank
 reads the same table, so all raise together. Vocab parallel gathers it over ``tp_group``
-(``vocab_parallel._VocabLayout``, ``vocab_parallel_linear.TPHead.refuse``), context parallel
-over ``cp_group``, the FSDP2 heads over each dim of their mesh in turn, folding the table to its
-minima and the negated maxima between dims (``fsdp._mesh_handshake``).
+(``vocab_parallel._VocabLayout``), context parallel over ``cp_group`` (the number of
+sequences), the FSDP2 heads over each dim of their mesh in turn, folding the table to its
+minima and the negated maxima between dims (``fsdp._mesh_handshake``). Refusals join it on the
+fused-linear heads (``vocab_parallel_linear.TPHead.refuse``, ``fsdp``); the logits-level
+tensor- and context-parallel entry points check their arguments before the handshake without
+joining it, so a check that fails on one rank only leaves its peers waiting (arguments that are
+the same on every rank fail on every rank).
 
 torch.compile: every distributed entry point here runs eagerly, a graph break (they check
 process groups and meshes, read the handshake on the host and issue collectives from

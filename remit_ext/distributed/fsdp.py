@@ -394,7 +394,7 @@ def remit_linear_loss(
     head again and recomputes the loss with gradients (~8NDV FLOPs instead of 6NDV), so no
     full-size weight or gradient is held between forward and backward. Every rank must call it
     (collectives), and then call backward. In the host-checked validation modes (CPU, or
-    ``set_validation("sync")``) a handshake (one small all_reduce) precedes the first gather:
+    ``set_validation("sync")``) a handshake (a small all_gather per mesh dim) precedes the first gather:
     a rank refusing its inputs makes its peers raise too, and ranks whose calls would gather
     different heads all raise, instead of waiting or pairing the wrong gathers.
     """

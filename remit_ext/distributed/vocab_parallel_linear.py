@@ -27,6 +27,7 @@ from torch import Tensor
 
 from .. import _checks as chk
 from .._backends import OpsBackend
+from .._grads import kd_grad
 from .._linear_engine import _Engine, _Grads, _inv_norm, _token_stats_bwd, _token_stats_fwd
 from .._linear_local import _loss_output
 from .._linear_plan import _free_chunks, _offsets, linear_chunk_size, stats_chunk_size
@@ -186,11 +187,7 @@ def _kd_chunk_grad(k, z, tz, y, lse, tlse, coef, temperature):
     """coef_t (p - q) / T on the shard's columns, with the global lse's (p, q global)."""
     if isinstance(k, OpsBackend):
         return k.chunk_kd_grad(z, tz, y, lse, tlse, coef, _LOCAL_IGNORE, temperature)
-    dt = lse.dtype
-    p = torch.exp(z.to(dt) / temperature - lse.unsqueeze(-1))
-    q = torch.exp(tz.to(dt) / temperature - tlse.unsqueeze(-1))
-    scale = torch.where(y != _LOCAL_IGNORE, coef / temperature, 0).unsqueeze(-1)
-    return ((p - q) * scale).to(z.dtype)
+    return kd_grad(z, tz, lse, tlse, coef, y != _LOCAL_IGNORE, temperature)
 
 
 class _VocabParallelLinearKD(torch.autograd.Function):
@@ -211,8 +208,7 @@ class _VocabParallelLinearKD(torch.autograd.Function):
         parts = torch.zeros(3, n, dtype=eng.acc, device=h.device)
         with torch.no_grad():
             for s, e in _free_chunks(n, chunk):
-                z = eng.logits(s, e)
-                tz = eng.scorer_logits(s, e).to(z.dtype)
+                z, tz = eng.kd_logits(s, e)
                 for i, x in enumerate(_kd_chunk_stats(eng.k, z, tz, y[s:e], temperature)):
                     parts[i, s:e] = x
                 del z, tz
@@ -240,10 +236,9 @@ class _VocabParallelLinearKD(torch.autograd.Function):
         grads = _Grads(eng, *need, w_fp32)
         coef = torch.where(layout.valid, g.to(eng.acc), 0)
         for s, e in _free_chunks(eng.n, chunk):
-            z = eng.logits(s, e)
-            tz = eng.scorer_logits(s, e).to(z.dtype)
+            z, tz = eng.kd_logits(s, e)
             grads.add(_kd_chunk_grad(eng.k, z, tz, y[s:e], lse[s:e], tlse[s:e],
-                                     coef[s:e].contiguous(), temperature), s, e)
+                                     coef[s:e].contiguous(), temperature).to(h.dtype), s, e)
             del z, tz
         gh, gw, gb = grads.empty()
         if need[0] and layout.world > 1:
