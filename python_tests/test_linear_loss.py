@@ -444,3 +444,42 @@ def test_kd_teacher_head_wider_than_the_student(backend):
     assert abs(float(got) - float(want)) < 0.1 * abs(float(rounded) - float(want))
     assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
 
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("method", ["ntp", "remit"])
+def test_fp32_chunk_logits_from_bf16(backend, method):
+    # chunk_dtype=torch.float32: the logits of bf16 inputs formed in fp32. Against the fp64
+    # truth on the same (bf16-rounded) inputs, at a logit scale where bf16 logits lose ~1% of
+    # the gradient, the fp32 ones keep it to the bf16 rounding of the gradient itself
+    # (2**-9 relative), and the loss to fp32 rounding. The gradients come back in bf16.
+    inp = make_inputs(96, 32, 501, torch.bfloat16, seed=9, scorer=method != "ntp")
+    inp["lm_head_weight"] = inp["lm_head_weight"] * 4  # logits with a spread of ~12
+    sc = {} if method == "ntp" else {"scorer_hidden": inp["scorer_hidden"],
+                                     "scorer_weight": inp["scorer_weight"]}
+    errs = {}
+    for cd in (None, torch.float32):
+        h = inp["hidden"].detach().requires_grad_(True)
+        w = inp["lm_head_weight"].detach().requires_grad_(True)
+        loss = remit_ext.remit_linear_loss(h, w, inp["targets"], method=method, chunk_size=17,
+                                           backend=backend, chunk_dtype=cd, **sc)
+        loss.backward()
+        assert h.grad.dtype == w.grad.dtype == torch.bfloat16
+        t_loss, t_grads, _ = eager(inp, method, dtype=torch.float64)
+        rel = [float((g.double() - t).norm() / t.norm())
+               for g, t in ((h.grad, t_grads[0]), (w.grad, t_grads[1]))]
+        errs[cd] = (abs(float(loss) - float(t_loss)) / abs(float(t_loss)), *rel)
+    loss32, gh32, gw32 = errs[torch.float32]
+    assert loss32 < 1e-6 and gh32 < 4e-3 and gw32 < 4e-3, errs
+    assert gh32 < errs[None][1] / 2 and gw32 < errs[None][2] / 2, errs
+
+
+@pytest.mark.parametrize("bad", [torch.float16, torch.int32, "float32"])
+def test_chunk_dtype_is_checked(bad):
+    inp = make_inputs(8, 8, 11, torch.float32, scorer=False)
+    with pytest.raises(ValueError, match="chunk_dtype: expected None, torch.float32"):
+        remit_ext.remit_linear_loss(inp["hidden"], inp["lm_head_weight"], inp["targets"],
+                                    method="ntp", chunk_dtype=bad)
+    with pytest.raises(ValueError, match="chunk_dtype"):
+        remit_ext.linear_token_stats(inp["hidden"], inp["lm_head_weight"], inp["targets"],
+                                     chunk_dtype=bad)
+

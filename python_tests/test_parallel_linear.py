@@ -256,6 +256,16 @@ def bf16_tp(rank, world, groups):
     _compare(lambda h, w, b, grp: remit_ext.remit_linear_loss(
         h, w, x["y"], bias=b, method="ntp", chunk_size=5, grad_weight_fp32=False,
         tp_group=grp), x, rank, world, g, "bf16 grad_weight_fp32=False", **tol)
+    # fp32 chunk logits: sharded as unsharded, to fp32 rounding of the logits (the gradients
+    # still come back in bf16).
+    for method in ("remit", "kd"):
+        def loss32(h, w, b, grp):
+            sc = _scorer(x, *(() if grp is None else (rank, world)))
+            return remit_ext.remit_linear_loss(h, w, x["y"], bias=b, method=method,
+                                               chunk_size=5, tp_group=grp,
+                                               chunk_dtype=torch.float32, **sc)
+
+        _compare(loss32, x, rank, world, g, f"bf16, fp32 chunk logits {method}", **tol)
 
 
 # --------------------------------------------------------------------------- DTensor

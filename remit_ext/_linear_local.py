@@ -65,6 +65,24 @@ def _check_head(hidden, weight, weight_name: str, targets=None) -> int:
     return weight.shape[0]
 
 
+def _in_chunk_dtype(chunk_dtype, hidden, weight, bias):
+    """``(hidden, weight, bias)`` in ``chunk_dtype``, the dtype the head's GEMMs and the chunk
+    logits are formed in: None keeps the inputs' own (bf16 inputs give bf16 logits, as the
+    model's own ``lm_head`` does); ``torch.float32`` (or float64) from bf16 / fp16 inputs forms
+    them in fp32 from an fp32 copy of the head (its cost: that copy, fp32 chunk buffers and
+    fp32 GEMMs; docs/fused-linear.md measures it). The casts are differentiable: the
+    gradients come back in the inputs' dtypes."""
+    if chunk_dtype is None or chunk_dtype == hidden.dtype:
+        return hidden, weight, bias
+    if (not isinstance(chunk_dtype, torch.dtype) or chunk_dtype not in (torch.float32,
+                                                                        torch.float64)
+            or chunk_dtype.itemsize < hidden.dtype.itemsize):
+        raise ValueError(f"chunk_dtype: expected None, torch.float32 or torch.float64 (no "
+                         f"narrower than hidden's {hidden.dtype}), got {chunk_dtype!r}")
+    return (hidden.to(chunk_dtype), weight.to(chunk_dtype),
+            None if bias is None else bias.to(chunk_dtype))
+
+
 def _check_chunking(chunk_size, memory_budget) -> None:
     for name, val in (("chunk_size", chunk_size), ("memory_budget", memory_budget)):
         if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val < 1):
@@ -148,7 +166,7 @@ def _remit_linear_loss(hidden, lm_head_weight, targets, *, bias=None, scorer_hid
                        keep_ratio=0.6, temperature=1.0, reduction="mean",
                        num_items_in_batch=None, chunk_size=None, memory_budget=None,
                        grad_weight_fp32=True, return_details=False, backend="auto",
-                       tp_group=None, tp=None):
+                       chunk_dtype=None, tp_group=None, tp=None):
     """remit_linear_loss on plain tensors (the public defaults); ``tp``: None, or the
     ``distributed.vocab_parallel_linear.TPHead`` of a call on this rank's shards of the heads,
     whose ``linear_loss`` then runs the checked, flattened inputs (this module imports no
@@ -161,6 +179,12 @@ def _remit_linear_loss(hidden, lm_head_weight, targets, *, bias=None, scorer_hid
     chk.check_reduction(reduction)
     _check_chunking(chunk_size, memory_budget)
     num_items = chk.check_num_items(num_items_in_batch, reduction, hidden.device)
+    hidden, lm_head_weight, bias = _in_chunk_dtype(chunk_dtype, hidden, lm_head_weight, bias)
+    if (scorer_hidden is not None and chunk_dtype is not None
+            and scorer_hidden.dtype.itemsize < chunk_dtype.itemsize):
+        # The frozen head's logits in the same dtype (its log-probs steer the weights).
+        scorer_hidden, scorer_weight, scorer_bias = _in_chunk_dtype(
+            chunk_dtype, scorer_hidden, scorer_weight, scorer_bias)
     h = hidden.reshape(-1, hidden.shape[-1])
     y = targets.reshape(-1)
     n = y.numel()
@@ -215,7 +239,8 @@ def _remit_linear_loss(hidden, lm_head_weight, targets, *, bias=None, scorer_hid
 
 def _linear_token_stats(hidden, weight, targets, *, bias=None, ignore_index=-100,
                         temperature=1.0, entropy=False, chunk_size=None, memory_budget=None,
-                        backend="auto", tp_group=None, tp=None) -> LinearTokenStats:
+                        backend="auto", chunk_dtype=None, tp_group=None,
+                        tp=None) -> LinearTokenStats:
     """linear_token_stats on plain tensors; ``tp`` as in ``_remit_linear_loss``."""
     vocab = _check_head(hidden, weight, "weight", targets)
     chk._tensor(targets, "targets")
@@ -232,6 +257,7 @@ def _linear_token_stats(hidden, weight, targets, *, bias=None, ignore_index=-100
     if not isinstance(entropy, bool):
         raise TypeError(f"entropy: expected a bool, got {type(entropy).__name__}")
     _check_chunking(chunk_size, memory_budget)
+    hidden, weight, bias = _in_chunk_dtype(chunk_dtype, hidden, weight, bias)
     h = hidden.reshape(-1, hidden.shape[-1])
     y = targets.reshape(-1)
     n = y.numel()

@@ -64,6 +64,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from . import _checks as chk
@@ -103,6 +104,7 @@ def remit_linear_loss(
     grad_weight_fp32: bool = True,
     return_details: bool = False,
     backend: str = "auto",
+    chunk_dtype: Optional[torch.dtype] = None,
     tp_group=None,
 ):
     """The loss of ``logits = hidden @ lm_head_weight.T (+ bias)`` without holding the logits.
@@ -118,7 +120,11 @@ def remit_linear_loss(
     Gradients flow to ``hidden``, ``lm_head_weight`` (accumulated over chunks in fp32 unless
     ``grad_weight_fp32=False``, then rounded once to its dtype) and ``bias``. ``chunk_size``
     rows per chunk, or derived from ``memory_budget`` bytes for the chunk buffers (default 2 GiB
-    on CUDA, 256 MiB on CPU). Returns the loss, or with ``return_details=True`` a
+    on CUDA, 256 MiB on CPU). ``chunk_dtype``: the dtype the chunk logits (policy and frozen
+    head) are formed in; None (default) keeps the inputs' (bf16 inputs: bf16 logits, the
+    model's own ``lm_head``'s numbers), ``torch.float32`` forms them in fp32 from bf16 / fp16
+    inputs (closer to the fp64 truth at large logit scales; costs fp32 copies of the heads and
+    hidden states and fp32 GEMMs: measured in docs/fused-linear.md). Returns the loss, or with ``return_details=True`` a
     ``LinearLossOutput(loss, weights, diagnostics)``.
 
     For ReMiT and Rho-1 a live scorer's log-probs come from ``linear_token_stats`` under
@@ -150,7 +156,7 @@ def remit_linear_loss(
             ignore_index=ignore_index, eps=eps, keep_ratio=keep_ratio, temperature=temperature,
             reduction=reduction, num_items_in_batch=num_items_in_batch, chunk_size=chunk_size,
             memory_budget=memory_budget, grad_weight_fp32=grad_weight_fp32,
-            return_details=return_details, backend=backend)
+            return_details=return_details, backend=backend, chunk_dtype=chunk_dtype)
     if tp_group is not None or chk.is_dtensor(lm_head_weight) or chk.is_dtensor(hidden):
         return _vpl.vocab_parallel_linear(_remit_linear_loss, "lm_head_weight", args)
     if chk.is_dtensor(scorer_hidden):
@@ -174,6 +180,7 @@ def linear_token_stats(
     chunk_size: Optional[int] = None,
     memory_budget: Optional[int] = None,
     backend: str = "auto",
+    chunk_dtype: Optional[torch.dtype] = None,
     tp_group=None,
 ) -> LinearTokenStats:
     """Per-token log-prob (and entropy, and lse) of ``logits = hidden @ weight.T (+ bias)``,
@@ -191,7 +198,7 @@ def linear_token_stats(
     chunk's buffer and folds it into grad_hidden, grad_weight (accumulated in fp32) and
     grad_bias. A head that does not require grad (a frozen scorer) costs no dW and no dW
     buffer. Chunks of ``chunk_size`` rows, or derived from ``memory_budget`` bytes (default
-    2 GiB on CUDA, 256 MiB on CPU). One registered op,
+    2 GiB on CUDA, 256 MiB on CPU); ``chunk_dtype`` as in ``remit_linear_loss``. One registered op,
     ``torch.ops.remit_ext_linear.linear_token_stats`` (fake + autograd: ``torch.compile``
     traces it without a graph break).
 
@@ -206,7 +213,7 @@ def linear_token_stats(
         return _fsdp.linear_token_stats(
             hidden=hidden, weight=weight, targets=targets, bias=bias, ignore_index=ignore_index,
             temperature=temperature, entropy=entropy, chunk_size=chunk_size,
-            memory_budget=memory_budget, backend=backend)
+            memory_budget=memory_budget, backend=backend, chunk_dtype=chunk_dtype)
     if tp_group is not None or chk.is_dtensor(weight) or chk.is_dtensor(hidden):
         return _vpl.vocab_parallel_linear(_linear_token_stats, "weight", args)
     return _linear_token_stats(**args, tp=None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -64,7 +65,8 @@ class LinearReMiTLoss(nn.Module):
                  temperature: float = 1.0, ignore_index: int = -100, reduction: str = "mean",
                  chunk_size: Optional[int] = None, memory_budget: Optional[int] = None,
                  grad_weight_fp32: bool = True, return_details: bool = False,
-                 backend: str = "auto", tp_group=None):
+                 backend: str = "auto", tp_group=None,
+                 chunk_dtype: Optional[torch.dtype] = None):
         super().__init__()
         # Checked here, once: a bad option fails at construction, not at the first step.
         loss_options(method, ignore_index=ignore_index, eps=eps, keep_ratio=keep_ratio,
@@ -74,7 +76,7 @@ class LinearReMiTLoss(nn.Module):
         self.temperature, self.ignore_index, self.reduction = temperature, ignore_index, reduction
         self.chunk_size, self.memory_budget = chunk_size, memory_budget
         self.grad_weight_fp32, self.return_details = grad_weight_fp32, return_details
-        self.backend = backend
+        self.backend, self.chunk_dtype = backend, chunk_dtype
 
     def forward(self, hidden: Tensor, lm_head_weight: Tensor, targets: Tensor,
                 bias: Optional[Tensor] = None, scorer_hidden: Optional[Tensor] = None,
@@ -89,7 +91,8 @@ class LinearReMiTLoss(nn.Module):
             temperature=self.temperature, reduction=self.reduction,
             num_items_in_batch=num_items_in_batch, chunk_size=self.chunk_size,
             memory_budget=self.memory_budget, grad_weight_fp32=self.grad_weight_fp32,
-            return_details=self.return_details, backend=self.backend, tp_group=self.tp_group)
+            return_details=self.return_details, backend=self.backend,
+            chunk_dtype=self.chunk_dtype, tp_group=self.tp_group)
 
     def extra_repr(self) -> str:
         return (f"method={self.method!r}, eps={self.eps}, reduction={self.reduction!r}, "
@@ -126,7 +129,8 @@ class ReMiTLinearHead(nn.Module):
                  ignore_index: int = -100, reduction: str = "mean",
                  chunk_size: Optional[int] = None, memory_budget: Optional[int] = None,
                  grad_weight_fp32: bool = True, return_details: bool = False,
-                 backend: str = "auto", recompute: bool = True):
+                 backend: str = "auto", recompute: bool = True,
+                 chunk_dtype: Optional[torch.dtype] = None):
         super().__init__()
         if isinstance(lm_head, nn.Linear):
             self.weight, self.bias = lm_head.weight, lm_head.bias
@@ -145,7 +149,7 @@ class ReMiTLinearHead(nn.Module):
         loss_options(method, ignore_index=ignore_index, eps=eps, keep_ratio=keep_ratio,
                      temperature=temperature)
         self.kw = loss_kwargs(method, ignore_index, eps, keep_ratio, temperature, reduction,
-                              chunk_size, memory_budget, grad_weight_fp32, backend)
+                              chunk_size, memory_budget, grad_weight_fp32, backend, chunk_dtype)
         self.return_details, self.recompute = return_details, recompute
 
     def forward(self, hidden: Tensor, targets: Optional[Tensor] = None,

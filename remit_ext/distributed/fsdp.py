@@ -300,10 +300,11 @@ class _ShardedLinearLoss(torch.autograd.Function):
 
 
 def loss_kwargs(method, ignore_index, eps, keep_ratio, temperature, reduction, chunk_size,
-                 memory_budget, grad_weight_fp32, backend) -> dict:
+                 memory_budget, grad_weight_fp32, backend, chunk_dtype=None) -> dict:
     return dict(method=method, ignore_index=ignore_index, eps=eps, keep_ratio=keep_ratio,
                 temperature=temperature, reduction=reduction, chunk_size=chunk_size,
-                memory_budget=memory_budget, grad_weight_fp32=grad_weight_fp32, backend=backend)
+                memory_budget=memory_budget, grad_weight_fp32=grad_weight_fp32, backend=backend,
+                chunk_dtype=chunk_dtype)
 
 
 # Collectives inside an autograd.Function are not traceable: a compiled model breaks its graph
@@ -375,6 +376,7 @@ def remit_linear_loss(
     grad_weight_fp32: bool = True,
     return_details: bool = False,
     backend: str = "auto",
+    chunk_dtype: Optional[torch.dtype] = None,
     gradient_divide_factor: Optional[float] = None,
 ):
     """``remit_ext.remit_linear_loss`` with FSDP2-sharded heads: any of ``lm_head_weight``,
@@ -399,7 +401,7 @@ def remit_linear_loss(
     different heads all raise, instead of waiting or pairing the wrong gathers.
     """
     kw = loss_kwargs(method, ignore_index, eps, keep_ratio, temperature, reduction, chunk_size,
-                      memory_budget, grad_weight_fp32, backend)
+                     memory_budget, grad_weight_fp32, backend, chunk_dtype)
     return sharded_linear_loss(hidden, lm_head_weight, targets, bias, scorer_hidden, scorer_weight,
                         scorer_bias, scorer_logprobs, cu_seqlens, num_items_in_batch,
                         return_details, gradient_divide_factor, kw)
@@ -468,6 +470,7 @@ def linear_token_stats(
     chunk_size: Optional[int] = None,
     memory_budget: Optional[int] = None,
     backend: str = "auto",
+    chunk_dtype: Optional[torch.dtype] = None,
     gradient_divide_factor: Optional[float] = None,
 ) -> LinearTokenStats:
     """``remit_ext.linear_token_stats`` with an FSDP2-sharded head (``weight`` and / or
@@ -500,7 +503,8 @@ def linear_token_stats(
         raise
     _mesh_handshake(lays, facts, False, hidden.device)
     kw = dict(ignore_index=ignore_index, temperature=temperature, entropy=entropy,
-              chunk_size=chunk_size, memory_budget=memory_budget, backend=backend)
+              chunk_size=chunk_size, memory_budget=memory_budget, backend=backend,
+              chunk_dtype=chunk_dtype)
     cfg = {"kw": kw, "lays": lays, "factor": gradient_divide_factor}
     logprob, ent, lse = _apply_stats(cfg, hidden, weight, bias, targets)
     return LinearTokenStats(logprob, ent if entropy else None, lse)
