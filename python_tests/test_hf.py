@@ -384,6 +384,31 @@ def test_autocast_bf16_close_to_model_loss():
     assert all(torch.isfinite(p.grad).all() for p in policy.parameters() if p.grad is not None)
 
 
+def test_bf16_model_fp32_chunk_logits():
+    """A bf16 model: chunk_dtype=None reproduces its own bf16 loss; chunk_dtype=float32 forms
+    the head's logits in fp32, as the loss of its fp32-upcast head would be."""
+    policy = tiny_model("qwen2", seed=26).to(torch.bfloat16).train()
+    own = copy.deepcopy(policy).train()
+    batch = make_batch(27)
+    own_loss = own(**batch).loss
+    apply_remit(policy, method="ntp")
+    torch.testing.assert_close(policy(**batch).loss, own_loss, rtol=1e-2, atol=1e-2)
+    apply_remit(policy, method="ntp", chunk_dtype=torch.float32)
+    loss = policy(**batch).loss
+    with torch.no_grad():
+        hidden = own.get_decoder()(input_ids=batch["input_ids"],
+                                   attention_mask=batch.get("attention_mask")).last_hidden_state
+        z = hidden[:, :-1].float() @ own.get_output_embeddings().weight.float().T
+        y = batch["labels"][:, 1:]
+        want = torch.nn.functional.cross_entropy(z.reshape(-1, z.shape[-1]), y.reshape(-1))
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+    loss.backward()
+    assert all(p.grad.dtype == torch.bfloat16 for p in policy.parameters() if p.grad is not None)
+    with pytest.raises(ValueError, match="chunk_dtype"):
+        apply_remit(policy, method="ntp", chunk_dtype=torch.float16)
+
+
 def _largest_allocation(fn) -> int:
     """Bytes of the largest buffer any single op allocated while fn ran (the profiler's
     self CPU memory per op: a [tokens x vocab] logits or gradient buffer shows as one)."""

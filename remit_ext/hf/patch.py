@@ -79,6 +79,7 @@ class ReMiTSettings:
     chunk_size: Optional[int]
     memory_budget: Optional[int]
     backend: str
+    chunk_dtype: Optional[torch.dtype] = None
 
 
 class _ReMiTState:
@@ -373,7 +374,7 @@ def _fused_forward(model, state, kw: dict, labels, shift_labels, scorer_lp, num_
             with torch.no_grad():
                 lp = linear_token_stats(sh, sw, sy, bias=sb, ignore_index=ii,
                                         chunk_size=s.chunk_size, memory_budget=s.memory_budget,
-                                        backend=s.backend).logprob
+                                        backend=s.backend, chunk_dtype=s.chunk_dtype).logprob
             loss_kw["scorer_logprobs"] = lp.to(hidden.device)
         else:
             raise ValueError(
@@ -406,7 +407,8 @@ def _fused_forward(model, state, kw: dict, labels, shift_labels, scorer_lp, num_
         res = remit_linear_loss(h, w, targets, bias=bias, method=s.method, ignore_index=ii,
                                 eps=s.eps, keep_ratio=s.keep_ratio,
                                 num_items_in_batch=num_items, chunk_size=s.chunk_size,
-                                memory_budget=s.memory_budget, return_details=True,
+                                memory_budget=s.memory_budget, chunk_dtype=s.chunk_dtype,
+                                return_details=True,
                                 backend=s.backend, **loss_kw)
     diag = None if res.diagnostics is None else torch.stack(tuple(res.diagnostics))
     result = ReMiTCausalLMOutput(
@@ -478,7 +480,7 @@ def apply_remit(model, *, scorer=None, method: str = "remit", eps: float = 0.2,
                 keep_ratio: float = 0.6, temperature: float = 1.0, ignore_index: int = -100,
                 packed: bool = True, chunk_size: Optional[int] = None,
                 memory_budget: Optional[int] = None, backend: str = "auto",
-                verify: bool = True):
+                verify: bool = True, chunk_dtype: Optional[torch.dtype] = None):
     """Patch a Hugging Face causal LM **instance** so that a training forward with ``labels``
     returns ``method``'s loss through ``remit_linear_loss``, with ``out.logits is None``.
 
@@ -498,7 +500,10 @@ def apply_remit(model, *, scorer=None, method: str = "remit", eps: float = 0.2,
     - ``packed``: ReMiT's centring is per document where ``position_ids`` restart (Hugging Face's
       ``DataCollatorWithFlattening``, TRL's ``padding_free``) or by ``cu_seq_lens_q``; else per
       row.
-    - ``chunk_size`` / ``memory_budget``: the fused head's chunking (``remit_linear_loss``).
+    - ``chunk_size`` / ``memory_budget``: the fused head's chunking (``remit_linear_loss``);
+      ``chunk_dtype``: None (default) forms the chunk logits in the model's dtype, reproducing
+      its own bf16 loss; ``torch.float32`` forms them in fp32 (closer to the fp64 truth, at
+      the cost of fp32 copies of the heads: ``remit_linear_loss``).
     - ``verify``: a probe forward on 8 tokens checks that decoder + head reproduce the model's
       (and the scorer's) logits; a mismatch is refused.
     - FSDP2: call ``apply_remit`` before ``fully_shard`` (the probe runs the unsharded model).
@@ -523,6 +528,9 @@ def apply_remit(model, *, scorer=None, method: str = "remit", eps: float = 0.2,
     # argument nor what it takes), in the one place every fused-linear caller checks them.
     opts = loss_options(m, ignore_index=ignore_index, eps=eps, keep_ratio=keep_ratio,
                         temperature=temperature)
+    if chunk_dtype not in (None, torch.float32, torch.float64):
+        raise ValueError(f"chunk_dtype: expected None, torch.float32 or torch.float64, got "
+                         f"{chunk_dtype!r}")
     eps, keep_ratio, temperature = opts.eps, opts.keep_ratio, opts.temperature
     for name in ("get_decoder", "get_output_embeddings"):
         if not hasattr(model, name):
@@ -533,7 +541,8 @@ def apply_remit(model, *, scorer=None, method: str = "remit", eps: float = 0.2,
     _refuse_unsupported(model, "model")
     scale = logit_scale(model, "model")
     settings = ReMiTSettings(method, float(eps), float(keep_ratio), float(temperature),
-                             int(ignore_index), bool(packed), chunk_size, memory_budget, backend)
+                             int(ignore_index), bool(packed), chunk_size, memory_budget, backend,
+                             chunk_dtype)
     scorer_scale = 1.0
     if scorer is not None:
         _check_scorer(model, scorer)
