@@ -3,8 +3,8 @@ memory of ``remit_linear_loss(..., chunk_dtype=None | torch.float32)`` on bf16 i
 
 Accuracy: loss and gradient errors against the fp64 loss of the same bf16-rounded inputs, at
 logit scales (std of the logits) 4 and 16. Time: forward + backward, the two settings
-interleaved, median of ``--repeats``. Memory: the peak resident set of a fresh process running
-one step of each setting (the fp32 setting holds fp32 copies of the head and the hidden states;
+interleaved, median of ``--repeats``. Memory: the peak resident set above the inputs of a fresh
+process running one step of each setting (the fp32 setting holds fp32 copies of the head and the hidden states;
 the chunk buffers keep the same byte budget). One torch thread.
 
     python bench/fused_linear_chunk_dtype.py --out bench/results/fused_linear_chunk_dtype.md
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -30,11 +29,13 @@ SETTINGS = {"bf16 chunk logits (default)": None, "fp32 chunk logits": torch.floa
 
 
 def inputs(n, d, v, scale, seed=0):
+    """bf16 hidden states and head, drawn in bf16 (no wider temporary: the peak-memory reading
+    starts from the inputs alone), and targets."""
     g = torch.Generator().manual_seed(seed)
-    h = torch.randn(n, d, generator=g, dtype=torch.float64)
-    w = torch.randn(v, d, generator=g, dtype=torch.float64) * scale / d ** 0.5
+    h = torch.randn(n, d, generator=g, dtype=torch.bfloat16)
+    w = torch.randn(v, d, generator=g, dtype=torch.bfloat16).mul_(scale / d ** 0.5)
     y = torch.randint(0, v, (n,), generator=g)
-    return h.bfloat16(), w.bfloat16(), y
+    return h, w, y
 
 
 def step(h, w, y, chunk_dtype):
@@ -78,13 +79,21 @@ def timing(n, d, v, repeats):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
 def peak_rss(n, d, v, setting):
-    """Peak resident set (MiB) of a fresh process running one step of ``setting``."""
-    code = (f"import torch, resource, sys; sys.path.insert(0, 'bench'); torch.set_num_threads(1);"
+    """Peak resident set (MiB) above the inputs of a fresh process running one step of
+    ``setting``: the high-water mark is reset after the inputs exist (``/proc/self/clear_refs``;
+    ``ru_maxrss`` would carry the parent's peak across ``exec``)."""
+    code = (f"import torch, sys; sys.path.insert(0, 'bench'); torch.set_num_threads(1);"
             f"import fused_linear_chunk_dtype as b; h, w, y = b.inputs({n}, {d}, {v}, 8.0);"
-            f"base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+            f"open('/proc/self/clear_refs', 'w').write('5');"
+            f"base = b._status_kib('VmRSS');"
             f"b.step(h, w, y, b.SETTINGS[{setting!r}]);"
-            f"print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)")
+            f"print(b._status_kib('VmHWM') - base)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     return int(out.stdout.strip().splitlines()[-1]) / 1024
