@@ -151,6 +151,10 @@ def _top_target_logprob(z: Tensor, targets: Tensor, valid: Tensor, logprob: Tens
     every digit of a ~ -1e-7 is lost), the log1p form keeps them, and so does its autograd
     (d a / d z_y = off / (1 + off) = 1 - p_y, not 1 - a rounded p_y). The kernels keep these
     digits too (METHODS.md section 5)."""
+    if z.shape[-1] == 1:
+        # One class: a = 0 whatever z, and log_softmax's backward keeps a NaN cotangent NaN
+        # (the log1p form has no other class to carry it), as the kernels do.
+        return logprob
     in_range = valid & (targets >= 0) & (targets < z.shape[-1])
     idx = torch.where(in_range, targets, 0).long().unsqueeze(-1)
     zy = z.gather(-1, idx)
