@@ -3,6 +3,8 @@ confident rows and extreme logits (STYLE.md habit 8)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from conftest import DEVICE
@@ -60,3 +62,19 @@ def assert_target_gradient_accurate(grad, truth, targets, rtol=1e-4):
     assert bool((t < 0).all()) and float(t.abs().max()) < 1e-5, "rows are not confident"
     rel = float(((g - t) / t).abs().max())
     assert rel < rtol, f"target-class gradient relative error {rel:.2e}"
+
+
+def off_target_error(grad, want, targets, logprob):
+    """Largest |grad - want| off the target column of a valid row, in units of eps (|a| + log V)
+    x that row's largest |want| off the target column (eps = fp32's): the relative error of the
+    p_v the row is made of. The target entry (from expm1(a)) is left out: on a flat row it is
+    ~1000x the others and would hide their errors."""
+    V = grad.shape[-1]
+    valid = targets != IGNORE
+    off = torch.ones_like(want, dtype=torch.bool).scatter(
+        -1, torch.where(valid, targets, 0).unsqueeze(-1), False)
+    zero = torch.zeros((), dtype=torch.float64, device=want.device)
+    err = torch.where(off, (grad.double() - want).abs(), zero).amax(-1)
+    scale = torch.where(off, want.abs(), zero).amax(-1)
+    unit = (logprob.double().abs() + math.log(V)) * torch.finfo(torch.float32).eps
+    return float((err / (scale * unit))[valid].max())

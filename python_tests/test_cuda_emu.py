@@ -25,6 +25,7 @@ import torch
 
 from remit_ext.reference import pg_from_logprob_ref, remit_weights_ref, token_stats_ref
 from remit_ext.testing import assert_close_to_truth
+from cases import off_target_error
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools" / "cuda_emu"))
 import emu  # noqa: E402
@@ -269,6 +270,24 @@ def test_ce_grad_confident_target(k, dtype):
     assert bool((want_t < 0).all())
     rel = float(((got_t - want_t) / want_t).abs().max())
     assert rel < (1e-4 if dtype == torch.float32 else 1e-2), f"target gradient error {rel:.2e}"
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+@pytest.mark.parametrize("V", [1025, 4099])  # one warp a row; a 256-thread block a row
+def test_ce_grad_large_logits(k, V, inplace):
+    """fp32 logits ~ 5e3 + randn: the forward's lse is rounded by up to 2^-12 ~ 2.4e-4, a
+    relative error of every e^{x - lse}; the kernel recovers the rounding from the log-prob (an
+    O(1) number), so each row is off by ~eps (|a| + log V) of its largest entry off the target
+    column (eps = 2^-23; python_tests/test_token_stats.py has the derivation). In place, every thread reads x_y
+    before any overwrites it (the race check runs the in-place launch too)."""
+    x, y = rows(32, V, torch.float64, seed=V + 23, special=False, scale=1.0)
+    x = (x + 5e3).to(torch.float32)
+    coef = torch.randn(32, generator=torch.Generator().manual_seed(V), dtype=torch.float32)
+    truth = _grad_ref(x.double(), y, coef.double())
+    lse, lp, *_ = stats(k, x, y, entropy=False)
+    g = ce_grad(k, x.clone(), y, lse, lp, coef, inplace=inplace)
+    err = off_target_error(g, truth, y, token_stats_ref(x.double(), y, entropy=False)[1])
+    assert err <= 8, f"error {err:.1f} eps (|a| + log V) x the row's largest off the target"
 
 
 SEGMENTS = {

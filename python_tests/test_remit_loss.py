@@ -1,13 +1,16 @@
 """The fused ReMiT loss, every backend against remit_loss_ref: loss, weights, diagnostics and the
 policy-logits gradient, in fp32/bf16/fp16 (fp64 truth, fp32-math baseline) and fp64 gradcheck."""
 
+import math
+
 import pytest
 import torch
 
 import remit_ext
 from remit_ext.reference import remit_loss_ref
 from remit_ext.testing import assert_close_to_truth
-from cases import IGNORE, SHAPES, assert_target_gradient_accurate, confident_rows, make_pair
+from cases import (IGNORE, SHAPES, assert_target_gradient_accurate, confident_rows, make_pair,
+                   off_target_error)
 from conftest import BACKENDS, DEVICE, KERNEL_BACKENDS, LOW_DTYPES
 
 
@@ -225,3 +228,28 @@ def test_module_wraps_functional():
     ref = remit_ext.remit_loss(logits, targets, scorer_logits=scorer, eps=0.3, return_details=True)
     assert torch.equal(out.loss, ref.loss) and torch.equal(out.weights, ref.weights)
     assert "eps=0.3" in repr(module)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("offset", [5e3, -5e3])
+def test_large_logits_gradient_keeps_fp32_accuracy(backend, offset):
+    # Policy and scorer logits ~ +-5e3 in fp32: the saved lse is rounded by up to 2^-12 ~ 2.4e-4,
+    # a relative error of every e^{x - lse} unless the backward recovers it from the saved
+    # log-prob; then the exponent is off by ~eps (|a| + log V), eps = 2^-23 (derivation:
+    # test_token_stats, test_large_logits_keep_fp32_accuracy). Checked per row against the
+    # row's largest entry; the loss as eps (|a| + log V) per token.
+    logits, scorer, targets = make_pair((2, 30, 1025), torch.float32, seed=58)
+    logits, scorer = logits + offset, scorer + offset
+    V = logits.shape[-1]
+    truth = _ref(logits.double(), scorer.double(), targets, _flat_offsets(targets), "none")
+    got = _api(logits, scorer, targets, None, "none", backend)
+    valid = targets != IGNORE
+    eps = torch.finfo(torch.float32).eps
+    a = remit_ext.reference.target_logprob_ref(logits.double().reshape(-1, V),
+                                               targets.reshape(-1)).reshape(targets.shape)
+    scale = (a.abs() + math.log(V)) * eps
+    loss64 = truth[0].detach().reshape(targets.shape)
+    err = float(((got[0].double() - loss64).abs() / scale)[valid].max())
+    assert err <= 4, f"{backend}/loss: error {err:.1f} eps (|a| + log V)"
+    err = off_target_error(got[1], truth[1], targets, a)
+    assert err <= 8, f"{backend}/grad: error {err:.1f} eps (|a| + log V) x the row's largest"

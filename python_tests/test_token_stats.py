@@ -10,7 +10,7 @@ import torch
 import remit_ext
 from remit_ext.reference import token_stats_ref, topk_entropy_ref
 from remit_ext.testing import assert_close_to_truth
-from cases import IGNORE, SHAPES, confident_rows, make_pair
+from cases import IGNORE, SHAPES, confident_rows, make_pair, off_target_error
 from conftest import BACKENDS, DEVICE, KERNEL_BACKENDS, LOW_DTYPES
 
 STATS = ("lse", "logprob", "entropy")
@@ -375,3 +375,69 @@ def test_vocab_of_one(backend, dtype):
     valid = targets != IGNORE
     assert torch.equal(got[0][valid], logits[valid, 0].float())
     assert bool((got[1] == 0).all()) and bool((got[2] == 0).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("offset", [5e3, -5e3])
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_large_logits_keep_fp32_accuracy(backend, offset, temperature):
+    # Logits ~ +-5e3 with a spread of a few units (a large common offset, as a model trained
+    # without a z-loss drifts to): fp32 spacing there is 2^-11 ~ 4.9e-4 (2^-10 at z / 0.5, an
+    # exact scaling). The truth is taken in fp64 from the same fp32 values, so what remains is
+    # the kernels' own arithmetic, with eps = 2^-23:
+    # - lse = m + log s is one rounding of a ~5e3 number: |err| <= eps/2 |lse|.
+    # - a = (x_y - m) - log s and H = log s - t/s: x_y - m is exact (Sterbenz), so both are
+    #   O(1..30) numbers formed in fp32: |err| ~ eps (|a| + log V). Formed as x_y - lse they
+    #   would be off by lse's rounding, up to 2^-12 ~ 2.4e-4 (a hundred times that bound).
+    # - the gradient: p_v = e^{x_v - LSE}, so an error in the exponent is a relative error of
+    #   p_v. From the rounded lse it is up to 2.4e-4 (4.9e-4 at T = 0.5); with the rounding
+    #   recovered from a (its own error ~ eps |a|), exp's ulps and log s's error, the exponent
+    #   is off by ~eps (|a| + log V): checked per row, relative to the row's largest entry off
+    #   the target column (the target entry comes from expm1(a): the confident-row tests).
+    # The torch backend, fp32 too, reaches the same bounds, except through torch.logsumexp's
+    # autograd (PyTorch's e^{z - lse} from the rounded lse): there the lse cotangent is 0.
+    logits, _, targets = make_pair((2, 32, 1025), torch.float32, seed=41)
+    logits = logits + offset
+    V = logits.shape[-1]
+    cots = _cotangents(targets)
+    if backend == "torch":
+        cots[0] = torch.zeros_like(cots[0])
+    z64 = logits.double().requires_grad_(True)
+    truth = [s.reshape(targets.shape) for s in token_stats_ref(
+        z64.reshape(-1, V), targets.reshape(-1), temperature=temperature)]
+    z = logits.clone().requires_grad_(True)
+    out = remit_ext.token_stats(z, targets, entropy=True, temperature=temperature,
+                                backend=backend)
+    got = [out.lse, out.logprob, out.entropy]
+    eps = torch.finfo(torch.float32).eps
+    valid = targets != IGNORE
+    scale = {"lse": truth[0].abs(), "logprob": truth[1].abs() + math.log(V),
+             "entropy": truth[2].abs() + math.log(V)}
+    for name, g, t in zip(STATS, got, truth):
+        assert bool((g[~valid] == 0).all())
+        err = float(((g.double() - t).abs() / scale[name])[valid].max()) / eps
+        assert err <= 4, f"{backend}/{name}: error {err:.1f} eps x scale"
+    grad, want = _vjp(got, cots, z).double(), _vjp(truth, cots, z64)
+    err = off_target_error(grad, want, targets, truth[1])
+    assert err <= 8, f"{backend}/grad: error {err:.1f} eps (|a| + log V) x the row's largest"
+    assert bool((grad[~valid] == 0).all())
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cuda"])  # CUDA: no top-k < V
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_topk_entropy_of_large_logits(backend, renormalize):
+    # As test_large_logits_keep_fp32_accuracy: each log p_j = (x_j - m) - log s is an O(1)
+    # number, so -sum_j p_j log p_j over the 16 largest keeps ~eps (|H_k| + log V); formed from
+    # x_j - lse with lse rounded, every term was off by up to 2.4e-4.
+    logits, _, targets = make_pair((2, 16, 1025), torch.float32, seed=42)
+    logits = logits + 5e3
+    V = logits.shape[-1]
+    out = remit_ext.token_stats(logits, targets, topk=16, topk_renormalize=renormalize,
+                                backend=backend)
+    truth = topk_entropy_ref(logits.reshape(-1, V).double(), 16,
+                             renormalize=renormalize).reshape(targets.shape)
+    valid = targets != IGNORE
+    eps = torch.finfo(torch.float32).eps
+    err = float(((out.topk_entropy.double() - truth).abs() / (truth.abs() + math.log(V)))[valid]
+                .max()) / eps
+    assert err <= 8, f"{backend}/topk_entropy: error {err:.1f} eps (|H_k| + log V)"

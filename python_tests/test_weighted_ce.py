@@ -2,6 +2,8 @@
 loss in every reduction, the gradients w.r.t. the logits and the weights, the in-place backward,
 fp64 gradcheck; 'mean' divides by the valid-token count, never by the sum of the weights."""
 
+import math
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ import remit_ext
 from remit_ext.reference import weighted_ce_ref
 from remit_ext.testing import assert_close_to_truth
 from cases import (IGNORE, SHAPES, assert_target_gradient_accurate, confident_rows, make_logits,
-                   make_targets)
+                   make_targets, off_target_error)
 from conftest import BACKENDS, DEVICE, KERNEL_BACKENDS, LOW_DTYPES
 
 
@@ -240,3 +242,38 @@ def test_strided_targets_are_read_by_position(backend):
     torch.testing.assert_close(stats.logprob.double(), want_stats.logprob, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(stats.scorer_logprob.double(), want_stats.scorer_logprob,
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("offset", [5e3, -5e3])
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+def test_large_logits_gradient_keeps_fp32_accuracy(backend, offset, inplace):
+    # fp32 logits ~ +-5e3 (spacing 2^-11): the saved lse = m + log s is rounded by up to
+    # 2^-12 ~ 2.4e-4, and e^{x - lse} would carry that as a relative error of every p_v. The
+    # kernels recover the rounding from the saved log-prob (an O(1) number, ~eps |a| off), so
+    # the exponent is off by ~eps (|a| + log V), eps = 2^-23, as in the torch backend's
+    # log_softmax: checked per row against the row's largest entry off the target column
+    # (test_token_stats, test_large_logits_keep_fp32_accuracy, has the derivation). Per-token coefficients differ
+    # (weights x a random cotangent), so the correction must be the row's own.
+    logits, targets, weights = make_inputs((2, 30, 1025), torch.float32, seed=57)
+    logits = logits + offset
+    V = logits.shape[-1]
+    cot = _cotangent(targets, "none")
+    z64 = logits.double().requires_grad_(True)
+    loss64 = weighted_ce_ref(z64.reshape(-1, V), targets.reshape(-1), weights.double().reshape(-1),
+                             reduction="none").reshape(targets.shape)
+    (want,) = torch.autograd.grad((loss64 * cot).sum(), z64)
+    z = logits.clone().requires_grad_(True)
+    loss = remit_ext.weighted_cross_entropy(z, targets, weights, reduction="none",
+                                            inplace_backward=inplace and backend != "torch",
+                                            backend=backend)
+    (grad,) = torch.autograd.grad((loss * cot.float()).sum(), z)
+    valid = targets != IGNORE
+    eps = torch.finfo(torch.float32).eps
+    a = loss64.detach() / weights.double()  # -log p(y)
+    scale = (a.abs() + math.log(V)) * eps
+    err = float(((loss.double() - loss64.detach()).abs() / (weights.double() * scale))[valid].max())
+    assert err <= 4, f"{backend}/loss: error {err:.1f} eps (|a| + log V)"
+    err = off_target_error(grad, want, targets, a)
+    assert err <= 8, f"{backend}/grad: error {err:.1f} eps (|a| + log V) x the row's largest"
+    assert bool((grad[~valid] == 0).all())

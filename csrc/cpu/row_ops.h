@@ -122,10 +122,28 @@ inline RowMoments<acc_t> row_moments(const acc_t* x, int64_t V, acc_t m) {
   return {acc_t(1) + s_minus_1, std::log1p(s_minus_1), t};
 }
 
+// The part of LSE that the saved lse = m + log s lost to rounding: lse_true = lse + delta.
+// At |lse| ~ 5e3 an fp32 lse is off by up to half an ulp, 2.4e-4, and e^{x_v - lse} carries
+// that as a relative error of every p_v (the statistics themselves are formed around m and keep
+// it). The saved log-prob a = (x_y - m) - log s is an O(1) number whose rounding is far smaller,
+// and x_y - a = m + log s, so delta = (x_y - lse) - a, off by ~an ulp of a. It is taken only
+// where that is finer than lse's own ulp (|a| <= |lse| / 2: a target within ~lse of the top) and
+// where it is a rounding (|delta| <= an ulp of lse: a caller's unrelated pair, a -inf or NaN
+// target logit or log-prob fail it); elsewhere lse is used as given.
+template <typename acc_t>
+inline acc_t lse_rounding(acc_t lse, acc_t logprob, acc_t x_y) {
+  const acc_t delta = (x_y - lse) - logprob;
+  const acc_t ulp = std::abs(lse) * std::numeric_limits<acc_t>::epsilon();
+  return std::abs(logprob) <= std::abs(lse) * acc_t(0.5) && std::abs(delta) <= ulp ? delta
+                                                                                   : acc_t(0);
+}
+
 // Cross-entropy gradient of one row: out_v = coef * (e^{x_v - lse} - [v == y]).
 // The target entry is formed as coef * expm1(a) from the saved log-prob a = (x_y - m) - log s
 // (METHODS.md section 5): neither a rounded p_y nor x_y - lse, whose rounding of lse alone loses
-// all digits of p_y - 1 on confident rows. `out` may alias the source row (in-place backward):
+// all digits of p_y - 1 on confident rows. The other entries are coef e^{-delta} e^{x_v - lse}
+// (lse_rounding): the correction rides in the row's coefficient, so an element still costs one
+// subtraction, one exp and one multiply. `out` may alias the source row (in-place backward):
 // every element is read before it is written.
 template <typename scalar_t, typename acc_t>
 inline void write_ce_grad(const acc_t* x, int64_t V, acc_t lse, acc_t logprob, acc_t coef,
@@ -136,6 +154,7 @@ inline void write_ce_grad(const acc_t* x, int64_t V, acc_t lse, acc_t logprob, a
     return;
   }
   const acc_t target_grad = coef * std::expm1(logprob);
+  coef *= std::exp(-lse_rounding(lse, logprob, x[y]));
   acc_t* dst = nullptr;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     dst = out;

@@ -19,16 +19,18 @@ namespace {
 
 // Entropy of the k largest probabilities p_j = e^{x_j - lse} (RMT/RPT token difficulty):
 // -sum_j p_j log p_j, or with `renormalize` that of q_j = p_j / sum_j p_j. nth_element on a
-// scratch copy finds the k largest in O(V).
+// scratch copy finds the k largest in O(V). log p_j is (x_j - m) - log s, not x_j - lse: lse
+// rounded to fp32 is off by up to 2.4e-4 at |lse| ~ 5e3, an error every p_j and log p_j would
+// carry (one more subtraction on k elements).
 template <typename acc_t>
-acc_t topk_entropy(const acc_t* x, int64_t V, acc_t lse, int64_t k, bool renormalize,
+acc_t topk_entropy(const acc_t* x, int64_t V, acc_t m, acc_t log_s, int64_t k, bool renormalize,
                    std::vector<acc_t>& scratch) {
   k = std::min(k, V);
   scratch.assign(x, x + V);
   std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<>());
   acc_t h = 0, mass = 0;
   for (int64_t j = 0; j < k; ++j) {
-    const acc_t logp = scratch[j] - lse;
+    const acc_t logp = (scratch[j] - m) - log_s;
     const acc_t p = std::exp(logp);
     mass += p;
     if (p > acc_t(0)) h -= p * logp;
@@ -73,7 +75,9 @@ void stats_rows(const at::Tensor& logits, const int64_t* y, int64_t ignore_index
       lse[r] = m + mo.log_s;
       logprob[r] = (x[target] - m) - mo.log_s;
       if constexpr (kEntropy) entropy[r] = mo.log_s - mo.t / mo.s;  // H = LSE - sum p x
-      if (topk_ent) topk_ent[r] = topk_entropy(x, V, lse[r], topk, topk_renormalize, scratch);
+      if (topk_ent) {
+        topk_ent[r] = topk_entropy(x, V, m, mo.log_s, topk, topk_renormalize, scratch);
+      }
     }
   });
 }

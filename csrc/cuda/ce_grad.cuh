@@ -2,6 +2,8 @@
 // of place or into the logits themselves (in-place backward). The target entry is
 // coef * expm1(logprob) from the forward's log-prob, in fp32 (METHODS.md section 5): neither a
 // rounded p_y nor x_y - lse, whose rounding alone loses every digit of p_y - 1 on confident rows.
+// The other entries are coef e^{-delta} e^{x - lse}, delta the rounding of the saved lse
+// (lse_rounding), folded into the row's coefficient: an element costs what e^{x - lse} did.
 #pragma once
 
 #include "cuda/row_ops.cuh"
@@ -29,8 +31,13 @@ __global__ void __launch_bounds__(GroupShape<kGroup>::kThreads, GroupShape<kGrou
   // the reference gives. Neither reads the logits.
   const bool compute = valid && is_finite(lse);
   const A fill = valid ? quiet_nan<A>() : A(0);
-  const A coef = compute ? p.coef[row] : A(0);
-  const A target_grad = compute ? coef * expm1_acc(p.logprob[row]) : A(0);
+  const A logprob = compute ? p.logprob[row] : A(0);
+  const A target_grad = compute ? p.coef[row] * expm1_acc(logprob) : A(0);
+  // x_y for lse_rounding, read by every thread of the group. In place, column y is overwritten
+  // below: the vote on the value read holds every thread until the whole group has it.
+  const A x_y = compute && y >= 0 && y < p.V ? to_acc(in[y]) : quiet_nan<A>();
+  if (in == out) (void)group_any<kGroup>(x_y != x_y);
+  const A coef = compute ? p.coef[row] * exp_acc(-lse_rounding(lse, logprob, x_y)) : A(0);
 
   auto value = [&](int col, A x) -> A {
     return col == y ? target_grad : coef * RowExp<T>::eval(x - lse);

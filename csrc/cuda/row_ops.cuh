@@ -68,6 +68,26 @@ __device__ __forceinline__ float expm1_acc(float x) { return expm1f(x); }
 __device__ __forceinline__ double expm1_acc(double x) { return expm1(x); }
 __device__ __forceinline__ float max_acc(float a, float b) { return fmaxf(a, b); }
 __device__ __forceinline__ double max_acc(double a, double b) { return fmax(a, b); }
+__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
+__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+__device__ __forceinline__ float abs_acc(float x) { return fabsf(x); }
+__device__ __forceinline__ double abs_acc(double x) { return fabs(x); }
+// |x| times the machine epsilon of its type: an ulp of x, within a factor 2.
+__device__ __forceinline__ float ulp_bound(float x) { return fabsf(x) * 1.1920928955078125e-7f; }
+__device__ __forceinline__ double ulp_bound(double x) { return fabs(x) * 2.220446049250313e-16; }
+
+// The part of LSE that a saved lse = m + log s lost to rounding, LSE = lse + delta (up to half
+// an ulp of lse: 2.4e-4 at |lse| ~ 5e3 in fp32, a relative error of every e^{x - lse}). The
+// forward's log-prob a = (x_y - m) - log s is an O(1) number that kept those digits, and
+// x_y - a = m + log s: delta = (x_y - lse) - a, off by ~an ulp of a. Taken only where that is
+// finer than lse's ulp (|a| <= |lse| / 2) and where it is a rounding (a pair from one forward);
+// 0 for a caller's unrelated pair or a non-finite x_y or a. As csrc/cpu/row_ops.h.
+template <typename A>
+__device__ __forceinline__ A lse_rounding(A lse, A logprob, A x_y) {
+  const A delta = (x_y - lse) - logprob;
+  const bool finer = abs_acc(logprob) <= abs_acc(lse) * A(0.5);
+  return finer && abs_acc(delta) <= ulp_bound(lse) ? delta : A(0);
+}
 
 // v / temperature as the kernels use it: the product rounded to A before any other use. Under
 // nvcc's default -fmad=true (NVPTX fuses aggressively, even a product with other uses) a plain

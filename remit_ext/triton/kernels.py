@@ -39,6 +39,23 @@ def _expm1(a):
 
 
 @triton.jit
+def _lse_rounding(lse, logprob, x_y, ok, ACC: tl.constexpr):
+    """The part of LSE that a saved lse lost to rounding, lse_true = lse + delta, as
+    csrc/cpu/row_ops.h (lse_rounding) forms it: delta = (x_y - lse) - logprob from the forward's
+    O(1) log-prob, which kept those digits (delta is off by ~an ulp of it). Taken only where
+    that is finer than lse's ulp (|logprob| <= |lse| / 2), where it is a rounding (|delta| <=
+    |lse| eps: the pair came from one forward) and where `ok`; 0 elsewhere (NaN compares
+    false)."""
+    if ACC == tl.float64:
+        eps = 2.220446049250313e-16
+    else:
+        eps = 1.1920928955078125e-07
+    delta = (x_y - lse) - logprob
+    keep = (tl.abs(logprob) <= tl.abs(lse) * 0.5) & (tl.abs(delta) <= tl.abs(lse) * eps)
+    return tl.where(ok & keep, delta, 0.0)
+
+
+@triton.jit
 def _merge_topk(topv, x, kidx, cols0, TOPK: tl.constexpr):
     """The TOPK largest of (topv, x): while the chunk still holds a value above the current k-th
     largest, that value replaces it. After the first chunks few values qualify, so the extra work
@@ -149,8 +166,10 @@ def _row_stats(row_ptr, y, V, inv_temp, WITH_T: tl.constexpr, BLOCK_V: tl.conste
     topk_entropy = entropy
     if TOPK > 0:
         # -sum_j p_j log p_j over the k largest, p_j = e^{x_j - lse}; padding lanes hold -inf.
+        # log p_j is (x_j - m) - log s: x_j - lse would carry lse's rounding (2.4e-4 at
+        # |lse| ~ 5e3 in fp32) into every term.
         live = topv != NEG_INF
-        logp = tl.where(live, topv, 0.0) - tl.where(finite, lse, 0.0)
+        logp = (tl.where(live, topv, 0.0) - tl.where(finite, m, 0.0)) - log_s
         p = tl.where(live, tl.exp(logp), 0.0)
         h = -tl.sum(p * logp, 0)
         if TOPK_RENORM:
@@ -293,8 +312,10 @@ def _ce_bwd_kernel(
     BLOCK_V: tl.constexpr, ACC: tl.constexpr,
 ):
     """grad = coef (softmax - onehot) for one row; the target entry is coef * expm1(log-prob)
-    from the forward, never a rounded p_y - 1. grad_ptr may equal logits_ptr (in place): each
-    block is read before it is written."""
+    from the forward, never a rounded p_y - 1, the others coef e^{-delta} e^{x - lse} with
+    delta the rounding of the saved lse (_lse_rounding), folded into the row's coefficient (an
+    element costs what e^{x - lse} did). grad_ptr may equal logits_ptr (in place): x_y and each
+    block are read before they are written."""
     row = tl.program_id(0).to(tl.int64)
     y = tl.load(targets_ptr + row).to(tl.int64)
     in_row = logits_ptr + row * stride_logits
@@ -308,10 +329,14 @@ def _ce_bwd_kernel(
     else:
         lse = tl.load(lse_ptr + row)
         coef = tl.load(coef_ptr + row)
-        target_grad = coef * _expm1(tl.load(logprob_ptr + row))
+        logprob = tl.load(logprob_ptr + row)
+        target_grad = coef * _expm1(logprob)
         # An undefined softmax (non-finite lse) gives a NaN row, as the reference does.
         finite = (lse == lse) & (tl.abs(lse) != float("inf"))
         lse = tl.where(finite, lse, 0.0)
+        in_range = (y >= 0) & (y < V)
+        x_y = tl.load(in_row + tl.minimum(tl.maximum(y, 0), V - 1)).to(ACC)
+        coef = coef * tl.exp(-_lse_rounding(lse, logprob, x_y, finite & in_range, ACC))
         for start in range(0, V, BLOCK_V):
             cols = start + cols0
             mask = cols < V
