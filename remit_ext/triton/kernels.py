@@ -306,6 +306,15 @@ def _remit_weights_kernel(
 
 
 @triton.jit
+def _zero_row(out_row, V, cols0, BLOCK_V: tl.constexpr, ACC: tl.constexpr):
+    """The gradient row of an ignored position: zeros."""
+    for start in range(0, V, BLOCK_V):
+        cols = start + cols0
+        tl.store(out_row + cols, tl.zeros((BLOCK_V,), ACC).to(out_row.dtype.element_ty),
+                 mask=cols < V)
+
+
+@triton.jit
 def _ce_bwd_kernel(
     logits_ptr, grad_ptr, targets_ptr, lse_ptr, logprob_ptr, coef_ptr,
     V, stride_logits, stride_grad, ignore_index,
@@ -322,10 +331,7 @@ def _ce_bwd_kernel(
     out_row = grad_ptr + row * stride_grad
     cols0 = tl.arange(0, BLOCK_V)
     if y == ignore_index:
-        for start in range(0, V, BLOCK_V):
-            cols = start + cols0
-            tl.store(out_row + cols, tl.zeros((BLOCK_V,), ACC).to(
-                grad_ptr.dtype.element_ty), mask=cols < V)
+        _zero_row(out_row, V, cols0, BLOCK_V, ACC)
     else:
         lse = tl.load(lse_ptr + row)
         coef = tl.load(coef_ptr + row)
@@ -434,10 +440,7 @@ def _kd_bwd_kernel(
     out_row = grad_ptr + row * stride_grad
     cols0 = tl.arange(0, BLOCK_V)
     if y == ignore_index:
-        for start in range(0, V, BLOCK_V):
-            cols = start + cols0
-            tl.store(out_row + cols, tl.zeros((BLOCK_V,), ACC).to(
-                grad_ptr.dtype.element_ty), mask=cols < V)
+        _zero_row(out_row, V, cols0, BLOCK_V, ACC)
     else:
         inv_temp = tl.load(inv_temp_ptr)
         z_row = logits_ptr + row * stride_logits
