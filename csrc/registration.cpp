@@ -20,6 +20,19 @@ TORCH_LIBRARY(remit_ext, m) {
       "(Tensor lse, Tensor logprob, Tensor entropy, Tensor topk_entropy, Tensor scorer_lse, "
       "Tensor scorer_logprob)");
 
+  // The gradient of token_stats' lse / logprob / entropy with cotangents g_lse / g_logprob /
+  // g_entropy (None: 0), through logits / temperature; the target column from the saved
+  // log-prob (remit_ext/_grads.py, token_stats_grad, is the same formula in torch ops). A target
+  // outside [0, V) gets no one-hot. CPU only: the fused-linear backward's chunk kernel.
+  m.def(
+      "token_stats_bwd(Tensor logits, Tensor targets, Tensor lse, Tensor logprob, "
+      "Tensor? entropy, Tensor? g_logprob, Tensor? g_entropy, Tensor? g_lse, int ignore_index, "
+      "float temperature) -> Tensor");
+  m.def(
+      "token_stats_bwd_(Tensor(a!) logits, Tensor targets, Tensor lse, Tensor logprob, "
+      "Tensor? entropy, Tensor? g_logprob, Tensor? g_entropy, Tensor? g_lse, int ignore_index, "
+      "float temperature) -> ()");
+
   // Section 2, steps 3-5: segmented centering (cu_seqlens offsets), clipped scaled sigmoid,
   // diagnostics [mean w, std w, frac low, frac high, mean |delta_hat|, mean delta].
   m.def(

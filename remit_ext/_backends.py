@@ -175,6 +175,11 @@ class TorchBackend(Backend):
         return ref.token_stats_ref(z, y, ignore_index=ii, temperature=temperature,
                                    entropy=with_entropy)
 
+    def chunk_stats_grad_(self, z, y, lse, a, ent, g_lp, g_ent, g_lse, temperature, ii):
+        # The gradient of the statistics, formed in the chunk buffer z (the caller's).
+        return token_stats_grad(z, y, a, lse, ent, g_lp, g_ent, g_lse, temperature, ii,
+                                overwrite=True)
+
     def chunk_ce_grad_(self, z, y, lse, a, coef, ii):
         # d(-coef * a)/dz = coef * (softmax(z) - onehot(y)), masked at invalid rows.
         return z.copy_(token_stats_grad(z, y, a, lse, None, -coef, None, None, 1.0, ii,
@@ -265,6 +270,10 @@ class OpsBackend(Backend):
         self.ops.weighted_ce_bwd_(z, y, lse, a, coef, ii)
         return z
 
+    def chunk_stats_grad_(self, z, y, lse, a, ent, g_lp, g_ent, g_lse, temperature, ii):
+        return token_stats_grad(z, y, a, lse, ent, g_lp, g_ent, g_lse, temperature, ii,
+                                overwrite=True)
+
     def chunk_kd(self, z, tz, y, ii, temperature):
         return self.ops.kd_loss_fwd(z, tz, y, ii, temperature)
 
@@ -283,6 +292,12 @@ class CpuBackend(OpsBackend):
         if devices != {"cpu"}:
             return f"needs CPU tensors, got tensors on {sorted(devices)}"
         return None
+
+    def chunk_stats_grad_(self, z, y, lse, a, ent, g_lp, g_ent, g_lse, temperature, ii):
+        # One C++ pass over the chunk, in place (csrc/cpu/rows.cpp, stats_grad).
+        self.ops.token_stats_bwd_(z, y, lse, a, ent if g_ent is not None else None, g_lp, g_ent,
+                                  g_lse, ii, temperature)
+        return z
 
 
 class TritonBackend(OpsBackend):

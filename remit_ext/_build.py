@@ -24,10 +24,6 @@ def load_extension():
         raise ImportError(
             f"remit_ext was built against torch {info['torch_version']} but torch "
             f"{torch.__version__} is imported; {_REBUILD}")
-    if info["cpu_capability"] == "AVX2" and not torch.cpu._is_avx2_supported():
-        raise ImportError(
-            "remit_ext's CPU kernels were compiled for AVX2+FMA, which this CPU lacks; "
-            f"build with REMIT_CPU_AVX2=OFF and {_REBUILD}")
     return _C
 
 
@@ -35,8 +31,10 @@ _C = load_extension()
 
 
 def build_info() -> dict:
-    """What was built: torch version built against, CUDA kernels on/off and the
-    TORCH_CUDA_ARCH_LIST they were compiled for ("" without them), CPU vector ISA."""
+    """What was built and what runs: torch version built against, CUDA kernels on/off and the
+    TORCH_CUDA_ARCH_LIST they were compiled for ("" without them), the instruction set of the
+    CPU row kernels in use (``cpu_capability``) and every one compiled (``cpu_capabilities``,
+    worst to best; the best one this CPU supports runs unless REMIT_CPU_CAPABILITY caps it)."""
     info = dict(_C.build_info())
     info.setdefault("cuda_archs", "")  # extensions built before the CUDA backend existed
     return info

@@ -40,6 +40,16 @@ def _token_stats_fake(logits, targets, scorer_logits, ignore_index, temperature,
     )
 
 
+def _token_stats_bwd_fake(logits, targets, lse, logprob, entropy, g_logprob, g_entropy, g_lse,
+                          ignore_index, temperature):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _token_stats_bwd_inplace_fake(logits, targets, lse, logprob, entropy, g_logprob, g_entropy,
+                                  g_lse, ignore_index, temperature):
+    return None
+
+
 def _remit_weights_fake(logprob, scorer_logprob, targets, cu_seqlens, ignore_index, eps):
     return torch.empty_like(logprob), torch.empty_like(logprob), logprob.new_empty((6,))
 
@@ -129,8 +139,16 @@ def _token_stats_backward(ctx, g_lse, g_logprob, g_entropy, g_topk_entropy, g_sc
      scorer_logprob) = ctx.saved_tensors
     grad = scorer_grad = None
     if ctx.needs_input_grad[0]:
-        grad = token_stats_grad(logits, targets, logprob, lse, entropy, g_logprob, g_entropy,
-                                g_lse, ctx.temperature, ctx.ignore_index)
+        if logits.device.type == "cpu" and ctx.ops is torch.ops.remit_ext:
+            # The C++ kernel: one pass over the rows (csrc/cpu/rows.cpp, stats_grad).
+            has_ent = g_entropy is not None and entropy.numel() == logprob.numel()
+            grad = ctx.ops.token_stats_bwd(logits, targets, lse, logprob,
+                                           entropy if has_ent else None, g_logprob,
+                                           g_entropy if has_ent else None, g_lse,
+                                           ctx.ignore_index, ctx.temperature)
+        else:
+            grad = token_stats_grad(logits, targets, logprob, lse, entropy, g_logprob,
+                                    g_entropy, g_lse, ctx.temperature, ctx.ignore_index)
     if scorer_logits is not None and ctx.needs_input_grad[2]:
         scorer_grad = token_stats_grad(scorer_logits, targets, scorer_logprob, scorer_lse, None,
                                        g_scorer_logprob, None, g_scorer_lse, ctx.temperature,
@@ -265,6 +283,8 @@ def _kd_backward(ctx, g_loss, *_unused):
 
 FAKES = {
     "token_stats": _token_stats_fake,
+    "token_stats_bwd": _token_stats_bwd_fake,
+    "token_stats_bwd_": _token_stats_bwd_inplace_fake,
     "remit_weights": _remit_weights_fake,
     "weighted_ce_fwd": _weighted_ce_fwd_fake,
     "weighted_ce_bwd": _weighted_ce_bwd_fake,

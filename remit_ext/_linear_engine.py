@@ -14,7 +14,6 @@ import torch
 from torch import Tensor
 
 from ._backends import BACKENDS, OpsBackend
-from ._grads import token_stats_grad
 from ._linear_plan import _aligned_chunks, _free_chunks, _host_bounds, _offsets
 from ._methods import LossOptions, get_method
 from .reference import acc_dtype, count_scale
@@ -324,12 +323,12 @@ def _token_stats_bwd(hidden, weight, targets, bias, logprob, lse, entropy, g_lp,
                 g[:, 0] = torch.where(not_owned[s:e], fix, g[:, 0])
         else:
             # The chunk buffer is ours: the gradient may be formed in it.
-            g = token_stats_grad(z, y_slow[s:e], logprob[s:e], lse[s:e],
-                                 None if g_ent is None else entropy[s:e],
-                                 None if g_lp is None else g_lp[s:e],
-                                 None if g_ent is None else g_ent[s:e],
-                                 None if g_lse is None else g_lse[s:e], temperature,
-                                 ignore_index, overwrite=True)
+            g = eng.k.chunk_stats_grad_(z, y_slow[s:e], lse[s:e], logprob[s:e],
+                                        None if g_ent is None else entropy[s:e],
+                                        None if g_lp is None else g_lp[s:e],
+                                        None if g_ent is None else g_ent[s:e],
+                                        None if g_lse is None else g_lse[s:e], temperature,
+                                        ignore_index)
         grads.add(g, s, e)
         del z, g
     return grads.empty()

@@ -2,6 +2,14 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <sys/mman.h>
+
+#include <cstdint>
+
+#include "cpu/rows.h"
 
 namespace remit::cpu {
 
@@ -29,5 +37,28 @@ void ce_grad_into(const at::Tensor& logits, const at::Tensor& targets, const at:
                   at::Tensor& grad);
 
 at::Tensor targets_as_long(const at::Tensor& targets);
+
+// A fresh [N, V] gradient buffer. Its first touch dominates a CPU backward when it is made of
+// 4 KiB pages (one fault per page: ~130k faults for 500 MB); asking for transparent huge pages
+// on its 2 MiB-aligned interior, as torch's own THP_MEM_ALLOC_ENABLE does, cuts that ~500x.
+// madvise is only advice: where THP is off it fails and nothing changes.
+inline at::Tensor empty_grad_like(const at::Tensor& logits) {
+  at::Tensor grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
+#ifdef MADV_HUGEPAGE
+  constexpr std::uintptr_t kHuge = std::uintptr_t{2} << 20;
+  const auto first = reinterpret_cast<std::uintptr_t>(grad.data_ptr());
+  const std::uintptr_t begin = (first + kHuge - 1) & ~(kHuge - 1);
+  const std::uintptr_t end = (first + grad.nbytes()) & ~(kHuge - 1);
+  if (end > begin) {
+    (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+  }
+#endif
+  return grad;
+}
+
+// Per-token tensors as the row kernels read them: the accumulation dtype, dense.
+inline at::Tensor per_token_acc(const at::Tensor& t, at::ScalarType acc) {
+  return t.to(acc).contiguous();
+}
 
 }  // namespace remit::cpu

@@ -4,7 +4,6 @@
 #include <torch/library.h>
 
 #include "cpu/kernels.h"
-#include "cpu/row_ops.h"
 #include "op_checks.h"
 
 namespace remit::cpu {

@@ -1,34 +1,86 @@
-// Row primitives shared by every CPU kernel: one row of logits is read from memory once, turned
-// into the accumulation type (float for fp32/bf16/fp16, double for fp64), and every statistic or
-// gradient of that row is formed from that cache-resident copy.
+// Row primitives of the CPU kernels, for one instruction set: included by rows.cpp only, which
+// CMake compiles once per ISA with CPU_CAPABILITY set (DEFAULT, AVX2, AVX512, AVX512_BF16), so
+// everything here lives in remit::cpu::CPU_CAPABILITY and no copy is shared between ISAs.
 //
-// The data flow, by file:  token_stats.cpp (lse, log-prob, entropy)  ->  remit_weights.cpp
-// (segmented centering, clipped sigmoid)  ->  weighted_ce.cpp (per-token loss, w(p - onehot))
-// and remit_loss.cpp (all three fused); kd_loss.cpp is the soft-target twin.
+// A row is read from memory once: elements are converted to the accumulation type (float for
+// fp32/bf16/fp16, double for fp64) in registers, with no row buffer; the statistics run online
+// (a running max per lane, rescaled block by block) and the gradient converts back on store.
 #pragma once
 
-#include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/Exception.h>
 
-#include <sys/mman.h>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
-#include <vector>
 
-namespace remit::cpu {
+namespace remit::cpu::CPU_CAPABILITY {
 
 template <typename T>
 using acc_type = at::opmath_type<T>;
 
+template <typename scalar_t>
+using AccVec = at::vec::Vectorized<acc_type<scalar_t>>;
+
+// Elements per step of every row loop: two accumulation vectors (a bf16/fp16 load converts to
+// exactly two).
+template <typename scalar_t>
+constexpr int64_t kStep = 2 * AccVec<scalar_t>::size();
+
 // Row-parallel loops are cheap per row only when V is small; give each task enough elements.
 inline int64_t row_grain(int64_t V) {
   return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(V, 1));
+}
+
+// Hardware prefetchers follow one stream well but lose it at row ends and across the two
+// streams of KD; a software prefetch ~4 KiB ahead keeps the one-read statistics fed (without it
+// a one-read loop was slower than two passes on large tensors).
+constexpr int64_t kPrefetchBytes = 4096;
+
+template <typename scalar_t>
+inline void prefetch(const scalar_t* p) {
+  __builtin_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, 0, 3);
+}
+
+// kStep<scalar_t> elements at p, as two accumulation vectors.
+template <typename scalar_t>
+inline void load2(const scalar_t* p, AccVec<scalar_t>& a, AccVec<scalar_t>& b) {
+  using Vec = AccVec<scalar_t>;
+  if constexpr (std::is_same_v<scalar_t, acc_type<scalar_t>>) {
+    a = Vec::loadu(p);
+    b = Vec::loadu(p + Vec::size());
+  } else {
+    at::vec::load_to_float(p, a, b);
+  }
+}
+
+// Two accumulation vectors rounded to scalar_t and stored at p (kStep<scalar_t> elements).
+template <typename scalar_t>
+inline void store2(const AccVec<scalar_t>& a, const AccVec<scalar_t>& b, scalar_t* p) {
+  using Vec = AccVec<scalar_t>;
+  if constexpr (std::is_same_v<scalar_t, acc_type<scalar_t>>) {
+    a.store(p);
+    b.store(p + Vec::size());
+  } else {
+#if defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      // One instruction for 32 elements, round to nearest even as c10::BFloat16 rounds; unlike
+      // it, denormal inputs and outputs are flushed to zero (|g| < 1.2e-38 stores as 0).
+      const __m512bh h = _mm512_cvtne2ps_pbh(__m512(b), __m512(a));
+      _mm512_storeu_si512(reinterpret_cast<void*>(p), reinterpret_cast<__m512i>(h));
+      return;
+    }
+#endif
+    at::vec::convert_from_float<scalar_t>(a, b).store(p);
+  }
 }
 
 template <typename acc_t>
@@ -49,77 +101,111 @@ inline acc_t nan_max(acc_t a, acc_t b) {
   return a > b ? a : b;
 }
 
-// Returns a pointer to the row in acc_t, scaled by `scale` (1/temperature). fp32/fp64 rows with
-// scale 1 are used in place; everything else is converted into `buf` (length >= V).
-template <typename scalar_t, typename acc_t>
-inline const acc_t* load_row(const scalar_t* src, int64_t V, acc_t scale, acc_t* buf) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (scale == acc_t(1)) return src;
-  }
-  if (scale == acc_t(1)) {
-    for (int64_t i = 0; i < V; ++i) buf[i] = static_cast<acc_t>(src[i]);
-  } else {
-    for (int64_t i = 0; i < V; ++i) buf[i] = static_cast<acc_t>(src[i]) * scale;
-  }
-  return buf;
-}
-
-template <typename acc_t>
-inline acc_t row_max(const acc_t* x, int64_t V) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  acc_t m = -std::numeric_limits<acc_t>::infinity();
-  int64_t i = 0;
-  if (V >= Vec::size()) {
-    Vec vm(m);
-    for (; i + Vec::size() <= V; i += Vec::size()) vm = at::vec::maximum(vm, Vec::loadu(x + i));
-    m = at::vec::vec_reduce_all<acc_t>(
-        [](const Vec& p, const Vec& q) { return at::vec::maximum(p, q); }, vm);
-  }
-  for (; i < V; ++i) m = nan_max(m, x[i]);
-  return m;
-}
-
-// Softmax moments of a row around its (finite) max m:
+// Softmax moments of one row x * scale around its max m:
 //   s = sum_v e^{x_v - m},  log_s = log(s),  t = sum_v e^{x_v - m} (x_v - m)  (t only if kWithT).
 // log_s is formed as log1p(s - 1) with s - 1 = (#maxima - 1) + (mass below the max) summed apart
 // from the maxima: on a confident row s is 1 + 1e-8, and log(s) of a rounded s would lose every
 // digit of the log-prob (hence of p_y - 1 in the gradient). Working relative to m keeps t free of
 // cancellation, and a -inf logit contributes exactly 0 to t instead of 0 * -inf = NaN.
+// A row whose max is +inf or NaN, or that is all -inf, has no softmax: m says which (+inf / NaN /
+// -inf) and s, log_s, t are unspecified.
 template <typename acc_t>
 struct RowMoments {
-  acc_t s, log_s, t;
+  acc_t m, s, log_s, t;
 };
 
-template <typename acc_t, bool kWithT>
-inline RowMoments<acc_t> row_moments(const acc_t* x, int64_t V, acc_t m) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  const Vec vm(m), zero(acc_t(0)), one(acc_t(1));
-  Vec vbelow(acc_t(0)), vtop(acc_t(0)), vt(acc_t(0));
+// One read of the row. Each lane keeps its own running max m_l, the count of elements equal to
+// it, the mass below it and t around it; a block of kBlock elements is loaded into registers,
+// its max taken, the lanes whose max grew rescaled once (s' = e^{m - m'} s, t' = e^{m - m'}
+// (t + s (m - m'))), then the block's terms added around the new max. The lanes are merged at
+// the end the same way. Lanes start at the lowest finite value with nothing summed, so -inf
+// elements add exactly 0 and an all -inf row is recognised by having no element at its max.
+template <typename scalar_t, bool kWithT>
+inline RowMoments<acc_type<scalar_t>> row_moments(const scalar_t* x, int64_t V,
+                                                  acc_type<scalar_t> scale) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = AccVec<scalar_t>;
+  constexpr int64_t kPairs = 2;  // two load2 per block: 4 vectors
+  constexpr int64_t kBlock = kPairs * kStep<scalar_t>;
+  constexpr int kVecs = 2 * kPairs;
+  const Vec vscale(scale), zero(acc_t(0)), one(acc_t(1));
+  Vec vm(std::numeric_limits<acc_t>::lowest()), top(acc_t(0)), below(acc_t(0)), vt(acc_t(0));
+
+  auto block = [&](Vec (&v)[kVecs]) {
+    Vec bm = v[0];
+    for (int k = 1; k < kVecs; ++k) bm = at::vec::maximum(bm, v[k]);
+    const Vec mn = at::vec::maximum(vm, bm);  // NaN stays NaN
+    const Vec grew = mn > vm;
+    const Vec f = vexp(vm - mn);
+    const Vec gone = f == zero;  // the old terms vanish next to the new max
+    const Vec s_old = top + below;
+    below = Vec::blendv(below, Vec::blendv(f * s_old, zero, gone), grew);
+    if constexpr (kWithT) {
+      vt = Vec::blendv(vt, Vec::blendv(f * (vt + s_old * (vm - mn)), zero, gone), grew);
+    }
+    top = Vec::blendv(top, zero, grew);
+    vm = mn;
+    for (int k = 0; k < kVecs; ++k) {
+      const Vec d = v[k] - vm;
+      const Vec e = vexp(d);
+      const Vec is_top = d == zero;
+      below = below + Vec::blendv(e, zero, is_top);
+      top = top + Vec::blendv(zero, one, is_top);
+      if constexpr (kWithT) vt = vt + Vec::blendv(e * d, zero, e == zero);
+    }
+  };
+
+  Vec v[kVecs];
   int64_t i = 0;
-  for (; i + Vec::size() <= V; i += Vec::size()) {
-    const Vec d = Vec::loadu(x + i) - vm;
-    const Vec e = vexp(d);
-    const Vec is_top = d == zero;
-    vbelow = vbelow + Vec::blendv(e, zero, is_top);
-    vtop = vtop + Vec::blendv(zero, one, is_top);
-    if constexpr (kWithT) vt = vt + Vec::blendv(e * d, zero, e == zero);
+  for (; i + kBlock <= V; i += kBlock) {
+    prefetch(x + i);
+    for (int k = 0; k < kPairs; ++k) {
+      load2(x + i + k * kStep<scalar_t>, v[2 * k], v[2 * k + 1]);
+      v[2 * k] = v[2 * k] * vscale;
+      v[2 * k + 1] = v[2 * k + 1] * vscale;
+    }
+    block(v);
   }
-  auto add = [](const Vec& p, const Vec& q) { return p + q; };
-  acc_t below = at::vec::vec_reduce_all<acc_t>(add, vbelow);
-  acc_t top = at::vec::vec_reduce_all<acc_t>(add, vtop);
-  acc_t t = kWithT ? at::vec::vec_reduce_all<acc_t>(add, vt) : acc_t(0);
-  for (; i < V; ++i) {
-    const acc_t d = x[i] - m;
-    if (d == acc_t(0)) {
-      top += acc_t(1);
+  if (i < V) {  // the tail, padded with -inf (which adds nothing)
+    alignas(64) acc_t tail[kBlock];
+    std::fill(tail, tail + kBlock, -std::numeric_limits<acc_t>::infinity());
+    for (int64_t j = i; j < V; ++j) tail[j - i] = static_cast<acc_t>(x[j]) * scale;
+    for (int k = 0; k < kVecs; ++k) v[k] = Vec::loadu(tail + k * Vec::size());
+    block(v);
+  }
+
+  alignas(64) acc_t lm[Vec::size()], ltop[Vec::size()], lbelow[Vec::size()], lt[Vec::size()];
+  vm.store(lm);
+  top.store(ltop);
+  below.store(lbelow);
+  vt.store(lt);
+  acc_t m = lm[0];
+  for (int l = 1; l < Vec::size(); ++l) m = nan_max(m, lm[l]);
+  RowMoments<acc_t> out{m, acc_t(0), acc_t(0), acc_t(0)};
+  if (!std::isfinite(m)) return out;  // NaN or +inf
+  acc_t n_top = 0, mass = 0, t = 0;
+  for (int l = 0; l < Vec::size(); ++l) {
+    if (lm[l] == m) {
+      n_top += ltop[l];
+      mass += lbelow[l];
+      if constexpr (kWithT) t += lt[l];
       continue;
     }
-    const acc_t e = std::exp(d);
-    below += e;
-    if constexpr (kWithT) t += (e == acc_t(0)) ? acc_t(0) : e * d;
+    const acc_t f = std::exp(lm[l] - m);
+    if (f == acc_t(0)) continue;
+    const acc_t s_l = ltop[l] + lbelow[l];
+    mass += f * s_l;
+    if constexpr (kWithT) t += f * (lt[l] + s_l * (lm[l] - m));
   }
-  const acc_t s_minus_1 = (top - acc_t(1)) + below;
-  return {acc_t(1) + s_minus_1, std::log1p(s_minus_1), t};
+  if (n_top == acc_t(0)) {  // no element at the max: every element is -inf
+    out.m = -std::numeric_limits<acc_t>::infinity();
+    return out;
+  }
+  const acc_t s_minus_1 = (n_top - acc_t(1)) + mass;
+  out.s = acc_t(1) + s_minus_1;
+  out.log_s = std::log1p(s_minus_1);
+  out.t = t;
+  return out;
 }
 
 // The part of LSE that the saved lse = m + log s lost to rounding: lse_true = lse + delta.
@@ -138,62 +224,32 @@ inline acc_t lse_rounding(acc_t lse, acc_t logprob, acc_t x_y) {
                                                                                    : acc_t(0);
 }
 
-// Cross-entropy gradient of one row: out_v = coef * (e^{x_v - lse} - [v == y]).
-// The target entry is formed as coef * expm1(a) from the saved log-prob a = (x_y - m) - log s
-// (METHODS.md section 5): neither a rounded p_y nor x_y - lse, whose rounding of lse alone loses
-// all digits of p_y - 1 on confident rows. The other entries are coef e^{-delta} e^{x_v - lse}
-// (lse_rounding): the correction rides in the row's coefficient, so an element still costs one
-// subtraction, one exp and one multiply. `out` may alias the source row (in-place backward):
-// every element is read before it is written.
-template <typename scalar_t, typename acc_t>
-inline void write_ce_grad(const acc_t* x, int64_t V, acc_t lse, acc_t logprob, acc_t coef,
-                          int64_t y, scalar_t* out, acc_t* buf) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  if (!std::isfinite(lse)) {  // undefined softmax (see token_stats): the whole row is NaN
-    std::fill(out, out + V, static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN()));
-    return;
-  }
-  const acc_t target_grad = coef * std::expm1(logprob);
-  coef *= std::exp(-lse_rounding(lse, logprob, x[y]));
-  acc_t* dst = nullptr;
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    dst = out;
-  } else {
-    dst = buf;  // half types: form in acc_t (buf may be the row itself), round once at the end
-  }
-  const Vec vlse(lse), vcoef(coef);
-  int64_t i = 0;
-  for (; i + Vec::size() <= V; i += Vec::size()) {
-    (vexp(Vec::loadu(x + i) - vlse) * vcoef).store(dst + i);
-  }
-  for (; i < V; ++i) dst[i] = coef * std::exp(x[i] - lse);
-  dst[y] = target_grad;
-  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-    for (int64_t j = 0; j < V; ++j) out[j] = static_cast<scalar_t>(dst[j]);
-  }
-}
-
-// A fresh [N, V] gradient buffer. Its first touch dominates a CPU backward when it is made of
-// 4 KiB pages (one fault per page: ~130k faults for 500 MB); asking for transparent huge pages
-// on its 2 MiB-aligned interior, as torch's own THP_MEM_ALLOC_ENABLE does, cuts that ~500x.
-// madvise is only advice: where THP is off it fails and nothing changes.
-inline at::Tensor empty_grad_like(const at::Tensor& logits) {
-  at::Tensor grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
-#ifdef MADV_HUGEPAGE
-  constexpr std::uintptr_t kHuge = std::uintptr_t{2} << 20;
-  const auto first = reinterpret_cast<std::uintptr_t>(grad.data_ptr());
-  const std::uintptr_t begin = (first + kHuge - 1) & ~(kHuge - 1);
-  const std::uintptr_t end = (first + grad.nbytes()) & ~(kHuge - 1);
-  if (end > begin) {
-    (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-  }
-#endif
-  return grad;
-}
-
 template <typename scalar_t>
-inline void zero_row(scalar_t* out, int64_t V) {
-  std::fill(out, out + V, scalar_t(0));
+inline void fill_row(scalar_t* out, int64_t V, acc_type<scalar_t> value) {
+  std::fill(out, out + V, static_cast<scalar_t>(value));
+}
+
+// out_v = g(e^{x_v * scale - lse}) for every v, one read of x and one write of out (out may be
+// x): the shared loop of the gradients. g maps a vector of p (and x * scale - lse) to the
+// gradient in the accumulation type.
+template <typename scalar_t, typename G, typename GScalar>
+inline void map_row_p(const scalar_t* x, int64_t V, acc_type<scalar_t> scale,
+                      acc_type<scalar_t> lse, scalar_t* out, const G& g, const GScalar& g1) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = AccVec<scalar_t>;
+  const Vec vlse(lse), vscale(scale);
+  int64_t i = 0;
+  for (; i + kStep<scalar_t> <= V; i += kStep<scalar_t>) {
+    prefetch(x + i);
+    Vec a, b;
+    load2(x + i, a, b);
+    const Vec la = a * vscale - vlse, lb = b * vscale - vlse;
+    store2(g(vexp(la), la), g(vexp(lb), lb), out + i);
+  }
+  for (; i < V; ++i) {
+    const acc_t l = static_cast<acc_t>(x[i]) * scale - lse;
+    out[i] = static_cast<scalar_t>(g1(std::exp(l), l));
+  }
 }
 
 // A target is checked where a kernel reads it (the shape and dtype checks: op_checks.h).
@@ -203,4 +259,4 @@ inline void check_target_value(int64_t y, int64_t V, int64_t row, int64_t ignore
                     ") or ignore_index=", ignore_index, ", got ", y, " at position ", row);
 }
 
-}  // namespace remit::cpu
+}  // namespace remit::cpu::CPU_CAPABILITY

@@ -1,12 +1,8 @@
 // token_stats: lse, target log-prob, entropy and top-k entropy of policy (and scorer) rows, one
-// read per row.
+// read per row (the row loop: rows.cpp).
 #include <torch/library.h>
 
-#include <algorithm>
-#include <functional>
-
 #include "cpu/kernels.h"
-#include "cpu/row_ops.h"
 #include "op_checks.h"
 
 namespace remit::cpu {
@@ -15,93 +11,16 @@ at::Tensor targets_as_long(const at::Tensor& targets) {
   return targets.to(at::kLong).contiguous();
 }
 
-namespace {
-
-// Entropy of the k largest probabilities p_j = e^{x_j - lse} (RMT/RPT token difficulty):
-// -sum_j p_j log p_j, or with `renormalize` that of q_j = p_j / sum_j p_j. nth_element on a
-// scratch copy finds the k largest in O(V). log p_j is (x_j - m) - log s, not x_j - lse: lse
-// rounded to fp32 is off by up to 2.4e-4 at |lse| ~ 5e3, an error every p_j and log p_j would
-// carry (one more subtraction on k elements).
-template <typename acc_t>
-acc_t topk_entropy(const acc_t* x, int64_t V, acc_t m, acc_t log_s, int64_t k, bool renormalize,
-                   std::vector<acc_t>& scratch) {
-  k = std::min(k, V);
-  scratch.assign(x, x + V);
-  std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<>());
-  acc_t h = 0, mass = 0;
-  for (int64_t j = 0; j < k; ++j) {
-    const acc_t logp = (scratch[j] - m) - log_s;
-    const acc_t p = std::exp(logp);
-    mass += p;
-    if (p > acc_t(0)) h -= p * logp;
-  }
-  // -sum q log q = (h + mass log mass) / mass  with q = p / mass
-  return renormalize ? (mass > acc_t(0) ? h / mass + std::log(mass) : acc_t(0)) : h;
-}
-
-template <typename scalar_t, bool kEntropy>
-void stats_rows(const at::Tensor& logits, const int64_t* y, int64_t ignore_index,
-                double temperature, int64_t topk, bool topk_renormalize, acc_type<scalar_t>* lse,
-                acc_type<scalar_t>* logprob, acc_type<scalar_t>* entropy,
-                acc_type<scalar_t>* topk_ent) {
-  using acc_t = acc_type<scalar_t>;
-  const int64_t N = logits.size(0), V = logits.size(1), row_stride = logits.stride(0);
-  const scalar_t* base = logits.const_data_ptr<scalar_t>();
-  const acc_t scale = acc_t(1) / static_cast<acc_t>(temperature);
-  constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
-  at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf(V), scratch;
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t target = y[r];
-      if (target == ignore_index) {
-        lse[r] = logprob[r] = acc_t(0);
-        if constexpr (kEntropy) entropy[r] = acc_t(0);
-        if (topk_ent) topk_ent[r] = acc_t(0);
-        continue;
-      }
-      check_target_value(target, V, r, ignore_index);
-      const acc_t* x = load_row(base + r * row_stride, V, scale, buf.data());
-      const acc_t m = row_max(x, V);
-      if (!std::isfinite(m)) {
-        // A +inf or NaN logit, or an all -inf row: softmax is undefined. lse follows
-        // torch.logsumexp (+-inf / NaN); everything derived from p is NaN, as log_softmax gives.
-        lse[r] = m;
-        logprob[r] = kNaN;
-        if constexpr (kEntropy) entropy[r] = kNaN;
-        if (topk_ent) topk_ent[r] = kNaN;
-        continue;
-      }
-      const RowMoments<acc_t> mo = row_moments<acc_t, kEntropy>(x, V, m);
-      lse[r] = m + mo.log_s;
-      logprob[r] = (x[target] - m) - mo.log_s;
-      if constexpr (kEntropy) entropy[r] = mo.log_s - mo.t / mo.s;  // H = LSE - sum p x
-      if (topk_ent) {
-        topk_ent[r] = topk_entropy(x, V, m, mo.log_s, topk, topk_renormalize, scratch);
-      }
-    }
-  });
-}
-
-}  // namespace
-
 void stats_pass(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index,
                 double temperature, int64_t topk, bool topk_renormalize, StatsOut& out) {
   const at::Tensor x = row_major(logits);
   const at::Tensor y = targets_as_long(targets);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "token_stats", [&] {
-    using acc_t = acc_type<scalar_t>;
-    acc_t* topk_ent = out.topk_entropy.defined() ? out.topk_entropy.data_ptr<acc_t>() : nullptr;
-    if (out.entropy.defined()) {
-      stats_rows<scalar_t, true>(x, y.const_data_ptr<int64_t>(), ignore_index, temperature, topk,
-                                 topk_renormalize, out.lse.data_ptr<acc_t>(),
-                                 out.logprob.data_ptr<acc_t>(), out.entropy.data_ptr<acc_t>(),
-                                 topk_ent);
-    } else {
-      stats_rows<scalar_t, false>(x, y.const_data_ptr<int64_t>(), ignore_index, temperature,
-                                  topk, topk_renormalize, out.lse.data_ptr<acc_t>(),
-                                  out.logprob.data_ptr<acc_t>(), nullptr, topk_ent);
-    }
-  });
+  auto ptr = [](at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; };
+  const StatsJob job{x.const_data_ptr(), x.size(0), x.size(1), x.stride(0),
+                     y.const_data_ptr<int64_t>(), ignore_index, temperature, topk,
+                     topk_renormalize, out.lse.data_ptr(), out.logprob.data_ptr(),
+                     ptr(out.entropy), topk > 0 ? ptr(out.topk_entropy) : nullptr};
+  row_kernels().stats(x.scalar_type(), job);
 }
 
 namespace {
@@ -137,8 +56,72 @@ token_stats_cpu(const at::Tensor& logits, const at::Tensor& targets,
   return {out.lse, out.logprob, entropy, topk_entropy, s_lse, s_logprob};
 }
 
+// The gradient of the statistics into `grad` (which may be `logits`).
+void stats_grad_into(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
+                     const at::Tensor& logprob, const std::optional<at::Tensor>& entropy,
+                     const std::optional<at::Tensor>& g_logprob,
+                     const std::optional<at::Tensor>& g_entropy,
+                     const std::optional<at::Tensor>& g_lse, int64_t ignore_index,
+                     double temperature, at::Tensor& grad) {
+  check_logits(logits, "logits");
+  const int64_t N = logits.size(0);
+  check_targets(targets, N);
+  check_temperature(temperature);
+  check_per_token_float(lse, N, "lse");
+  check_per_token_float(logprob, N, "logprob");
+  const auto acc = at::toOpMathType(logits.scalar_type());
+  // Optional per-token tensors in the accumulation dtype; undefined when not given.
+  auto opt = [&](const std::optional<at::Tensor>& t, const char* name) {
+    if (!t.has_value()) return at::Tensor();
+    check_per_token_float(*t, N, name);
+    return per_token_acc(*t, acc);
+  };
+  const at::Tensor ent = opt(entropy, "entropy"), g_lp = opt(g_logprob, "g_logprob");
+  const at::Tensor g_ent = opt(g_entropy, "g_entropy"), g_l = opt(g_lse, "g_lse");
+  const at::Tensor y = targets_as_long(targets);
+  const at::Tensor l = per_token_acc(lse, acc), a = per_token_acc(logprob, acc);
+  auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; };
+  const StatsGradJob job{logits.const_data_ptr(), N, logits.size(1), logits.stride(0),
+                         y.const_data_ptr<int64_t>(), ignore_index, temperature,
+                         l.const_data_ptr(), a.const_data_ptr(), ptr(ent), ptr(g_lp),
+                         ptr(g_ent), ptr(g_l), grad.data_ptr(), grad.stride(0)};
+  row_kernels().stats_grad(logits.scalar_type(), job);
+}
+
+at::Tensor token_stats_bwd_cpu(const at::Tensor& logits, const at::Tensor& targets,
+                               const at::Tensor& lse, const at::Tensor& logprob,
+                               const std::optional<at::Tensor>& entropy,
+                               const std::optional<at::Tensor>& g_logprob,
+                               const std::optional<at::Tensor>& g_entropy,
+                               const std::optional<at::Tensor>& g_lse, int64_t ignore_index,
+                               double temperature) {
+  check_logits(logits, "logits");
+  const at::Tensor x = row_major(logits);
+  at::Tensor grad = empty_grad_like(x);
+  stats_grad_into(x, targets, lse, logprob, entropy, g_logprob, g_entropy, g_lse, ignore_index,
+                  temperature, grad);
+  return grad;
+}
+
+void token_stats_bwd_inplace_cpu(at::Tensor& logits, const at::Tensor& targets,
+                                 const at::Tensor& lse, const at::Tensor& logprob,
+                                 const std::optional<at::Tensor>& entropy,
+                                 const std::optional<at::Tensor>& g_logprob,
+                                 const std::optional<at::Tensor>& g_entropy,
+                                 const std::optional<at::Tensor>& g_lse, int64_t ignore_index,
+                                 double temperature) {
+  check_logits(logits, "logits");
+  check_inplace_rows(logits);
+  stats_grad_into(logits, targets, lse, logprob, entropy, g_logprob, g_entropy, g_lse,
+                  ignore_index, temperature, logits);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(remit_ext, CPU, m) { m.impl("token_stats", &token_stats_cpu); }
+TORCH_LIBRARY_IMPL(remit_ext, CPU, m) {
+  m.impl("token_stats", &token_stats_cpu);
+  m.impl("token_stats_bwd", &token_stats_bwd_cpu);
+  m.impl("token_stats_bwd_", &token_stats_bwd_inplace_cpu);
+}
 
 }  // namespace remit::cpu

@@ -3,52 +3,22 @@
 #include <torch/library.h>
 
 #include "cpu/kernels.h"
-#include "cpu/row_ops.h"
 #include "op_checks.h"
 
 namespace remit::cpu {
-
-namespace {
-
-template <typename scalar_t>
-void ce_grad_rows(const at::Tensor& logits, const int64_t* y, const acc_type<scalar_t>* lse,
-                  const acc_type<scalar_t>* logprob, const acc_type<scalar_t>* coef,
-                  int64_t ignore_index, at::Tensor& grad) {
-  using acc_t = acc_type<scalar_t>;
-  const int64_t N = logits.size(0), V = logits.size(1);
-  const int64_t in_stride = logits.stride(0), out_stride = grad.stride(0);
-  const scalar_t* in = logits.const_data_ptr<scalar_t>();
-  scalar_t* out = grad.data_ptr<scalar_t>();
-  at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf(V);
-    for (int64_t r = begin; r < end; ++r) {
-      scalar_t* out_row = out + r * out_stride;
-      if (y[r] == ignore_index) {
-        zero_row(out_row, V);
-        continue;
-      }
-      check_target_value(y[r], V, r, ignore_index);
-      const acc_t* x = load_row(in + r * in_stride, V, acc_t(1), buf.data());
-      write_ce_grad(x, V, lse[r], logprob[r], coef[r], y[r], out_row, buf.data());
-    }
-  });
-}
-
-}  // namespace
 
 void ce_grad_into(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
                   const at::Tensor& logprob, const at::Tensor& coef, int64_t ignore_index,
                   at::Tensor& grad) {
   const at::Tensor y = targets_as_long(targets);
   const auto acc = at::toOpMathType(logits.scalar_type());
-  const at::Tensor lse_c = lse.to(acc).contiguous(), coef_c = coef.to(acc).contiguous();
-  const at::Tensor lp_c = logprob.to(acc).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "ce_grad", [&] {
-    using acc_t = acc_type<scalar_t>;
-    ce_grad_rows<scalar_t>(logits, y.const_data_ptr<int64_t>(), lse_c.const_data_ptr<acc_t>(),
-                           lp_c.const_data_ptr<acc_t>(), coef_c.const_data_ptr<acc_t>(),
-                           ignore_index, grad);
-  });
+  const at::Tensor lse_c = per_token_acc(lse, acc), coef_c = per_token_acc(coef, acc);
+  const at::Tensor lp_c = per_token_acc(logprob, acc);
+  const CeGradJob job{logits.const_data_ptr(), logits.size(0), logits.size(1), logits.stride(0),
+                      y.const_data_ptr<int64_t>(), ignore_index, lse_c.const_data_ptr(),
+                      lp_c.const_data_ptr(), coef_c.const_data_ptr(), grad.data_ptr(),
+                      grad.stride(0)};
+  row_kernels().ce_grad(logits.scalar_type(), job);
 }
 
 namespace {

@@ -95,7 +95,7 @@ __device__ __forceinline__ A lse_rounding(A lse, A logprob, A x_y) {
 // x * scale instead of 0, so the maximum is missed as `top`, s - 1 is formed as below - 1 with
 // cancellation (it can come out negative: a positive log-prob) and the log1p trick is lost on
 // confident rows. __fmul_rn / __dmul_rn are never contracted; the CPU kernels likewise round the
-// scaled row first (load_row in csrc/cpu/row_ops.h).
+// scaled row first (csrc/cpu/rows.cpp is compiled with -ffp-contract=off).
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 template <typename T>
