@@ -8,6 +8,7 @@
 #include <sys/mman.h>
 
 #include <cstdint>
+#include <cstdlib>
 
 #include "cpu/rows.h"
 
@@ -38,6 +39,16 @@ void ce_grad_into(const at::Tensor& logits, const at::Tensor& targets, const at:
 
 at::Tensor targets_as_long(const at::Tensor& targets);
 
+// Whether fresh gradient buffers ask for transparent huge pages (REMIT_GRAD_HUGEPAGES=0: no;
+// read once). bench/grad_buffer_pages.py times both, with both of torch's CPU allocator modes.
+inline bool grad_hugepage_hint() {
+  static const bool on = [] {
+    const char* v = std::getenv("REMIT_GRAD_HUGEPAGES");
+    return !(v && v[0] == '0' && v[1] == '\0');
+  }();
+  return on;
+}
+
 // A fresh [N, V] gradient buffer. Its first touch dominates a CPU backward when it is made of
 // 4 KiB pages (one fault per page: ~130k faults for 500 MB); asking for transparent huge pages
 // on its 2 MiB-aligned interior, as torch's own THP_MEM_ALLOC_ENABLE does, cuts that ~500x.
@@ -45,6 +56,7 @@ at::Tensor targets_as_long(const at::Tensor& targets);
 inline at::Tensor empty_grad_like(const at::Tensor& logits) {
   at::Tensor grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
 #ifdef MADV_HUGEPAGE
+  if (!grad_hugepage_hint()) return grad;
   constexpr std::uintptr_t kHuge = std::uintptr_t{2} << 20;
   const auto first = reinterpret_cast<std::uintptr_t>(grad.data_ptr());
   const std::uintptr_t begin = (first + kHuge - 1) & ~(kHuge - 1);
