@@ -37,6 +37,23 @@ VARIANTS = {
              "A_i / (G L_i)"),
 }
 
+# The post-RL stage (RL of every mid-trained model, stream "post-rl"): name -> (directory
+# prefix under seed<s>, preset overrides, what it is). The directory is <prefix>-<model>.
+POST_VARIANTS = {
+    "post40": ("post-rl40", ["post_rl_steps=40"],
+               "40 steps of the reference's recipe (1e-4 peak, 10-step warm-up, linear decay): "
+               "the flywheel's post-RL stage before this study"),
+    "post40-3e-5": ("post-rl-lr3e-5", ["post_rl_steps=40", "rl_lr=3e-5"],
+                    "40 steps, the same schedule at a 3e-5 peak"),
+    "post150": ("post-rl", ["post_rl_steps=150"],
+                "150 steps: the reference's own RL stage, on the post-RL random stream (the "
+                "flywheel's post-RL stage since this study; its directories are the flywheel's)"),
+}
+# model -> its mid-trained directory (the flywheel's names)
+POST_MODELS = {"ntp": "midtrain-ntp", "rho1": "midtrain-rho1", "remit": "midtrain-remit",
+               "kd": "midtrain-kd", "rmt": "midtrain-rmt", "remit-ntpref": "midtrain-remit-ntpref",
+               "remit2": "midtrain-remit2"}
+
 
 def run_seed(out: Path, seed: int, variants: list[str]) -> None:
     import dataclasses
@@ -55,6 +72,73 @@ def run_seed(out: Path, seed: int, variants: list[str]) -> None:
         t0 = time.perf_counter()
         rl(stage(sub, preset.override(overrides)), anneal / "final.pt")
         print(f"seed {seed} {name}: {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def run_post(out: Path, seed: int, variants: list[str], models: list[str]) -> None:
+    """Post-RL variants from each model's finished mid-training (run the flywheel first)."""
+    import dataclasses
+
+    from remit_ext.train.presets import get_preset
+    from remit_ext.train.stages import Common, rl
+
+    sdir = out / f"seed{seed}"
+    for name in variants:
+        prefix, overrides, _ = POST_VARIANTS[name]
+        p = get_preset("default", [f"seed={seed}", *overrides])
+        p = dataclasses.replace(p, rl_steps=p.post_rl_steps)  # as the flywheel's post-RL
+        for m in models:
+            t0 = time.perf_counter()
+            rl(Common(p, sdir / f"{prefix}-{m}", progress=False),
+               sdir / POST_MODELS[m] / "final.pt", stream="post-rl")
+            print(f"seed {seed} {name} {m}: {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def summarise_post(out: Path, seeds: list[int], variants: list[str], models: list[str]) -> dict:
+    from remit_ext.train.runtime import load
+    from remit_ext.train.seeds import mcnemar, paired_difference
+
+    res = {"seeds": seeds, "models": models, "variants": {}}
+    for name in variants:
+        prefix, overrides, what = POST_VARIANTS[name]
+        per_model = {}
+        for m in models:
+            ev = [(load(out / f"seed{s}" / POST_MODELS[m] / "final.pt")["eval"],
+                   load(out / f"seed{s}" / f"{prefix}-{m}" / "final.pt")["eval"]) for s in seeds]
+            per_model[m] = {
+                "acc_before": [b["acc"] for b, _ in ev], "acc_after": [a["acc"] for _, a in ev],
+                "acc_change": paired_difference([a["acc"] for _, a in ev],
+                                                [b["acc"] for b, _ in ev]),
+                "pooled_mcnemar": mcnemar("".join(a["correct"] for _, a in ev),
+                                          "".join(b["correct"] for b, _ in ev)),
+                "nll_critical_change": paired_difference([a["nll_critical"] for _, a in ev],
+                                                         [b["nll_critical"] for b, _ in ev])}
+        res["variants"][name] = {"what": what, "overrides": overrides, "per_model": per_model}
+    return res
+
+
+def markdown_post(res: dict, command: str) -> str:
+    n = len(res["seeds"])
+    md = ["## The post-RL stage (RL of each mid-trained model)", "",
+          f"Seeds {', '.join(map(str, res['seeds']))} of preset `default`; each model's RL "
+          "starts from its own finished anneal, on the post-RL random stream (the same prompts "
+          "and sampling streams for every model and variant of a seed). Greedy accuracy change "
+          f"by the model's RL, mean [95% CI, t with {n - 1} df] in points, the McNemar test "
+          "pooled over seeds (problems gained / lost), and the change of the NLL of step "
+          "results and answers.", "",
+          f"Command: `{command}`; torch {res['machine']['torch']}, one torch thread per "
+          f"process, {res['machine']['cpu']}.", "",
+          "| variant | model | before -> after (mean) | Δ greedy | McNemar | Δ NLL r+a |",
+          "|---|---|---|---|---|---|"]
+    for name, v in res["variants"].items():
+        for m, r in v["per_model"].items():
+            pm = r["pooled_mcnemar"]
+            b, a = (100 * sum(r[k]) / n for k in ("acc_before", "acc_after"))
+            md.append(f"| {name} | {m} | {b:.1f} -> {a:.1f} | {_ci(r['acc_change'], 100, 2)} | "
+                      f"+{pm['gained']}/−{pm['lost']}, p={pm['p']:.2g} | "
+                      f"{_ci(r['nll_critical_change'], 1, 4)} |")
+    md += [""] + [f"- {name}: {v['what']} (overrides `{' '.join(v['overrides'])}`)"
+                  for name, v in res["variants"].items()]
+    return "\n".join(md) + "\n"
 
 
 def summarise(out: Path, seeds: list[int], variants: list[str]) -> dict:
@@ -147,19 +231,29 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--results", type=Path, help="write rl_recipe.{json,md} here")
+    ap.add_argument("--post", nargs="+", choices=list(POST_VARIANTS),
+                    help="study the post-RL stage instead: these variants, from each model's "
+                         "finished anneal (writes rl_recipe_post.{json,md})")
+    ap.add_argument("--models", nargs="+", default=["ntp", "rho1", "remit", "remit2"],
+                    choices=list(POST_MODELS), help="with --post: the mid-trained models")
     ap.add_argument("--one-seed", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     out = args.out.resolve()
     if args.one_seed is not None:
-        run_seed(out, args.one_seed, args.variants)
+        if args.post:
+            run_post(out, args.one_seed, args.post, args.models)
+        else:
+            run_seed(out, args.one_seed, args.variants)
         return 0
 
     def one(seed):
         log = out / f"seed{seed}" / "rl_recipe.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a") as f:
+            what = (["--post", *args.post, "--models", *args.models] if args.post
+                    else ["--variants", *args.variants])
             return subprocess.run([sys.executable, __file__, "--out", str(out), "--one-seed",
-                                   str(seed), "--variants", *args.variants],
+                                   str(seed), *what],
                                   stdout=f, stderr=subprocess.STDOUT).returncode
 
     t0 = time.perf_counter()
@@ -168,7 +262,8 @@ def main(argv=None) -> int:
     if any(rcs):
         print(f"failed seeds: {[s for s, rc in zip(args.seeds, rcs) if rc]}", file=sys.stderr)
         return 1
-    res = summarise(out, args.seeds, args.variants)
+    res = (summarise_post(out, args.seeds, args.post, args.models) if args.post
+           else summarise(out, args.seeds, args.variants))
     from remit_ext.train.flywheel import machine_info
     from remit_ext.train.presets import get_preset
 
@@ -176,12 +271,13 @@ def main(argv=None) -> int:
     res["seconds_this_call"] = time.perf_counter() - t0  # stages already done are skipped
     command = "python bench/flywheel_rl_recipe.py " + " ".join(
         argv if argv is not None else sys.argv[1:])
-    md = markdown(res, command)
+    md = markdown_post(res, command) if args.post else markdown(res, command)
     print(md)
     if args.results:
+        stem = "rl_recipe_post" if args.post else "rl_recipe"
         args.results.mkdir(parents=True, exist_ok=True)
-        (args.results / "rl_recipe.json").write_text(json.dumps(res, indent=1) + "\n")
-        (args.results / "rl_recipe.md").write_text(md)
+        (args.results / f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n")
+        (args.results / f"{stem}.md").write_text(md)
     return 0
 
 

@@ -265,6 +265,13 @@ def test_pretrain_and_rl_stages(trained):
         pretrain(Common(TINY.override(["lr=0.5"]), base, progress=False))
     with pytest.raises(ValueError, match=r"holds a rl run with another configuration.*'init'"):
         rl(Common(TINY, scorer, progress=False), root / "not-the-init")
+    # A field no stage reads (the flywheel's post-RL length) leaves finished stages reusable;
+    # the stage's own length is still compared.
+    longer = TINY.override([f"post_rl_steps={TINY.post_rl_steps + 7}"])
+    assert pretrain(Common(longer, base, progress=False)) == base
+    with pytest.raises(ValueError, match=r"holds a rl run with another configuration.*'rl_steps'"):
+        rl(Common(TINY.override([f"rl_steps={TINY.rl_steps + 1}"]), scorer, progress=False),
+           base / "final.pt")
     assert (base / "final.pt").stat().st_mtime_ns == before
 
 

@@ -187,6 +187,11 @@ def step_generator(seed: int, stage: str, step: int, rank: int = 0,
     return g
 
 
+# Preset fields no stage reads: the flywheel turns post_rl_steps into the post-RL stage's own
+# rl_steps (which is compared), so changing it reuses every finished stage it does not affect.
+NO_STAGE_READS = ("post_rl_steps",)
+
+
 class StageRun:
     """Bookkeeping for one stage in ``out_dir``: resume, log, checkpoint, finish."""
 
@@ -218,6 +223,9 @@ class StageRun:
             return False
         saved = json.loads(cfg_path.read_text())
         mine = json.loads(json.dumps(self.config))
+        for key in NO_STAGE_READS:  # never part of what a stage computed
+            saved.pop(key, None)
+            mine.pop(key, None)
         if saved != mine:
             changed = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
             raise ValueError(
