@@ -253,3 +253,22 @@ def test_every_copy_gives_the_same_answer():
     for cap, got in outs.items():
         for a, b in zip(got, outs["DEFAULT"]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"lse": torch.zeros(3)}, r"lse: expected shape \[4\], got \[3\]"),
+    ({"logprob": torch.zeros(4, dtype=torch.int64)}, r"logprob: expected a floating dtype"),
+    ({"g_entropy": torch.zeros(5)}, r"g_entropy: expected shape \[4\], got \[5\]"),
+    ({"entropy": torch.zeros(4, 1)}, r"entropy: expected shape \[4\]"),
+    ({"temperature": 0.0}, r"temperature"),
+])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_token_stats_bwd_refuses_bad_arguments(bad, match, inplace):
+    z = torch.randn(4, 9)
+    args = dict(targets=torch.tensor([1, 2, IGNORE, 0]), lse=torch.zeros(4),
+                logprob=torch.zeros(4), entropy=torch.zeros(4), g_logprob=torch.ones(4),
+                g_entropy=torch.ones(4), g_lse=None, ignore_index=IGNORE, temperature=1.0)
+    args.update(bad)
+    op = torch.ops.remit_ext.token_stats_bwd_ if inplace else torch.ops.remit_ext.token_stats_bwd
+    with pytest.raises(ValueError, match=match):
+        op(z, *args.values())

@@ -133,26 +133,30 @@ def _token_stats_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(topk_entropy)  # a token-difficulty score, not a training signal
 
 
+def _stats_grad(ops, z, targets, logprob, lse, entropy, g_lp, g_ent, g_lse, temperature,
+                ignore_index):
+    """The gradient of token_stats' outputs through ``z``: the C++ kernel on CPU (one pass over
+    the rows, csrc/cpu/rows.cpp), the torch formula elsewhere (the same one, ``_grads``)."""
+    if z.device.type == "cpu" and ops is torch.ops.remit_ext:
+        has_ent = g_ent is not None and entropy is not None and entropy.numel() == lse.numel()
+        return ops.token_stats_bwd(z, targets, lse, logprob, entropy if has_ent else None, g_lp,
+                                   g_ent if has_ent else None, g_lse, ignore_index, temperature)
+    return token_stats_grad(z, targets, logprob, lse, entropy, g_lp, g_ent, g_lse, temperature,
+                            ignore_index)
+
+
 def _token_stats_backward(ctx, g_lse, g_logprob, g_entropy, g_topk_entropy, g_scorer_lse,
                           g_scorer_logprob):
     (logits, targets, scorer_logits, lse, logprob, entropy, scorer_lse,
      scorer_logprob) = ctx.saved_tensors
     grad = scorer_grad = None
     if ctx.needs_input_grad[0]:
-        if logits.device.type == "cpu" and ctx.ops is torch.ops.remit_ext:
-            # The C++ kernel: one pass over the rows (csrc/cpu/rows.cpp, stats_grad).
-            has_ent = g_entropy is not None and entropy.numel() == logprob.numel()
-            grad = ctx.ops.token_stats_bwd(logits, targets, lse, logprob,
-                                           entropy if has_ent else None, g_logprob,
-                                           g_entropy if has_ent else None, g_lse,
-                                           ctx.ignore_index, ctx.temperature)
-        else:
-            grad = token_stats_grad(logits, targets, logprob, lse, entropy, g_logprob,
-                                    g_entropy, g_lse, ctx.temperature, ctx.ignore_index)
+        grad = _stats_grad(ctx.ops, logits, targets, logprob, lse, entropy, g_logprob,
+                           g_entropy, g_lse, ctx.temperature, ctx.ignore_index)
     if scorer_logits is not None and ctx.needs_input_grad[2]:
-        scorer_grad = token_stats_grad(scorer_logits, targets, scorer_logprob, scorer_lse, None,
-                                       g_scorer_logprob, None, g_scorer_lse, ctx.temperature,
-                                       ctx.ignore_index)
+        scorer_grad = _stats_grad(ctx.ops, scorer_logits, targets, scorer_logprob, scorer_lse,
+                                  None, g_scorer_logprob, None, g_scorer_lse, ctx.temperature,
+                                  ctx.ignore_index)
     return grad, None, scorer_grad, None, None, None, None, None
 
 
