@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ def main(argv=None) -> int:
 
     import remit_ext
     from remit_ext import _C
+    from remit_ext.bench._harness import cpu_model, git_sha
 
     ops = torch.ops.remit_ext
     caps = [c for c in _C.cpu_capabilities_supported()
@@ -68,10 +68,7 @@ def main(argv=None) -> int:
                     times[(case, cap)].append(statistics.median(ts))
     finally:
         _C.set_cpu_capability(before)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), "?")
-    sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                         text=True).stdout.strip()
+    cpu, sha = cpu_model(), git_sha()
     rows = [{"case": case, "capability": cap, "ms_p50": statistics.median(ts), "rounds": ts}
             for (case, cap), ts in times.items()]
     res = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,

@@ -65,24 +65,18 @@ def child(n: int, v: int, repeats: int) -> dict:
 
 
 def machine() -> dict:
-    import platform
-
     import torch
 
     import remit_ext
-
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), platform.processor())
+    from remit_ext.bench._harness import cpu_model, git_sha
     thp = {}
     for k in ("enabled", "defrag"):
         try:
             thp[k] = Path(f"/sys/kernel/mm/transparent_hugepage/{k}").read_text().strip()
         except OSError:
             thp[k] = "?"
-    sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                         text=True).stdout.strip()
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "build": remit_ext.build_info(), "thp": thp, "git": sha,
+    return {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "build": remit_ext.build_info(), "thp": thp, "git": git_sha(),
             "load_start": os.getloadavg()[0]}
 
 
